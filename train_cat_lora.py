@@ -28,7 +28,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.logging import get_logger
+
+# Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
+COMMON_TOKEN_ID_LIMIT = 20000
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+logger = get_logger("train_cat_lora")
 
 
 class InputError(Exception):
@@ -36,7 +43,152 @@ class InputError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Trigger handling (pure functions; evaluate_kps.py imports these so both scripts share one definition)
+# 1. Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a LoRA with Contrastive Adapter Training (CAT, arXiv 2404.07554, Eq. 3).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("base model")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="Hub id or local folder of a diffusers Stable Diffusion 1.x/2.x pipeline.")
+    model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
+    model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", default=None,
+                      help="Folder of subject images; captions from metadata.jsonl, <image>.txt or --instance_prompt.")
+    data.add_argument("--instance_prompt", default=None, help="Caption for images without one, e.g. 'a photo of sks dog'.")
+    data.add_argument("--dataset_name", default=None,
+                      help="A datasets source (hub id or local folder) instead of --instance_data_dir.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--concepts_list", default=None,
+                      help="JSON list of {instance_data_dir, instance_prompt, trigger_token, class_word?}: "
+                           "several concepts in one adapter, each with its own trigger.")
+    data.add_argument("--class_data_dir", default=None, help="Folder of class images for prior preservation.")
+    data.add_argument("--class_prompt", default=None, help="Prompt of the class images, e.g. 'a photo of dog'.")
+    data.add_argument("--with_prior_preservation", action="store_true", help="Add DreamBooth's prior loss.")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0)
+    data.add_argument("--num_class_images", type=int, default=100,
+                      help="Class images wanted; missing ones are generated with the base model.")
+    data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    data.add_argument("--resolution", type=int, default=512, help="Training resolution (divisible by 8).")
+    data.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    cat = parser.add_argument_group("CAT (Contrastive Adapter Training)")
+    cat.add_argument("--cat_alpha", type=float, default=1.0,
+                     help="Weight alpha of the CAT term (Eq. 3). 0 turns it off: a plain LoRA run.")
+    cat.add_argument("--trigger_token", default=None,
+                     help="The rare word that names the subject, e.g. 'sks'. Required when --cat_alpha > 0 "
+                          "(unless the concepts list gives one per concept).")
+    cat.add_argument("--cat_prompt", choices=["strip", "class", "empty"], default="strip",
+                     help="The prompt y of the CAT term: 'strip' removes the trigger from the caption (the "
+                          "paper), 'class' replaces it with --cat_class_word, 'empty' uses ''.")
+    cat.add_argument("--cat_class_word", default=None, help="Replacement word for --cat_prompt class, e.g. 'dog'.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: rank.")
+    lora.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="cat-lora-model")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--train_batch_size", type=int, default=4)
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Scale the learning rate by processes x accumulation steps x batch size.")
+    train.add_argument("--lr_scheduler", default="constant",
+                       help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or '
+                            '"constant_with_warmup".')
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--lr_num_cycles", type=int, default=1)
+    train.add_argument("--lr_power", type=float, default=1.0)
+    train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is common).")
+    train.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common).")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    train.add_argument("--allow_tf32", action="store_true")
+
+    logs = parser.add_argument_group("logging, validation and output")
+    logs.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    logs.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument("--validation_prompt", default=None,
+                      help="A prompt with the trigger; validation draws it with and without the trigger.")
+    logs.add_argument("--num_validation_images", type=int, default=4)
+    logs.add_argument("--validation_steps", type=int, default=100)
+    logs.add_argument("--num_validation_inference_steps", type=int, default=25)
+    logs.add_argument("--output_kohya_format", action="store_true",
+                      help="Also write pytorch_lora_weights_kohya.safetensors for AUTOMATIC1111/ComfyUI.")
+    logs.add_argument("--push_to_hub", action="store_true")
+    logs.add_argument("--hub_token", default=None)
+    logs.add_argument("--hub_model_id", default=None)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line; every check here runs before any model is loaded."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    sources = [args.instance_data_dir, args.dataset_name, args.concepts_list]
+    if sum(source is not None for source in sources) != 1:
+        raise InputError("give exactly one of --instance_data_dir, --dataset_name, --concepts_list")
+    if args.cat_alpha < 0:
+        raise InputError(f"--cat_alpha must be >= 0, got {args.cat_alpha}")
+    if args.cat_alpha > 0 and args.trigger_token is None and args.concepts_list is None:
+        raise InputError("--trigger_token is required when --cat_alpha > 0 (e.g. --trigger_token sks)")
+    if args.trigger_token is not None and not args.trigger_token.strip():
+        raise InputError("--trigger_token is empty")
+    if args.cat_prompt == "class" and not args.cat_class_word and args.concepts_list is None:
+        raise InputError("--cat_prompt class needs --cat_class_word")
+    if args.resolution <= 0 or args.resolution % 8:
+        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
+        raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.rank <= 0:
+        raise InputError(f"--rank must be positive, got {args.rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise InputError(f"--resume_from_checkpoint: {args.resume_from_checkpoint}: no such checkpoint folder")
+    if args.validation_prompt is not None and args.cat_alpha > 0 and args.trigger_token is not None:
+        if not contains_trigger(args.validation_prompt, args.trigger_token):
+            raise InputError(f"--validation_prompt does not contain the trigger {args.trigger_token!r}")
+    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login`")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Trigger handling (pure functions; evaluate_kps.py imports these so both scripts share one definition)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -92,7 +244,7 @@ def cat_prompt(caption: str, trigger: str, mode: str, class_word: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Captions on disk
+# 3. Data
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -142,3 +294,834 @@ def load_image_caption_pairs(folder, default_caption: str | None = None) -> list
             )
         pairs.append((image, caption))
     return pairs
+
+
+@dataclass
+class Concept:
+    """One subject to learn: where its images are, its default caption, its trigger and class word."""
+
+    instance_data_dir: str | None
+    instance_prompt: str | None
+    trigger_token: str | None
+    class_word: str | None = None
+
+
+@dataclass
+class Example:
+    """One training image (a path, or an image already decoded by datasets) with y_T and y."""
+
+    image: object
+    caption: str
+    cat_caption: str
+    name: str
+
+
+def load_concepts(args: argparse.Namespace) -> list[Concept]:
+    """The concepts to train: the ``--concepts_list`` file, or one concept from the single-concept flags."""
+    if args.concepts_list is None:
+        return [Concept(args.instance_data_dir, args.instance_prompt, args.trigger_token, args.cat_class_word)]
+    path = Path(args.concepts_list)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--concepts_list: {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"--concepts_list: {path}: not valid JSON ({error})") from None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"--concepts_list: {path}: expected a non-empty JSON list of concept objects")
+    concepts = []
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(f"--concepts_list: {path}: entry {number} is not an object")
+        missing = [key for key in ("instance_data_dir", "instance_prompt", "trigger_token") if key not in entry]
+        if missing:
+            raise InputError(f"--concepts_list: {path}: entry {number} lacks {', '.join(missing)}")
+        folder = Path(entry["instance_data_dir"])
+        if not folder.is_absolute():
+            folder = path.parent / folder  # relative to the list, so a list travels with its images
+        class_word = entry.get("class_word", args.cat_class_word)
+        if args.cat_prompt == "class" and not class_word:
+            raise InputError(f"--concepts_list: {path}: entry {number} needs class_word for --cat_prompt class")
+        concepts.append(Concept(str(folder), entry["instance_prompt"], entry["trigger_token"], class_word))
+    return concepts
+
+
+def open_rgb_image(source, name: str):
+    """Decode an image fully (so corrupt files fail here, not mid-training), upright and in RGB."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # PIL raises many types for broken files
+        raise InputError(f"{name}: cannot read image ({type(error).__name__}: {error})") from None
+    return image.convert("RGB")
+
+
+def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept]) -> list[Example]:
+    """Every training image with its caption y_T and CAT prompt y, checked before any model loads."""
+    examples = []
+    if args.dataset_name is not None:
+        examples = _examples_from_dataset(args, concepts[0])
+    else:
+        for concept in concepts:
+            for path, caption in load_image_caption_pairs(concept.instance_data_dir, concept.instance_prompt):
+                open_rgb_image(path, str(path))
+                examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path)))
+    return examples
+
+
+def _examples_from_dataset(args: argparse.Namespace, concept: Concept) -> list[Example]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+    except Exception as error:
+        raise InputError(f"--dataset_name {args.dataset_name}: cannot load ({type(error).__name__}: {error})") from None
+    for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
+        if column not in dataset.column_names and not (flag == "--caption_column" and args.instance_prompt):
+            raise InputError(f"{flag} {column!r} is not a column of {args.dataset_name} ({dataset.column_names})")
+    if len(dataset) == 0:
+        raise InputError(f"--dataset_name {args.dataset_name}: the train split is empty")
+    examples = []
+    for index, row in enumerate(dataset):
+        name = f"{args.dataset_name}[{index}]"
+        caption = row.get(args.caption_column) or args.instance_prompt
+        if not caption:
+            raise InputError(f"{name}: empty caption and no --instance_prompt")
+        image = open_rgb_image(row[args.image_column], name)
+        examples.append(Example(image, caption, _cat_caption(args, concept, caption, name), name))
+    return examples
+
+
+def _cat_caption(args: argparse.Namespace, concept: Concept, caption: str, name: str) -> str:
+    if args.cat_alpha == 0:
+        return caption  # unused: the CAT term is off
+    if not contains_trigger(caption, concept.trigger_token):
+        raise InputError(f"{name}: caption {caption!r} does not contain the trigger {concept.trigger_token!r}")
+    return cat_prompt(caption, concept.trigger_token, args.cat_prompt, concept.class_word)
+
+
+def warn_about_triggers(tokenizer, triggers: list[str]) -> None:
+    """Warn when a trigger splits into several tokens or is a frequent word (its meaning will be overwritten)."""
+    for trigger in triggers:
+        pieces = tokenizer.tokenize(trigger)
+        if len(pieces) > 1:
+            logger.warning(f"trigger {trigger!r} splits into {len(pieces)} tokens {pieces}; a single rare token "
+                           "(e.g. 'sks') binds the subject more cleanly")
+        elif tokenizer.convert_tokens_to_ids(pieces[0]) < COMMON_TOKEN_ID_LIMIT:
+            logger.warning(f"trigger {trigger!r} is a common word for this tokenizer; training will change what "
+                           "it means everywhere. Prefer a rare token such as 'sks'")
+
+
+class EpochShuffleSampler:
+    """A permutation of the dataset per epoch, drawn from (seed, epoch) alone.
+
+    The order therefore does not depend on the global random state, so a run resumed mid-epoch sees the
+    same images in the same order as the uninterrupted one.
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip):
+    """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt."""
+    import torch
+    from torchvision import transforms
+
+    image_transforms = transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+        transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda image: image),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+
+    def tokenize(text: str):
+        return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids[0]
+
+    class CATDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            # As in DreamBooth: an epoch walks the longer of the instance and class sets.
+            return max(len(instance_examples), len(class_examples or []))
+
+        def __getitem__(self, index):
+            example = instance_examples[index % len(instance_examples)]
+            item = {
+                "pixel_values": image_transforms(open_rgb_image(example.image, example.name)),
+                "input_ids": tokenize(example.caption),
+                "cat_input_ids": tokenize(example.cat_caption),
+            }
+            if class_examples:
+                class_example = class_examples[index % len(class_examples)]
+                item["class_pixel_values"] = image_transforms(open_rgb_image(class_example.image, class_example.name))
+                item["class_input_ids"] = tokenize(class_example.caption)
+            return item
+
+    return CATDataset()
+
+
+def collate_examples(items: list[dict]) -> dict:
+    """Stack a batch; class rows go after the instance rows, whose count is ``num_instance``."""
+    import torch
+
+    pixel_values = [item["pixel_values"] for item in items]
+    input_ids = [item["input_ids"] for item in items]
+    if "class_pixel_values" in items[0]:
+        pixel_values += [item["class_pixel_values"] for item in items]
+        input_ids += [item["class_input_ids"] for item in items]
+    return {
+        "pixel_values": torch.stack(pixel_values).contiguous().float(),
+        "input_ids": torch.stack(input_ids),
+        "cat_input_ids": torch.stack([item["cat_input_ids"] for item in items]),
+        "num_instance": len(items),
+    }
+
+
+def prepare_class_examples(args: argparse.Namespace, accelerator, weight_dtype) -> list[Example]:
+    """DreamBooth's class images: generate the missing ones with the base model, then list them all."""
+    import torch
+
+    class_dir = Path(args.class_data_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = args.num_class_images - len(list_images(class_dir))
+    if missing > 0 and accelerator.is_main_process:
+        from diffusers import StableDiffusionPipeline
+        from tqdm.auto import tqdm
+
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+            torch_dtype=weight_dtype, safety_checker=None,
+        ).to(accelerator.device)
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+        start = len(list_images(class_dir))
+        logger.info(f"Generating {missing} class images for prior preservation in {class_dir}")
+        for offset in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
+            count = min(args.sample_batch_size, missing - offset)
+            images = pipeline([args.class_prompt] * count, height=args.resolution, width=args.resolution,
+                              generator=generator).images
+            for number, image in enumerate(images):
+                image.save(class_dir / f"class-{start + offset + number:05d}.png")
+        del pipeline
+    accelerator.wait_for_everyone()
+    paths = list_images(class_dir)[: args.num_class_images]
+    return [Example(path, args.class_prompt, args.class_prompt, str(path)) for path in paths]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Models
+# ---------------------------------------------------------------------------------------------------------
+
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def load_models(args: argparse.Namespace):
+    """Tokenizer, noise scheduler, text encoder, VAE and U-Net of the base pipeline, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    source = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision}
+    tokenizer = AutoTokenizer.from_pretrained(subfolder="tokenizer", **source)
+    noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **source)
+    text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **source)
+    vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **source)
+    unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=args.variant, **source)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return tokenizer, noise_scheduler, text_encoder, vae, unet
+
+
+def add_lora_adapters(unet, text_encoder, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
+    """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                target_modules=UNET_LORA_TARGETS))
+    if train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                            target_modules=TEXT_ENCODER_LORA_TARGETS))
+
+
+class adapters_disabled:
+    """Context manager: run the wrapped models as the frozen base model (peft adapters bypassed).
+
+    With adapters disabled peft's LoRA layers call only their base layer, so the frozen pass computes no
+    low-rank branch at all.
+    """
+
+    def __init__(self, *models):
+        self.models = [model for model in models if getattr(model, "peft_config", None)]
+
+    def __enter__(self):
+        for model in self.models:
+            model.disable_adapters()
+
+    def __exit__(self, *exc):
+        for model in self.models:
+            model.enable_adapters()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cat_loss(adapted_pred, frozen_pred):
+    """The CAT term of Eq. 3 (before its weight alpha): ``||eps_frozen(z_t, t, y) - eps_lora(z_t, t, y)||^2``.
+
+    ``adapted_pred`` is the U-Net's prediction with the adapter on the trigger-less prompt y (it carries the
+    gradient); ``frozen_pred`` the base model's prediction on the same noisy latents, timesteps and y, computed
+    without gradient. Mean squared error over all elements, the same reduction as the diffusion term, so alpha
+    weighs the two on the same scale.
+    """
+    import torch.nn.functional as F
+
+    return F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="mean")
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the U-Net is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma: float | None):
+    """MSE to the target; with ``snr_gamma``, Min-SNR weighting (Hang et al. 2023) per sample."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+def encode_prompt(text_encoder, input_ids):
+    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+
+
+def compute_losses(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha: float, prior_loss_weight: float,
+                   snr_gamma: float | None, noise_offset: float, weight_dtype) -> dict:
+    """One step's losses: ``loss`` (the total to minimise) and its parts ``diffusion``, ``prior``, ``cat``.
+
+    Rows ``[:num_instance]`` of the batch are subject images with captions y_T, the rest class images
+    (prior preservation). The CAT term uses the subject rows only, with their trigger-less prompts y, and the
+    same noisy latents and timesteps as the diffusion term (Eq. 3). Both adapted passes run in one U-Net call.
+    """
+    import torch
+
+    latents = vae.encode(batch["pixel_values"].to(vae.device, dtype=weight_dtype)).latent_dist.sample()
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+    n = batch["num_instance"]
+    batch_size = latents.shape[0]
+
+    if cat_alpha > 0:
+        cat_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
+        preds = unet(torch.cat([noisy_latents, noisy_latents[:n]]), torch.cat([timesteps, timesteps[:n]]),
+                     torch.cat([prompt_embeds, cat_embeds]), return_dict=False)[0]
+        model_pred, adapted_pred = preds[:batch_size], preds[batch_size:]
+        with torch.no_grad(), adapters_disabled(unet, text_encoder):
+            frozen_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
+            frozen_pred = unet(noisy_latents[:n], timesteps[:n], frozen_embeds, return_dict=False)[0]
+        loss_cat = cat_loss(adapted_pred, frozen_pred)
+    else:
+        model_pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
+        loss_cat = torch.zeros((), device=latents.device)
+
+    loss_diffusion = diffusion_loss(model_pred[:n], target[:n], timesteps[:n], noise_scheduler, snr_gamma)
+    if n < batch_size:
+        loss_prior = diffusion_loss(model_pred[n:], target[n:], timesteps[n:], noise_scheduler, snr_gamma)
+    else:
+        loss_prior = torch.zeros((), device=latents.device)
+    loss = loss_diffusion + prior_loss_weight * loss_prior + cat_alpha * loss_cat
+    return {"loss": loss, "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(), "cat": loss_cat.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Training loop: accelerator, optimizer, checkpoints, validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    for noisy in ("transformers", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if accelerator.is_main_process else logging.ERROR)
+    return accelerator
+
+
+def weight_dtype_for(accelerator):
+    """Frozen weights are held in the mixed-precision dtype; trainable LoRA weights stay in float32."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(args: argparse.Namespace, parameters):
+    import torch
+
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def lora_state_dicts(accelerator, unet, text_encoder, train_text_encoder: bool) -> dict:
+    """Keyword arguments for ``StableDiffusionPipeline.save_lora_weights``: layers and their peft metadata."""
+    from diffusers.training_utils import _collate_lora_metadata
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    modules = {"unet": accelerator.unwrap_model(unet)}
+    if train_text_encoder:
+        modules["text_encoder"] = accelerator.unwrap_model(text_encoder)
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+              for name, module in modules.items()}
+    return {**layers, **_collate_lora_metadata(modules)}
+
+
+def register_checkpoint_hooks(accelerator, unet, text_encoder, train_text_encoder: bool) -> None:
+    """Make ``accelerator.save_state``/``load_state`` store only the LoRA weights, not the whole base model."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            StableDiffusionPipeline.save_lora_weights(
+                output_dir, **lora_state_dicts(accelerator, unet, text_encoder, train_text_encoder))
+        weights.clear()  # accelerate would otherwise also save every full model
+
+    def load_hook(models, input_dir):
+        models.clear()
+        state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+        unet_state = {key[len("unet."):]: value for key, value in state_dict.items() if key.startswith("unet.")}
+        incompatible = set_peft_model_state_dict(accelerator.unwrap_model(unet),
+                                                 convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+            raise InputError(f"{input_dir}: LoRA weights do not fit this model: {incompatible.unexpected_keys[:3]}")
+        if train_text_encoder:
+            _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.",
+                                              text_encoder=accelerator.unwrap_model(text_encoder))
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            cast_training_params([accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)])
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (``checkpoint-N``; temporary folders excluded)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    """``accelerator.save_state`` into ``checkpoint-<step>``, written aside and renamed into place."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        if total_limit is not None:
+            old = checkpoint_folders(output_dir)
+            for folder in old[: max(0, len(old) - total_limit + 1)]:
+                logger.info(f"Removing old checkpoint {folder.name} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(folder)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)  # a crash mid-save leaves only the hidden partial folder behind
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_checkpoint(accelerator, args: argparse.Namespace) -> int:
+    """Load the checkpoint named by ``--resume_from_checkpoint``; return its optimizer step (0: start fresh)."""
+    if args.resume_from_checkpoint is None:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_folders(Path(args.output_dir))
+        if not found:
+            logger.info(f"No checkpoint in {args.output_dir}: starting a new run")
+            return 0
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+    match = re.search(r"checkpoint-(\d+)$", path.name)
+    if match is None:
+        raise InputError(f"--resume_from_checkpoint: {path}: expected a folder named checkpoint-<step>")
+    logger.info(f"Resuming from {path}")
+    accelerator.load_state(str(path))
+    return int(match.group(1))
+
+
+def make_grid(rows: list[list]):
+    """Paste rows of equally sized PIL images into one image."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    return grid
+
+
+def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
+    """The validation prompt and its trigger-less twin (every trigger of every concept stripped)."""
+    without = prompt
+    for trigger in triggers:
+        without = strip_trigger(without, trigger)
+    return prompt, without
+
+
+def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, vae, tokenizer, triggers, step: int,
+                   weight_dtype) -> Path | None:
+    """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    if not accelerator.is_main_process:
+        return None
+    with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet),
+        text_encoder=accelerator.unwrap_model(text_encoder), vae=vae, tokenizer=tokenizer, safety_checker=None,
+        revision=args.revision, variant=args.variant, torch_dtype=weight_dtype,
+    )
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    for prompt in (with_trigger, without_trigger):
+        generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
+                      for i in range(args.num_validation_images)]
+        with torch.no_grad():
+            rows.append(pipeline([prompt] * args.num_validation_images, generator=generators,
+                                 num_inference_steps=args.num_validation_inference_steps,
+                                 height=args.resolution, width=args.resolution).images)
+    grid = make_grid(rows)
+    path = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid, caption=f"top: {with_trigger!r}; "
+                                                                 f"bottom: {without_trigger!r}")}, step=step)
+    logger.info(f"Validation grid (top: {with_trigger!r}, bottom: {without_trigger!r}): {path}")
+    del pipeline
+    return path
+
+
+def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampler, optimizer, lr_scheduler,
+          first_step: int, triggers: list[str], weight_dtype) -> tuple[int, Path | None]:
+    """Run the optimizer steps from ``first_step`` to ``args.max_train_steps``; return (last step, last grid)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    unet, text_encoder, vae = models["unet"], models["text_encoder"], models["vae"]
+    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    step = first_step
+    first_epoch = first_step // steps_per_epoch
+    batches_to_skip = (first_step % steps_per_epoch) * args.gradient_accumulation_steps
+    last_grid = None
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    for epoch in range(first_epoch, args.num_train_epochs):
+        unet.train()
+        if args.train_text_encoder:
+            text_encoder.train()
+        sampler.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        for batch in batches:
+            with accelerator.accumulate(unet, text_encoder):
+                losses = compute_losses(
+                    batch, unet, text_encoder, vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
+                    prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
+                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            logs = {f"loss/{name}": accelerator.reduce(value.detach(), reduction="mean").item()
+                    for name, value in losses.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", cat=f"{logs['loss/cat']:.2e}")
+            if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+                save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
+            if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
+                last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
+                                           triggers, step, weight_dtype) or last_grid
+            if step >= args.max_train_steps:
+                break
+        if step >= args.max_train_steps:
+            break
+    progress.close()
+    return step, last_grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Save
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_kohya_weights(output_dir: Path, lora_alpha: float) -> Path:
+    """Write ``pytorch_lora_weights_kohya.safetensors`` (AUTOMATIC1111 / ComfyUI key names)."""
+    import torch
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    diffusers_state = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    kohya_state = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_state))
+    fixed = {}
+    for key, value in kohya_state.items():
+        # diffusers writes "lora_te1_" (SDXL's first encoder); SD 1.x/2.x loaders expect "lora_te_".
+        key = key.replace("lora_te1_", "lora_te_")
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(lora_alpha))  # the converter assumes alpha == rank
+        fixed[key] = value.contiguous()
+    path = output_dir / "pytorch_lora_weights_kohya.safetensors"
+    save_file(fixed, path)
+    return path
+
+
+def write_model_card(args: argparse.Namespace, concepts: list[Concept], steps: int, grid: Path | None) -> Path:
+    """``README.md`` in the output folder: base model, triggers, CAT settings, steps and the last grid."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    output_dir = Path(args.output_dir)
+    triggers = ", ".join(f"`{c.trigger_token}`" for c in concepts if c.trigger_token) or "none"
+    lines = [
+        f"# CAT-LoRA for {args.pretrained_model_name_or_path}",
+        "",
+        "LoRA weights trained with Contrastive Adapter Training (CAT, arXiv 2404.07554, Eq. 3) by "
+        "`train_cat_lora.py`.",
+        "",
+        f"- Base model: `{args.pretrained_model_name_or_path}`",
+        f"- Trigger(s): {triggers}",
+        f"- CAT alpha: {args.cat_alpha}; CAT prompt mode: `{args.cat_prompt}`"
+        + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else ""),
+        f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}",
+        f"- Steps: {steps}; learning rate {args.learning_rate}; batch size {args.train_batch_size}; "
+        f"resolution {args.resolution}; prior preservation: {args.with_prior_preservation}",
+    ]
+    if grid is not None:
+        relative = grid.relative_to(output_dir).as_posix()
+        lines += ["", f"Last validation (top: with the trigger, bottom: without, same seeds):",
+                  "", f"![validation]({relative})"]
+    lines += ["", "```python", "from diffusers import StableDiffusionPipeline", "",
+              f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+              'pipe.load_lora_weights("path/to/this/folder")', "```"]
+    card = load_or_create_model_card(
+        repo_id_or_path=args.hub_model_id or output_dir.name, from_training=True, license="creativeml-openrail-m",
+        base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt or args.validation_prompt,
+        model_description="\n".join(lines), inference=True,
+    )
+    card = populate_model_card(card, tags=["text-to-image", "stable-diffusion", "lora", "diffusers",
+                                           "cat-lora", "template:sd-lora"])
+    path = output_dir / "README.md"
+    card.save(str(path))
+    return path
+
+
+def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, grid) -> list[Path]:
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = Path(args.output_dir)
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, **lora_state_dicts(accelerator, unet, text_encoder, args.train_text_encoder))
+    written = [output_dir / "pytorch_lora_weights.safetensors"]
+    if args.output_kohya_format:
+        written.append(save_kohya_weights(output_dir, args.lora_alpha))
+    written.append(write_model_card(args, concepts, steps, grid))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main: the steps above in order
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> list[Path]:
+    """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    args = parse_args(argv)
+    concepts = load_concepts(args)
+    instance_examples = collect_instance_examples(args, concepts)
+    triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
+    check_output_dir(Path(args.output_dir))
+
+    accelerator = make_accelerator(args)
+    seed = args.seed if args.seed is not None else 0
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = weight_dtype_for(accelerator)
+
+    tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
+    warn_about_triggers(tokenizer, triggers)
+    class_examples = prepare_class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
+    if args.with_prior_preservation and not class_examples:
+        raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
+
+    for model in (unet, vae, text_encoder):
+        model.to(accelerator.device, dtype=weight_dtype)
+    add_lora_adapters(unet, text_encoder, args.rank, args.lora_alpha, args.train_text_encoder)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if weight_dtype != torch.float32:
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
+
+    dataset = make_dataset(instance_examples, class_examples, tokenizer, args.resolution, args.center_crop,
+                           args.random_flip)
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                             collate_fn=collate_examples, num_workers=args.dataloader_num_workers)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, trainable)
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, dataloader, lr_scheduler)
+    else:
+        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    register_checkpoint_hooks(accelerator, unet, text_encoder, args.train_text_encoder)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("cat-lora", config=tracker_config(args))
+    logger.info(f"{len(instance_examples)} images of {len(concepts)} concept(s), triggers {triggers}, "
+                f"CAT alpha {args.cat_alpha} ({args.cat_prompt}), {args.max_train_steps} steps")
+    first_step = resume_checkpoint(accelerator, args)
+    models = {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer,
+              "noise_scheduler": noise_scheduler}
+    steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
+                        triggers, weight_dtype)
+
+    accelerator.wait_for_everyone()
+    written = []
+    if accelerator.is_main_process:
+        written = save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, grid)
+        if args.push_to_hub:
+            push_to_hub(args)
+        for path in written:
+            print(f"wrote {path}")
+    accelerator.end_training()
+    return written
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early, with the folder's name, when the output folder cannot be created or written."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"--output_dir {output_dir}: {existing} is not a writable folder")
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    # Trackers (tensorboard's hparams) accept only scalars and strings.
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in vars(args).items()}
+
+
+def push_to_hub(args: argparse.Namespace) -> None:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                          token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="CAT-LoRA training",
+                  ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*"], token=args.hub_token)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
