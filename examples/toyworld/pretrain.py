@@ -1,0 +1,495 @@
+"""Pretrain the toy world's base model and its evaluation CLIP, on the CPU, from scratch.
+
+Stages (run in this order; each resumes from its last checkpoint in --work_dir if interrupted):
+
+  vae     AutoencoderKL, 32x32 RGB -> 16x16x4 latents (reconstruction + a small KL term).
+  unet    UNet2DConditionModel + CLIPTextModel (real CLIP BPE tokenizer) trained jointly on VAE latents,
+          epsilon prediction with SD's noise schedule, 10% empty captions for classifier-free guidance, EMA.
+  clip    A small open_clip model (ViT image tower, text transformer) trained contrastively on the world.
+  export  Writes the diffusers StableDiffusionPipeline (EMA weights) to --pipeline_dir and the open_clip
+          config + weights to --clip_dir.
+
+Shape x color pairs in world.HELD_OUT_PAIRS are never shown to the VAE, UNet or text encoder; the evaluation
+CLIP sees the whole world (it is the judge, not the model under test).
+
+Example (the exact commands that made the committed models are in README.md):
+  python pretrain.py --stage vae --threads 1
+  nohup python pretrain.py --stage unet --steps 6000 --threads 1 > _work/unet.log 2>&1 &
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
+
+import world  # noqa: E402
+
+RESOLUTION = 32
+TEXT_HIDDEN = 64
+CLIP_MAX_LENGTH = 77
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def world_data(work_dir: Path, n: int, seed: int, exclude_pairs=world.HELD_OUT_PAIRS):
+    """Images (uint8 N x 32 x 32 x 3) and scenes of the training set, cached in work_dir."""
+    tag = "heldout" if exclude_pairs else "all"
+    path = work_dir / f"data_{tag}_{n}_{seed}.npz"
+    if path.exists():
+        data = np.load(path, allow_pickle=False)
+        scenes = [world.Scene(*row[:4], float(row[4]), float(row[5])) for row in json.loads(str(data["scenes"]))]
+        return data["images"], scenes
+    images, _, scenes = world.make_dataset(n, seed, RESOLUTION, exclude_pairs)
+    rows = [[s.shape, s.color, s.size, s.background, s.cx, s.cy] for s in scenes]
+    np.savez(path, images=images, scenes=json.dumps(rows))
+    return images, scenes
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=RESOLUTION,
+        mid_block_add_attention=False,
+    )
+
+
+def make_unet(channels):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        # No attention at the 16x16 level (2.4x faster on the CPU); text cross-attention at 8x8 and 4x4.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def make_tokenizer(work_dir: Path):
+    from tiny_pipeline import build_clip_tokenizer
+
+    return build_clip_tokenizer(work_dir / "tokenizer")
+
+
+def noise_scheduler_config():
+    # Stable Diffusion 1.x's training schedule.
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": RESOLUTION, "layers": 4, "width": 96, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": CLIP_MAX_LENGTH, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+CLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                   "resize_mode": "shortest"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_ckpt(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_vae(args, work_dir: Path):
+    images, _ = world_data(work_dir, args.num_images, args.seed)
+    x_all = to_tensor(images)
+    torch.manual_seed(args.seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt_path = work_dir / "vae.pt"
+    start = 0
+    ckpt = load_ckpt(ckpt_path)
+    if ckpt:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    gen = torch.Generator().manual_seed(args.seed + start)
+    vae.train()
+    bar = tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="vae")
+    t0 = time.time()
+    for step in bar:
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(x_all), (args.batch_size,), generator=gen)
+        x = x_all[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen)
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()  # per latent dimension
+        loss = rec + args.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}", s_per_step=f"{(time.time() - t0) / (step - start + 1):.3f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
+            save_ckpt(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    # Latent scale, as in SD: scaling_factor = 1 / std of the latents.
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, 4096, 256)])
+        recon = vae.decode(z[:256]).sample
+    scale = 1.0 / z.std().item()
+    mse = F.mse_loss(recon, x_all[:256]).item()
+    print(f"vae: latent std {z.std().item():.4f} -> scaling_factor {scale:.4f}; reconstruction MSE {mse:.5f}")
+    ckpt = load_ckpt(ckpt_path)
+    ckpt["scaling_factor"] = scale
+    save_ckpt(ckpt_path, ckpt)
+
+
+def load_vae(work_dir: Path):
+    ckpt = load_ckpt(work_dir / "vae.pt")
+    if ckpt is None or "scaling_factor" not in ckpt:
+        raise SystemExit("run --stage vae first")
+    vae = make_vae()
+    vae.load_state_dict(ckpt["model"])
+    vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
+    return vae.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2: UNet + text encoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def encoded_latents(args, work_dir: Path, vae):
+    """Posterior mean and std of every training image (cached), plus the scenes."""
+    images, scenes = world_data(work_dir, args.num_images, args.seed)
+    path = work_dir / f"latents_{args.num_images}_{args.seed}.pt"
+    if path.exists():
+        cached = torch.load(path)
+        return cached["mean"], cached["std"], scenes
+    x_all = to_tensor(images)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(x_all), 256), desc="encode latents"):
+            dist = vae.encode(x_all[i:i + 256]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    torch.save({"mean": mean, "std": std}, path)
+    return mean, std, scenes
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_unet(args, work_dir: Path):
+    from diffusers import DDPMScheduler
+
+    vae = load_vae(work_dir)
+    lat_mean, lat_std, scenes = encoded_latents(args, work_dir, vae)
+    scale = vae.config.scaling_factor
+    tokenizer = make_tokenizer(work_dir)
+    torch.manual_seed(args.seed)
+    unet = make_unet(args.unet_channels)
+    text_encoder = make_text_encoder()
+    print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
+          f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_unet = make_unet(args.unet_channels).requires_grad_(False)
+    ema_text = make_text_encoder().requires_grad_(False)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    noise_sched = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
+    alphas_cumprod = noise_sched.alphas_cumprod
+
+    ckpt_path = work_dir / "unet.pt"
+    start = 0
+    ckpt = load_ckpt(ckpt_path)
+    if ckpt:
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        ema_unet.load_state_dict(ckpt["ema_unet"])
+        ema_text.load_state_dict(ckpt["ema_text"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        print(f"resumed from step {start}")
+    gen = torch.Generator().manual_seed(args.seed * 1000 + start)
+    rng = np.random.default_rng(args.seed * 1000 + start)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="unet", mininterval=10)
+    t0, losses = time.time(), []
+    for step in bar:
+        lr = args.lr * min(1.0, (step + 1) / 200)
+        if step > args.steps * 0.8:  # linear decay over the last 20%
+            lr *= (args.steps - step) / (args.steps * 0.2)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+        captions = [world.caption(scenes[i], rng) if rng.random() >= args.empty_caption_prob else ""
+                    for i in idx.tolist()]
+        ids = tokenize(tokenizer, captions)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.2e}",
+                            s_per_step=f"{(time.time() - t0) / (step - start + 1):.3f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save_ckpt(ckpt_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                  "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                                  "opt": opt.state_dict(), "step": step + 1,
+                                  "unet_channels": list(args.unet_channels)})
+            print(f"step {step + 1}: loss(last 500) {np.mean(losses[-500:]):.4f}, "
+                  f"{(time.time() - t0) / (step - start + 1):.3f} s/step", flush=True)
+            if args.export_every_ckpt:
+                export_pipeline(args, work_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 3: evaluation CLIP (open_clip)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_clip(args, work_dir: Path):
+    import open_clip
+
+    images, scenes = world_data(work_dir, args.num_images, args.seed + 1, exclude_pairs=())
+    x_all = to_tensor(images)  # the CLIP's preprocessing is (x - 0.5) / 0.5, i.e. the same [-1, 1] range
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's bundled BPE tokenizer, no download
+    torch.manual_seed(args.seed)
+    model = open_clip.CLIP(**CLIP_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
+    ckpt_path = work_dir / "clip.pt"
+    start = 0
+    ckpt = load_ckpt(ckpt_path)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    gen = torch.Generator().manual_seed(args.seed + 7 + start)
+    rng = np.random.default_rng(args.seed + 7 + start)
+    model.train()
+    bar = tqdm(range(start, args.clip_steps), initial=start, total=args.clip_steps, desc="clip", mininterval=5)
+    for step in bar:
+        lr = args.clip_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.clip_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(x_all), (args.clip_batch_size,), generator=gen)
+        x = x_all[idx]
+        captions = [world.caption(scenes[i], rng) for i in idx.tolist()]
+        img_f, txt_f, logit_scale = model(x, tokenizer(captions))
+        logits = logit_scale * img_f @ txt_f.t()
+        # Several images in a batch can match a caption: the target spreads over every caption that is
+        # true of the image (same caption text, or a caption whose named attributes all hold).
+        match = torch.tensor([[caption_true(scenes[i], c) for c in captions] for i in idx.tolist()],
+                             dtype=torch.float32)
+        loss = 0.5 * (soft_ce(logits, match) + soft_ce(logits.t(), match.t()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{logit_scale.item():.1f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.clip_steps:
+            save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
+    model.eval()
+    test_images, _, test_scenes = world.make_dataset(600, args.seed + 99, RESOLUTION, exclude_pairs=())
+    shapes, colors = zero_shot(model, tokenizer, to_tensor(test_images))
+    print(f"clip zero-shot on real world images: shape {np.mean([s == t.shape for s, t in zip(shapes, test_scenes)]):.3f}, "
+          f"color {np.mean([c == t.color for c, t in zip(colors, test_scenes)]):.3f}")
+
+
+def caption_true(scene, text: str) -> bool:
+    words = set(text.split())
+    for attr, vocab in ((scene.shape, world.SHAPES), (scene.color, world.COLORS),
+                        (scene.size, world.SIZES), (scene.background, world.BACKGROUNDS)):
+        named = words & set(vocab)
+        if named and named != {attr}:
+            return False
+    return True
+
+
+def soft_ce(logits, match):
+    target = match / match.sum(dim=1, keepdim=True)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, x):
+    """Predicted (shapes, colors) for images x in [-1, 1]: argmax over the prompts "a photo of a {color} {shape}"."""
+    pairs = [(s, c) for s in world.SHAPES for c in world.COLORS]
+    txt = model.encode_text(tokenizer([f"a photo of a {c} {s}" for s, c in pairs]), normalize=True)
+    img = model.encode_image(x, normalize=True)
+    best = (img @ txt.t()).argmax(dim=1).tolist()
+    return [pairs[b][0] for b in best], [pairs[b][1] for b in best]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 4: export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export_pipeline(args, work_dir: Path, out_dir=None):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ckpt = load_ckpt(work_dir / "unet.pt")
+    vae = load_vae(work_dir)
+    unet = make_unet(ckpt["unet_channels"])
+    unet.load_state_dict(ckpt["ema_unet"])
+    text_encoder = make_text_encoder()
+    text_encoder.load_state_dict(ckpt["ema_text"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=make_tokenizer(work_dir), unet=unet.eval(),
+        scheduler=DDIMScheduler(**noise_scheduler_config()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = Path(out_dir or args.pipeline_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    print(f"pipeline (step {ckpt['step']}) -> {out_dir}")
+    return pipe
+
+
+def export_clip(args, work_dir: Path):
+    from safetensors.torch import save_file
+
+    ckpt = load_ckpt(work_dir / "clip.pt")
+    out = Path(args.clip_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in ckpt["model"].items()}
+    save_file(state, out / "open_clip_model.safetensors")
+    config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"clip (step {ckpt['step']}) -> {out}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--stage", choices=["vae", "unet", "clip", "export"], required=True)
+    parser.add_argument("--work_dir", default=str(HERE / "_work"), help="Checkpoints and caches (not committed).")
+    parser.add_argument("--pipeline_dir", default=str(HERE / "models" / "toy-sd"))
+    parser.add_argument("--clip_dir", default=str(HERE / "models" / "toy-clip"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (leave cores for others).")
+    parser.add_argument("--num_images", type=int, default=40000, help="Size of the rendered training set.")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--ckpt_every", type=int, default=250)
+    parser.add_argument("--vae_steps", type=int, default=1000)
+    parser.add_argument("--vae_lr", type=float, default=2e-3)
+    parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
+    parser.add_argument("--unet_channels", type=int, nargs=3, default=[32, 64, 64])
+    parser.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps.")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--empty_caption_prob", type=float, default=0.1)
+    parser.add_argument("--export_every_ckpt", action="store_true",
+                        help="Also export the pipeline at every UNet checkpoint (to --pipeline_dir).")
+    parser.add_argument("--clip_steps", type=int, default=1500)
+    parser.add_argument("--clip_lr", type=float, default=1e-3)
+    parser.add_argument("--clip_batch_size", type=int, default=128)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if args.stage == "vae":
+        train_vae(args, work_dir)
+    elif args.stage == "unet":
+        train_unet(args, work_dir)
+    elif args.stage == "clip":
+        train_clip(args, work_dir)
+    else:
+        export_pipeline(args, work_dir)
+        export_clip(args, work_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""A procedural text-to-image world: coloured shapes on plain backgrounds, with captions.
+
+Every image is fully described by a ``Scene`` (shape, color, size, position, background) and is rendered
+deterministically (anti-aliased by 4x supersampling). ``sample_scenes(n, seed)`` draws scenes from a seeded
+numpy generator, so the same seed always gives the same images and captions.
+
+Captions name shape, color, size and background ("a small red circle on a white background"), or a subset
+of them ("a photo of a circle"); the position is a factor of the world that captions never mention.
+"""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {
+    "red": (230, 20, 20),
+    "orange": (255, 140, 0),
+    "yellow": (250, 225, 0),
+    "green": (20, 180, 40),
+    "blue": (30, 60, 240),
+    "purple": (150, 30, 200),
+}
+SIZES = {"small": 0.34, "large": 0.62}  # side / diameter as a fraction of the image
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+
+# Shape x color pairs never shown during pretraining: each shape and each color appears in at most one.
+HELD_OUT_PAIRS = (("circle", "green"), ("square", "purple"), ("triangle", "orange"), ("cross", "blue"))
+
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    size: str
+    background: str
+    cx: float  # centre, as a fraction of the image (0..1)
+    cy: float
+
+
+def shape_mask(shape: str, cx: float, cy: float, extent: float, res: int) -> np.ndarray:
+    """Boolean mask (res x res) of a shape centred at (cx, cy) whose bounding box has side ``extent``."""
+    coords = (np.arange(res) + 0.5) / res
+    x, y = np.meshgrid(coords, coords)  # x to the right, y downwards
+    dx, dy, h = x - cx, y - cy, extent / 2
+    if shape == "circle":
+        return dx**2 + dy**2 <= h**2
+    if shape == "square":
+        h = h * 0.88  # a square looks bigger than a circle of the same extent
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "triangle":
+        # Upright isosceles triangle filling the bounding box: apex at the top, base at the bottom.
+        t = (dy + h) / (2 * h)  # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * h)
+    if shape == "cross":
+        arm = h * 0.36
+        return ((np.abs(dx) <= h) & (np.abs(dy) <= arm)) | ((np.abs(dy) <= h) & (np.abs(dx) <= arm))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_fill(fill: np.ndarray, mask: np.ndarray, background, size: int) -> np.ndarray:
+    """Paint per-pixel ``fill`` colors (res x res x 3) inside ``mask`` over ``background``; downsample to size."""
+    res = mask.shape[0]
+    canvas = np.empty((res, res, 3), dtype=np.float32)
+    canvas[:] = np.asarray(background, dtype=np.float32)
+    canvas[mask] = fill[mask]
+    k = res // size
+    canvas = canvas.reshape(size, k, size, k, 3).mean(axis=(1, 3))
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+    """Render a scene to a (size, size, 3) uint8 RGB array."""
+    res = size * SUPERSAMPLE
+    mask = shape_mask(scene.shape, scene.cx, scene.cy, SIZES[scene.size], res)
+    fill = np.empty((res, res, 3), dtype=np.float32)
+    fill[:] = np.asarray(COLORS[scene.color], dtype=np.float32)
+    return render_fill(fill, mask, BACKGROUNDS[scene.background], size)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """One caption for a scene, from several templates that name some or all of its attributes."""
+    s, c, z, b = scene.shape, scene.color, scene.size, scene.background
+    templates = (
+        f"a {z} {c} {s} on a {b} background",
+        f"a {z} {c} {s} on a {b} background",
+        f"a {c} {s} on a {b} background",
+        f"a {c} {s}",
+        f"a photo of a {c} {s}",
+        f"a photo of a {z} {c} {s}",
+        f"a {z} {s}",
+        f"a {s} on a {b} background",
+        f"a photo of a {s}",
+        f"a {s}",
+    )
+    text = templates[rng.integers(len(templates))]
+    if rng.random() < 0.2:  # DreamBooth-style prompts drop the article: "a photo of circle"
+        text = text.replace("of a ", "of ", 1)
+    return text
+
+
+def full_caption(scene: Scene) -> str:
+    return f"a {scene.size} {scene.color} {scene.shape} on a {scene.background} background"
+
+
+def random_scene(rng: np.random.Generator, exclude_pairs=HELD_OUT_PAIRS, shape=None, color=None) -> Scene:
+    """Draw one scene; shape x color pairs in ``exclude_pairs`` are never drawn (unless forced)."""
+    while True:
+        s = shape or SHAPES[rng.integers(len(SHAPES))]
+        c = color or list(COLORS)[rng.integers(len(COLORS))]
+        if (s, c) not in exclude_pairs or (shape and color):
+            break
+    z = list(SIZES)[rng.integers(len(SIZES))]
+    b = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    margin = SIZES[z] / 2 + 0.04
+    cx, cy = rng.uniform(margin, 1 - margin, size=2)
+    return Scene(s, c, z, b, float(cx), float(cy))
+
+
+def sample_scenes(n: int, seed: int, exclude_pairs=HELD_OUT_PAIRS):
+    """``n`` (scene, caption) pairs, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng, exclude_pairs)
+        out.append((scene, caption(scene, rng)))
+    return out
+
+
+def make_dataset(n: int, seed: int, size: int = 32, exclude_pairs=HELD_OUT_PAIRS):
+    """(images uint8 [n, size, size, 3], captions list, scenes list), deterministic in ``seed``."""
+    pairs = sample_scenes(n, seed, exclude_pairs)
+    images = np.stack([render(scene, size) for scene, _ in pairs])
+    return images, [c for _, c in pairs], [s for s, _ in pairs]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a grid of world samples with their captions.")
+    parser.add_argument("--out", default="world_samples.png")
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=32)
+    cli = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, captions, _ = make_dataset(cli.n, cli.seed, cli.size)
+    cols = 6
+    rows = (cli.n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.4))
+    for ax, img, cap in zip(axes.flat, images, captions):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(cap.replace(" on a", "\non a"), fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(cli.out, dpi=100)
+    print(Path(cli.out).resolve())
