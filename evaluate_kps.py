@@ -1,0 +1,850 @@
+#!/usr/bin/env python
+# Copyright 2026 The CAT-LoRA authors. Licensed under the Apache License, Version 2.0.
+"""Score personalized Stable Diffusion LoRAs with CAT's metrics (PS, IS, KPS) and the field's standard ones.
+
+CAT (Park et al., "Contrastive Adapter Training for Personalized Image Generation", arXiv 2404.07554, §3)
+evaluates an adapter on items i = (reference image of the subject, caption y_T naming it with the trigger).
+y is y_T with the trigger removed as a whole word (``strip_trigger``, the same rule as training) and the
+prompt P is y. With the adapter applied and the same seed and settings for both, the model draws I(y_T) and
+I(y). SC is cosine similarity (Eq. 10) and H the harmonic mean (Eq. 11):
+
+  s_prompt_i = SC(CLIP_text(P_i), CLIP_img(I(y_T)_i))          PS  = H(s_prompt)        (Eqs. 4, 5)
+  s_id_i     = SC(CLIP_img(reference_i), CLIP_img(I(y_T)_i))   IS  = H(s_id)            (Eqs. 6, 7)
+  s_prev_i   = SC(CLIP_img(I(y)_i), CLIP_img(I(y_T)_i))        KPS = 1 - H(s_prev)      (Eqs. 8, 9)
+
+PS, IS and KPS use raw cosines (no CLIPScore rescaling). Higher KPS means the adapter changes the picture
+when, and only when, the trigger is present. The harmonic mean of values <= 0 is undefined: such values are
+clamped to 1e-6, a warning is printed, and metrics.json records how many were clamped per metric.
+PS_mean, IS_mean and KPS_mean (= 1 - mean(s_prev)) are the arithmetic-mean twins.
+
+The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffusion, Kumari et al. 2023):
+
+  CLIP-T  mean SC(CLIP_text(P_i), CLIP_img(I(y_T)_i)): prompt fidelity, the prompt without the trigger
+          (numerically the same as PS_mean).
+  CLIP-I  mean SC(CLIP_img(g), CLIP_img(r)) over all pairs of generated images g = I(y_T) and reference
+          images r of the evaluation set (DreamBooth's pairwise definition; IS_mean is the per-item one).
+  DINO    the same pairwise mean with DINO ViT-S/16 CLS-token embeddings (--dino_model).
+  PRES    DreamBooth's prior-preservation metric: the pairwise DINO mean between the images drawn from the
+          class prompt without the trigger, I(y), and the reference images. Lower = less subject leakage.
+
+Two modes:
+
+  generate  --pretrained_model_name_or_path BASE --lora NAME=PATH [--lora ...] and an evaluation set from
+            --eval_data_dir DIR (images with captions, the formats training accepts: metadata.jsonl with
+            file_name/text, a .txt per image, or --instance_prompt for all) or --eval_prompts FILE.jsonl
+            (lines {"caption": "a photo of sks teapot", "reference": "ref/0.png"}, paths relative to FILE).
+            PATH is a training output folder (with pytorch_lora_weights.safetensors) or a weights file;
+            NAME=none evaluates the base model. The base pipeline is loaded once; adapters are swapped.
+            Runs under ``accelerate launch`` too (generation is split between processes). The generated
+            images are saved with a pairs.jsonl so the scores can be recomputed in folder mode.
+  folder    --pairs FILE.jsonl, images already generated; one line per sample:
+            {"adapter": "cat", "caption": "a photo of sks teapot", "reference": "ref/0.png",
+             "with_trigger": "cat/0_T.png", "without_trigger": "cat/0.png"}   (paths relative to FILE)
+
+Outputs in --output_dir: metrics.json, per_sample.csv, table.md, grid_<adapter>.png (one row per sample:
+reference | with trigger | without trigger); the table is printed at the end.
+
+The math (cosine_similarity, harmonic_mean, prompt_similarity, identity_similarity,
+knowledge_preservation_score, mean_pairwise_similarity) and the model helpers (load_clip,
+clip_image_embeddings, clip_text_embeddings) are importable; heavy libraries are imported inside functions.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from train_cat_lora import InputError, contains_trigger, load_image_caption_pairs, strip_trigger
+
+logger = logging.getLogger("evaluate_kps")
+
+PROG = "evaluate_kps.py"
+CLAMP_MIN = 1e-6
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Keys of LoRA matrices in the file formats diffusers reads (peft, diffusers, kohya); alphas are not matrices.
+LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\.weight$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math (pure functions on embeddings; train_cat_lora.py --validation_kps reuses these)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cosine_similarity(a, b):
+    """Row-wise cosine similarity SC(A, B) = A.B / (||A||_2 ||B||_2) (paper Eq. 10), in float32.
+
+    ``a`` and ``b`` are (n, d) embeddings (tensors, arrays or lists) or single (d,) vectors; returns a float32
+    tensor of n similarities.
+    """
+    import torch
+
+    a = torch.as_tensor(a, dtype=torch.float32).detach().cpu()
+    b = torch.as_tensor(b, dtype=torch.float32).detach().cpu()
+    a, b = torch.atleast_2d(a), torch.atleast_2d(b)
+    if a.shape != b.shape:
+        raise ValueError(f"cosine_similarity: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    # Rounding can push the cosine of (nearly) parallel vectors a hair past 1; keep it in [-1, 1].
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+
+
+def mean_pairwise_similarity(a, b) -> float:
+    """Mean cosine similarity over all pairs (a_j, b_k): DreamBooth's CLIP-I, DINO and PRES aggregation."""
+    import torch
+
+    a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(a, dtype=torch.float32)), dim=-1)
+    b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(b, dtype=torch.float32)), dim=-1)
+    return float((a @ b.T).mean())
+
+
+def harmonic_mean(values, name: str = "values", clamp_min: float = CLAMP_MIN) -> tuple[float, int]:
+    """Harmonic mean H(x_1..x_n) = n / sum(1/x_i) (paper Eq. 11); returns ``(H, clamped_count)``.
+
+    H is undefined for values <= 0, which cosine similarities can be: every value below ``clamp_min`` (1e-6)
+    is raised to ``clamp_min`` (never dropped), a warning naming ``name`` is issued, and the number of
+    clamped values is returned so that it can be reported. Raises ValueError for an empty input.
+    """
+    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    if not values:
+        raise ValueError(f"harmonic mean of no {name}")
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"harmonic mean of {name}: NaN in the input")
+    clamped = sum(v < clamp_min for v in values)
+    if clamped:
+        warnings.warn(
+            f"{name}: {clamped} of {len(values)} values below {clamp_min:g} clamped to {clamp_min:g} "
+            "for the harmonic mean (Eq. 11 is undefined for values <= 0)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return len(values) / sum(1.0 / max(v, clamp_min) for v in values), clamped
+
+
+def prompt_similarity(prompt_text_embeds, with_trigger_embeds) -> tuple[float, int]:
+    """PS = H(s_prompt), s_prompt_i = SC(CLIP_text(P_i), CLIP_img(I(y_T)_i)) (paper Eqs. 4-5).
+
+    Returns ``(PS, clamped_count)``. P_i is the caption without its trigger.
+    """
+    return harmonic_mean(cosine_similarity(prompt_text_embeds, with_trigger_embeds), "s_prompt")
+
+
+def identity_similarity(reference_embeds, with_trigger_embeds) -> tuple[float, int]:
+    """IS = H(s_id), s_id_i = SC(CLIP_img(reference_i), CLIP_img(I(y_T)_i)) (paper Eqs. 6-7).
+
+    Returns ``(IS, clamped_count)``.
+    """
+    return harmonic_mean(cosine_similarity(reference_embeds, with_trigger_embeds), "s_id")
+
+
+def knowledge_preservation_score(with_trigger_embeds, without_trigger_embeds) -> tuple[float, int]:
+    """KPS = 1 - H(s_prev), s_prev_i = SC(CLIP_img(I(y)_i), CLIP_img(I(y_T)_i)) (paper Eqs. 8-9).
+
+    ``with_trigger_embeds`` and ``without_trigger_embeds`` are CLIP image embeddings of the images drawn from
+    y_T and from y with the same seed. Returns ``(KPS, clamped_count)``: 0 when the two images are the same
+    (the trigger changes nothing), larger when the adapter keeps the prompt without trigger untouched.
+    """
+    h, clamped = harmonic_mean(cosine_similarity(without_trigger_embeds, with_trigger_embeds), "s_prev")
+    return 1.0 - h, clamped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\nThe math (")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = parser.add_argument_group("evaluation data (exactly one of --pairs, --eval_data_dir, --eval_prompts)")
+    data.add_argument("--pairs", type=Path, help="folder mode: jsonl of already generated samples")
+    data.add_argument("--eval_data_dir", type=Path, help="generate mode: folder of reference images + captions")
+    data.add_argument("--eval_prompts", type=Path, help="generate mode: jsonl with caption and reference")
+    data.add_argument("--instance_prompt", help="caption for --eval_data_dir images that have none")
+    data.add_argument("--trigger_token", required=True, help="the trigger word, e.g. sks (required)")
+
+    gen = parser.add_argument_group("generation (generate mode)")
+    gen.add_argument("--pretrained_model_name_or_path", help="base Stable Diffusion 1.x/2.x model")
+    gen.add_argument("--revision", default=None)
+    gen.add_argument("--variant", default=None)
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="NAME=PATH",
+        help="adapter to evaluate, repeatable; PATH is a training output folder or a weights file, none = base",
+    )
+    gen.add_argument("--num_images_per_prompt", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="sample j of every adapter uses seed + j")
+    gen.add_argument("--num_inference_steps", type=int, default=50)
+    gen.add_argument("--guidance_scale", type=float, default=7.5)
+    gen.add_argument("--resolution", type=int, default=512, help="height and width, divisible by 8")
+    gen.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per CLIP/DINO batch")
+    gen.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                     help="pipeline dtype for generation (metrics are always float32)")
+
+    models = parser.add_argument_group("metric models")
+    models.add_argument("--clip_model", default="ViT-L-14-quickgelu",
+                        help="open_clip architecture name, or a path to an open_clip model config .json")
+    models.add_argument("--clip_pretrained", default="openai", help="open_clip pretrained tag or checkpoint file")
+    models.add_argument("--dino_model", default="facebook/dino-vits16",
+                        help="transformers id or folder of a DINO ViT (CLS token), or none")
+    models.add_argument("--device", default=None, help="device for the metric models (default: accelerate's)")
+
+    parser.add_argument("--output_dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    sources = [name for name in ("pairs", "eval_data_dir", "eval_prompts") if getattr(args, name) is not None]
+    if len(sources) != 1:
+        parser.error("give exactly one of --pairs, --eval_data_dir, --eval_prompts")
+    if args.pairs is None:
+        if not args.pretrained_model_name_or_path:
+            parser.error("generate mode (--eval_data_dir/--eval_prompts) needs --pretrained_model_name_or_path")
+        if not args.lora:
+            parser.error("generate mode needs at least one --lora NAME=PATH (NAME=none for the base model)")
+    elif args.lora:
+        parser.error("--lora is for generate mode; in folder mode the adapter names come from --pairs")
+    if args.resolution <= 0 or args.resolution % 8:
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8")
+    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not args.trigger_token.strip() or re.search(r"\s", args.trigger_token):
+        parser.error("--trigger_token must be a single word")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One evaluation item: a reference image and its caption y_T; ``prompt`` is y = P (trigger removed)."""
+
+    caption: str
+    prompt: str
+    reference: Path
+
+
+@dataclass
+class Sample:
+    """One scored sample of one adapter: an item and the two images drawn for it."""
+
+    adapter: str
+    item: int
+    image: int
+    caption: str
+    prompt: str
+    reference: Path
+    with_trigger: Any = None  # PIL image
+    without_trigger: Any = None  # PIL image
+    with_trigger_path: Path | None = None
+    without_trigger_path: Path | None = None
+    seed: int | None = None
+    scores: dict = field(default_factory=dict)
+
+
+def check_caption(caption: str, trigger: str, where: str) -> str:
+    """Return y = caption without trigger; InputError naming ``where`` if the trigger is not in it."""
+    if not contains_trigger(caption, trigger):
+        raise InputError(f"{where}: caption {caption!r} does not contain the trigger {trigger!r}")
+    return strip_trigger(caption, trigger)
+
+
+def check_image_file(path: Path, where: str) -> Path:
+    """InputError naming ``where`` unless ``path`` is a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} not found")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{where}: {path} is not a readable image ({error})") from None
+    return path
+
+
+def read_jsonl(path: Path, required: tuple[str, ...], flag: str) -> list[tuple[str, dict]]:
+    """Records of a jsonl file as (``file:line``, dict); InputError for a missing file or a bad line."""
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: no such file")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{where}: not valid JSON ({error})") from None
+        missing = [key for key in required if not isinstance(record, dict) or not isinstance(record.get(key), str)]
+        if missing:
+            raise InputError(f"{where}: expected a JSON object with string fields {', '.join(required)}")
+        records.append((where, record))
+    if not records:
+        raise InputError(f"{flag} {path}: empty evaluation set")
+    return records
+
+
+def load_eval_items(eval_data_dir: Path | None, eval_prompts: Path | None, trigger: str,
+                    instance_prompt: str | None = None) -> list[Item]:
+    """The evaluation set of generate mode, from a captioned image folder or a prompts jsonl."""
+    items = []
+    if eval_data_dir is not None:
+        if not eval_data_dir.is_dir():
+            raise InputError(f"--eval_data_dir {eval_data_dir}: no such folder")
+        for image, caption in load_image_caption_pairs(eval_data_dir, instance_prompt):
+            prompt = check_caption(caption, trigger, str(image))
+            items.append(Item(caption, prompt, check_image_file(image, str(image))))
+    else:
+        for where, record in read_jsonl(eval_prompts, ("caption", "reference"), "--eval_prompts"):
+            prompt = check_caption(record["caption"], trigger, where)
+            reference = check_image_file(eval_prompts.parent / record["reference"], where)
+            items.append(Item(record["caption"], prompt, reference))
+    if not items:
+        raise InputError(f"{eval_data_dir or eval_prompts}: empty evaluation set")
+    return items
+
+
+def load_pairs(pairs_file: Path, trigger: str) -> list[Sample]:
+    """Folder mode: the samples listed in ``pairs_file``, images loaded, grouped by adapter in file order."""
+    from PIL import Image
+
+    keys = ("adapter", "caption", "reference", "with_trigger", "without_trigger")
+    samples, counts = [], {}
+    for where, record in read_jsonl(pairs_file, keys, "--pairs"):
+        adapter = record["adapter"]
+        if not ADAPTER_NAME_PATTERN.match(adapter):
+            raise InputError(f"{where}: adapter name {adapter!r} must be letters, digits, '_', '.', '-'")
+        prompt = check_caption(record["caption"], trigger, where)
+        paths = {key: check_image_file(pairs_file.parent / record[key], where) for key in keys[2:]}
+        index = counts.get(adapter, 0)
+        counts[adapter] = index + 1
+        samples.append(Sample(
+            adapter, index, 0, record["caption"], prompt, paths["reference"],
+            with_trigger=Image.open(paths["with_trigger"]).convert("RGB"),
+            without_trigger=Image.open(paths["without_trigger"]).convert("RGB"),
+            with_trigger_path=paths["with_trigger"], without_trigger_path=paths["without_trigger"],
+        ))
+    order = list(counts)
+    return sorted(samples, key=lambda s: order.index(s.adapter))
+
+
+def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
+    """``--lora NAME=PATH`` values as {name: weights file or None for the base model}, in the given order."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--lora {spec}: expected NAME=PATH (or NAME=none for the base model)")
+        if not ADAPTER_NAME_PATTERN.match(name):
+            raise InputError(f"--lora {spec}: the name must be letters, digits, '_', '.', '-'")
+        if name in adapters:
+            raise InputError(f"--lora {spec}: the name {name!r} is used twice")
+        if path.lower() == "none":
+            adapters[name] = None
+            continue
+        path = Path(path)
+        if path.is_dir():
+            if not (path / LORA_WEIGHT_NAME).is_file():
+                raise InputError(f"--lora {spec}: {path} has no {LORA_WEIGHT_NAME}")
+            path = path / LORA_WEIGHT_NAME
+        elif not path.is_file():
+            raise InputError(f"--lora {spec}: {path} not found")
+        adapters[name] = path
+    return adapters
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Clip(NamedTuple):
+    """An open_clip model in eval mode with its preprocessing, tokenizer and device."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: Any
+    name: str
+    pretrained: str
+
+
+def resolve_clip_choice(model: str, pretrained: str | None) -> str:
+    """Check ``--clip_model``/``--clip_pretrained`` without loading weights; return the architecture name.
+
+    ``model`` is an open_clip architecture name or a path to an open_clip model config ``.json`` (registered
+    under its file stem). ``pretrained`` is a tag of that architecture or a checkpoint file. Refuses tags
+    trained with another activation than the architecture builds (``ViT-L-14`` + ``openai`` would silently
+    use GELU instead of QuickGELU: use ``ViT-L-14-quickgelu``).
+    """
+    import open_clip
+
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"--clip_model {model}: no such file")
+        open_clip.add_model_config(path)
+        model = path.stem
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return model
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise InputError(f"--clip_model {model}: unknown open_clip model (see open_clip.list_models())")
+    if pretrained and not os.path.isfile(pretrained):
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        if not tag:
+            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise InputError(f"--clip_pretrained {pretrained}: no such file")
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise InputError(f"--clip_pretrained {pretrained}: not a tag of {model} (tags: {tags}) nor a file")
+        if bool(tag.get("quick_gelu", False)) != bool(config.get("quick_gelu", False)):
+            hint = f"{model}-quickgelu" if tag.get("quick_gelu") else model.replace("-quickgelu", "")
+            raise InputError(
+                f"--clip_model {model} --clip_pretrained {pretrained}: the weights were trained with "
+                f"quick_gelu={bool(tag.get('quick_gelu'))} but the model builds the other activation; use {hint}"
+            )
+    return model
+
+
+def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai", device="cpu") -> Clip:
+    """Load an open_clip model (float32, eval mode) with its eval preprocessing and tokenizer.
+
+    Same arguments as ``--clip_model`` and ``--clip_pretrained``; InputError for a bad choice.
+    """
+    import open_clip
+    import torch
+
+    name = resolve_clip_choice(model, pretrained)
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, precision="fp32", device=device
+        )
+    except (RuntimeError, OSError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--clip_pretrained {pretrained}: could not load {name} weights ({first_line})") from None
+    clip_model.eval().requires_grad_(False)
+    return Clip(clip_model, preprocess, open_clip.get_tokenizer(name), torch.device(device), name, pretrained)
+
+
+def clip_image_embeddings(clip: Clip, images, batch_size: int = 16):
+    """L2-normalized float32 CLIP image embeddings (n, d) of a list of PIL images."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]])
+            out.append(clip.model.encode_image(batch.to(clip.device)).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
+
+
+def clip_text_embeddings(clip: Clip, texts: list[str], batch_size: int = 16):
+    """L2-normalized float32 CLIP text embeddings (n, d) of a list of strings."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            tokens = clip.tokenizer(list(texts[start : start + batch_size])).to(clip.device)
+            out.append(clip.model.encode_text(tokens).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
+
+
+class Dino(NamedTuple):
+    model: Any
+    processor: Any
+    device: Any
+
+
+def load_dino(name_or_path: str, device="cpu") -> Dino | None:
+    """A transformers DINO ViT (float32, eval mode) and its image processor; None for ``none``."""
+    if name_or_path.lower() == "none":
+        return None
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--dino_model {name_or_path}: could not load ({first_line})") from None
+    return Dino(model.to(device).eval().requires_grad_(False), processor, torch.device(device))
+
+
+def dino_embeddings(dino: Dino, images, batch_size: int = 16):
+    """L2-normalized float32 DINO CLS-token embeddings (n, d) of a list of PIL images."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = [im.convert("RGB") for im in images[start : start + batch_size]]
+            pixels = dino.processor(images=batch, return_tensors="pt")["pixel_values"].to(dino.device)
+            out.append(dino.model(pixel_values=pixels).last_hidden_state[:, 0].float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(name_or_path: str, revision=None, variant=None, mixed_precision: str = "no", device="cpu"):
+    """The base Stable Diffusion pipeline, loaded once (safety checker off: black images would skew scores)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            name_or_path, revision=revision, variant=variant, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--pretrained_model_name_or_path {name_or_path}: could not load ({first_line})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_adapter(pipe, name: str, path: Path) -> None:
+    """Apply the LoRA at ``path`` to ``pipe`` as adapter ``name``; InputError if it does not fit the model.
+
+    Fitting means every LoRA matrix in the file lands on a layer of the base model with the right shape
+    (diffusers only warns about keys that match no layer, which would evaluate a partial adapter).
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    where = f"--lora {name}={path}"
+    try:
+        state_dict, _ = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input
+        raise InputError(f"{where}: not a LoRA weights file ({type(error).__name__}: {error})") from None
+    in_file = sum(bool(LORA_MATRIX_KEY.search(key)) for key in state_dict)
+    if in_file == 0:
+        raise InputError(f"{where}: no LoRA weights in the file")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # our own check below replaces diffusers' key warnings
+    try:
+        pipe.load_lora_weights(state_dict, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as error:
+        pipe.unload_lora_weights()
+        detail = str(error).strip().splitlines()
+        detail = next((line.strip() for line in detail if "mismatch" in line), detail[0] if detail else "")
+        raise InputError(f"{where}: does not fit the base model ({detail})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pattern = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
+    loaded = sum(
+        bool(pattern.search(key))
+        for component in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        if component is not None
+        for key, _ in component.named_parameters()
+    )
+    if loaded < in_file:
+        pipe.unload_lora_weights()
+        raise InputError(
+            f"{where}: does not fit the base model ({in_file - loaded} of {in_file} LoRA weights match no layer)"
+        )
+
+
+def check_adapters(pipe, adapters: dict[str, Path | None]) -> None:
+    """Load and unload every adapter once before generating, so a bad one fails before any image is drawn."""
+    for name, path in adapters.items():
+        if path is not None:
+            load_adapter(pipe, name, path)
+            pipe.unload_lora_weights()
+
+
+def plan_samples(adapters, items: list[Item], num_images_per_prompt: int, seed: int) -> list[Sample]:
+    """Every (adapter, item, image) sample; sample j of each adapter uses seed + j, for both prompts."""
+    samples = []
+    for adapter in adapters:
+        for i, item in enumerate(items):
+            for k in range(num_images_per_prompt):
+                j = i * num_images_per_prompt + k
+                samples.append(Sample(adapter, i, k, item.caption, item.prompt, item.reference, seed=seed + j))
+    return samples
+
+
+def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: int, num_inference_steps: int,
+                    guidance_scale: float, resolution: int) -> None:
+    """Draw I(y_T) and I(y) for every sample, this process's share of them; the main process gets all.
+
+    Each adapter is applied with ``load_lora_weights`` and removed with ``unload_lora_weights`` on the
+    one base pipeline. Jobs are split between processes (accelerate) and the images gathered.
+    """
+    import torch
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    jobs = {name: [(n, variant) for n, s in enumerate(samples) if s.adapter == name for variant in ("T", "y")]
+            for name in adapters}
+    shares = {}
+    for name, adapter_jobs in jobs.items():
+        with state.split_between_processes(adapter_jobs) as share:
+            shares[name] = list(share)
+    total = sum(math.ceil(len(share) / batch_size) for share in shares.values())
+    results = []
+    with tqdm(total=total, desc="generating", disable=not state.is_local_main_process) as bar:
+        for name, share in shares.items():
+            if adapters[name] is not None:
+                load_adapter(pipe, name, adapters[name])
+            for start in range(0, len(share), batch_size):
+                batch = share[start : start + batch_size]
+                prompts = [samples[n].caption if variant == "T" else samples[n].prompt for n, variant in batch]
+                generators = [torch.Generator("cpu").manual_seed(samples[n].seed) for n, _ in batch]
+                images = pipe(
+                    prompt=prompts, generator=generators, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, height=resolution, width=resolution,
+                ).images
+                results.extend((n, variant, image) for (n, variant), image in zip(batch, images))
+                bar.update()
+            if adapters[name] is not None:
+                pipe.unload_lora_weights()
+    for n, variant, image in gather_object(results):
+        if variant == "T":
+            samples[n].with_trigger = image
+        else:
+            samples[n].without_trigger = image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embeddings and metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_size: int) -> dict[str, dict]:
+    """Per-sample similarities (stored in ``sample.scores``) and per-adapter metrics, in adapter order."""
+    from PIL import Image
+
+    references = sorted({s.reference for s in samples})
+    reference_images = [Image.open(path).convert("RGB") for path in references]
+    prompts = sorted({s.prompt for s in samples})
+
+    clip_ref = dict(zip(references, clip_image_embeddings(clip, reference_images, batch_size)))
+    clip_text = dict(zip(prompts, clip_text_embeddings(clip, prompts, batch_size)))
+    clip_wt = clip_image_embeddings(clip, [s.with_trigger for s in samples], batch_size)
+    clip_wo = clip_image_embeddings(clip, [s.without_trigger for s in samples], batch_size)
+    if dino is not None:
+        dino_ref = dict(zip(references, dino_embeddings(dino, reference_images, batch_size)))
+        dino_wt = dino_embeddings(dino, [s.with_trigger for s in samples], batch_size)
+        dino_wo = dino_embeddings(dino, [s.without_trigger for s in samples], batch_size)
+
+    import torch
+
+    metrics = {}
+    for adapter in dict.fromkeys(s.adapter for s in samples):
+        idx = [n for n, s in enumerate(samples) if s.adapter == adapter]
+        group = [samples[n] for n in idx]
+        text = torch.stack([clip_text[s.prompt] for s in group])
+        ref = torch.stack([clip_ref[s.reference] for s in group])
+        wt, wo = clip_wt[idx], clip_wo[idx]
+        s_prompt, s_id, s_prev = cosine_similarity(text, wt), cosine_similarity(ref, wt), cosine_similarity(wo, wt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ps, ps_clamped = prompt_similarity(text, wt)
+            is_, is_clamped = identity_similarity(ref, wt)
+            kps, kps_clamped = knowledge_preservation_score(wt, wo)
+        for warning in caught:
+            logger.warning("%s: %s", adapter, warning.message)
+        own_refs = sorted({s.reference for s in group})
+        result = {
+            "n": len(group),
+            "PS": ps, "IS": is_, "KPS": kps,
+            "PS_mean": float(s_prompt.mean()), "IS_mean": float(s_id.mean()), "KPS_mean": 1.0 - float(s_prev.mean()),
+            "CLIP-T": float(s_prompt.mean()),
+            "CLIP-I": mean_pairwise_similarity(wt, torch.stack([clip_ref[r] for r in own_refs])),
+            "DINO": None, "PRES": None,
+            "clamped": {"PS": ps_clamped, "IS": is_clamped, "KPS": kps_clamped},
+        }
+        for s, a, b, c in zip(group, s_prompt.tolist(), s_id.tolist(), s_prev.tolist()):
+            s.scores = {"s_prompt": a, "s_id": b, "s_prev": c, "dino_id": None, "dino_pres": None}
+        if dino is not None:
+            d_ref = torch.stack([dino_ref[r] for r in own_refs])
+            result["DINO"] = mean_pairwise_similarity(dino_wt[idx], d_ref)
+            result["PRES"] = mean_pairwise_similarity(dino_wo[idx], d_ref)
+            paired = torch.stack([dino_ref[s.reference] for s in group])
+            for s, a, b in zip(group, cosine_similarity(paired, dino_wt[idx]).tolist(),
+                                cosine_similarity(paired, dino_wo[idx]).tolist()):
+                s.scores.update(dino_id=a, dino_pres=b)
+        metrics[adapter] = result
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = [
+    ("PS (5)", "PS"), ("IS (7)", "IS"), ("KPS (9)", "KPS"), ("PS mean", "PS_mean"), ("IS mean", "IS_mean"),
+    ("KPS mean", "KPS_mean"), ("CLIP-T", "CLIP-T"), ("CLIP-I", "CLIP-I"), ("DINO", "DINO"), ("PRES ↓", "PRES"),
+]
+
+
+def format_table(metrics: dict[str, dict]) -> str:
+    """Markdown table, one row per adapter, in the style of the paper's Table 1."""
+    head = "| Method | n | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " | clamped PS/IS/KPS |"
+    rule = "|---|---:|" + "---:|" * len(TABLE_COLUMNS) + "---:|"
+    rows = []
+    for adapter, m in metrics.items():
+        cells = ["-" if m[key] is None else f"{m[key]:.4f}" for _, key in TABLE_COLUMNS]
+        cells.append("/".join(str(m["clamped"][key]) for key in ("PS", "IS", "KPS")))
+        rows.append(f"| {adapter} | {m['n']} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def make_grid(samples: list[Sample], max_tile: int = 256):
+    """One row per sample: reference | with trigger | without trigger."""
+    from PIL import Image
+
+    tile = min(max_tile, max(samples[0].with_trigger.size))
+    grid = Image.new("RGB", (3 * tile, len(samples) * tile), "white")
+    for row, s in enumerate(samples):
+        with Image.open(s.reference) as reference:
+            images = [reference.convert("RGB"), s.with_trigger, s.without_trigger]
+            for col, image in enumerate(images):
+                grid.paste(image.convert("RGB").resize((tile, tile), Image.BICUBIC), (col * tile, row * tile))
+    return grid
+
+
+def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settings: dict, save_images: bool) -> str:
+    """Write metrics.json, per_sample.csv, table.md, grid_<adapter>.png (and, after generation, the images
+    with a pairs.jsonl for folder mode) into ``output_dir``; return the table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if save_images:
+        pairs = []
+        for s in samples:
+            folder = output_dir / "images" / s.adapter
+            folder.mkdir(parents=True, exist_ok=True)
+            s.with_trigger_path = folder / f"{s.item:04d}_{s.image:02d}_T.png"
+            s.without_trigger_path = folder / f"{s.item:04d}_{s.image:02d}.png"
+            s.with_trigger.save(s.with_trigger_path)
+            s.without_trigger.save(s.without_trigger_path)
+            pairs.append({
+                "adapter": s.adapter, "caption": s.caption,
+                "reference": os.path.relpath(s.reference.resolve(), output_dir.resolve()),
+                "with_trigger": os.path.relpath(s.with_trigger_path, output_dir),
+                "without_trigger": os.path.relpath(s.without_trigger_path, output_dir),
+            })
+        (output_dir / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+
+    document = {"settings": settings, "adapters": metrics}
+    (output_dir / "metrics.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+    columns = ["adapter", "item", "image", "seed", "caption", "prompt", "reference", "with_trigger",
+               "without_trigger", "s_prompt", "s_id", "s_prev", "dino_id", "dino_pres"]
+    with open(output_dir / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for s in samples:
+            writer.writerow({
+                "adapter": s.adapter, "item": s.item, "image": s.image, "seed": s.seed, "caption": s.caption,
+                "prompt": s.prompt, "reference": s.reference, "with_trigger": s.with_trigger_path or "",
+                "without_trigger": s.without_trigger_path or "", **s.scores,
+            })
+
+    table = format_table(metrics)
+    (output_dir / "table.md").write_text(table, encoding="utf-8")
+    for adapter in metrics:
+        make_grid([s for s in samples if s.adapter == adapter]).save(output_dir / f"grid_{adapter}.png")
+    return table
+
+
+def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None) -> dict:
+    """Every setting that shaped the numbers, for metrics.json."""
+    import open_clip
+    import torch
+
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings.update(
+        mode="folder" if args.pairs is not None else "generate",
+        clip_model_resolved=clip.name,
+        clip_pretrained=clip.pretrained,
+        harmonic_mean_clamp_min=CLAMP_MIN,
+        versions={"open_clip": open_clip.__version__, "torch": torch.__version__},
+    )
+    if adapters is not None:
+        import diffusers
+
+        settings["lora"] = {name: (str(path) if path else None) for name, path in adapters.items()}
+        settings["versions"]["diffusers"] = diffusers.__version__
+    if args.pairs is not None:
+        for key in ("seed", "num_inference_steps", "guidance_scale", "resolution", "num_images_per_prompt",
+                    "mixed_precision", "pretrained_model_name_or_path", "revision", "variant"):
+            settings.pop(key, None)  # not used: the images were made elsewhere
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation; returns the per-adapter metrics (on non-main processes: {})."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+
+    # Data: everything the user gave is checked before any model is loaded.
+    generate = args.pairs is None
+    if generate:
+        items = load_eval_items(args.eval_data_dir, args.eval_prompts, args.trigger_token, args.instance_prompt)
+        adapters = parse_lora_specs(args.lora)
+    else:
+        samples = load_pairs(args.pairs, args.trigger_token)
+        adapters = None
+    resolve_clip_choice(args.clip_model, args.clip_pretrained)
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = args.device or state.device
+
+    # Models: the base pipeline once, every adapter checked against it, then the metric models.
+    if generate:
+        pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
+                             args.mixed_precision, state.device)
+        check_adapters(pipe, adapters)
+        samples = plan_samples(adapters, items, args.num_images_per_prompt, args.seed)
+    if not state.is_main_process and not generate:
+        return {}
+    clip = dino = None
+    if state.is_main_process:
+        clip = load_clip(args.clip_model, args.clip_pretrained, device)
+        dino = load_dino(args.dino_model, device)
+
+    # Generation (all processes), then embeddings, metrics and outputs on the main process.
+    if generate:
+        logger.info("generating %d images for %d adapters", 2 * len(samples), len(adapters))
+        generate_images(pipe, adapters, samples, state, args.batch_size, args.num_inference_steps,
+                        args.guidance_scale, args.resolution)
+        if not state.is_main_process:
+            return {}
+    metrics = score_samples(samples, clip, dino, args.batch_size)
+    settings = collect_settings(args, clip, adapters)
+    table = write_outputs(args.output_dir, samples, metrics, settings, save_images=generate)
+    print(table, end="")
+    logger.info("wrote %s", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        sys.exit(2)

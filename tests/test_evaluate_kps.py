@@ -1,0 +1,479 @@
+"""Tests for evaluate_kps.py: the metric math, folder mode, generate mode and input errors.
+
+Everything is offline and tiny: a random open_clip model registered from a config file and saved to a local
+checkpoint, a random transformers ViT as the DINO model, and the tiny random SD 1.x pipeline of
+tests/tiny_pipeline.py with random LoRAs.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import evaluate_kps as ek  # noqa: E402
+from tiny_pipeline import build_tiny_pipeline  # noqa: E402
+from train_cat_lora import InputError  # noqa: E402
+
+PYTHON = sys.executable
+TRIGGER = "sks"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(config .json path, checkpoint path) of a tiny random open_clip model."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "tiny-kps-clip.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-kps-clip", pretrained=None)
+    checkpoint = folder / "tiny-kps-clip.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    """Folder of a tiny random transformers ViT with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=37)
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def save_image(path: Path, seed: int, size: int = 48) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(1, 1, 3))
+    noise = rng.integers(-60, 60, size=(size, size, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pairs_folder(tmp_path_factory):
+    """A folder-mode jsonl with two adapters: 'same' (identical images with and without trigger), 'diff'."""
+    folder = tmp_path_factory.mktemp("pairs")
+    captions = ["a photo of sks teapot", "sks teapot on a table", "a red sks teapot, studio light"]
+    lines = []
+    for i, caption in enumerate(captions):
+        save_image(folder / "ref" / f"{i}.png", 100 + i)
+        save_image(folder / "same" / f"{i}.png", 200 + i)
+        save_image(folder / "diff" / f"{i}_T.png", 300 + i)
+        save_image(folder / "diff" / f"{i}.png", 400 + i)
+        lines.append({"adapter": "same", "caption": caption, "reference": f"ref/{i}.png",
+                      "with_trigger": f"same/{i}.png", "without_trigger": f"same/{i}.png"})
+        lines.append({"adapter": "diff", "caption": caption, "reference": f"ref/{i}.png",
+                      "with_trigger": f"diff/{i}_T.png", "without_trigger": f"diff/{i}.png"})
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    return Path(build_tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+
+
+def make_lora(pipeline_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A LoRA training output folder for the tiny pipeline, with random non-zero weights.
+
+    Stand-in for a real ``train_cat_lora.py`` run: swap this for a short training run once it exists.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def loras(tiny_pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    return {name: make_lora(tiny_pipeline, folder / name, seed) for seed, name in enumerate(["a", "b"])}
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    for i, caption in enumerate(["a photo of sks teapot", "sks teapot in the snow"]):
+        save_image(folder / f"{i}.png", 500 + i)
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+def clip_args(tiny_clip, tiny_dino):
+    config, checkpoint = tiny_clip
+    return ["--clip_model", str(config), "--clip_pretrained", str(checkpoint), "--dino_model", str(tiny_dino)]
+
+
+def reference_harmonic_mean(values):
+    """Eq. 11 with the clamping rule, written independently of evaluate_kps."""
+    values = np.asarray(values, dtype=np.float64)
+    clamped = np.maximum(values, 1e-6)
+    return len(values) / np.sum(1.0 / clamped), int(np.sum(values < 1e-6))
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cosine_similarity_hand_values():
+    a = [[1.0, 0.0], [1.0, 1.0], [3.0, 4.0], [1.0, 2.0]]
+    b = [[0.0, 2.0], [5.0, 0.0], [6.0, 8.0], [-1.0, -2.0]]
+    got = ek.cosine_similarity(a, b)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), [0.0, 1 / math.sqrt(2), 1.0, -1.0], atol=1e-6)
+    with pytest.raises(ValueError):
+        ek.cosine_similarity([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_harmonic_mean_hand_values(recwarn):
+    value, clamped = ek.harmonic_mean([1.0, 2.0, 4.0])
+    assert value == pytest.approx(12 / 7)
+    assert clamped == 0
+    assert ek.harmonic_mean([0.3])[0] == pytest.approx(0.3)
+    assert ek.harmonic_mean(torch.tensor([0.5, 0.5]))[0] == pytest.approx(0.5)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_harmonic_mean_clamps_non_positive_values_and_counts_them():
+    with pytest.warns(RuntimeWarning, match=r"s_prev: 2 of 3 values"):
+        value, clamped = ek.harmonic_mean([0.5, 0.0, -0.2], name="s_prev")
+    assert clamped == 2
+    assert value == pytest.approx(3 / (2 + 1e6 + 1e6))
+    with pytest.raises(ValueError):
+        ek.harmonic_mean([])
+
+
+def test_scores_from_hand_made_embeddings():
+    text = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    ref = [[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [2.0, 0.0, 1.0]]
+    with_t = [[1.0, 2.0, 0.0], [0.5, 1.0, 1.0], [1.0, 0.0, 3.0]]
+    without_t = [[1.0, 2.0, 0.1], [-0.5, 1.0, 0.0], [0.0, 1.0, -3.0]]
+    cos = lambda a, b: np.sum(unit(a) * unit(b), axis=-1)  # noqa: E731
+    expected_ps = reference_harmonic_mean(cos(text, with_t))
+    expected_is = reference_harmonic_mean(cos(ref, with_t))
+    h_prev, prev_clamped = reference_harmonic_mean(cos(without_t, with_t))
+    assert prev_clamped == 1  # the third pair points away: cos < 0
+    assert ek.prompt_similarity(text, with_t) == pytest.approx(expected_ps, rel=1e-5)
+    assert ek.identity_similarity(ref, with_t) == pytest.approx(expected_is, rel=1e-5)
+    with pytest.warns(RuntimeWarning):
+        kps, clamped = ek.knowledge_preservation_score(with_t, without_t)
+    assert kps == pytest.approx(1 - h_prev, rel=1e-5)
+    assert clamped == prev_clamped
+    pairwise = np.mean(unit(with_t) @ unit(ref).T)
+    assert ek.mean_pairwise_similarity(with_t, ref) == pytest.approx(pairwise, rel=1e-5)
+
+
+def test_kps_identical_images_is_zero_different_is_positive():
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(5, 16)).astype(np.float32)
+    kps, clamped = ek.knowledge_preservation_score(embeds, embeds.copy())
+    assert abs(kps) < 1e-6 and clamped == 0
+    other = embeds + rng.normal(scale=0.5, size=embeds.shape).astype(np.float32)
+    assert ek.knowledge_preservation_score(embeds, other)[0] > 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_folder_mode_matches_open_clip_and_dino_directly(pairs_folder, tiny_clip, tiny_dino, tmp_path):
+    import open_clip
+    from PIL import Image
+    from transformers import ViTImageProcessor, ViTModel
+
+    out = tmp_path / "out"
+    metrics = ek.main(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--output_dir", str(out),
+                       "--batch_size", "2", *clip_args(tiny_clip, tiny_dino)])
+    document = json.loads((out / "metrics.json").read_text())
+    assert list(document["adapters"]) == ["same", "diff"]
+    assert document["settings"]["clip_model_resolved"] == "tiny-kps-clip"
+    assert document["settings"]["clip_pretrained"] == str(tiny_clip[1])
+    assert document["settings"]["dino_model"] == str(tiny_dino)
+    assert document["adapters"] == json.loads(json.dumps(metrics))
+
+    # The same embeddings computed directly with open_clip and transformers.
+    config, checkpoint = tiny_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-kps-clip", pretrained=str(checkpoint))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("tiny-kps-clip")
+    dino = ViTModel.from_pretrained(tiny_dino).eval()
+    processor = ViTImageProcessor.from_pretrained(tiny_dino)
+    lines = [json.loads(line) for line in pairs_folder.read_text().splitlines()]
+
+    def load(rel):
+        return Image.open(pairs_folder.parent / rel).convert("RGB")
+
+    with torch.no_grad():
+        for adapter in ("same", "diff"):
+            group = [line for line in lines if line["adapter"] == adapter]
+            prompts = [line["caption"].replace("sks ", "").replace(" sks", "") for line in group]
+            assert prompts[0] == "a photo of teapot"
+            text = model.encode_text(tokenizer(prompts)).numpy()
+            img = {key: model.encode_image(torch.stack([preprocess(load(line[key])) for line in group])).numpy()
+                   for key in ("reference", "with_trigger", "without_trigger")}
+            dn = {key: dino(**processor(images=[load(line[key]) for line in group], return_tensors="pt"))
+                  .last_hidden_state[:, 0].numpy() for key in ("reference", "with_trigger", "without_trigger")}
+            cos = lambda a, b: np.sum(unit(a) * unit(b), axis=-1)  # noqa: E731
+            s_prompt = cos(text, img["with_trigger"])
+            s_id = cos(img["reference"], img["with_trigger"])
+            s_prev = cos(img["without_trigger"], img["with_trigger"])
+            m = document["adapters"][adapter]
+            assert m["n"] == 3
+            assert m["PS"] == pytest.approx(reference_harmonic_mean(s_prompt)[0], rel=1e-4, abs=1e-6)
+            assert m["IS"] == pytest.approx(reference_harmonic_mean(s_id)[0], rel=1e-4, abs=1e-6)
+            assert m["KPS"] == pytest.approx(1 - reference_harmonic_mean(s_prev)[0], rel=1e-4, abs=1e-6)
+            assert m["clamped"] == {"PS": reference_harmonic_mean(s_prompt)[1],
+                                    "IS": reference_harmonic_mean(s_id)[1], "KPS": reference_harmonic_mean(s_prev)[1]}
+            assert m["PS_mean"] == pytest.approx(s_prompt.mean(), abs=1e-5)
+            assert m["IS_mean"] == pytest.approx(s_id.mean(), abs=1e-5)
+            assert m["KPS_mean"] == pytest.approx(1 - s_prev.mean(), abs=1e-5)
+            assert m["CLIP-T"] == pytest.approx(s_prompt.mean(), abs=1e-5)
+            assert m["CLIP-I"] == pytest.approx(np.mean(unit(img["with_trigger"]) @ unit(img["reference"]).T), abs=1e-5)
+            assert m["DINO"] == pytest.approx(np.mean(unit(dn["with_trigger"]) @ unit(dn["reference"]).T), abs=1e-5)
+            assert m["PRES"] == pytest.approx(np.mean(unit(dn["without_trigger"]) @ unit(dn["reference"]).T), abs=1e-5)
+
+    # Identical images with and without the trigger: KPS = 0; different images: KPS > 0.
+    assert abs(document["adapters"]["same"]["KPS"]) < 1e-6
+    assert document["adapters"]["diff"]["KPS"] > 0
+
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert len(rows) == 6 and {row["adapter"] for row in rows} == {"same", "diff"}
+    assert all(row["prompt"] and TRIGGER not in row["prompt"].split() for row in rows)
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 4 and "| same" in table and "| diff" in table and "KPS (9)" in table
+    for adapter in ("same", "diff"):
+        assert Image.open(out / f"grid_{adapter}.png").size == (3 * 48, 3 * 48)  # 3 samples of 48 px
+
+
+def test_folder_mode_without_dino(pairs_folder, tiny_clip, tmp_path):
+    config, checkpoint = tiny_clip
+    metrics = ek.main(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--output_dir", str(tmp_path),
+                       "--clip_model", str(config), "--clip_pretrained", str(checkpoint), "--dino_model", "none"])
+    assert metrics["diff"]["DINO"] is None and metrics["diff"]["PRES"] is None
+    assert "| diff |" in (tmp_path / "table.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generate mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_generate_mode_two_adapters_and_base_load_pipeline_once(
+    monkeypatch, tiny_pipeline, loras, eval_data_dir, tiny_clip, tiny_dino, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    original = StableDiffusionPipeline.from_pretrained.__func__
+
+    def counting_from_pretrained(cls, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(counting_from_pretrained))
+    out = tmp_path / "gen"
+    metrics = ek.main([
+        "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
+        "--trigger_token", TRIGGER, "--lora", f"a={loras['a']}",
+        "--lora", f"b={loras['b'] / 'pytorch_lora_weights.safetensors'}", "--lora", "base=none",
+        "--num_images_per_prompt", "2", "--num_inference_steps", "4", "--resolution", "32",
+        "--batch_size", "3", "--seed", "7", "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+    ])
+    assert calls == [str(tiny_pipeline)]  # the base pipeline is loaded once for all three adapters
+    assert list(metrics) == ["a", "b", "base"]
+    assert all(m["n"] == 4 for m in metrics.values())
+    document = json.loads((out / "metrics.json").read_text())
+    settings = document["settings"]
+    assert settings["num_inference_steps"] == 4 and settings["seed"] == 7 and settings["mode"] == "generate"
+    assert settings["lora"]["base"] is None and settings["lora"]["a"].endswith("pytorch_lora_weights.safetensors")
+
+    from PIL import Image
+
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 12
+    first = {p["adapter"]: p for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
+    images = {a: np.asarray(Image.open(out / first[a]["with_trigger"]), dtype=np.float32) for a in first}
+    assert images["a"].shape == (32, 32, 3)
+    assert np.abs(images["a"] - images["base"]).mean() > 0.1  # the LoRA was applied ...
+    assert np.abs(images["a"] - images["b"]).mean() > 0.1  # ... and swapped for the next one
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert [int(r["seed"]) for r in rows if r["adapter"] == "a"] == [7, 8, 9, 10]
+    assert Image.open(out / "grid_b.png").size == (3 * 32, 4 * 32)
+
+    # Folder mode on the saved images reproduces the numbers.
+    rescored = ek.main(["--pairs", str(out / "pairs.jsonl"), "--trigger_token", TRIGGER,
+                        "--output_dir", str(tmp_path / "rescored"), *clip_args(tiny_clip, tiny_dino)])
+    for adapter in metrics:
+        for key in ("PS", "IS", "KPS", "CLIP-I", "DINO", "PRES"):
+            assert rescored[adapter][key] == pytest.approx(metrics[adapter][key], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input errors: one line naming the file or flag, exit status 2, nothing written
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_cli(args, tmp_path):
+    out = tmp_path / "never"
+    result = subprocess.run([PYTHON, str(REPO / "evaluate_kps.py"), *args, "--output_dir", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate_kps.py: error:")]
+    assert len(errors) == 1, result.stderr
+    assert not out.exists()
+    return errors[0]
+
+
+def test_error_missing_image_in_pairs(pairs_folder, tiny_clip, tiny_dino, tmp_path):
+    lines = pairs_folder.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["with_trigger"] = "diff/missing.png"
+    bad = pairs_folder.parent / "bad_missing.jsonl"
+    bad.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    message = run_cli(["--pairs", str(bad), "--trigger_token", TRIGGER, *clip_args(tiny_clip, tiny_dino)], tmp_path)
+    assert f"{bad}:2" in message and "missing.png" in message and "not found" in message
+
+
+def test_error_caption_without_trigger(eval_data_dir, tiny_pipeline, tmp_path):
+    save_image(tmp_path / "ref.png", 1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"caption": "a photo of sks teapot", "reference": "ref.png"}) + "\n"
+                       + json.dumps({"caption": "a photo of a teapot", "reference": "ref.png"}) + "\n")
+    message = run_cli(["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
+                       "--lora", "base=none", "--trigger_token", TRIGGER], tmp_path)
+    assert f"{prompts}:2" in message and "'sks'" in message
+
+
+def test_error_caption_without_trigger_in_eval_data_dir(tmp_path, tiny_pipeline):
+    folder = tmp_path / "data"
+    save_image(folder / "0.png", 3)
+    (folder / "0.txt").write_text("a photo of teapot")
+    with pytest.raises(InputError, match=r"0\.png: caption 'a photo of teapot' does not contain the trigger"):
+        ek.main(["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(folder),
+                 "--lora", "base=none", "--trigger_token", TRIGGER, "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("kind", ["shape", "keys"])
+def test_error_lora_does_not_fit_base_model(kind, tiny_pipeline, loras, eval_data_dir, tiny_clip, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(loras["a"] / "pytorch_lora_weights.safetensors")
+    if kind == "shape":  # e.g. a LoRA trained on another base model
+        weights = {key: torch.zeros(value.shape[0] + 1, value.shape[1]) for key, value in weights.items()}
+    else:  # half of the layers do not exist in this model
+        weights = {key.replace("attn1", "attn9"): value for key, value in weights.items()}
+    bad = tmp_path / f"bad_{kind}.safetensors"
+    save_file(weights, bad)
+    args = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
+            "--lora", f"a={loras['a']}", "--lora", f"bad={bad}", "--trigger_token", TRIGGER,
+            "--clip_model", str(tiny_clip[0]), "--clip_pretrained", str(tiny_clip[1])]
+    if kind == "shape":
+        message = run_cli(args, tmp_path)
+    else:  # in-process (faster): the same InputError that __main__ turns into the line above
+        with pytest.raises(InputError) as caught:
+            ek.main([*args, "--output_dir", str(tmp_path / "never")])
+        message = str(caught.value)
+        assert not (tmp_path / "never").exists()
+    assert f"--lora bad={bad}" in message and "does not fit the base model" in message
+    if kind == "keys":
+        assert "match no layer" in message
+
+
+def test_error_unknown_clip_model(pairs_folder, tmp_path):
+    message = run_cli(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-Q-99"],
+                      tmp_path)
+    assert "--clip_model ViT-Q-99" in message and "unknown open_clip model" in message
+
+
+def test_error_vit_l_14_with_openai_weights_is_refused(pairs_folder, tmp_path):
+    with pytest.raises(InputError, match=r"--clip_model ViT-L-14 .*use ViT-L-14-quickgelu"):
+        ek.resolve_clip_choice("ViT-L-14", "openai")
+    assert ek.resolve_clip_choice("ViT-L-14-quickgelu", "openai") == "ViT-L-14-quickgelu"
+    message = run_cli(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-L-14"],
+                      tmp_path)
+    assert "quick_gelu" in message
+
+
+@pytest.mark.parametrize("kind", ["pairs", "prompts", "folder"])
+def test_error_empty_evaluation_set(kind, tiny_pipeline, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    (tmp_path / "emptydir").mkdir()
+    if kind == "pairs":
+        message = run_cli(["--pairs", str(empty), "--trigger_token", TRIGGER], tmp_path)
+        assert f"--pairs {empty}: empty evaluation set" in message
+        return
+    source = ["--eval_prompts", str(empty)] if kind == "prompts" else ["--eval_data_dir", str(tmp_path / "emptydir")]
+    with pytest.raises(InputError) as caught:
+        ek.main(["--pretrained_model_name_or_path", str(tiny_pipeline), *source, "--lora", "base=none",
+                 "--trigger_token", TRIGGER, "--output_dir", str(tmp_path / "out")])
+    assert ("empty evaluation set" if kind == "prompts" else "no image files") in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_lora_spec(tiny_pipeline, eval_data_dir, tmp_path):
+    base = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
+            "--trigger_token", TRIGGER, "--output_dir", str(tmp_path / "out")]
+    for spec, expected in [("nopath", "expected NAME=PATH"), (f"x={tmp_path / 'nope'}", "not found"),
+                           (f"x={tmp_path}", "has no pytorch_lora_weights.safetensors")]:
+        with pytest.raises(InputError, match=expected):
+            ek.main([*base, "--lora", spec])
+    with pytest.raises(InputError, match="used twice"):
+        ek.main([*base, "--lora", "x=none", "--lora", "x=none"])
+
+
+def test_argument_errors_exit_2(tmp_path):
+    result = subprocess.run([PYTHON, str(REPO / "evaluate_kps.py"), "--trigger_token", TRIGGER,
+                             "--output_dir", str(tmp_path / "o"), "--eval_data_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--pretrained_model_name_or_path" in result.stderr.strip().splitlines()[-1]
