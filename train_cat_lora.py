@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="The prompt y of the CAT term: 'strip' removes the trigger from the caption (the "
                           "paper), 'class' replaces it with --cat_class_word, 'empty' uses ''.")
     cat.add_argument("--cat_class_word", default=None, help="Replacement word for --cat_prompt class, e.g. 'dog'.")
+    cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
+                     help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
+                          "'batched': both adapted passes in one U-Net call. Same gradients.")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -207,6 +210,7 @@ def _tidy(caption: str) -> str:
     caption = re.sub(r"\s+", " ", caption).strip()
     # Removing a word can leave " ," or a leading comma behind: close the gap, drop the orphan.
     caption = re.sub(r"\s+([,.;:!?])", r"\1", caption)
+    caption = re.sub(r"([,;:])(?:[,;:])+", r"\1", caption)
     caption = re.sub(r"^[,;:]\s*", "", caption)
     return caption
 
@@ -625,14 +629,8 @@ def encode_prompt(text_encoder, input_ids):
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
 
 
-def compute_losses(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha: float, prior_loss_weight: float,
-                   snr_gamma: float | None, noise_offset: float, weight_dtype) -> dict:
-    """One step's losses: ``loss`` (the total to minimise) and its parts ``diffusion``, ``prior``, ``cat``.
-
-    Rows ``[:num_instance]`` of the batch are subject images with captions y_T, the rest class images
-    (prior preservation). The CAT term uses the subject rows only, with their trigger-less prompts y, and the
-    same noisy latents and timesteps as the diffusion term (Eq. 3). Both adapted passes run in one U-Net call.
-    """
+def noisy_latents_for(batch, vae, noise_scheduler, noise_offset: float, weight_dtype) -> dict:
+    """Encode the images and draw noise and timesteps: the z_t, t and target shared by every term of Eq. 3."""
     import torch
 
     latents = vae.encode(batch["pixel_values"].to(vae.device, dtype=weight_dtype)).latent_dist.sample()
@@ -642,32 +640,63 @@ def compute_losses(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha
         noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
-    n = batch["num_instance"]
-    batch_size = latents.shape[0]
+    return {"noisy_latents": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+            "target": diffusion_target(noise_scheduler, latents, noise, timesteps)}
 
-    if cat_alpha > 0:
+
+def frozen_prediction(unet, text_encoder, noisy_latents, timesteps, cat_input_ids):
+    """eps_frozen(z_t, t, y): the base model, every adapter disabled, without gradient."""
+    import torch
+
+    with torch.no_grad(), adapters_disabled(unet, text_encoder):
+        return unet(noisy_latents, timesteps, encode_prompt(text_encoder, cat_input_ids), return_dict=False)[0]
+
+
+def training_step(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha: float, cat_mode: str,
+                  prior_loss_weight: float, snr_gamma: float | None, noise_offset: float, weight_dtype,
+                  backward) -> dict:
+    """Compute one batch's losses and ``backward`` them; return the detached parts for logging.
+
+    Rows ``[:num_instance]`` of the batch are subject images with captions y_T, the rest class images (prior
+    preservation). The CAT term uses the subject rows with their trigger-less prompts y, on the same noisy
+    latents and timesteps as the diffusion term (Eq. 3). ``cat_mode`` trades memory for speed, with the same
+    gradients: ``lean`` backwards the diffusion term before the CAT passes run, so their activations are
+    never alive together; ``batched`` runs both adapted passes (y_T and y) as one U-Net call and one backward.
+    """
+    import torch
+
+    z = noisy_latents_for(batch, vae, noise_scheduler, noise_offset, weight_dtype)
+    noisy, timesteps, target = z["noisy_latents"], z["timesteps"], z["target"]
+    n, batch_size = batch["num_instance"], noisy.shape[0]
+    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+    use_cat = cat_alpha > 0
+    if use_cat and cat_mode == "batched":
         cat_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
-        preds = unet(torch.cat([noisy_latents, noisy_latents[:n]]), torch.cat([timesteps, timesteps[:n]]),
+        preds = unet(torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]),
                      torch.cat([prompt_embeds, cat_embeds]), return_dict=False)[0]
         model_pred, adapted_pred = preds[:batch_size], preds[batch_size:]
-        with torch.no_grad(), adapters_disabled(unet, text_encoder):
-            frozen_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
-            frozen_pred = unet(noisy_latents[:n], timesteps[:n], frozen_embeds, return_dict=False)[0]
-        loss_cat = cat_loss(adapted_pred, frozen_pred)
     else:
-        model_pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
-        loss_cat = torch.zeros((), device=latents.device)
+        model_pred = unet(noisy, timesteps, prompt_embeds, return_dict=False)[0]
 
     loss_diffusion = diffusion_loss(model_pred[:n], target[:n], timesteps[:n], noise_scheduler, snr_gamma)
+    loss_prior = torch.zeros((), device=noisy.device)
     if n < batch_size:
         loss_prior = diffusion_loss(model_pred[n:], target[n:], timesteps[n:], noise_scheduler, snr_gamma)
-    else:
-        loss_prior = torch.zeros((), device=latents.device)
-    loss = loss_diffusion + prior_loss_weight * loss_prior + cat_alpha * loss_cat
-    return {"loss": loss, "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(), "cat": loss_cat.detach()}
+    loss = loss_diffusion + prior_loss_weight * loss_prior
+    loss_cat = torch.zeros((), device=noisy.device)
+    if use_cat:
+        if cat_mode == "lean":
+            backward(loss)  # frees the diffusion graph before the CAT passes build theirs
+            adapted_pred = unet(noisy[:n], timesteps[:n], encode_prompt(text_encoder, batch["cat_input_ids"]),
+                                return_dict=False)[0]
+            loss = torch.zeros((), device=noisy.device)
+        frozen_pred = frozen_prediction(unet, text_encoder, noisy[:n], timesteps[:n], batch["cat_input_ids"])
+        loss_cat = cat_loss(adapted_pred, frozen_pred)
+        loss = loss + cat_alpha * loss_cat
+    backward(loss)
+    total = loss_diffusion + prior_loss_weight * loss_prior + cat_alpha * loss_cat
+    return {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
+            "cat": loss_cat.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -896,11 +925,12 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
             batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
-                losses = compute_losses(
+                losses = training_step(
                     batch, unet, text_encoder, vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
+                    cat_mode=args.cat_mode,
                     prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype)
-                accelerator.backward(losses["loss"])
+                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype,
+                    backward=accelerator.backward)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()

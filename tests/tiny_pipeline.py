@@ -120,6 +120,7 @@ def build_tiny_pipeline(out_dir, seed: int = 0, prediction_type: str = "epsilon"
         beta_end=0.012,
         beta_schedule="scaled_linear",
         skip_prk_steps=True,
+        steps_offset=1,
         prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(

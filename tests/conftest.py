@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny offline SD pipeline, example images, and an in-process training runner."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402
+
+from tiny_pipeline import build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> str:
+    """A tiny random SD 1.x pipeline folder (epsilon prediction), built once per test session."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def draw_subject(path: Path, shift: int, color=(200, 30, 30), size: int = 48) -> None:
+    """A little 'teapot': a red disc with a white window and a handle, shifted a bit per image."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([6 + shift, 10, 36 + shift, 40], fill=color)
+    draw.rectangle([16 + shift, 20, 24 + shift, 28], fill="white")
+    draw.rectangle([36 + shift, 20, 42 + shift, 26], fill=(40, 40, 40))
+    image.save(path)
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory) -> Path:
+    """Four subject images without caption files (captions come from --instance_prompt)."""
+    folder = tmp_path_factory.mktemp("instance")
+    for i in range(4):
+        draw_subject(folder / f"{i}.png", shift=i)
+    return folder
+
+
+def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int = 4) -> list[str]:
+    """A fast command line for the tiny pipeline; ``extra`` flags are appended (later flags win)."""
+    return [
+        "--pretrained_model_name_or_path", pipeline,
+        "--instance_data_dir", str(data),
+        "--instance_prompt", "a photo of sks teapot",
+        "--trigger_token", "sks",
+        "--output_dir", str(output),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--learning_rate", "1e-3",
+        "--seed", "0",
+        "--report_to", "none",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def run_training():
+    """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state."""
+    import train_cat_lora
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def run(argv: list[str]):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+        return train_cat_lora.main(argv)
+
+    return run

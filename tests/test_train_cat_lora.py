@@ -1,0 +1,203 @@
+"""train_cat_lora.py on the tiny offline pipeline: the CAT term, what it trains, what it saves, how it resumes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, draw_subject, train_args
+from safetensors.torch import load_file
+
+import train_cat_lora as T
+
+
+def tiny_models(pipeline: str, train_text_encoder: bool = False, rank: int = 4):
+    args = Namespace(pretrained_model_name_or_path=pipeline, revision=None, variant=None)
+    tokenizer, scheduler, text_encoder, vae, unet = T.load_models(args)
+    T.add_lora_adapters(unet, text_encoder, rank, float(rank), train_text_encoder)
+    return tokenizer, scheduler, text_encoder, vae, unet
+
+
+def tiny_batch(tokenizer, instance_dir: Path, class_dir: Path | None = None):
+    examples = [T.Example(p, "a photo of sks teapot", "a photo of teapot", str(p)) for p in T.list_images(instance_dir)]
+    class_examples = []
+    if class_dir is not None:
+        class_examples = [T.Example(p, "a photo of teapot", "a photo of teapot", str(p)) for p in T.list_images(class_dir)]
+    dataset = T.make_dataset(examples[:2], class_examples[:2], tokenizer, 32, True, False)
+    return T.collate_examples([dataset[0], dataset[1]])
+
+
+def losses_for(models, batch, alpha, seed=0, cat_mode="lean", backward=None, **kwargs):
+    _, scheduler, text_encoder, vae, unet = models
+    torch.manual_seed(seed)
+    options = dict(cat_alpha=alpha, cat_mode=cat_mode, prior_loss_weight=1.0, snr_gamma=None, noise_offset=0.0,
+                   weight_dtype=torch.float32, backward=backward or (lambda loss: loss.backward()))
+    options.update(kwargs)
+    return T.training_step(batch, unet, text_encoder, vae, scheduler, **options)
+
+
+def lora_parameters(model):
+    return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+def test_step_zero_cat_term_is_zero_and_frozen_pass_is_base_unet(tiny_pipeline, instance_dir):
+    from diffusers import UNet2DConditionModel
+
+    models = tiny_models(tiny_pipeline)
+    tokenizer, _, text_encoder, _, unet = models
+    batch = tiny_batch(tokenizer, instance_dir)
+    losses = losses_for(models, batch, alpha=1.0)
+    assert losses["cat"].item() == 0.0  # LoRA up-weights start at zero: adapted == frozen, exactly
+
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
+    torch.manual_seed(1)
+    for p in lora_parameters(unet).values():  # make the adapter non-trivial first
+        p.data.normal_(0, 0.1)
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    embeds = T.encode_prompt(text_encoder, batch["cat_input_ids"])
+    with torch.no_grad():
+        with T.adapters_disabled(unet):
+            frozen = unet(latents, t, embeds).sample
+        adapted = unet(latents, t, embeds).sample
+        reference = base(latents, t, embeds).sample
+    assert torch.equal(frozen, reference)
+    assert not torch.allclose(adapted, reference)
+
+
+def test_frozen_pass_never_calls_the_lora_branch(tiny_pipeline, instance_dir):
+    models = tiny_models(tiny_pipeline)
+    tokenizer, _, text_encoder, _, unet = models
+    calls = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
+             for name, module in unet.named_modules() if name.endswith("lora_A.default")]
+    assert hooks, "the U-Net has no LoRA layers"
+    batch = tiny_batch(tokenizer, instance_dir)
+    embeds = T.encode_prompt(text_encoder, batch["cat_input_ids"])
+    with torch.no_grad(), T.adapters_disabled(unet):
+        unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), embeds)
+    assert calls == []
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), embeds)
+    assert len(calls) == len(hooks)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_cat_gradient_reaches_only_adapter_parameters(tiny_pipeline, instance_dir, train_text_encoder):
+    models = tiny_models(tiny_pipeline, train_text_encoder=train_text_encoder)
+    tokenizer, _, text_encoder, _, unet = models
+    torch.manual_seed(2)
+    for model in (unet, text_encoder):
+        for p in lora_parameters(model).values():
+            p.data.normal_(0, 0.1)
+    batch = tiny_batch(tokenizer, instance_dir)
+    noisy, t = torch.randn(2, 4, 16, 16), torch.tensor([100, 700])
+    adapted = unet(noisy, t, T.encode_prompt(text_encoder, batch["cat_input_ids"])).sample
+    frozen = T.frozen_prediction(unet, text_encoder, noisy, t, batch["cat_input_ids"])
+    assert not frozen.requires_grad
+    loss = T.cat_loss(adapted, frozen)
+    assert loss.item() > 0
+    loss.backward()
+    for model in (unet, text_encoder, models[3]):
+        for name, p in model.named_parameters():
+            if "lora_" in name and (model is unet or train_text_encoder):
+                assert p.requires_grad and p.grad is not None, name
+            else:
+                assert not p.requires_grad and p.grad is None, name
+    assert any(p.grad.abs().sum() > 0 for p in lora_parameters(unet).values())
+    if train_text_encoder:
+        assert any(p.grad.abs().sum() > 0 for p in lora_parameters(text_encoder).values())
+
+
+def test_losses_combine_diffusion_prior_and_cat(tiny_pipeline, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(2):
+        draw_subject(class_dir / f"{i}.png", shift=i, color=(30, 30, 200))
+    models = tiny_models(tiny_pipeline)
+    torch.manual_seed(3)
+    for p in lora_parameters(models[4]).values():
+        p.data.normal_(0, 0.1)
+    batch = tiny_batch(models[0], instance_dir, class_dir)
+    assert batch["pixel_values"].shape[0] == 4 and batch["num_instance"] == 2
+    losses = losses_for(models, batch, alpha=0.7, prior_loss_weight=0.5, snr_gamma=5.0, noise_offset=0.1)
+    assert losses["prior"].item() > 0 and losses["cat"].item() > 0
+    expected = losses["diffusion"] + 0.5 * losses["prior"] + 0.7 * losses["cat"]
+    torch.testing.assert_close(losses["loss"].detach(), expected)
+
+
+def test_alpha_zero_is_the_plain_lora_objective(tiny_pipeline, instance_dir):
+    """With alpha = 0 the loss is the plain LoRA diffusion loss, from the same random stream."""
+    import torch.nn.functional as F
+
+    models = tiny_models(tiny_pipeline)
+    tokenizer, scheduler, text_encoder, vae, unet = models
+    torch.manual_seed(4)
+    for p in lora_parameters(unet).values():
+        p.data.normal_(0, 0.1)
+    batch = tiny_batch(tokenizer, instance_dir)
+    losses = losses_for(models, batch, alpha=0.0, seed=5)
+    torch.manual_seed(5)  # the plain LoRA step, written out independently
+    latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+    pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(batch["input_ids"])[0]).sample
+    assert losses["cat"].item() == 0.0
+    assert torch.equal(losses["loss"].detach(), F.mse_loss(pred, noise).detach())
+
+
+def test_alpha_zero_run_is_identical_to_a_run_without_cat_flags(tiny_pipeline, instance_dir, tmp_path, run_training):
+    plain = train_args(tiny_pipeline, instance_dir, tmp_path / "plain", "--cat_alpha", "0", "--random_flip")
+    plain.remove("--trigger_token"); plain.remove("sks")
+    run_training(plain)
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "zero", "--cat_alpha", "0", "--random_flip",
+                            "--cat_prompt", "class", "--cat_class_word", "teapot"))
+    a = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "zero" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k or "lora.up" in k)
+
+
+def test_training_leaves_base_weights_bit_identical(tiny_pipeline, instance_dir, tmp_path, run_training, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    trained = {}
+    original_save = T.save_final_weights
+
+    def capture(accelerator, args, unet, text_encoder, *rest):
+        trained["unet"], trained["text_encoder"] = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        return original_save(accelerator, args, unet, text_encoder, *rest)
+
+    monkeypatch.setattr(T, "save_final_weights", capture)
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--train_text_encoder", steps=3))
+    for name, base in (("unet", UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")),
+                       ("text_encoder", CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder"))):
+        trained_state = {k.replace(".base_layer", ""): v for k, v in trained[name].state_dict().items()
+                         if "lora_" not in k}
+        base_state = base.state_dict()
+        assert trained_state.keys() == base_state.keys()
+        assert all(torch.equal(trained_state[k], base_state[k]) for k in base_state), name
+
+
+def test_lean_and_batched_modes_give_the_same_gradients(tiny_pipeline, instance_dir):
+    grads = {}
+    for mode in ("lean", "batched"):
+        models = tiny_models(tiny_pipeline, train_text_encoder=True)
+        torch.manual_seed(6)
+        for model in (models[2], models[4]):
+            for p in lora_parameters(model).values():
+                p.data.normal_(0, 0.1)
+        backward_calls = []
+        losses = losses_for(models, tiny_batch(models[0], instance_dir), alpha=2.0, cat_mode=mode, seed=7,
+                            backward=lambda loss: (backward_calls.append(1), loss.backward()))
+        assert len(backward_calls) == (2 if mode == "lean" else 1)
+        grads[mode] = {f"{i}.{k}": p.grad.clone() for i, m in ((2, models[2]), (4, models[4]))
+                       for k, p in lora_parameters(m).items()}
+        grads[mode + "_losses"] = losses
+    for key in grads["lean"]:
+        torch.testing.assert_close(grads["lean"][key], grads["batched"][key], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads["lean_losses"]["loss"], grads["batched_losses"]["loss"])
