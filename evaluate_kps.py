@@ -510,7 +510,7 @@ def load_pipeline(name_or_path: str, revision=None, variant=None, mixed_precisio
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            name_or_path, revision=revision, variant=variant, torch_dtype=dtype,
+            name_or_path, revision=revision, variant=variant, dtype=dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
@@ -796,7 +796,8 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
 
 def main(argv=None) -> dict:
     """Run the evaluation; returns the per-adapter metrics (on non-main processes: {})."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     args = parse_args(argv)
 
     # Data: everything the user gave is checked before any model is loaded.

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import evaluate_kps as ek  # noqa: E402
-from tiny_pipeline import build_tiny_pipeline  # noqa: E402
 from train_cat_lora import InputError  # noqa: E402
 
 PYTHON = sys.executable
@@ -101,11 +101,6 @@ def pairs_folder(tmp_path_factory):
     return pairs
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    return Path(build_tiny_pipeline(tmp_path_factory.mktemp("pipe")))
-
-
 def make_lora(pipeline_dir: Path, out_dir: Path, seed: int) -> Path:
     """A LoRA training output folder for the tiny pipeline, with random non-zero weights.
 
@@ -127,8 +122,9 @@ def make_lora(pipeline_dir: Path, out_dir: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def loras(tiny_pipeline, tmp_path_factory):
+    """Two LoRA output folders for the ``tiny_pipeline`` fixture of conftest.py (a session-wide build)."""
     folder = tmp_path_factory.mktemp("loras")
-    return {name: make_lora(tiny_pipeline, folder / name, seed) for seed, name in enumerate(["a", "b"])}
+    return {name: make_lora(Path(tiny_pipeline), folder / name, seed) for seed, name in enumerate(["a", "b"])}
 
 
 @pytest.fixture(scope="session")
@@ -306,6 +302,15 @@ def test_folder_mode_without_dino(pairs_folder, tiny_clip, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_plan_samples_seeds_are_shared_between_adapters_and_prompts(tmp_path):
+    items = [ek.Item("a sks dog", "a dog", tmp_path / "0.png"), ek.Item("sks cat", "cat", tmp_path / "1.png")]
+    samples = ek.plan_samples({"x": None, "y": None}, items, num_images_per_prompt=3, seed=10)
+    assert [(s.adapter, s.item, s.image, s.seed) for s in samples[:4]] == [
+        ("x", 0, 0, 10), ("x", 0, 1, 11), ("x", 0, 2, 12), ("x", 1, 0, 13)]
+    assert [s.seed for s in samples if s.adapter == "y"] == [s.seed for s in samples if s.adapter == "x"]
+    assert samples[3].caption == "sks cat" and samples[3].prompt == "cat"
+
+
 def test_generate_mode_two_adapters_and_base_load_pipeline_once(
     monkeypatch, tiny_pipeline, loras, eval_data_dir, tiny_clip, tiny_dino, tmp_path
 ):
@@ -324,12 +329,12 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
         "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
         "--trigger_token", TRIGGER, "--lora", f"a={loras['a']}",
         "--lora", f"b={loras['b'] / 'pytorch_lora_weights.safetensors'}", "--lora", "base=none",
-        "--num_images_per_prompt", "2", "--num_inference_steps", "4", "--resolution", "32",
-        "--batch_size", "3", "--seed", "7", "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+        "--num_images_per_prompt", "1", "--num_inference_steps", "4", "--resolution", "32",
+        "--guidance_scale", "1", "--batch_size", "3", "--seed", "7", "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
     ])
     assert calls == [str(tiny_pipeline)]  # the base pipeline is loaded once for all three adapters
     assert list(metrics) == ["a", "b", "base"]
-    assert all(m["n"] == 4 for m in metrics.values())
+    assert all(m["n"] == 2 for m in metrics.values())
     document = json.loads((out / "metrics.json").read_text())
     settings = document["settings"]
     assert settings["num_inference_steps"] == 4 and settings["seed"] == 7 and settings["mode"] == "generate"
@@ -338,15 +343,16 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
     from PIL import Image
 
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 12
+    assert len(pairs) == 6
     first = {p["adapter"]: p for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
     images = {a: np.asarray(Image.open(out / first[a]["with_trigger"]), dtype=np.float32) for a in first}
     assert images["a"].shape == (32, 32, 3)
     assert np.abs(images["a"] - images["base"]).mean() > 0.1  # the LoRA was applied ...
     assert np.abs(images["a"] - images["b"]).mean() > 0.1  # ... and swapped for the next one
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
-    assert [int(r["seed"]) for r in rows if r["adapter"] == "a"] == [7, 8, 9, 10]
-    assert Image.open(out / "grid_b.png").size == (3 * 32, 4 * 32)
+    assert [int(r["seed"]) for r in rows if r["adapter"] == "a"] == [7, 8]  # the same seeds for every adapter
+    assert [int(r["seed"]) for r in rows if r["adapter"] == "base"] == [7, 8]
+    assert Image.open(out / "grid_b.png").size == (3 * 32, 2 * 32)
 
     # Folder mode on the saved images reproduces the numbers.
     rescored = ek.main(["--pairs", str(out / "pairs.jsonl"), "--trigger_token", TRIGGER,
@@ -361,16 +367,36 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_error_output(returncode, stderr, out):
+    assert returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("evaluate_kps.py: error:")]
+    assert len(errors) == 1, stderr
+    assert not out.exists()  # nothing half-written
+    return errors[0]
+
+
 def run_cli(args, tmp_path):
+    """Run the script in a fresh process; return its one error line (asserting exit status 2)."""
     out = tmp_path / "never"
     result = subprocess.run([PYTHON, str(REPO / "evaluate_kps.py"), *args, "--output_dir", str(out)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate_kps.py: error:")]
-    assert len(errors) == 1, result.stderr
-    assert not out.exists()
-    return errors[0]
+    return check_error_output(result.returncode, result.stderr, out)
+
+
+@pytest.fixture
+def run_script(tmp_path, capsys, monkeypatch):
+    """Run the script's ``__main__`` block in this process (imports paid once); return its error line."""
+
+    def run(args):
+        out = tmp_path / "never"
+        monkeypatch.setattr(sys, "argv", ["evaluate_kps.py", *args, "--output_dir", str(out)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "evaluate_kps.py"), run_name="__main__")
+        return check_error_output(exit_info.value.code, capsys.readouterr().err, out)
+
+    return run
 
 
 def test_error_missing_image_in_pairs(pairs_folder, tiny_clip, tiny_dino, tmp_path):
@@ -383,13 +409,13 @@ def test_error_missing_image_in_pairs(pairs_folder, tiny_clip, tiny_dino, tmp_pa
     assert f"{bad}:2" in message and "missing.png" in message and "not found" in message
 
 
-def test_error_caption_without_trigger(eval_data_dir, tiny_pipeline, tmp_path):
+def test_error_caption_without_trigger(eval_data_dir, tiny_pipeline, tmp_path, run_script):
     save_image(tmp_path / "ref.png", 1)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"caption": "a photo of sks teapot", "reference": "ref.png"}) + "\n"
                        + json.dumps({"caption": "a photo of a teapot", "reference": "ref.png"}) + "\n")
-    message = run_cli(["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
-                       "--lora", "base=none", "--trigger_token", TRIGGER], tmp_path)
+    message = run_script(["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
+                          "--lora", "base=none", "--trigger_token", TRIGGER])
     assert f"{prompts}:2" in message and "'sks'" in message
 
 
@@ -403,7 +429,8 @@ def test_error_caption_without_trigger_in_eval_data_dir(tmp_path, tiny_pipeline)
 
 
 @pytest.mark.parametrize("kind", ["shape", "keys"])
-def test_error_lora_does_not_fit_base_model(kind, tiny_pipeline, loras, eval_data_dir, tiny_clip, tmp_path):
+def test_error_lora_does_not_fit_base_model(kind, tiny_pipeline, loras, eval_data_dir, tiny_clip, tmp_path,
+                                            run_script):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(loras["a"] / "pytorch_lora_weights.safetensors")
@@ -416,40 +443,32 @@ def test_error_lora_does_not_fit_base_model(kind, tiny_pipeline, loras, eval_dat
     args = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
             "--lora", f"a={loras['a']}", "--lora", f"bad={bad}", "--trigger_token", TRIGGER,
             "--clip_model", str(tiny_clip[0]), "--clip_pretrained", str(tiny_clip[1])]
-    if kind == "shape":
-        message = run_cli(args, tmp_path)
-    else:  # in-process (faster): the same InputError that __main__ turns into the line above
-        with pytest.raises(InputError) as caught:
-            ek.main([*args, "--output_dir", str(tmp_path / "never")])
-        message = str(caught.value)
-        assert not (tmp_path / "never").exists()
+    message = run_script(args)
     assert f"--lora bad={bad}" in message and "does not fit the base model" in message
     if kind == "keys":
         assert "match no layer" in message
 
 
-def test_error_unknown_clip_model(pairs_folder, tmp_path):
-    message = run_cli(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-Q-99"],
-                      tmp_path)
+def test_error_unknown_clip_model(pairs_folder, run_script):
+    message = run_script(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-Q-99"])
     assert "--clip_model ViT-Q-99" in message and "unknown open_clip model" in message
 
 
-def test_error_vit_l_14_with_openai_weights_is_refused(pairs_folder, tmp_path):
+def test_error_vit_l_14_with_openai_weights_is_refused(pairs_folder, run_script):
     with pytest.raises(InputError, match=r"--clip_model ViT-L-14 .*use ViT-L-14-quickgelu"):
         ek.resolve_clip_choice("ViT-L-14", "openai")
     assert ek.resolve_clip_choice("ViT-L-14-quickgelu", "openai") == "ViT-L-14-quickgelu"
-    message = run_cli(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-L-14"],
-                      tmp_path)
+    message = run_script(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--clip_model", "ViT-L-14"])
     assert "quick_gelu" in message
 
 
 @pytest.mark.parametrize("kind", ["pairs", "prompts", "folder"])
-def test_error_empty_evaluation_set(kind, tiny_pipeline, tmp_path):
+def test_error_empty_evaluation_set(kind, tiny_pipeline, tmp_path, run_script):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     (tmp_path / "emptydir").mkdir()
     if kind == "pairs":
-        message = run_cli(["--pairs", str(empty), "--trigger_token", TRIGGER], tmp_path)
+        message = run_script(["--pairs", str(empty), "--trigger_token", TRIGGER])
         assert f"--pairs {empty}: empty evaluation set" in message
         return
     source = ["--eval_prompts", str(empty)] if kind == "prompts" else ["--eval_data_dir", str(tmp_path / "emptydir")]
