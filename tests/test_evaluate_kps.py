@@ -40,6 +40,15 @@ TINY_CLIP_CONFIG = {
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The CPU is shared: with other jobs running, tiny models run several times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """(config .json path, checkpoint path) of a tiny random open_clip model."""
