@@ -35,8 +35,9 @@ Two modes:
             (lines {"caption": "a photo of sks teapot", "reference": "ref/0.png"}, paths relative to FILE).
             PATH is a training output folder (with pytorch_lora_weights.safetensors) or a weights file;
             NAME=none evaluates the base model. The base pipeline is loaded once; adapters are swapped.
-            Runs under ``accelerate launch`` too (generation is split between processes). The generated
-            images are saved with a pairs.jsonl so the scores can be recomputed in folder mode.
+            Sample j of every adapter uses seed + j for both prompts. Runs under ``accelerate launch``
+            (or torchrun) too: generation is split between processes, the main process scores and writes.
+            The images are saved with a pairs.jsonl so the scores can be recomputed in folder mode.
   folder    --pairs FILE.jsonl, images already generated; one line per sample:
             {"adapter": "cat", "caption": "a photo of sks teapot", "reference": "ref/0.png",
              "with_trigger": "cat/0_T.png", "without_trigger": "cat/0.png"}   (paths relative to FILE)
@@ -46,7 +47,8 @@ reference | with trigger | without trigger); the table is printed at the end.
 
 The math (cosine_similarity, harmonic_mean, prompt_similarity, identity_similarity,
 knowledge_preservation_score, mean_pairwise_similarity) and the model helpers (load_clip,
-clip_image_embeddings, clip_text_embeddings) are importable; heavy libraries are imported inside functions.
+clip_image_embeddings, clip_text_embeddings, paper_scores) are importable; heavy libraries are imported
+inside functions.
 """
 
 import argparse
@@ -497,9 +499,41 @@ def dino_embeddings(dino: Dino, images, batch_size: int = 16):
     return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
 
+def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_images, without_trigger_images,
+                 batch_size: int = 16) -> dict:
+    """PS, IS and KPS (Eqs. 4-9) of one adapter from PIL images, with the clamped counts.
+
+    ``prompts[i]`` is P_i (the caption without trigger), the images are lists of the same length: the
+    reference, I(y_T) and I(y) of item i. For validation during training; the script uses the same pieces.
+    """
+    text = clip_text_embeddings(clip, prompts, batch_size)
+    reference = clip_image_embeddings(clip, reference_images, batch_size)
+    with_trigger = clip_image_embeddings(clip, with_trigger_images, batch_size)
+    without_trigger = clip_image_embeddings(clip, without_trigger_images, batch_size)
+    ps, ps_clamped = prompt_similarity(text, with_trigger)
+    is_, is_clamped = identity_similarity(reference, with_trigger)
+    kps, kps_clamped = knowledge_preservation_score(with_trigger, without_trigger)
+    return {"PS": ps, "IS": is_, "KPS": kps, "clamped": {"PS": ps_clamped, "IS": is_clamped, "KPS": kps_clamped}}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def process_state():
+    """accelerate's PartialState; on machines without an accelerator, several processes share the CPU (gloo).
+
+    PartialState alone ignores ``accelerate launch --cpu`` (ACCELERATE_USE_CPU) and, under ``torchrun`` on a
+    CPU-only machine, would leave every process thinking it is the only one.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.accelerator.is_available())
+    return PartialState(cpu=cpu)
 
 
 def load_pipeline(name_or_path: str, revision=None, variant=None, mixed_precision: str = "no", device="cpu"):
@@ -629,6 +663,7 @@ def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: in
 
 def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_size: int) -> dict[str, dict]:
     """Per-sample similarities (stored in ``sample.scores``) and per-adapter metrics, in adapter order."""
+    import torch
     from PIL import Image
 
     references = sorted({s.reference for s in samples})
@@ -643,8 +678,6 @@ def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_si
         dino_ref = dict(zip(references, dino_embeddings(dino, reference_images, batch_size)))
         dino_wt = dino_embeddings(dino, [s.with_trigger for s in samples], batch_size)
         dino_wo = dino_embeddings(dino, [s.without_trigger for s in samples], batch_size)
-
-    import torch
 
     metrics = {}
     for adapter in dict.fromkeys(s.adapter for s in samples):
@@ -810,9 +843,7 @@ def main(argv=None) -> dict:
         adapters = None
     resolve_clip_choice(args.clip_model, args.clip_pretrained)
 
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     device = args.device or state.device
 
     # Models: the base pipeline once, every adapter checked against it, then the metric models.
@@ -830,7 +861,9 @@ def main(argv=None) -> dict:
 
     # Generation (all processes), then embeddings, metrics and outputs on the main process.
     if generate:
-        logger.info("generating %d images for %d adapters", 2 * len(samples), len(adapters))
+        if state.is_main_process:
+            logger.info("generating %d images for %d adapters on %d process(es)", 2 * len(samples),
+                        len(adapters), state.num_processes)
         generate_images(pipe, adapters, samples, state, args.batch_size, args.num_inference_steps,
                         args.guidance_scale, args.resolution)
         if not state.is_main_process:

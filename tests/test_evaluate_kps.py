@@ -505,3 +505,28 @@ def test_argument_errors_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--pretrained_model_name_or_path" in result.stderr.strip().splitlines()[-1]
+
+
+def test_paper_scores_helper_matches_folder_mode(pairs_folder, tiny_clip, tiny_dino, tmp_path):
+    """The helper the training script can call gives the numbers of a full run."""
+    import warnings
+
+    from PIL import Image
+
+    config, checkpoint = tiny_clip
+    metrics = ek.main(["--pairs", str(pairs_folder), "--trigger_token", TRIGGER, "--output_dir", str(tmp_path),
+                       "--clip_model", str(config), "--clip_pretrained", str(checkpoint), "--dino_model", "none"])
+    clip = ek.load_clip(str(config), str(checkpoint), "cpu")
+    assert not clip.model.training
+    group = [json.loads(line) for line in pairs_folder.read_text().splitlines()]
+    group = [line for line in group if line["adapter"] == "diff"]
+
+    def load(key):
+        return [Image.open(pairs_folder.parent / line[key]) for line in group]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scores = ek.paper_scores(clip, [ek.strip_trigger(line["caption"], TRIGGER) for line in group],
+                                 load("reference"), load("with_trigger"), load("without_trigger"), batch_size=2)
+    for key in ("PS", "IS", "KPS", "clamped"):
+        assert scores[key] == pytest.approx(metrics["diff"][key], abs=1e-6)
