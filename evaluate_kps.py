@@ -573,7 +573,8 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # our own check below replaces diffusers' key warnings
     try:
-        pipe.load_lora_weights(state_dict, adapter_name=name)
+        # By path, not from ``state_dict``: the file's metadata carries the LoraConfig (e.g. lora_alpha).
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as error:
         pipe.unload_lora_weights()
         detail = str(error).strip().splitlines()

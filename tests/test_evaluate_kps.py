@@ -28,6 +28,7 @@ from train_cat_lora import InputError  # noqa: E402
 
 PYTHON = sys.executable
 TRIGGER = "sks"
+LORA_ALPHA = 8  # != rank 4, so a loader that ignored the saved LoraConfig would scale the LoRA wrongly
 TINY_CLIP_CONFIG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -122,10 +123,12 @@ def make_lora(pipeline_dir: Path, out_dir: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=LORA_ALPHA, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
+    # Like diffusers' training scripts (and train_cat_lora.py): the LoraConfig travels as file metadata.
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return out_dir
 
 
@@ -339,7 +342,8 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
         "--trigger_token", TRIGGER, "--lora", f"a={loras['a']}",
         "--lora", f"b={loras['b'] / 'pytorch_lora_weights.safetensors'}", "--lora", "base=none",
         "--num_images_per_prompt", "1", "--num_inference_steps", "4", "--resolution", "32",
-        "--guidance_scale", "1", "--batch_size", "3", "--seed", "7", "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+        "--guidance_scale", "1", "--batch_size", "3", "--seed", "7", "--output_dir", str(out),
+        *clip_args(tiny_clip, tiny_dino),
     ])
     assert calls == [str(tiny_pipeline)]  # the base pipeline is loaded once for all three adapters
     assert list(metrics) == ["a", "b", "base"]
@@ -369,6 +373,15 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
     for adapter in metrics:
         for key in ("PS", "IS", "KPS", "CLIP-I", "DINO", "PRES"):
             assert rescored[adapter][key] == pytest.approx(metrics[adapter][key], abs=1e-5)
+
+
+def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
+    pipe = ek.load_pipeline(str(tiny_pipeline))
+    ek.load_adapter(pipe, "a", loras["a"] / "pytorch_lora_weights.safetensors")
+    assert pipe.get_list_adapters() == {"unet": ["a"]}
+    assert pipe.unet.peft_config["a"].lora_alpha == LORA_ALPHA and pipe.unet.peft_config["a"].r == 4
+    pipe.unload_lora_weights()
+    assert not any("lora" in key for key, _ in pipe.unet.named_parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------
