@@ -28,14 +28,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.logging import get_logger
-
 # Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
 COMMON_TOKEN_ID_LIMIT = 20000
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-logger = get_logger("train_cat_lora")
+logger = logging.getLogger("train_cat_lora")
 
 
 class InputError(Exception):
@@ -422,8 +420,10 @@ def warn_about_triggers(tokenizer, triggers: list[str]) -> None:
 class EpochShuffleSampler:
     """A permutation of the dataset per epoch, drawn from (seed, epoch) alone.
 
-    The order therefore does not depend on the global random state, so a run resumed mid-epoch sees the
-    same images in the same order as the uninterrupted one.
+    It yields sample numbers ``epoch * length + index``; the dataset seeds each sample's augmentation with
+    that number. Data order and augmentation therefore never touch the global random state (which dataloader
+    prefetching would otherwise advance ahead of the training step), so a run resumed mid-epoch sees the same
+    images, crops and flips as the uninterrupted one.
     """
 
     def __init__(self, length: int, seed: int):
@@ -436,24 +436,36 @@ class EpochShuffleSampler:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        offset = self.epoch * self.length
+        return iter((offset + i for i in torch.randperm(self.length, generator=generator).tolist()))
 
     def __len__(self) -> int:
         return self.length
 
 
-def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip):
-    """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt."""
+def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator):
+    """Resize the short side to ``resolution``, crop a square, maybe flip; return a tensor in [-1, 1]."""
     import torch
-    from torchvision import transforms
+    from torchvision.transforms import functional as TF
 
-    image_transforms = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-        transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda image: image),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
+    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    if center_crop:
+        image = TF.center_crop(image, resolution)
+    else:
+        top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+        image = TF.crop(image, top, left, resolution, resolution)
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+
+def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0):
+    """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
+
+    Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler).
+    """
+    import torch
 
     def tokenize(text: str):
         return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
@@ -464,16 +476,19 @@ def make_dataset(instance_examples, class_examples, tokenizer, resolution, cente
             # As in DreamBooth: an epoch walks the longer of the instance and class sets.
             return max(len(instance_examples), len(class_examples or []))
 
-        def __getitem__(self, index):
-            example = instance_examples[index % len(instance_examples)]
+        def __getitem__(self, number):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
+            example = instance_examples[number % len(instance_examples)]
+            image = open_rgb_image(example.image, example.name)
             item = {
-                "pixel_values": image_transforms(open_rgb_image(example.image, example.name)),
+                "pixel_values": augment(image, resolution, center_crop, random_flip, generator),
                 "input_ids": tokenize(example.caption),
                 "cat_input_ids": tokenize(example.cat_caption),
             }
             if class_examples:
-                class_example = class_examples[index % len(class_examples)]
-                item["class_pixel_values"] = image_transforms(open_rgb_image(class_example.image, class_example.name))
+                class_example = class_examples[number % len(class_examples)]
+                class_image = open_rgb_image(class_example.image, class_example.name)
+                item["class_pixel_values"] = augment(class_image, resolution, center_crop, random_flip, generator)
                 item["class_input_ids"] = tokenize(class_example.caption)
             return item
 
@@ -717,6 +732,8 @@ def make_accelerator(args: argparse.Namespace):
         project_config=project,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # Other processes report errors only, so each message appears once.
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     for noisy in ("transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING if accelerator.is_main_process else logging.ERROR)
     return accelerator
@@ -744,17 +761,24 @@ def make_optimizer(args: argparse.Namespace, parameters):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+def peft_state_dicts(accelerator, unet, text_encoder, train_text_encoder: bool) -> dict:
+    """The trained LoRA weights in peft's naming, per component: ``{"unet": ..., "text_encoder": ...}``."""
+    from peft.utils import get_peft_model_state_dict
+
+    modules = {"unet": unet, "text_encoder": text_encoder} if train_text_encoder else {"unet": unet}
+    return {name: get_peft_model_state_dict(accelerator.unwrap_model(module)) for name, module in modules.items()}
+
+
 def lora_state_dicts(accelerator, unet, text_encoder, train_text_encoder: bool) -> dict:
     """Keyword arguments for ``StableDiffusionPipeline.save_lora_weights``: layers and their peft metadata."""
     from diffusers.training_utils import _collate_lora_metadata
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
     modules = {"unet": accelerator.unwrap_model(unet)}
     if train_text_encoder:
         modules["text_encoder"] = accelerator.unwrap_model(text_encoder)
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-              for name, module in modules.items()}
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
+              for name, state in peft_state_dicts(accelerator, unet, text_encoder, train_text_encoder).items()}
     return {**layers, **_collate_lora_metadata(modules)}
 
 
@@ -919,10 +943,14 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
         unet.train()
         if args.train_text_encoder:
             text_encoder.train()
-        sampler.set_epoch(epoch)
         batches = dataloader
         if epoch == first_epoch and batches_to_skip:
             batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        # accelerate's loaders pass their own epoch counter (which restarts at 0 in a resumed process) to the
+        # sampler when iterated: set it on the loader itself, not only on the sampler.
+        sampler.set_epoch(epoch)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
                 losses = training_step(
@@ -963,16 +991,15 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_kohya_weights(output_dir: Path, lora_alpha: float) -> Path:
+def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float) -> Path:
     """Write ``pytorch_lora_weights_kohya.safetensors`` (AUTOMATIC1111 / ComfyUI key names)."""
     import torch
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import load_file, save_file
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
 
-    diffusers_state = load_file(output_dir / "pytorch_lora_weights.safetensors")
-    kohya_state = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_state))
+    prefixed = {f"{component}.{key}": value for component, state in peft_states.items() for key, value in state.items()}
     fixed = {}
-    for key, value in kohya_state.items():
+    for key, value in convert_state_dict_to_kohya(prefixed).items():
         # diffusers writes "lora_te1_" (SDXL's first encoder); SD 1.x/2.x loaders expect "lora_te_".
         key = key.replace("lora_te1_", "lora_te_")
         if key.endswith(".alpha"):
@@ -1030,7 +1057,8 @@ def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, g
         output_dir, **lora_state_dicts(accelerator, unet, text_encoder, args.train_text_encoder))
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if args.output_kohya_format:
-        written.append(save_kohya_weights(output_dir, args.lora_alpha))
+        peft_states = peft_state_dicts(accelerator, unet, text_encoder, args.train_text_encoder)
+        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha))
     written.append(write_model_card(args, concepts, steps, grid))
     return written
 
@@ -1078,10 +1106,13 @@ def main(argv=None) -> list[Path]:
         cast_training_params([unet, text_encoder], dtype=torch.float32)
 
     dataset = make_dataset(instance_examples, class_examples, tokenizer, args.resolution, args.center_crop,
-                           args.random_flip)
+                           args.random_flip, seed)
     sampler = EpochShuffleSampler(len(dataset), seed)
+    # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
+    # random stream that noise and timesteps come from (a resumed run creates its iterator at another point).
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                             collate_fn=collate_examples, num_workers=args.dataloader_num_workers)
+                                             collate_fn=collate_examples, num_workers=args.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes

@@ -201,3 +201,81 @@ def test_lean_and_batched_modes_give_the_same_gradients(tiny_pipeline, instance_
     for key in grads["lean"]:
         torch.testing.assert_close(grads["lean"][key], grads["batched"][key], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads["lean_losses"]["loss"], grads["batched_losses"]["loss"])
+
+
+def _image_output(pipe, prompt="a photo of teapot"):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=3, height=32, width=32, generator=generator, output_type="np").images
+
+
+def test_saved_weights_load_in_diffusers_and_kohya_file_matches(tiny_pipeline, instance_dir, tmp_path, run_training):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    written = run_training(train_args(tiny_pipeline, instance_dir, out, "--train_text_encoder", "--rank", "4",
+                                      "--lora_alpha", "8", "--output_kohya_format", "--learning_rate", "1e-2",
+                                      steps=3))
+    assert out / "pytorch_lora_weights.safetensors" in written
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    base = _image_output(pipe, "a photo of sks teapot")
+    pipe.load_lora_weights(out)
+    with_lora = _image_output(pipe, "a photo of sks teapot")
+    assert abs(with_lora - base).max() > 1e-3
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    with_kohya = _image_output(pipe, "a photo of sks teapot")
+    assert abs(with_kohya - with_lora).max() < 1e-5
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert any(k.startswith("lora_unet_") for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
+    assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+
+
+def test_resume_mid_epoch_reaches_the_same_final_weights(tiny_pipeline, instance_dir, tmp_path, run_training):
+    common = ("--random_flip", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
+    # 4 images, batch 2: 2 steps per epoch, so checkpoint-3 sits in the middle of the second epoch.
+    assert sorted(p.name for p in T.checkpoint_folders(tmp_path / "full")) == ["checkpoint-3"]
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "resumed", *common,
+                            "--resume_from_checkpoint", "latest", steps=6))
+    a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_total_limit_prunes_oldest(tiny_pipeline, instance_dir, tmp_path, run_training):
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--checkpointing_steps", "1",
+                            "--checkpoints_total_limit", "2", "--cat_alpha", "0", steps=5))
+    assert [p.name for p in T.checkpoint_folders(tmp_path / "out")] == ["checkpoint-3", "checkpoint-4"]
+    assert not list((tmp_path / "out").glob(".checkpoint-*"))
+
+
+def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str]) -> float:
+    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed latents and timesteps."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(prompts) * 4, 4, 16, 16, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
+        base = pipe.unet(latents, timesteps, embeds).sample
+        pipe.load_lora_weights(lora_dir)
+        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
+        adapted = pipe.unet(latents, timesteps, embeds).sample
+    return ((adapted - base) ** 2).mean().item()
+
+
+def test_cat_drifts_less_than_plain_lora_on_trigger_less_prompts(tiny_pipeline, instance_dir, tmp_path, run_training):
+    drift = {}
+    for alpha in ("0", "1"):
+        out = tmp_path / f"alpha{alpha}"
+        run_training(train_args(tiny_pipeline, instance_dir, out, "--cat_alpha", alpha, "--learning_rate", "5e-3",
+                                "--train_text_encoder", steps=12))
+        drift[alpha] = drift_on_trigger_less_prompts(tiny_pipeline, out, ["a photo of teapot", "a teapot"])
+    print(f"drift on trigger-less prompts: LoRA {drift['0']:.3e}, CAT {drift['1']:.3e}, "
+          f"ratio CAT/LoRA {drift['1'] / drift['0']:.3f}")
+    assert drift["0"] > 0 and drift["1"] < drift["0"]
