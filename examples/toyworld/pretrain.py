@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
 import world  # noqa: E402
+from toy_clip import zero_shot  # noqa: E402
 
 RESOLUTION = 32
 TEXT_HIDDEN = 64
@@ -137,8 +138,8 @@ def noise_scheduler_config():
 
 CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": RESOLUTION, "layers": 4, "width": 96, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": CLIP_MAX_LENGTH, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    "vision_cfg": {"image_size": RESOLUTION, "layers": 3, "width": 64, "head_width": 16, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
 CLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                    "resize_mode": "shortest"}
@@ -293,9 +294,9 @@ def train_unet(args, work_dir: Path):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="unet", mininterval=10)
     t0, losses = time.time(), []
     for step in bar:
+        # Warm-up, then constant: any checkpoint's EMA weights are a finished model, so a run stopped early
+        # (the CPU budget) is reproduced exactly by --steps <its step count>.
         lr = args.lr * min(1.0, (step + 1) / 200)
-        if step > args.steps * 0.8:  # linear decay over the last 20%
-            lr *= (args.steps - step) / (args.steps * 0.2)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
@@ -342,7 +343,8 @@ def train_clip(args, work_dir: Path):
 
     images, scenes = world_data(work_dir, args.num_images, args.seed + 1, exclude_pairs=())
     x_all = to_tensor(images)  # the CLIP's preprocessing is (x - 0.5) / 0.5, i.e. the same [-1, 1] range
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's bundled BPE tokenizer, no download
+    # open_clip's bundled CLIP BPE tokenizer (no download); captions are short, so 16 tokens suffice.
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONFIG["text_cfg"]["context_length"])
     torch.manual_seed(args.seed)
     model = open_clip.CLIP(**CLIP_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
@@ -401,16 +403,6 @@ def soft_ce(logits, match):
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-@torch.no_grad()
-def zero_shot(model, tokenizer, x):
-    """Predicted (shapes, colors) for images x in [-1, 1]: argmax over the prompts "a photo of a {color} {shape}"."""
-    pairs = [(s, c) for s in world.SHAPES for c in world.COLORS]
-    txt = model.encode_text(tokenizer([f"a photo of a {c} {s}" for s, c in pairs]), normalize=True)
-    img = model.encode_image(x, normalize=True)
-    best = (img @ txt.t()).argmax(dim=1).tolist()
-    return [pairs[b][0] for b in best], [pairs[b][1] for b in best]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Stage 4: export
 # ---------------------------------------------------------------------------------------------------------
@@ -467,14 +459,14 @@ def main():
     parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
     parser.add_argument("--unet_channels", type=int, nargs=3, default=[32, 64, 64])
     parser.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps.")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--empty_caption_prob", type=float, default=0.1)
     parser.add_argument("--export_every_ckpt", action="store_true",
                         help="Also export the pipeline at every UNet checkpoint (to --pipeline_dir).")
-    parser.add_argument("--clip_steps", type=int, default=1500)
+    parser.add_argument("--clip_steps", type=int, default=2500)
     parser.add_argument("--clip_lr", type=float, default=1e-3)
-    parser.add_argument("--clip_batch_size", type=int, default=128)
+    parser.add_argument("--clip_batch_size", type=int, default=64)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -487,8 +479,10 @@ def main():
     elif args.stage == "clip":
         train_clip(args, work_dir)
     else:
-        export_pipeline(args, work_dir)
-        export_clip(args, work_dir)
+        if (work_dir / "unet.pt").exists():
+            export_pipeline(args, work_dir)
+        if (work_dir / "clip.pt").exists():
+            export_clip(args, work_dir)
 
 
 if __name__ == "__main__":

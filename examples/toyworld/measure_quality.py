@@ -1,0 +1,114 @@
+"""Measure the toy base model: does it draw the right shape and color, on combinations it never saw?
+
+For every shape x color pair, draws --per_pair images with the prompt "a photo of a {color} {shape}" at fixed
+seeds, classifies them zero-shot with the toy CLIP, and prints shape / color accuracy separately for the pairs
+held out of pretraining (world.HELD_OUT_PAIRS) and for the seen pairs. Also checks the toy CLIP itself on
+real world images, and can write a sample grid PNG.
+
+  python measure_quality.py --grid samples.png
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import world  # noqa: E402
+from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, to_clip_input, zero_shot  # noqa: E402
+
+DEFAULT_PIPELINE_DIR = HERE / "models" / "toy-sd"
+
+
+def load_pipeline(path=DEFAULT_PIPELINE_DIR):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> np.ndarray:
+    """n images (float NHWC in [0, 1]) for one prompt, deterministic in seed."""
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance,
+               height=32, width=32, generator=generator, output_type="np")
+    return out.images
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE_DIR))
+    parser.add_argument("--clip", default=str(DEFAULT_CLIP_DIR))
+    parser.add_argument("--per_pair", type=int, default=16, help="Images per shape x color pair.")
+    parser.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM).")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held_out_only", action="store_true", help="Skip the seen pairs (faster).")
+    parser.add_argument("--grid", default=None, help="Write a sample grid PNG here.")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    clip_model, clip_tok = load_toy_clip(args.clip)
+    real, _, scenes = world.make_dataset(480, seed=12345, exclude_pairs=())
+    shapes, colors = zero_shot(clip_model, clip_tok, to_clip_input(real))
+    print(f"toy CLIP on real world images (all pairs): shape {np.mean([s == t.shape for s, t in zip(shapes, scenes)]):.3f}"
+          f", color {np.mean([c == t.color for c, t in zip(colors, scenes)]):.3f}")
+
+    pipe = load_pipeline(args.pipeline)
+    pairs = [(s, c) for s in world.SHAPES for c in world.COLORS]
+    if args.held_out_only:
+        pairs = list(world.HELD_OUT_PAIRS)
+    results, samples = {}, {}
+    t0 = time.time()
+    for k, (shape, color) in enumerate(tqdm(pairs, desc="pairs")):
+        images = generate(pipe, f"a photo of a {color} {shape}", args.per_pair, args.seed + k, args.steps,
+                          args.guidance)
+        pred_s, pred_c = zero_shot(clip_model, clip_tok, to_clip_input(images))
+        results[(shape, color)] = (np.mean([p == shape for p in pred_s]), np.mean([p == color for p in pred_c]))
+        samples[(shape, color)] = images
+    print(f"generation: {(time.time() - t0) / len(pairs) / args.per_pair:.3f} s per image "
+          f"({args.steps} DDIM steps, guidance {args.guidance})")
+
+    held = [p for p in pairs if p in world.HELD_OUT_PAIRS]
+    seen = [p for p in pairs if p not in world.HELD_OUT_PAIRS]
+    print("\npair                 shape  color" + ("   (held out)" if held else ""))
+    for p in pairs:
+        mark = "  *held out*" if p in world.HELD_OUT_PAIRS else ""
+        print(f"{p[1] + ' ' + p[0]:20s} {results[p][0]:.2f}   {results[p][1]:.2f}{mark}")
+    for name, group in (("HELD-OUT pairs", held), ("seen pairs", seen)):
+        if group:
+            print(f"{name}: shape accuracy {np.mean([results[p][0] for p in group]):.3f}, "
+                  f"color accuracy {np.mean([results[p][1] for p in group]):.3f} "
+                  f"({len(group)} pairs x {args.per_pair} images)")
+
+    if args.grid:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        show = held + [p for p in seen if p[1] in ("red", "yellow")][:4] if held else pairs[:8]
+        cols = 8
+        fig, axes = plt.subplots(len(show), 1, figsize=(cols * 0.9, len(show) * 1.05))
+        for ax, p in zip(np.atleast_1d(axes), show):
+            strip = np.concatenate(list(samples[p][:cols]), axis=1)
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_title(f'"a photo of a {p[1]} {p[0]}"' + (" (held out)" if p in world.HELD_OUT_PAIRS else ""),
+                         fontsize=7)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(args.grid, dpi=110)
+        print(f"grid -> {args.grid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The toy world (examples/toyworld): deterministic data, valid concepts, and a committed base model that works.
+
+Runs on a CPU in well under a minute, offline: the pipeline and the evaluation CLIP are committed files.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
+sys.path.insert(0, str(TOYWORLD))
+
+import world  # noqa: E402
+
+PIPELINE_DIR = TOYWORLD / "models" / "toy-sd"
+CLIP_DIR = TOYWORLD / "models" / "toy-clip"
+
+
+def test_world_is_deterministic():
+    a_images, a_captions, a_scenes = world.make_dataset(16, seed=3)
+    b_images, b_captions, b_scenes = world.make_dataset(16, seed=3)
+    assert np.array_equal(a_images, b_images)
+    assert a_captions == b_captions and a_scenes == b_scenes
+    c_images, _, _ = world.make_dataset(16, seed=4)
+    assert not np.array_equal(a_images, c_images)
+    assert a_images.shape == (16, 32, 32, 3) and a_images.dtype == np.uint8
+
+
+def test_world_excludes_held_out_pairs_and_captions_match_scenes():
+    for scene, caption in world.sample_scenes(500, seed=0):
+        assert (scene.shape, scene.color) not in world.HELD_OUT_PAIRS
+        words = caption.split()
+        assert scene.shape in words
+        assert all(c == scene.color for c in words if c in world.COLORS)
+    scenes = [s for s, _ in world.sample_scenes(500, seed=0, exclude_pairs=())]
+    assert any((s.shape, s.color) in world.HELD_OUT_PAIRS for s in scenes)
+
+
+def test_concepts_have_single_token_triggers_and_images(tmp_path):
+    sys.path.insert(0, str(TOYWORLD.parent.parent / "tests"))
+    from tiny_pipeline import build_clip_tokenizer
+    from PIL import Image
+
+    tokenizer = build_clip_tokenizer(tmp_path / "tok")
+    list_path = TOYWORLD / "concepts" / "concepts.json"
+    concepts = json.loads(list_path.read_text())
+    assert len(concepts) >= 3
+    assert len({c["trigger_token"] for c in concepts}) == len(concepts)
+    for concept in concepts:
+        trigger = concept["trigger_token"]
+        assert len(tokenizer(trigger).input_ids) == 3, f"{trigger} is not one BPE token"
+        assert trigger in concept["instance_prompt"].split()
+        assert concept["class_word"] in world.SHAPES
+        images = sorted((list_path.parent / concept["instance_data_dir"]).glob("*.png"))
+        assert 5 <= len(images) <= 6
+        assert Image.open(images[0]).size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    from toy_clip import load_toy_clip
+
+    return load_toy_clip(CLIP_DIR)
+
+
+def test_toy_clip_classifies_real_world_images(toy_clip):
+    from toy_clip import to_clip_input, zero_shot
+
+    images, _, scenes = world.make_dataset(96, seed=7, exclude_pairs=())
+    shapes, colors = zero_shot(*toy_clip, to_clip_input(images))
+    assert np.mean([s == t.shape for s, t in zip(shapes, scenes)]) >= 0.9
+    assert np.mean([c == t.color for c, t in zip(colors, scenes)]) >= 0.9
+
+
+def test_committed_pipeline_generates_the_prompted_shape_and_color(toy_clip):
+    from diffusers import StableDiffusionPipeline
+    from toy_clip import to_clip_input, zero_shot
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(PIPELINE_DIR), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [("circle", "red"), ("square", "blue"), ("triangle", "yellow"), ("cross", "green")]
+    hits_shape, hits_color = [], []
+    for k, (shape, color) in enumerate(prompts):
+        out = pipe(f"a photo of a {color} {shape}", num_images_per_prompt=4, num_inference_steps=20,
+                   guidance_scale=4.0, height=32, width=32, generator=torch.Generator().manual_seed(k),
+                   output_type="np")
+        assert out.images.shape == (4, 32, 32, 3)
+        shapes, colors = zero_shot(*toy_clip, to_clip_input(out.images))
+        hits_shape += [s == shape for s in shapes]
+        hits_color += [c == color for c in colors]
+    # Floors well below the measured accuracy (README.md), so the test catches a broken model, not noise.
+    assert np.mean(hits_shape) >= 0.6, hits_shape
+    assert np.mean(hits_color) >= 0.6, hits_color
