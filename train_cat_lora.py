@@ -1070,20 +1070,19 @@ def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, g
 
 def main(argv=None) -> list[Path]:
     """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
-    import torch
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
     args = parse_args(argv)
     concepts = load_concepts(args)
     instance_examples = collect_instance_examples(args, concepts)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
     check_output_dir(Path(args.output_dir))
 
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
     accelerator = make_accelerator(args)
     seed = args.seed if args.seed is not None else 0
-    from accelerate.utils import set_seed
-
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
