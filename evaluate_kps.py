@@ -64,12 +64,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from train_cat_lora import InputError, contains_trigger, load_image_caption_pairs, strip_trigger
+from train_cat_lora import (  # one definition of the trigger rule and of the metric math, shared with training
+    CLAMP_MIN,
+    Clip,
+    InputError,
+    clip_image_embeddings,
+    contains_trigger,
+    cosine_similarity,
+    harmonic_mean,
+    knowledge_preservation_score,
+    load_clip,
+    load_image_caption_pairs,
+    resolve_clip_choice,
+    strip_trigger,
+)
 
 logger = logging.getLogger("evaluate_kps")
 
 PROG = "evaluate_kps.py"
-CLAMP_MIN = 1e-6
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Keys of LoRA matrices in the file formats diffusers reads (peft, diffusers, kohya); alphas are not matrices.
@@ -81,21 +93,6 @@ LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cosine_similarity(a, b):
-    """Row-wise cosine similarity SC(A, B) = A.B / (||A||_2 ||B||_2) (paper Eq. 10), in float32.
-
-    ``a`` and ``b`` are (n, d) embeddings (tensors, arrays or lists) or single (d,) vectors; returns a float32
-    tensor of n similarities.
-    """
-    import torch
-
-    a = torch.as_tensor(a, dtype=torch.float32).detach().cpu()
-    b = torch.as_tensor(b, dtype=torch.float32).detach().cpu()
-    a, b = torch.atleast_2d(a), torch.atleast_2d(b)
-    if a.shape != b.shape:
-        raise ValueError(f"cosine_similarity: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
-    # Rounding can push the cosine of (nearly) parallel vectors a hair past 1; keep it in [-1, 1].
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
 
 
 def mean_pairwise_similarity(a, b) -> float:
@@ -107,27 +104,6 @@ def mean_pairwise_similarity(a, b) -> float:
     return float((a @ b.T).mean())
 
 
-def harmonic_mean(values, name: str = "values", clamp_min: float = CLAMP_MIN) -> tuple[float, int]:
-    """Harmonic mean H(x_1..x_n) = n / sum(1/x_i) (paper Eq. 11); returns ``(H, clamped_count)``.
-
-    H is undefined for values <= 0, which cosine similarities can be: every value below ``clamp_min`` (1e-6)
-    is raised to ``clamp_min`` (never dropped), a warning naming ``name`` is issued, and the number of
-    clamped values is returned so that it can be reported. Raises ValueError for an empty input.
-    """
-    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
-    if not values:
-        raise ValueError(f"harmonic mean of no {name}")
-    if any(math.isnan(v) for v in values):
-        raise ValueError(f"harmonic mean of {name}: NaN in the input")
-    clamped = sum(v < clamp_min for v in values)
-    if clamped:
-        warnings.warn(
-            f"{name}: {clamped} of {len(values)} values below {clamp_min:g} clamped to {clamp_min:g} "
-            "for the harmonic mean (Eq. 11 is undefined for values <= 0)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return len(values) / sum(1.0 / max(v, clamp_min) for v in values), clamped
 
 
 def prompt_similarity(prompt_text_embeds, with_trigger_embeds) -> tuple[float, int]:
@@ -146,15 +122,6 @@ def identity_similarity(reference_embeds, with_trigger_embeds) -> tuple[float, i
     return harmonic_mean(cosine_similarity(reference_embeds, with_trigger_embeds), "s_id")
 
 
-def knowledge_preservation_score(with_trigger_embeds, without_trigger_embeds) -> tuple[float, int]:
-    """KPS = 1 - H(s_prev), s_prev_i = SC(CLIP_img(I(y)_i), CLIP_img(I(y_T)_i)) (paper Eqs. 8-9).
-
-    ``with_trigger_embeds`` and ``without_trigger_embeds`` are CLIP image embeddings of the images drawn from
-    y_T and from y with the same seed. Returns ``(KPS, clamped_count)``: 0 when the two images are the same
-    (the trigger changes nothing), larger when the adapter keeps the prompt without trigger untouched.
-    """
-    h, clamped = harmonic_mean(cosine_similarity(without_trigger_embeds, with_trigger_embeds), "s_prev")
-    return 1.0 - h, clamped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,84 +339,12 @@ def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Clip(NamedTuple):
-    """An open_clip model in eval mode with its preprocessing, tokenizer and device."""
-
-    model: Any
-    preprocess: Any
-    tokenizer: Any
-    device: Any
-    name: str
-    pretrained: str
 
 
-def resolve_clip_choice(model: str, pretrained: str | None) -> str:
-    """Check ``--clip_model``/``--clip_pretrained`` without loading weights; return the architecture name.
-
-    ``model`` is an open_clip architecture name or a path to an open_clip model config ``.json`` (registered
-    under its file stem). ``pretrained`` is a tag of that architecture or a checkpoint file. Refuses tags
-    trained with another activation than the architecture builds (``ViT-L-14`` + ``openai`` would silently
-    use GELU instead of QuickGELU: use ``ViT-L-14-quickgelu``).
-    """
-    import open_clip
-
-    if model.endswith(".json"):
-        path = Path(model)
-        if not path.is_file():
-            raise InputError(f"--clip_model {model}: no such file")
-        open_clip.add_model_config(path)
-        model = path.stem
-    if model.startswith(("hf-hub:", "local-dir:")):
-        return model
-    config = open_clip.get_model_config(model)
-    if config is None:
-        raise InputError(f"--clip_model {model}: unknown open_clip model (see open_clip.list_models())")
-    if pretrained and not os.path.isfile(pretrained):
-        tag = open_clip.get_pretrained_cfg(model, pretrained)
-        if not tag:
-            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-                raise InputError(f"--clip_pretrained {pretrained}: no such file")
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-            raise InputError(f"--clip_pretrained {pretrained}: not a tag of {model} (tags: {tags}) nor a file")
-        if bool(tag.get("quick_gelu", False)) != bool(config.get("quick_gelu", False)):
-            hint = f"{model}-quickgelu" if tag.get("quick_gelu") else model.replace("-quickgelu", "")
-            raise InputError(
-                f"--clip_model {model} --clip_pretrained {pretrained}: the weights were trained with "
-                f"quick_gelu={bool(tag.get('quick_gelu'))} but the model builds the other activation; use {hint}"
-            )
-    return model
 
 
-def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai", device="cpu") -> Clip:
-    """Load an open_clip model (float32, eval mode) with its eval preprocessing and tokenizer.
-
-    Same arguments as ``--clip_model`` and ``--clip_pretrained``; InputError for a bad choice.
-    """
-    import open_clip
-    import torch
-
-    name = resolve_clip_choice(model, pretrained)
-    try:
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, precision="fp32", device=device
-        )
-    except (RuntimeError, OSError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"--clip_pretrained {pretrained}: could not load {name} weights ({first_line})") from None
-    clip_model.eval().requires_grad_(False)
-    return Clip(clip_model, preprocess, open_clip.get_tokenizer(name), torch.device(device), name, pretrained)
 
 
-def clip_image_embeddings(clip: Clip, images, batch_size: int = 16):
-    """L2-normalized float32 CLIP image embeddings (n, d) of a list of PIL images."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]])
-            out.append(clip.model.encode_image(batch.to(clip.device)).float())
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
 
 def clip_text_embeddings(clip: Clip, texts: list[str], batch_size: int = 16):

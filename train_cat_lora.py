@@ -25,8 +25,10 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
 COMMON_TOKEN_ID_LIMIT = 20000
@@ -138,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--num_validation_images", type=int, default=4)
     logs.add_argument("--validation_steps", type=int, default=100)
     logs.add_argument("--num_validation_inference_steps", type=int, default=25)
+    logs.add_argument("--validation_kps", action="store_true",
+                      help="At each validation, log the Knowledge Preservation Score (Eq. 9) of the grid: 1 - the "
+                           "harmonic mean of CLIP cosines between the with- and without-trigger images.")
+    logs.add_argument("--validation_clip_model", default="ViT-L-14-quickgelu",
+                      help="open_clip architecture (or model config .json) for --validation_kps.")
+    logs.add_argument("--validation_clip_pretrained", default="openai",
+                      help="open_clip pretrained tag or local checkpoint file for --validation_kps.")
     logs.add_argument("--output_kohya_format", action="store_true",
                       help="Also write pytorch_lora_weights_kohya.safetensors for AUTOMATIC1111/ComfyUI.")
     logs.add_argument("--push_to_hub", action="store_true")
@@ -184,6 +193,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.validation_prompt is not None and args.cat_alpha > 0 and args.trigger_token is not None:
         if not contains_trigger(args.validation_prompt, args.trigger_token):
             raise InputError(f"--validation_prompt does not contain the trigger {args.trigger_token!r}")
+    if args.validation_kps and args.validation_prompt is None:
+        raise InputError("--validation_kps needs --validation_prompt")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login`")
 
@@ -862,6 +873,147 @@ def resume_checkpoint(accelerator, args: argparse.Namespace) -> int:
     return int(match.group(1))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Validation metric: the Knowledge Preservation Score (paper §3, Eqs. 8-11). evaluate_kps.py imports these
+# functions from here, so the training-time number and the evaluation script's can never drift apart.
+# ---------------------------------------------------------------------------------------------------------
+
+CLAMP_MIN = 1e-6
+CLIP_FLAGS = ("--validation_clip_model", "--validation_clip_pretrained")
+
+
+def cosine_similarity(a, b):
+    """Row-wise cosine similarity SC(A, B) = A.B / (||A||_2 ||B||_2) (paper Eq. 10), in float32.
+
+    ``a`` and ``b`` are (n, d) embeddings (tensors, arrays or lists) or single (d,) vectors; returns a float32
+    tensor of n similarities.
+    """
+    import torch
+
+    a = torch.as_tensor(a, dtype=torch.float32).detach().cpu()
+    b = torch.as_tensor(b, dtype=torch.float32).detach().cpu()
+    a, b = torch.atleast_2d(a), torch.atleast_2d(b)
+    if a.shape != b.shape:
+        raise ValueError(f"cosine_similarity: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    # Rounding can push the cosine of (nearly) parallel vectors a hair past 1; keep it in [-1, 1].
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+
+
+def harmonic_mean(values, name: str = "values", clamp_min: float = CLAMP_MIN) -> tuple[float, int]:
+    """Harmonic mean H(x_1..x_n) = n / sum(1/x_i) (paper Eq. 11); returns ``(H, clamped_count)``.
+
+    H is undefined for values <= 0, which cosine similarities can be: every value below ``clamp_min`` (1e-6)
+    is raised to ``clamp_min`` (never dropped), a warning naming ``name`` is issued, and the number of
+    clamped values is returned so that it can be reported. Raises ValueError for an empty input.
+    """
+    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    if not values:
+        raise ValueError(f"harmonic mean of no {name}")
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"harmonic mean of {name}: NaN in the input")
+    clamped = sum(v < clamp_min for v in values)
+    if clamped:
+        warnings.warn(
+            f"{name}: {clamped} of {len(values)} values below {clamp_min:g} clamped to {clamp_min:g} "
+            "for the harmonic mean (Eq. 11 is undefined for values <= 0)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return len(values) / sum(1.0 / max(v, clamp_min) for v in values), clamped
+
+
+def knowledge_preservation_score(with_trigger_embeds, without_trigger_embeds) -> tuple[float, int]:
+    """KPS = 1 - H(s_prev), s_prev_i = SC(CLIP_img(I(y)_i), CLIP_img(I(y_T)_i)) (paper Eqs. 8-9).
+
+    ``with_trigger_embeds`` and ``without_trigger_embeds`` are CLIP image embeddings of the images drawn from
+    y_T and from y with the same seed. Returns ``(KPS, clamped_count)``: 0 when the two images are the same
+    (the trigger changes nothing), larger when the adapter keeps the prompt without trigger untouched.
+    """
+    h, clamped = harmonic_mean(cosine_similarity(without_trigger_embeds, with_trigger_embeds), "s_prev")
+    return 1.0 - h, clamped
+
+
+class Clip(NamedTuple):
+    """An open_clip model in eval mode with its preprocessing, tokenizer and device."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: Any
+    name: str
+    pretrained: str
+
+
+def resolve_clip_choice(model: str, pretrained: str | None, flags=("--clip_model", "--clip_pretrained")) -> str:
+    """Check a CLIP choice without loading weights; return the architecture name. ``flags`` name it in errors.
+
+    ``model`` is an open_clip architecture name or a path to an open_clip model config ``.json`` (registered
+    under its file stem). ``pretrained`` is a tag of that architecture or a checkpoint file. Refuses tags
+    trained with another activation than the architecture builds (``ViT-L-14`` + ``openai`` would silently
+    use GELU instead of QuickGELU: use ``ViT-L-14-quickgelu``).
+    """
+    import open_clip
+
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"{flags[0]} {model}: no such file")
+        open_clip.add_model_config(path)
+        model = path.stem
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return model
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise InputError(f"{flags[0]} {model}: unknown open_clip model (see open_clip.list_models())")
+    if pretrained and not os.path.isfile(pretrained):
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        if not tag:
+            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise InputError(f"{flags[1]} {pretrained}: no such file")
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise InputError(f"{flags[1]} {pretrained}: not a tag of {model} (tags: {tags}) nor a file")
+        if bool(tag.get("quick_gelu", False)) != bool(config.get("quick_gelu", False)):
+            hint = f"{model}-quickgelu" if tag.get("quick_gelu") else model.replace("-quickgelu", "")
+            raise InputError(
+                f"{flags[0]} {model} {flags[1]} {pretrained}: the weights were trained with "
+                f"quick_gelu={bool(tag.get('quick_gelu'))} but the model builds the other activation; use {hint}"
+            )
+    return model
+
+
+def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai", device="cpu",
+              flags=("--clip_model", "--clip_pretrained")) -> Clip:
+    """Load an open_clip model (float32, eval mode) with its eval preprocessing and tokenizer.
+
+    ``model`` and ``pretrained`` as for ``resolve_clip_choice``; InputError for a bad choice.
+    """
+    import open_clip
+    import torch
+
+    name = resolve_clip_choice(model, pretrained, flags)
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, precision="fp32", device=device
+        )
+    except (RuntimeError, OSError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{flags[1]} {pretrained}: could not load {name} weights ({first_line})") from None
+    clip_model.eval().requires_grad_(False)
+    return Clip(clip_model, preprocess, open_clip.get_tokenizer(name), torch.device(device), name, pretrained)
+
+
+def clip_image_embeddings(clip: Clip, images, batch_size: int = 16):
+    """L2-normalized float32 CLIP image embeddings (n, d) of a list of PIL images."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]])
+            out.append(clip.model.encode_image(batch.to(clip.device)).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
+
+
 def make_grid(rows: list[list]):
     """Paste rows of equally sized PIL images into one image."""
     from PIL import Image
@@ -883,7 +1035,7 @@ def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
 
 
 def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, vae, tokenizer, triggers, step: int,
-                   weight_dtype) -> Path | None:
+                   weight_dtype, clip: Clip | None = None) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
     import numpy as np
     import torch
@@ -907,6 +1059,12 @@ def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, va
             rows.append(pipeline([prompt] * args.num_validation_images, generator=generators,
                                  num_inference_steps=args.num_validation_inference_steps,
                                  height=args.resolution, width=args.resolution).images)
+    if clip is not None:
+        kps, clamped = knowledge_preservation_score(clip_image_embeddings(clip, rows[0]),
+                                                    clip_image_embeddings(clip, rows[1]))
+        accelerator.log({"validation/kps": kps, "validation/s_prev_harmonic_mean": 1.0 - kps,
+                         "validation/kps_clamped": clamped}, step=step)
+        logger.info(f"Validation KPS at step {step}: {kps:.4f}" + (f" ({clamped} values clamped)" if clamped else ""))
     grid = make_grid(rows)
     path = Path(args.output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -927,7 +1085,6 @@ def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, va
 def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampler, optimizer, lr_scheduler,
           first_step: int, triggers: list[str], weight_dtype) -> tuple[int, Path | None]:
     """Run the optimizer steps from ``first_step`` to ``args.max_train_steps``; return (last step, last grid)."""
-    import torch
     from tqdm.auto import tqdm
 
     unet, text_encoder, vae = models["unet"], models["text_encoder"], models["vae"]
@@ -977,7 +1134,7 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
                 save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
             if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
                 last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
-                                           triggers, step, weight_dtype) or last_grid
+                                           triggers, step, weight_dtype, models.get("clip")) or last_grid
             if step >= args.max_train_steps:
                 break
         if step >= args.max_train_steps:
@@ -1032,7 +1189,7 @@ def write_model_card(args: argparse.Namespace, concepts: list[Concept], steps: i
     ]
     if grid is not None:
         relative = grid.relative_to(output_dir).as_posix()
-        lines += ["", f"Last validation (top: with the trigger, bottom: without, same seeds):",
+        lines += ["", "Last validation (top: with the trigger, bottom: without, same seeds):",
                   "", f"![validation]({relative})"]
     lines += ["", "```python", "from diffusers import StableDiffusionPipeline", "",
               f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
@@ -1074,6 +1231,8 @@ def main(argv=None) -> list[Path]:
     concepts = load_concepts(args)
     instance_examples = collect_instance_examples(args, concepts)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
+    if args.validation_kps:
+        resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
 
     import torch
@@ -1140,6 +1299,9 @@ def main(argv=None) -> list[Path]:
     first_step = resume_checkpoint(accelerator, args)
     models = {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer,
               "noise_scheduler": noise_scheduler}
+    if args.validation_kps and accelerator.is_main_process:
+        models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
+                                   CLIP_FLAGS)
     steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
                         triggers, weight_dtype)
 

@@ -15,6 +15,32 @@ import pytest  # noqa: E402
 from tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(config .json path, checkpoint path) of a tiny random open_clip model."""
+    import json
+
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "tiny-kps-clip.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-kps-clip", pretrained=None)
+    checkpoint = folder / "tiny-kps-clip.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> str:
     """A tiny random SD 1.x pipeline folder (epsilon prediction), built once per test session."""

@@ -29,11 +29,6 @@ from train_cat_lora import InputError  # noqa: E402
 PYTHON = sys.executable
 TRIGGER = "sks"
 LORA_ALPHA = 8  # != rank 4, so a loader that ignored the saved LoraConfig would scale the LoRA wrongly
-TINY_CLIP_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,22 +43,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory):
-    """(config .json path, checkpoint path) of a tiny random open_clip model."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    config = folder / "tiny-kps-clip.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-kps-clip", pretrained=None)
-    checkpoint = folder / "tiny-kps-clip.pt"
-    torch.save(model.state_dict(), checkpoint)
-    return config, checkpoint
 
 
 @pytest.fixture(scope="session")

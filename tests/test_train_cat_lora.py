@@ -1,15 +1,12 @@
 """train_cat_lora.py on the tiny offline pipeline: the CAT term, what it trains, what it saves, how it resumes."""
 
-import json
 import shutil
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, draw_subject, train_args
+from conftest import draw_subject, train_args
 from safetensors.torch import load_file
 
 import train_cat_lora as T
@@ -279,3 +276,41 @@ def test_cat_drifts_less_than_plain_lora_on_trigger_less_prompts(tiny_pipeline, 
     print(f"drift on trigger-less prompts: LoRA {drift['0']:.3e}, CAT {drift['1']:.3e}, "
           f"ratio CAT/LoRA {drift['1'] / drift['0']:.3f}")
     assert drift["0"] > 0 and drift["1"] < drift["0"]
+
+
+def test_validation_kps_is_logged_with_the_evaluation_definition(tiny_pipeline, instance_dir, tmp_path, run_training,
+                                                                  tiny_clip, monkeypatch):
+    """--validation_kps logs 1 - H(s_prev) over the grid's with/without-trigger images, as evaluate_kps computes it."""
+    import evaluate_kps
+
+    assert evaluate_kps.knowledge_preservation_score is T.knowledge_preservation_score  # one definition
+    logged, grids = {}, {}
+    original_make_grid = T.make_grid
+
+    def keep_rows(rows):
+        grids["rows"] = rows
+        return original_make_grid(rows)
+
+    monkeypatch.setattr(T, "make_grid", keep_rows)
+    monkeypatch.setattr("accelerate.Accelerator.log", lambda self, values, step=None, **kw: logged.update(
+        {k: v for k, v in values.items() if k.startswith("validation/")}))
+    config, checkpoint = tiny_clip
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--validation_prompt", "a sks teapot",
+                            "--validation_steps", "2", "--num_validation_images", "2",
+                            "--num_validation_inference_steps", "2", "--validation_kps",
+                            "--validation_clip_model", str(config), "--validation_clip_pretrained",
+                            str(checkpoint), steps=2))
+    clip = T.load_clip(str(config), str(checkpoint))
+    with_trigger = T.clip_image_embeddings(clip, grids["rows"][0])
+    without_trigger = T.clip_image_embeddings(clip, grids["rows"][1])
+    s_prev = torch.nn.functional.cosine_similarity(with_trigger, without_trigger).clamp(min=1e-6)
+    expected = 1 - len(s_prev) / (1 / s_prev).sum().item()
+    assert logged["validation/kps"] == pytest.approx(expected, abs=1e-6)
+    assert logged["validation/s_prev_harmonic_mean"] == pytest.approx(1 - expected, abs=1e-6)
+
+
+def test_validation_kps_rejects_a_bad_clip_choice_before_training(tiny_pipeline, instance_dir, tmp_path):
+    with pytest.raises(T.InputError, match="--validation_clip_model ViT-L-14 --validation_clip_pretrained openai"):
+        T.main(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--validation_prompt", "a sks teapot",
+                          "--validation_kps", "--validation_clip_model", "ViT-L-14"))
+    assert not (tmp_path / "out").exists()
