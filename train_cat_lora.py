@@ -454,6 +454,13 @@ class EpochShuffleSampler:
         return self.length
 
 
+def draw_seed(generator) -> int:
+    """A fresh 62-bit seed from ``generator``."""
+    import torch
+
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
 def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator):
     """Resize the short side to ``resolution``, crop a square, maybe flip; return a tensor in [-1, 1]."""
     import torch
@@ -474,7 +481,8 @@ def augment(image, resolution: int, center_crop: bool, random_flip: bool, genera
 def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0):
     """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
 
-    Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler).
+    Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler),
+    with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator.
     """
     import torch
 
@@ -495,12 +503,14 @@ def make_dataset(instance_examples, class_examples, tokenizer, resolution, cente
                 "pixel_values": augment(image, resolution, center_crop, random_flip, generator),
                 "input_ids": tokenize(example.caption),
                 "cat_input_ids": tokenize(example.cat_caption),
+                "noise_seed": draw_seed(generator),
             }
             if class_examples:
                 class_example = class_examples[number % len(class_examples)]
                 class_image = open_rgb_image(class_example.image, class_example.name)
                 item["class_pixel_values"] = augment(class_image, resolution, center_crop, random_flip, generator)
                 item["class_input_ids"] = tokenize(class_example.caption)
+                item["class_noise_seed"] = draw_seed(generator)
             return item
 
     return CATDataset()
@@ -512,12 +522,15 @@ def collate_examples(items: list[dict]) -> dict:
 
     pixel_values = [item["pixel_values"] for item in items]
     input_ids = [item["input_ids"] for item in items]
+    noise_seeds = [item["noise_seed"] for item in items]
     if "class_pixel_values" in items[0]:
         pixel_values += [item["class_pixel_values"] for item in items]
         input_ids += [item["class_input_ids"] for item in items]
+        noise_seeds += [item["class_noise_seed"] for item in items]
     return {
         "pixel_values": torch.stack(pixel_values).contiguous().float(),
         "input_ids": torch.stack(input_ids),
+        "noise_seeds": torch.tensor(noise_seeds, dtype=torch.int64),
         "cat_input_ids": torch.stack([item["cat_input_ids"] for item in items]),
         "num_instance": len(items),
     }
@@ -656,16 +669,24 @@ def encode_prompt(text_encoder, input_ids):
 
 
 def noisy_latents_for(batch, vae, noise_scheduler, noise_offset: float, weight_dtype) -> dict:
-    """Encode the images and draw noise and timesteps: the z_t, t and target shared by every term of Eq. 3."""
-    import torch
+    """Encode the images and draw noise and timesteps: the z_t, t and target shared by every term of Eq. 3.
 
-    latents = vae.encode(batch["pixel_values"].to(vae.device, dtype=weight_dtype)).latent_dist.sample()
-    latents = latents * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
+    Each row draws from its own generator, seeded by the batch's ``noise_seeds``: a sample gets the same noise
+    and timestep whatever batch, process or resumed run it lands in.
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = vae.device
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
+    latent_dist = vae.encode(batch["pixel_values"].to(device, dtype=weight_dtype)).latent_dist
+    latents = latent_dist.sample(generator=generators) * vae.config.scaling_factor
+    noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
+        offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generators, device=device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g,
+                                         device=device) for g in generators]).long()
     return {"noisy_latents": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
             "target": diffusion_target(noise_scheduler, latents, noise, timesteps)}
 

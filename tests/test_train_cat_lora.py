@@ -137,10 +137,13 @@ def test_alpha_zero_is_the_plain_lora_objective(tiny_pipeline, instance_dir):
         p.data.normal_(0, 0.1)
     batch = tiny_batch(tokenizer, instance_dir)
     losses = losses_for(models, batch, alpha=0.0, seed=5)
-    torch.manual_seed(5)  # the plain LoRA step, written out independently
-    latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+    # The plain LoRA step, written out independently: each row draws from a generator seeded by its noise seed.
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seeds"]]
+    latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generators) * vae.config.scaling_factor
+    noise = randn_tensor(latents.shape, generator=generators)
+    t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in generators])
     pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(batch["input_ids"])[0]).sample
     assert losses["cat"].item() == 0.0
     assert torch.equal(losses["loss"].detach(), F.mse_loss(pred, noise).detach())
