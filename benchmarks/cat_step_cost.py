@@ -54,6 +54,7 @@ CONFIGS = {
     "cat-batched": {"cat_alpha": 1.0, "cat_mode": "batched", "prior": False},
 }
 MIB = 1024 * 1024
+PHASES = ["VAE encode", "text encode", "U-Net fwd (grad)", "U-Net fwd (frozen)", "backward", "clip + AdamW"]
 MODEL_LABELS = {"UNet2DConditionModel": "U-Net", "CLIPTextModel": "text encoder"}
 
 
@@ -261,7 +262,7 @@ class Bench:
             self.optimizers[config] = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=1e-2)
         return self.optimizers[config]
 
-    def step(self, config: str, seed: int, backward=None) -> dict:
+    def step(self, config: str, seed: int, backward=None, on_optimizer=None) -> dict:
         """One full optimizer step of ``config`` with the global seed ``seed``."""
         import torch
 
@@ -272,11 +273,62 @@ class Bench:
             cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"], prior_loss_weight=1.0 if spec["prior"] else 0.0,
             snr_gamma=None, noise_offset=0.0, weight_dtype=torch.float32,
             backward=backward or (lambda loss: loss.backward()))
+        start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         optimizer = self.optimizer(config)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_optimizer is not None:
+            self.synchronize()
+            on_optimizer(time.perf_counter() - start)
         return losses
+
+    def phase_times(self, config: str, seed: int) -> dict:
+        """Wall time of one step split by phase: VAE encode, text encode, U-Net forward with and without
+        gradient, backward, clip + AdamW, and the rest (loss arithmetic, noise, Python glue)."""
+        import torch
+
+        spent = dict.fromkeys(PHASES, 0.0)
+        started = {}
+
+        def phase_of(module):
+            if module is self.unet:
+                return "U-Net fwd (grad)" if torch.is_grad_enabled() else "U-Net fwd (frozen)"
+            return "text encode" if module is self.text_encoder else "VAE encode"
+
+        def pre(module, *_):
+            self.synchronize()
+            started[id(module)] = time.perf_counter()
+
+        def post(module, *_):
+            self.synchronize()
+            spent[phase_of(module)] += time.perf_counter() - started.pop(id(module))
+
+        def backward(loss):
+            self.synchronize()
+            start = time.perf_counter()
+            loss.backward()
+            self.synchronize()
+            spent["backward"] += time.perf_counter() - start
+
+        def on_optimizer(elapsed):
+            spent["clip + AdamW"] += elapsed
+
+        modules = [self.unet, self.text_encoder] + [m for m in (getattr(self.vae, "encoder", None),
+                                                                getattr(self.vae, "quant_conv", None)) if m is not None]
+        hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        try:
+            self.synchronize()
+            start = time.perf_counter()
+            self.step(config, seed, backward=backward, on_optimizer=on_optimizer)
+            self.synchronize()
+            total = time.perf_counter() - start
+        finally:
+            for hook in hooks:
+                hook.remove()
+        spent["other"] = total - sum(spent.values())
+        spent["total"] = total
+        return spent
 
     def synchronize(self) -> None:
         import torch
@@ -475,6 +527,13 @@ def format_table(results: dict, meta: dict) -> str:
                   "| config | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         for name, r in results.items():
             lines.append(f"| {name} | " + " | ".join(f"{r['flops_by_model'].get(m, 0) / 1e9:.3f}" for m in models) + " |")
+    if "phases_ms" in base:
+        columns = PHASES + ["other", "total"]
+        lines += ["", f"Where the time goes: ms per step by phase (median over {meta['phase_steps']} separate "
+                  "instrumented steps per configuration, so totals differ from the table above):", "",
+                  "| config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for name, r in results.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r['phases_ms'][c]:.1f}" for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -503,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Comma-separated subset of " + ", ".join(CONFIGS) + " (lora is always included).")
     parser.add_argument("--rss", choices=["subprocess", "inprocess", "off"], default="subprocess",
                         help="Measure peak RSS per configuration in a fresh subprocess, in this process, or not.")
+    parser.add_argument("--phase_steps", type=int, default=5,
+                        help="Instrumented steps per configuration for the time-by-phase table (0: skip it).")
     parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
     parser.add_argument("--_rss_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_rss_steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -546,6 +607,14 @@ def main(argv=None) -> dict:
             q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else times[name] * 3
             results[name].update(time_ms=statistics.median(times[name]) * 1e3, time_ratio=statistics.median(ratios),
                                  time_q1_ms=q[0] * 1e3, time_q3_ms=q[-1] * 1e3, times_ms=[t * 1e3 for t in times[name]])
+        if args.phase_steps > 0:
+            runs = {name: [] for name in configs}
+            for round_number in range(args.phase_steps):
+                for name in configs:
+                    runs[name].append(bench.phase_times(name, seed=4000 + round_number))
+            for name in configs:
+                results[name]["phases_ms"] = {key: statistics.median(run[key] for run in runs[name]) * 1e3
+                                              for key in runs[name][0]}
         rss_steps = max(2, min(args.steps, 3))
         if args.rss == "inprocess":
             for name in configs:
@@ -565,6 +634,7 @@ def main(argv=None) -> dict:
             "threads": torch.get_num_threads(), "device": args.device, "resolution": args.resolution,
             "batch_size": args.batch_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
             "train_text_encoder": args.train_text_encoder, "steps": args.steps, "warmup": args.warmup,
+            "phase_steps": args.phase_steps,
             "rss_method": rss_method}
     table = format_table(results, meta)
     print(table)

@@ -88,7 +88,7 @@ def test_lean_mode_holds_less_for_backward_than_batched_and_no_more_than_lora(be
 def test_main_prints_a_table_with_every_configuration(tmp_path, capsys):
     output = tmp_path / "table.md"
     report = B.main(["--model", "tiny", "--resolution", "32", "--batch_size", "2", "--steps", "2", "--warmup", "1",
-                     "--rss", "inprocess", "--threads", "1", "--output", str(output)])
+                     "--rss", "inprocess", "--threads", "1", "--phase_steps", "1", "--output", str(output)])
     printed = capsys.readouterr().out
     assert report["table"] in printed
     assert output.read_text(encoding="utf-8") == report["table"]
@@ -100,3 +100,7 @@ def test_main_prints_a_table_with_every_configuration(tmp_path, capsys):
     assert all(len(r["times_ms"]) == 2 and r["time_ms"] > 0 for r in results.values())
     assert results["lora"]["time_ratio"] == 1.0
     assert all(r["rss_peak"] > 0 for r in results.values())
+    assert "Where the time goes" in printed
+    phases = results["cat-lean"]["phases_ms"]
+    assert phases["U-Net fwd (frozen)"] > 0 and results["lora"]["phases_ms"]["U-Net fwd (frozen)"] == 0
+    assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"])
