@@ -77,6 +77,7 @@ from train_cat_lora import (  # one definition of the trigger rule and of the me
     load_image_caption_pairs,
     resolve_clip_choice,
     strip_trigger,
+    use_cpu_processes,
 )
 
 logger = logging.getLogger("evaluate_kps")
@@ -417,18 +418,10 @@ def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_
 
 
 def process_state():
-    """accelerate's PartialState; on machines without an accelerator, several processes share the CPU (gloo).
-
-    PartialState alone ignores ``accelerate launch --cpu`` (ACCELERATE_USE_CPU) and, under ``torchrun`` on a
-    CPU-only machine, would leave every process thinking it is the only one.
-    """
-    import torch
+    """accelerate's PartialState; on machines without an accelerator, several processes share the CPU (gloo)."""
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.accelerator.is_available())
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=use_cpu_processes())
 
 
 def load_pipeline(name_or_path: str, revision=None, variant=None, mixed_precision: str = "no", device="cpu"):

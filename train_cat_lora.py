@@ -24,7 +24,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +329,7 @@ class Example:
     caption: str
     cat_caption: str
     name: str
+    trigger: str | None = None
 
 
 def load_concepts(args: argparse.Namespace) -> list[Concept]:
@@ -359,33 +362,78 @@ def load_concepts(args: argparse.Namespace) -> list[Concept]:
     return concepts
 
 
-def open_rgb_image(source, name: str):
-    """Decode an image fully (so corrupt files fail here, not mid-training), upright and in RGB."""
+def open_rgb_image(source, name: str, notes: dict | None = None):
+    """Decode an image fully (so corrupt files fail here, not mid-training), upright and in 8-bit RGB.
+
+    EXIF orientation is applied, 16-bit and float images are scaled to 8 bits (a plain convert would clip
+    them to white), and transparency is flattened onto white (a plain convert would leave it black). What was
+    changed is recorded in ``notes`` (category -> image names) for the data-loading summary.
+    """
+    import numpy as np
     from PIL import Image, ImageOps
+
+    def note(category):
+        if notes is not None:
+            notes.setdefault(category, []).append(name)
 
     try:
         image = source if isinstance(source, Image.Image) else Image.open(source)
         image.load()
+        orientation = image.getexif().get(0x0112, 1)
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # PIL raises many types for broken files
-        raise InputError(f"{name}: cannot read image ({type(error).__name__}: {error})") from None
+        raise InputError(f"{name}: cannot read image ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if orientation not in (0, 1):
+        note("rotated by their EXIF orientation")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and pixels.max() <= 1.0:
+            pixels = pixels * 255.0  # float images in [0, 1]
+        elif pixels.max() > 255:
+            pixels = pixels / 257.0  # 16-bit: 65535 -> 255
+        image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "L")
+        note("scaled from 16-bit or float to 8-bit")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        note("with transparency flattened onto white")
+    elif image.mode not in ("RGB", "L"):
+        note(f"converted from {image.mode} to RGB")
     return image.convert("RGB")
 
 
-def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept]) -> list[Example]:
-    """Every training image with its caption y_T and CAT prompt y, checked before any model loads."""
+def summarize_notes(notes: dict) -> list[str]:
+    """One line per kind of change made to the data, with a count and the first few names."""
+    lines = []
+    for category, names in notes.items():
+        shown = ", ".join(Path(n).name for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        lines.append(f"{len(names)} image(s) {category}: {shown}")
+    return lines
+
+
+def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept], notes: dict | None = None
+                              ) -> list[Example]:
+    """Every training image with its caption y_T and CAT prompt y, checked before any model loads.
+
+    Unreadable images are errors; what is fixed on the way (orientation, bit depth, transparency, small
+    images that will be upscaled) is recorded in ``notes``.
+    """
+    notes = {} if notes is None else notes
     examples = []
     if args.dataset_name is not None:
-        examples = _examples_from_dataset(args, concepts[0])
+        examples = _examples_from_dataset(args, concepts[0], notes)
     else:
         for concept in concepts:
             for path, caption in load_image_caption_pairs(concept.instance_data_dir, concept.instance_prompt):
-                open_rgb_image(path, str(path))
-                examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path)))
+                image = open_rgb_image(path, str(path), notes)
+                if min(image.size) < args.resolution:
+                    notes.setdefault(f"smaller than --resolution {args.resolution} (upscaled)", []).append(str(path))
+                examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path),
+                                        concept.trigger_token))
     return examples
 
 
-def _examples_from_dataset(args: argparse.Namespace, concept: Concept) -> list[Example]:
+def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: dict) -> list[Example]:
     from datasets import load_dataset
 
     try:
@@ -403,8 +451,9 @@ def _examples_from_dataset(args: argparse.Namespace, concept: Concept) -> list[E
         caption = row.get(args.caption_column) or args.instance_prompt
         if not caption:
             raise InputError(f"{name}: empty caption and no --instance_prompt")
-        image = open_rgb_image(row[args.image_column], name)
-        examples.append(Example(image, caption, _cat_caption(args, concept, caption, name), name))
+        image = open_rgb_image(row[args.image_column], name, notes)
+        examples.append(Example(image, caption, _cat_caption(args, concept, caption, name), name,
+                                concept.trigger_token))
     return examples
 
 
@@ -426,6 +475,22 @@ def warn_about_triggers(tokenizer, triggers: list[str]) -> None:
         elif tokenizer.convert_tokens_to_ids(pieces[0]) < COMMON_TOKEN_ID_LIMIT:
             logger.warning(f"trigger {trigger!r} is a common word for this tokenizer; training will change what "
                            "it means everywhere. Prefer a rare token such as 'sks'")
+
+
+def check_caption_lengths(tokenizer, examples: list[Example], notes: dict) -> None:
+    """Note captions longer than the text encoder's limit; refuse one whose trigger would be cut off."""
+    limit = tokenizer.model_max_length - 2  # room for the start and end tokens
+    for example in examples:
+        ids = tokenizer(example.caption, add_special_tokens=False).input_ids
+        if len(ids) <= limit:
+            continue
+        if example.trigger:
+            trigger_ids = tokenizer(example.trigger, add_special_tokens=False).input_ids
+            kept = ids[:limit]
+            if not any(kept[i:i + len(trigger_ids)] == trigger_ids for i in range(len(kept) - len(trigger_ids) + 1)):
+                raise InputError(f"{example.name}: the trigger {example.trigger!r} falls after the text encoder's "
+                                 f"{limit}-token limit ({len(ids)} tokens); move it nearer the start of the caption")
+        notes.setdefault(f"with captions truncated to {limit} tokens", []).append(example.name)
 
 
 class EpochShuffleSampler:
@@ -575,13 +640,20 @@ UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
+def load_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
+                                         revision=args.revision)
+
+
 def load_models(args: argparse.Namespace):
     """Tokenizer, noise scheduler, text encoder, VAE and U-Net of the base pipeline, all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel
 
     source = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision}
-    tokenizer = AutoTokenizer.from_pretrained(subfolder="tokenizer", **source)
+    tokenizer = load_tokenizer(args)
     noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **source)
     text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **source)
     vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **source)
@@ -610,6 +682,8 @@ class adapters_disabled:
     """
 
     def __init__(self, *models):
+        # Under several processes the models arrive wrapped (DistributedDataParallel): reach the peft model.
+        models = [getattr(model, "module", model) for model in models]
         self.models = [model for model in models if getattr(model, "peft_config", None)]
 
     def __enter__(self):
@@ -751,6 +825,19 @@ def training_step(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def use_cpu_processes() -> bool:
+    """True when several launched processes must share the CPU (gloo).
+
+    Under ``accelerate launch --multi_gpu`` or ``torchrun`` on a machine without an accelerator, accelerate
+    would otherwise leave every process believing it is the only one (and all of them would write files).
+    """
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.accelerator.is_available())
+
+
 def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -758,6 +845,7 @@ def make_accelerator(args: argparse.Namespace):
     output_dir = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(
+        cpu=use_cpu_processes(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -1103,6 +1191,49 @@ def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, va
     return path
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the run stopped after a complete optimizer step and saved a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopSignals:
+    """Context manager: SIGINT/SIGTERM set a flag instead of killing the run mid-step; a second one aborts."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(send it again to stop at once, without one)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(accelerator, stop: StopSignals) -> bool:
+    """Whether any process received a stop signal (all processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    import torch
+
+    flag = torch.tensor([0 if stop.received is None else 1], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
 def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampler, optimizer, lr_scheduler,
           first_step: int, triggers: list[str], weight_dtype) -> tuple[int, Path | None]:
     """Run the optimizer steps from ``first_step`` to ``args.max_train_steps``; return (last step, last grid)."""
@@ -1117,50 +1248,56 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
     last_grid = None
     progress = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(first_epoch, args.num_train_epochs):
-        unet.train()
-        if args.train_text_encoder:
-            text_encoder.train()
-        batches = dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
-        # accelerate's loaders pass their own epoch counter (which restarts at 0 in a resumed process) to the
-        # sampler when iterated: set it on the loader itself, not only on the sampler.
-        sampler.set_epoch(epoch)
-        if hasattr(batches, "set_epoch"):
-            batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(unet, text_encoder):
-                losses = training_step(
-                    batch, unet, text_encoder, vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
-                    cat_mode=args.cat_mode,
-                    prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype,
-                    backward=accelerator.backward)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            logs = {f"loss/{name}": accelerator.reduce(value.detach(), reduction="mean").item()
-                    for name, value in losses.items()}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", cat=f"{logs['loss/cat']:.2e}")
-            if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
-                save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
-            if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
-                last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
-                                           triggers, step, weight_dtype, models.get("clip")) or last_grid
+    output_dir = Path(args.output_dir)
+    with StopSignals() as stop, progress:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            unet.train()
+            if args.train_text_encoder:
+                text_encoder.train()
+            batches = dataloader
+            if epoch == first_epoch and batches_to_skip:
+                batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+            # accelerate's loaders pass their own epoch counter (which restarts at 0 in a resumed process) to the
+            # sampler when iterated: set it on the loader itself, not only on the sampler.
+            sampler.set_epoch(epoch)
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            for batch in batches:
+                with accelerator.accumulate(unet, text_encoder):
+                    losses = training_step(
+                        batch, unet, text_encoder, vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
+                        cat_mode=args.cat_mode,
+                        prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
+                        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype,
+                        backward=accelerator.backward)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                logs = {f"loss/{name}": accelerator.reduce(value.detach(), reduction="mean").item()
+                        for name, value in losses.items()}
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", cat=f"{logs['loss/cat']:.2e}")
+                checkpoint = None
+                if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+                    checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+                if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
+                    last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
+                                               triggers, step, weight_dtype, models.get("clip")) or last_grid
+                if step < args.max_train_steps and stop_requested(accelerator, stop):
+                    checkpoint = checkpoint or save_checkpoint(accelerator, output_dir, step,
+                                                               args.checkpoints_total_limit)
+                    raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint)
+                if step >= args.max_train_steps:
+                    break
             if step >= args.max_train_steps:
                 break
-        if step >= args.max_train_steps:
-            break
-    progress.close()
     return step, last_grid
 
 
@@ -1250,7 +1387,8 @@ def main(argv=None) -> list[Path]:
     """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
     args = parse_args(argv)
     concepts = load_concepts(args)
-    instance_examples = collect_instance_examples(args, concepts)
+    data_notes = {}
+    instance_examples = collect_instance_examples(args, concepts, data_notes)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
     if args.validation_kps:
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
@@ -1268,8 +1406,12 @@ def main(argv=None) -> list[Path]:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator)
 
-    tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
+    tokenizer = load_tokenizer(args)
     warn_about_triggers(tokenizer, triggers)
+    check_caption_lengths(tokenizer, instance_examples, data_notes)
+    for line in summarize_notes(data_notes):
+        logger.warning(line)
+    tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
     class_examples = prepare_class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
     if args.with_prior_preservation and not class_examples:
         raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
@@ -1323,8 +1465,12 @@ def main(argv=None) -> list[Path]:
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)
-    steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
-                        triggers, weight_dtype)
+    try:
+        steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
+                            triggers, weight_dtype)
+    except TrainingInterrupted:
+        accelerator.end_training()
+        raise
 
     accelerator.wait_for_everyone()
     written = []
@@ -1343,8 +1489,15 @@ def check_output_dir(output_dir: Path) -> None:
     existing = output_dir
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise InputError(f"--output_dir {output_dir}: {existing} is not a writable folder")
+    if not existing.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {existing} is not a folder")
+    try:  # os.access says yes to root even on a read-only file system: really try
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
@@ -1368,3 +1521,7 @@ if __name__ == "__main__":
     except InputError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as stop:
+        print(f"{Path(sys.argv[0]).name}: {stop}; saved {stop.checkpoint}. Resume with the same command plus "
+              "--resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(128 + stop.signum)

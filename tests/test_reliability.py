@@ -1,0 +1,222 @@
+"""Interruption, bit-exact resume after a signal, hostile input, and several processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, draw_subject, train_args
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_cat_lora as T
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ----------------------------------------------------------------------------- interruption
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tiny_pipeline, instance_dir, tmp_path,
+                                                                          run_training, monkeypatch):
+    common = ("--random_flip", "--checkpointing_steps", "100", "--train_text_encoder")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
+
+    original_step, calls = T.training_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the signal arrives in the middle of the third optimizer step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(T, "training_step", step_then_signal)
+    with pytest.raises(T.TrainingInterrupted) as stopped:
+        run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cut", *common, steps=6))
+    assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
+    assert [p.name for p in T.checkpoint_folders(tmp_path / "cut")] == ["checkpoint-3"]
+    assert not (tmp_path / "cut" / "pytorch_lora_weights.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    monkeypatch.setattr(T, "training_step", original_step)
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cut", *common,
+                            "--resume_from_checkpoint", "latest", steps=6))
+    assert same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+def test_a_real_signal_exits_non_zero_with_how_to_resume(tiny_pipeline, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_cat_lora.py"),
+         *train_args(tiny_pipeline, instance_dir, out, "--report_to", "tensorboard", steps=100000)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not list(out.glob("logs/*/events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.5)  # the tracker file appears just before the first step
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert "interrupted by SIGINT at step" in last_line and "--resume_from_checkpoint latest" in last_line
+    step = int(last_line.split("at step ")[1].split(";")[0])
+    assert [p.name for p in T.checkpoint_folders(out)] == [f"checkpoint-{step}"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_a_crash_mid_save_leaves_no_checkpoint_for_latest(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / ".checkpoint-4.partial").mkdir()  # what a crash during save_state leaves behind
+    assert [p.name for p in T.checkpoint_folders(tmp_path)] == ["checkpoint-2"]
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def hostile_folder(folder: Path) -> dict:
+    """One image of each awkward kind, all of the same red subject; returns name -> expected note category."""
+    folder.mkdir()
+    base = Image.new("RGB", (40, 40), "white")
+    base.paste((200, 30, 30), (10, 10, 30, 30))
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.new("L", (40, 40), 0))  # fully transparent: must become white, not black
+    rgba.save(folder / "rgba.png")
+    sixteen = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(sixteen).save(folder / "gray16.png")
+    base.convert("L").save(folder / "gray.png")
+    rotated = base.transpose(Image.Transpose.ROTATE_90)  # stored sideways, EXIF says rotate back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(folder / "exif.jpg", exif=exif.tobytes())
+    base.resize((16, 16)).save(folder / "small.png")
+    Image.new("RGB", (3000, 2000), "white").save(folder / "large.png")
+    return {"cmyk.jpg": "converted from CMYK", "rgba.png": "transparency", "gray16.png": "16-bit",
+            "exif.jpg": "EXIF", "small.png": "smaller than --resolution"}
+
+
+def test_hostile_images_are_converted_and_listed_once(tmp_path):
+    expected = hostile_folder(tmp_path / "data")
+    args = T.parse_args(["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(tmp_path / "data"),
+                         "--instance_prompt", "a sks teapot", "--trigger_token", "sks", "--resolution", "32"])
+    notes = {}
+    examples = T.collect_instance_examples(args, T.load_concepts(args), notes)
+    assert len(examples) == 7
+    lines = T.summarize_notes(notes)
+    for name, category in expected.items():
+        assert sum(name in line and category in line for line in lines) == 1, (name, lines)
+    rgba = T.open_rgb_image(tmp_path / "data" / "rgba.png", "rgba.png")
+    assert rgba.getpixel((20, 20)) == (255, 255, 255)
+    gray16 = T.open_rgb_image(tmp_path / "data" / "gray16.png", "gray16.png")
+    assert gray16.getpixel((0, 0)) == (255, 255, 255) and gray16.getpixel((20, 20))[0] < 100
+    upright = T.open_rgb_image(tmp_path / "data" / "exif.jpg", "exif.jpg")
+    assert upright.size == (40, 40) and np.asarray(upright)[20, 20, 0] > 150
+    dataset = T.make_dataset(examples, [], _tokenizer(), 32, False, True)
+    assert all(dataset[i]["pixel_values"].shape == (3, 32, 32) for i in range(len(examples)))
+
+
+def _tokenizer():
+    from tiny_pipeline import build_clip_tokenizer
+    import tempfile
+
+    return build_clip_tokenizer(Path(tempfile.mkdtemp()))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot read image"),
+    (b"GIF89a truncated", "cannot read image"),
+    ("truncated", "cannot read image"),
+    (b"this is a text file with an image name", "cannot read image"),
+])
+def test_broken_image_files_are_one_clear_error(tmp_path, content, message):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    draw_subject(folder / "good.png", shift=0)
+    if content == "truncated":
+        draw_subject(tmp_path / "whole.png", shift=1, size=200)
+        data = (tmp_path / "whole.png").read_bytes()
+        (folder / "bad.png").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / "bad.png").write_bytes(content)
+    args = T.parse_args(["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(folder),
+                         "--instance_prompt", "a sks teapot", "--trigger_token", "sks"])
+    with pytest.raises(T.InputError, match=rf"bad\.png: {message}"):
+        T.collect_instance_examples(args, T.load_concepts(args))
+
+
+def test_long_captions_warn_and_a_trigger_past_the_limit_is_an_error():
+    tokenizer = _tokenizer()
+    long_tail = " ".join(["on a wooden table"] * 30)
+    ok = T.Example("a.png", f"a photo of sks teapot {long_tail}", "", "a.png", "sks")
+    notes = {}
+    T.check_caption_lengths(tokenizer, [ok], notes)
+    assert notes == {"with captions truncated to 75 tokens": ["a.png"]}
+    cut = T.Example("b.png", f"{long_tail} and sks", "", "b.png", "sks")
+    with pytest.raises(T.InputError, match="b.png: the trigger 'sks' falls after"):
+        T.check_caption_lengths(tokenizer, [cut], {})
+
+
+def test_unicode_captions_train(tiny_pipeline, tmp_path, run_training):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        draw_subject(folder / f"{i}.png", shift=i)
+        (folder / f"{i}.txt").write_text("une photo de sks théière rouge 🫖 sur la table", encoding="utf-8")
+    args = T.parse_args(["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(folder),
+                         "--trigger_token", "sks"])
+    assert {e.cat_caption for e in T.collect_instance_examples(args, T.load_concepts(args))} == {
+        "une photo de théière rouge 🫖 sur la table"}
+    run_training(train_args(tiny_pipeline, folder, tmp_path / "out", steps=1))
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_unwritable_output_folder_is_an_error(tiny_pipeline, instance_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(T.InputError, match="--output_dir .*a_file is not a folder"):
+        T.main(train_args(tiny_pipeline, instance_dir, blocker / "out"))
+    with pytest.raises(T.InputError, match="--output_dir /proc/cat-lora-out: cannot write in /proc"):
+        T.main(train_args(tiny_pipeline, instance_dir, Path("/proc/cat-lora-out")))
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipeline, instance_dir, tmp_path):
+    """2 processes x batch 1 against 1 process x batch 2: same samples, same per-sample noise, same weights.
+
+    Equal weights also show that the processes saw disjoint samples: had both drawn the same image, the
+    averaged gradient would differ from the single process's.
+    """
+    single, double = tmp_path / "single", tmp_path / "double"
+    # A large Adam epsilon makes the update proportional to the gradient: float-rounding differences between
+    # the two reductions then stay rounding-sized instead of flipping the sign of near-zero updates.
+    common = ["--train_text_encoder", "--learning_rate", "1e-1", "--adam_epsilon", "1", "--checkpointing_steps", "2"]
+    subprocess.run([sys.executable, str(ROOT / "train_cat_lora.py"),
+                    *train_args(tiny_pipeline, instance_dir, single, *common, steps=4)],
+                   check=True, env=ENV, capture_output=True)
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         str(ROOT / "train_cat_lora.py"),
+         *train_args(tiny_pipeline, instance_dir, double, *common, "--train_batch_size", "1", steps=4)],
+        env=ENV, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("wrote ") == 2  # weights and model card, written once (main process only)
+    a = load_file(single / "pytorch_lora_weights.safetensors")
+    b = load_file(double / "pytorch_lora_weights.safetensors")
+    initial = {k: v for k, v in load_file(single / "checkpoint-2" / "pytorch_lora_weights.safetensors").items()}
+    for key in a:
+        change = (a[key] - initial[key]).norm()
+        assert (a[key] - b[key]).norm() <= 1e-4 * change, key
