@@ -86,16 +86,17 @@ def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int 
     ]
 
 
-@pytest.fixture
-def run_training():
+def run_train_cat_lora(argv: list[str]):
     """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state."""
     import train_cat_lora
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    def run(argv: list[str]):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-        return train_cat_lora.main(argv)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return train_cat_lora.main(argv)
 
-    return run
+
+@pytest.fixture
+def run_training():
+    return run_train_cat_lora

@@ -90,32 +90,16 @@ def pairs_folder(tmp_path_factory):
     return pairs
 
 
-def make_lora(pipeline_dir: Path, out_dir: Path, seed: int) -> Path:
-    """A LoRA training output folder for the tiny pipeline, with random non-zero weights.
-
-    Stand-in for a real ``train_cat_lora.py`` run: swap this for a short training run once it exists.
-    """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=LORA_ALPHA, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    # Like diffusers' training scripts (and train_cat_lora.py): the LoraConfig travels as file metadata.
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return out_dir
-
-
 @pytest.fixture(scope="session")
-def loras(tiny_pipeline, tmp_path_factory):
-    """Two LoRA output folders for the ``tiny_pipeline`` fixture of conftest.py (a session-wide build)."""
+def loras(tiny_pipeline, instance_dir, tmp_path_factory):
+    """Two LoRAs trained by train_cat_lora.py on the tiny pipeline: a CAT one (a) and a plain one (b)."""
+    from conftest import run_train_cat_lora, train_args
+
     folder = tmp_path_factory.mktemp("loras")
-    return {name: make_lora(Path(tiny_pipeline), folder / name, seed) for seed, name in enumerate(["a", "b"])}
+    for name, alpha in (("a", "1"), ("b", "0")):
+        run_train_cat_lora(train_args(tiny_pipeline, instance_dir, folder / name, "--cat_alpha", alpha, "--rank", "4",
+                                      "--lora_alpha", str(LORA_ALPHA), "--learning_rate", "1e-2", steps=3))
+    return {"a": folder / "a", "b": folder / "b"}
 
 
 @pytest.fixture(scope="session")
