@@ -506,3 +506,34 @@ def test_paper_scores_helper_matches_folder_mode(pairs_folder, tiny_clip, tiny_d
                                  load("reference"), load("with_trigger"), load("without_trigger"), batch_size=2)
     for key in ("PS", "IS", "KPS", "clamped"):
         assert scores[key] == pytest.approx(metrics["diff"][key], abs=1e-6)
+
+
+def test_two_processes_give_the_same_metrics_as_one(tiny_pipeline, loras, eval_data_dir, tiny_clip, tiny_dino,
+                                                    tmp_path):
+    common = ["evaluate_kps.py", "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir",
+              str(eval_data_dir), "--trigger_token", TRIGGER, "--lora", f"a={loras['a']}", "--lora", "base=none",
+              "--num_images_per_prompt", "2", "--num_inference_steps", "3", "--resolution", "32",
+              "--guidance_scale", "1", "--batch_size", "2", "--seed", "3", *clip_args(tiny_clip, tiny_dino)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([PYTHON, *common, "--output_dir", str(tmp_path / "one")], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          *common, "--output_dir", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())["adapters"]
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())["adapters"]
+    assert a.keys() == b.keys() == {"a", "base"}
+    for adapter in a:
+        for metric in ("n", "PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean", "CLIP-T", "CLIP-I", "DINO", "PRES"):
+            assert a[adapter][metric] == pytest.approx(b[adapter][metric], abs=1e-5), (adapter, metric)
+    # Every (adapter, item, image) drawn exactly once, with the same seed and scores, whichever process drew it.
+    runs = [{(r["adapter"], r["item"], r["image"]): r for r in csv.DictReader((tmp_path / run / "per_sample.csv").open())}
+            for run in ("one", "two")]
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 8  # 2 adapters x 2 items x 2 images
+    for key, row in runs[0].items():
+        assert row["seed"] == runs[1][key]["seed"]
+        for score in ("s_prompt", "s_id", "s_prev", "dino_id", "dino_pres"):
+            assert float(row[score]) == pytest.approx(float(runs[1][key][score]), abs=1e-5), (key, score)
