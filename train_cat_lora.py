@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--cache_latents", action="store_true",
+                       help="Encode every image with the VAE once, before training (needs --center_crop and no "
+                            "--random_flip: cached latents cannot be re-augmented).")
+    train.add_argument("--pre_compute_text_embeddings", action="store_true",
+                       help="Encode every caption (y_T, the CAT prompt y and the class prompt) once, before "
+                            "training; not with --train_text_encoder.")
 
     logs = parser.add_argument_group("logging, validation and output")
     logs.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
@@ -195,6 +201,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.validation_prompt is not None and args.cat_alpha > 0 and args.trigger_token is not None:
         if not contains_trigger(args.validation_prompt, args.trigger_token):
             raise InputError(f"--validation_prompt does not contain the trigger {args.trigger_token!r}")
+    if args.cache_latents and (args.random_flip or not args.center_crop):
+        raise InputError("--cache_latents needs --center_crop and no --random_flip (cached latents are not re-augmented)")
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        raise InputError("--pre_compute_text_embeddings cannot be used with --train_text_encoder")
     if args.validation_kps and args.validation_prompt is None:
         raise InputError("--validation_kps needs --validation_prompt")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
@@ -543,17 +553,24 @@ def augment(image, resolution: int, center_crop: bool, random_flip: bool, genera
     return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 
 
-def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0):
+def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0,
+                 latent_cache: dict | None = None):
     """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
 
     Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler),
-    with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator.
+    with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator. With a
+    ``latent_cache`` (image name -> VAE posterior parameters) items carry ``latent_parameters`` instead of pixels.
     """
     import torch
 
     def tokenize(text: str):
         return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                          return_tensors="pt").input_ids[0]
+
+    def pixels_or_latents(example, generator):
+        if latent_cache is not None:
+            return latent_cache[example.name]
+        return augment(open_rgb_image(example.image, example.name), resolution, center_crop, random_flip, generator)
 
     class CATDataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -563,17 +580,15 @@ def make_dataset(instance_examples, class_examples, tokenizer, resolution, cente
         def __getitem__(self, number):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
             example = instance_examples[number % len(instance_examples)]
-            image = open_rgb_image(example.image, example.name)
             item = {
-                "pixel_values": augment(image, resolution, center_crop, random_flip, generator),
+                "pixel_values": pixels_or_latents(example, generator),
                 "input_ids": tokenize(example.caption),
                 "cat_input_ids": tokenize(example.cat_caption),
                 "noise_seed": draw_seed(generator),
             }
             if class_examples:
                 class_example = class_examples[number % len(class_examples)]
-                class_image = open_rgb_image(class_example.image, class_example.name)
-                item["class_pixel_values"] = augment(class_image, resolution, center_crop, random_flip, generator)
+                item["class_pixel_values"] = pixels_or_latents(class_example, generator)
                 item["class_input_ids"] = tokenize(class_example.caption)
                 item["class_noise_seed"] = draw_seed(generator)
             return item
@@ -695,6 +710,47 @@ class adapters_disabled:
             model.enable_adapters()
 
 
+def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int, weight_dtype) -> dict:
+    """--cache_latents: the VAE posterior parameters of every (center-cropped) image, keyed by image name."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cache = {}
+    unique = list({example.name: example for example in examples}.values())
+    with torch.no_grad():
+        for start in tqdm(range(0, len(unique), batch_size), desc="Caching latents"):
+            chunk = unique[start:start + batch_size]
+            pixels = torch.stack([augment(open_rgb_image(e.image, e.name), resolution, True, False, None)
+                                  for e in chunk]).to(vae.device, dtype=weight_dtype)
+            parameters = vae.encode(pixels).latent_dist.parameters.cpu()
+            cache.update({e.name: p for e, p in zip(chunk, parameters)})
+    return cache
+
+
+class CachedTextEmbeddings:
+    """--pre_compute_text_embeddings: the frozen text encoder's output for every caption of the run.
+
+    Called like the text encoder (``embeds(input_ids, return_dict=False)[0]``), so the training step is the same
+    code either way; it has no adapters, so the frozen pass uses the same embeddings.
+    """
+
+    def __init__(self, text_encoder, tokenizer, prompts):
+        import torch
+
+        self.device = text_encoder.device
+        self.embeddings = {}
+        with torch.no_grad():
+            for prompt in sorted(set(prompts)):
+                ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                                return_tensors="pt").input_ids
+                self.embeddings[tuple(ids[0].tolist())] = text_encoder(ids.to(self.device))[0][0]
+
+    def __call__(self, input_ids, return_dict=False):
+        import torch
+
+        return (torch.stack([self.embeddings[tuple(row.tolist())] for row in input_ids]),)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. Loss
 # ---------------------------------------------------------------------------------------------------------
@@ -753,7 +809,13 @@ def noisy_latents_for(batch, vae, noise_scheduler, noise_offset: float, weight_d
 
     device = vae.device
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
-    latent_dist = vae.encode(batch["pixel_values"].to(device, dtype=weight_dtype)).latent_dist
+    images = batch["pixel_values"].to(device, dtype=weight_dtype)
+    if images.shape[1] == 3:
+        latent_dist = vae.encode(images).latent_dist
+    else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latent_dist = DiagonalGaussianDistribution(images)
     latents = latent_dist.sample(generator=generators) * vae.config.scaling_factor
     noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
     if noise_offset:
@@ -765,12 +827,22 @@ def noisy_latents_for(batch, vae, noise_scheduler, noise_offset: float, weight_d
             "target": diffusion_target(noise_scheduler, latents, noise, timesteps)}
 
 
-def frozen_prediction(unet, text_encoder, noisy_latents, timesteps, cat_input_ids):
-    """eps_frozen(z_t, t, y): the base model, every adapter disabled, without gradient."""
+def frozen_prediction(unet, text_encoder, noisy_latents, timesteps, cat_input_ids, cat_embeds=None):
+    """eps_frozen(z_t, t, y): the base model, every adapter disabled, without gradient.
+
+    Pass ``cat_embeds`` (the embeddings of y) when the text encoder carries no adapter: they are then already
+    the frozen ones, and y is not encoded again.
+    """
     import torch
 
     with torch.no_grad(), adapters_disabled(unet, text_encoder):
-        return unet(noisy_latents, timesteps, encode_prompt(text_encoder, cat_input_ids), return_dict=False)[0]
+        if cat_embeds is None:
+            cat_embeds = encode_prompt(text_encoder, cat_input_ids)
+        return unet(noisy_latents, timesteps, cat_embeds.detach(), return_dict=False)[0]
+
+
+def has_adapters(model) -> bool:
+    return bool(getattr(getattr(model, "module", model), "peft_config", None))
 
 
 def training_step(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha: float, cat_mode: str,
@@ -808,10 +880,11 @@ def training_step(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha:
     if use_cat:
         if cat_mode == "lean":
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
-            adapted_pred = unet(noisy[:n], timesteps[:n], encode_prompt(text_encoder, batch["cat_input_ids"]),
-                                return_dict=False)[0]
+            cat_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
+            adapted_pred = unet(noisy[:n], timesteps[:n], cat_embeds, return_dict=False)[0]
             loss = torch.zeros((), device=noisy.device)
-        frozen_pred = frozen_prediction(unet, text_encoder, noisy[:n], timesteps[:n], batch["cat_input_ids"])
+        frozen_pred = frozen_prediction(unet, text_encoder, noisy[:n], timesteps[:n], batch["cat_input_ids"],
+                                        None if has_adapters(text_encoder) else cat_embeds)
         loss_cat = cat_loss(adapted_pred, frozen_pred)
         loss = loss + cat_alpha * loss_cat
     backward(loss)
@@ -1265,7 +1338,7 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
             for batch in batches:
                 with accelerator.accumulate(unet, text_encoder):
                     losses = training_step(
-                        batch, unet, text_encoder, vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
+                        batch, unet, models["text_inputs"], vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
                         cat_mode=args.cat_mode,
                         prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
                         snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype,
@@ -1426,8 +1499,16 @@ def main(argv=None) -> list[Path]:
     if weight_dtype != torch.float32:
         cast_training_params([unet, text_encoder], dtype=torch.float32)
 
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = encode_latent_cache(vae, instance_examples + class_examples, args.resolution,
+                                           args.train_batch_size, weight_dtype)
+    text_inputs = text_encoder
+    if args.pre_compute_text_embeddings:
+        prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
+        text_inputs = CachedTextEmbeddings(text_encoder, tokenizer, prompts)
     dataset = make_dataset(instance_examples, class_examples, tokenizer, args.resolution, args.center_crop,
-                           args.random_flip, seed)
+                           args.random_flip, seed, latent_cache)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
     # random stream that noise and timesteps come from (a resumed run creates its iterator at another point).
@@ -1460,8 +1541,8 @@ def main(argv=None) -> list[Path]:
     logger.info(f"{len(instance_examples)} images of {len(concepts)} concept(s), triggers {triggers}, "
                 f"CAT alpha {args.cat_alpha} ({args.cat_prompt}), {args.max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
-    models = {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer,
-              "noise_scheduler": noise_scheduler}
+    models = {"unet": unet, "text_encoder": text_encoder, "text_inputs": text_inputs, "vae": vae,
+              "tokenizer": tokenizer, "noise_scheduler": noise_scheduler}
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)

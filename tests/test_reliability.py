@@ -1,6 +1,5 @@
 """Interruption, bit-exact resume after a signal, hostile input, and several processes."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,0 +1,55 @@
+"""Speed and memory options: cached latents, precomputed text embeddings, gradient checkpointing, bf16, 8-bit Adam."""
+
+import pytest
+import torch
+from conftest import train_args
+from safetensors.torch import load_file
+
+import train_cat_lora as T
+
+
+def weights(folder):
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def test_cached_latents_and_text_embeddings_train_the_same_adapter(tiny_pipeline, instance_dir, tmp_path,
+                                                                    run_training):
+    common = ("--center_crop", "--with_prior_preservation", "--class_data_dir", str(instance_dir),
+              "--class_prompt", "a photo of teapot", "--num_class_images", "2")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "plain", *common, steps=4))
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cached", *common, "--cache_latents",
+                            "--pre_compute_text_embeddings", steps=4))
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    assert a.keys() == b.keys()
+    for key in a:  # the VAE sees other batch shapes when caching: equal up to float rounding
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_text_embeddings_match_the_text_encoder(tiny_pipeline):
+    from argparse import Namespace
+
+    tokenizer, _, text_encoder, _, _ = T.load_models(Namespace(pretrained_model_name_or_path=tiny_pipeline,
+                                                               revision=None, variant=None))
+    prompts = ["a photo of sks teapot", "a photo of teapot"]
+    cached = T.CachedTextEmbeddings(text_encoder, tokenizer, prompts)
+    ids = tokenizer(prompts[::-1], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(T.encode_prompt(cached, ids), T.encode_prompt(text_encoder, ids))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--cache_latents", "--random_flip", "--center_crop"), "--cache_latents needs --center_crop and no --random_flip"),
+    (("--cache_latents",), "--cache_latents needs --center_crop"),
+    (("--pre_compute_text_embeddings", "--train_text_encoder"), "cannot be used with --train_text_encoder"),
+])
+def test_option_conflicts_are_errors(tiny_pipeline, instance_dir, tmp_path, flags, message):
+    with pytest.raises(T.InputError, match=message):
+        T.parse_args(train_args(tiny_pipeline, instance_dir, tmp_path / "out", *flags))
+
+
+def test_gradient_checkpointing_bf16_and_8bit_adam_train(tiny_pipeline, instance_dir, tmp_path, run_training):
+    out = tmp_path / "out"
+    run_training(train_args(tiny_pipeline, instance_dir, out, "--gradient_checkpointing", "--mixed_precision",
+                            "bf16", "--use_8bit_adam", "--train_text_encoder", "--cat_mode", "batched", steps=3))
+    trained = weights(out)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora.up" in k or "lora_B" in k)
