@@ -1503,10 +1503,10 @@ def main(argv=None) -> list[Path]:
     if args.cache_latents:
         latent_cache = encode_latent_cache(vae, instance_examples + class_examples, args.resolution,
                                            args.train_batch_size, weight_dtype)
-    text_inputs = text_encoder
+    cached_text = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
-        text_inputs = CachedTextEmbeddings(text_encoder, tokenizer, prompts)
+        cached_text = CachedTextEmbeddings(text_encoder, tokenizer, prompts)
     dataset = make_dataset(instance_examples, class_examples, tokenizer, args.resolution, args.center_crop,
                            args.random_flip, seed, latent_cache)
     sampler = EpochShuffleSampler(len(dataset), seed)
@@ -1541,7 +1541,8 @@ def main(argv=None) -> list[Path]:
     logger.info(f"{len(instance_examples)} images of {len(concepts)} concept(s), triggers {triggers}, "
                 f"CAT alpha {args.cat_alpha} ({args.cat_prompt}), {args.max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
-    models = {"unet": unet, "text_encoder": text_encoder, "text_inputs": text_inputs, "vae": vae,
+    # The training step reads prompts through the prepared (possibly DDP-wrapped) text encoder, or the cache.
+    models = {"unet": unet, "text_encoder": text_encoder, "text_inputs": cached_text or text_encoder, "vae": vae,
               "tokenizer": tokenizer, "noise_scheduler": noise_scheduler}
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
