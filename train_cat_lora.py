@@ -1456,39 +1456,23 @@ def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, g
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> list[Path]:
-    """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
-    args = parse_args(argv)
+def check_inputs(args: argparse.Namespace):
+    """Step 1: everything that can be checked without a model; returns the concepts, examples and data notes."""
     concepts = load_concepts(args)
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
-    triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
     if args.validation_kps:
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
+    return concepts, instance_examples, data_notes
 
+
+def prepare_models(args: argparse.Namespace, accelerator, weight_dtype) -> dict:
+    """Step 3: the frozen base model in ``weight_dtype`` with trainable float32 LoRA adapters attached."""
     import torch
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
-    accelerator = make_accelerator(args)
-    seed = args.seed if args.seed is not None else 0
-    set_seed(seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = weight_dtype_for(accelerator)
-
-    tokenizer = load_tokenizer(args)
-    warn_about_triggers(tokenizer, triggers)
-    check_caption_lengths(tokenizer, instance_examples, data_notes)
-    for line in summarize_notes(data_notes):
-        logger.warning(line)
     tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
-    class_examples = prepare_class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
-    if args.with_prior_preservation and not class_examples:
-        raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
-
     for model in (unet, vae, text_encoder):
         model.to(accelerator.device, dtype=weight_dtype)
     add_lora_adapters(unet, text_encoder, args.rank, args.lora_alpha, args.train_text_encoder)
@@ -1498,52 +1482,98 @@ def main(argv=None) -> list[Path]:
             text_encoder.gradient_checkpointing_enable()
     if weight_dtype != torch.float32:
         cast_training_params([unet, text_encoder], dtype=torch.float32)
+    return {"tokenizer": tokenizer, "noise_scheduler": noise_scheduler, "text_encoder": text_encoder, "vae": vae,
+            "unet": unet}
+
+
+def make_dataloader(args: argparse.Namespace, models: dict, instance_examples, class_examples, seed: int,
+                    weight_dtype):
+    """Step 4: the dataloader (with its sampler) and, when asked, the cached text embeddings."""
+    import torch
 
     latent_cache = None
     if args.cache_latents:
-        latent_cache = encode_latent_cache(vae, instance_examples + class_examples, args.resolution,
+        latent_cache = encode_latent_cache(models["vae"], instance_examples + class_examples, args.resolution,
                                            args.train_batch_size, weight_dtype)
     cached_text = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
-        cached_text = CachedTextEmbeddings(text_encoder, tokenizer, prompts)
-    dataset = make_dataset(instance_examples, class_examples, tokenizer, args.resolution, args.center_crop,
-                           args.random_flip, seed, latent_cache)
+        cached_text = CachedTextEmbeddings(models["text_encoder"], models["tokenizer"], prompts)
+    dataset = make_dataset(instance_examples, class_examples, models["tokenizer"], args.resolution,
+                           args.center_crop, args.random_flip, seed, latent_cache)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
-    # random stream that noise and timesteps come from (a resumed run creates its iterator at another point).
+    # random stream (a resumed run creates its iterator at another point).
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                              collate_fn=collate_examples, num_workers=args.dataloader_num_workers,
                                              generator=torch.Generator().manual_seed(seed))
+    return dataloader, sampler, cached_text
+
+
+def make_optimizer_and_schedule(args: argparse.Namespace, accelerator, models: dict, num_batches: int):
+    """Step 5: AdamW (or 8-bit AdamW) over the LoRA parameters and the lr schedule; fixes the step count."""
+    from diffusers.optimization import get_scheduler
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    trainable = [p for name in ("unet", "text_encoder") for p in models[name].parameters() if p.requires_grad]
     optimizer = make_optimizer(args, trainable)
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(num_batches / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, dataloader, lr_scheduler)
-    else:
-        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    register_checkpoint_hooks(accelerator, unet, text_encoder, args.train_text_encoder)
+    return optimizer, lr_scheduler
 
+
+def main(argv=None) -> list[Path]:
+    """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
+    args = parse_args(argv)
+    concepts, instance_examples, data_notes = check_inputs(args)
+    triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
+
+    # Step 2: processes, seed, precision; then the checks that need only the tokenizer.
+    import torch
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(args)
+    seed = args.seed if args.seed is not None else 0
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = weight_dtype_for(accelerator)
+    tokenizer = load_tokenizer(args)
+    warn_about_triggers(tokenizer, triggers)
+    check_caption_lengths(tokenizer, instance_examples, data_notes)
+    for line in summarize_notes(data_notes):
+        logger.warning(line)
+
+    models = prepare_models(args, accelerator, weight_dtype)
+    class_examples = prepare_class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
+    if args.with_prior_preservation and not class_examples:
+        raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
+    dataloader, sampler, cached_text = make_dataloader(args, models, instance_examples, class_examples, seed,
+                                                       weight_dtype)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(args, accelerator, models, len(dataloader))
+
+    # Step 6: wrap for the processes, resume, train.
+    to_prepare = ["unet", "text_encoder"] if args.train_text_encoder else ["unet"]
+    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *(models[name] for name in to_prepare), optimizer, dataloader, lr_scheduler)
+    models.update(zip(to_prepare, prepared))
+    # The training step reads prompts through the prepared (possibly DDP-wrapped) text encoder, or the cache.
+    models["text_inputs"] = cached_text or models["text_encoder"]
+    register_checkpoint_hooks(accelerator, models["unet"], models["text_encoder"], args.train_text_encoder)
     if accelerator.is_main_process:
         accelerator.init_trackers("cat-lora", config=tracker_config(args))
     logger.info(f"{len(instance_examples)} images of {len(concepts)} concept(s), triggers {triggers}, "
                 f"CAT alpha {args.cat_alpha} ({args.cat_prompt}), {args.max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
-    # The training step reads prompts through the prepared (possibly DDP-wrapped) text encoder, or the cache.
-    models = {"unet": unet, "text_encoder": text_encoder, "text_inputs": cached_text or text_encoder, "vae": vae,
-              "tokenizer": tokenizer, "noise_scheduler": noise_scheduler}
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)
@@ -1554,10 +1584,12 @@ def main(argv=None) -> list[Path]:
         accelerator.end_training()
         raise
 
+    # Step 7: save (main process only).
     accelerator.wait_for_everyone()
     written = []
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, grid)
+        written = save_final_weights(accelerator, args, models["unet"], models["text_encoder"], concepts, steps,
+                                     grid)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:

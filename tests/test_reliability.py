@@ -210,7 +210,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipelin
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          str(ROOT / "train_cat_lora.py"),
          *train_args(tiny_pipeline, instance_dir, double, *common, "--train_batch_size", "1", steps=4)],
-        env=ENV, capture_output=True, text=True)
+        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)  # one thread per process: 2 cores
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("wrote ") == 2  # weights and model card, written once (main process only)
     a = load_file(single / "pytorch_lora_weights.safetensors")
