@@ -64,6 +64,14 @@ def main():
           f", color {np.mean([c == t.color for c, t in zip(colors, scenes)]):.3f}")
 
     pipe = load_pipeline(args.pipeline)
+    # The ceiling a perfect UNet could reach: the same real images, through the pipeline's VAE and back.
+    with torch.no_grad():
+        x = to_clip_input(real)
+        recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    shapes, colors = zero_shot(clip_model, clip_tok, recon)
+    print(f"toy CLIP on the same images after the VAE (encode, decode): shape "
+          f"{np.mean([s == t.shape for s, t in zip(shapes, scenes)]):.3f}, "
+          f"color {np.mean([c == t.color for c, t in zip(colors, scenes)]):.3f}")
     pairs = [(s, c) for s in world.SHAPES for c in world.COLORS]
     if args.held_out_only:
         pairs = list(world.HELD_OUT_PAIRS)
