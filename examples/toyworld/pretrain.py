@@ -14,7 +14,7 @@ CLIP sees the whole world (it is the judge, not the model under test).
 
 Example (the exact commands that made the committed models are in README.md):
   python pretrain.py --stage vae --threads 1
-  nohup python pretrain.py --stage unet --steps 6000 --threads 1 > _work/unet.log 2>&1 &
+  nohup python pretrain.py --stage unet --steps 7250 --threads 1 > _work/unet.log 2>&1 &
 """
 
 import argparse
@@ -472,7 +472,7 @@ def main():
     parser.add_argument("--vae_lr", type=float, default=2e-3)
     parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
     parser.add_argument("--unet_channels", type=int, nargs=3, default=[32, 64, 64])
-    parser.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps.")
+    parser.add_argument("--steps", type=int, default=7250, help="UNet + text encoder steps.")
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--empty_caption_prob", type=float, default=0.1)
