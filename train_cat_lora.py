@@ -1144,6 +1144,8 @@ def resolve_clip_choice(model: str, pretrained: str | None, flags=("--clip_model
         model = path.stem
     if model.startswith(("hf-hub:", "local-dir:")):
         return model
+    if str(pretrained).lower() in ("", "none"):
+        pretrained = None
     config = open_clip.get_model_config(model)
     if config is None:
         raise InputError(f"{flags[0]} {model}: unknown open_clip model (see open_clip.list_models())")
@@ -1173,6 +1175,8 @@ def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "opena
     import torch
 
     name = resolve_clip_choice(model, pretrained, flags)
+    if name.startswith(("local-dir:", "hf-hub:")) or str(pretrained).lower() in ("", "none"):
+        pretrained = None  # such models carry their own weights
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, precision="fp32", device=device

@@ -100,3 +100,22 @@ def run_train_cat_lora(argv: list[str]):
 @pytest.fixture
 def run_training():
     return run_train_cat_lora
+
+
+def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str], latent_size: int = 16) -> float:
+    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed latents and timesteps: how far a LoRA moved the model."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(prompts) * 4, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
+        base = pipe.unet(latents, timesteps, embeds).sample
+        pipe.load_lora_weights(lora_dir)
+        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
+        adapted = pipe.unet(latents, timesteps, embeds).sample
+    return ((adapted - base) ** 2).mean().item()

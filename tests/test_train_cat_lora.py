@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_subject, train_args
+from conftest import draw_subject, drift_on_trigger_less_prompts, train_args
 from safetensors.torch import load_file
 
 import train_cat_lora as T
@@ -249,24 +249,6 @@ def test_checkpoints_total_limit_prunes_oldest(tiny_pipeline, instance_dir, tmp_
                             "--checkpoints_total_limit", "2", "--cat_alpha", "0", steps=5))
     assert [p.name for p in T.checkpoint_folders(tmp_path / "out")] == ["checkpoint-3", "checkpoint-4"]
     assert not list((tmp_path / "out").glob(".checkpoint-*"))
-
-
-def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str]) -> float:
-    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed latents and timesteps."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(len(prompts) * 4, 4, 16, 16, generator=generator)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
-    with torch.no_grad():
-        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
-        base = pipe.unet(latents, timesteps, embeds).sample
-        pipe.load_lora_weights(lora_dir)
-        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
-        adapted = pipe.unet(latents, timesteps, embeds).sample
-    return ((adapted - base) ** 2).mean().item()
 
 
 def test_cat_drifts_less_than_plain_lora_on_trigger_less_prompts(tiny_pipeline, instance_dir, tmp_path, run_training):

@@ -333,6 +333,30 @@ def train_unet(args, work_dir: Path):
                 export_pipeline(args, work_dir)
 
 
+def seed_from_pipeline(args, work_dir: Path):
+    """Start the unet stage from an exported pipeline (its EMA weights) instead of from scratch.
+
+    Writes vae.pt and a step-0 unet.pt whose live and EMA weights are the pipeline's; the optimizer starts
+    fresh (with its warm-up). Used to continue pretraining the committed model when _work/ was not kept.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    source = Path(args.init_from)
+    if (work_dir / "unet.pt").exists():
+        raise SystemExit(f"--init_from: {work_dir / 'unet.pt'} exists already; remove it or drop --init_from")
+    vae = AutoencoderKL.from_pretrained(source / "vae")
+    save_ckpt(work_dir / "vae.pt", {"model": vae.state_dict(), "step": args.vae_steps,
+                                    "scaling_factor": vae.config.scaling_factor})
+    unet = UNet2DConditionModel.from_pretrained(source / "unet").state_dict()
+    text = CLIPTextModel.from_pretrained(source / "text_encoder").state_dict()
+    params = list(make_unet(args.unet_channels).parameters()) + list(make_text_encoder().parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    save_ckpt(work_dir / "unet.pt", {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text,
+                                     "opt": opt.state_dict(), "step": 0, "unet_channels": list(args.unet_channels)})
+    print(f"unet stage seeded from {source}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage 3: evaluation CLIP (open_clip)
 # ---------------------------------------------------------------------------------------------------------
@@ -476,6 +500,8 @@ def main():
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--empty_caption_prob", type=float, default=0.1)
+    parser.add_argument("--init_from", default=None,
+                        help="unet stage: start from this exported pipeline folder instead of from scratch.")
     parser.add_argument("--export_every_ckpt", action="store_true",
                         help="Also export the pipeline at every UNet checkpoint (to --pipeline_dir).")
     parser.add_argument("--clip_steps", type=int, default=2500)
@@ -489,6 +515,8 @@ def main():
     if args.stage == "vae":
         train_vae(args, work_dir)
     elif args.stage == "unet":
+        if args.init_from:
+            seed_from_pipeline(args, work_dir)
         train_unet(args, work_dir)
     elif args.stage == "clip":
         train_clip(args, work_dir)

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Reproduce the paper's Table 1 and its alpha sweep (Fig. 8) in the toy world, on a CPU.
+
+For every personal concept in ``concepts/concepts.json`` and every seed, trains with ``train_cat_lora.py``
+under identical settings (the paper's Appendix A.2: 600 steps, lr 1e-4, AdamW with weight decay 0.01):
+
+    lora        plain LoRA                                   --cat_alpha 0
+    dreambooth  LoRA with DreamBooth's prior preservation     --cat_alpha 0 --with_prior_preservation
+    cat         CAT                                          --cat_alpha 1
+
+then scores every adapter with ``evaluate_kps.py`` and the toy CLIP on prompts that training never used, and
+writes ``table1.md`` (PS, IS, KPS: mean ± std over concepts and seeds). The alpha sweep trains CAT with
+alpha in {0, 0.1, 0.5, 1, 2, 5} on one concept and plots KPS and IS against alpha (``alpha_sweep.png``).
+
+    python examples/toyworld/reproduce_table1.py --output_dir outputs/toyworld-table1
+
+Trainings run ``--jobs`` at a time, one torch thread each. Everything is offline.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+METHODS = {
+    "lora": ["--cat_alpha", "0"],
+    "dreambooth": ["--cat_alpha", "0", "--with_prior_preservation", "--num_class_images", "24"],
+    "cat": ["--cat_alpha", "1"],
+}
+# Evaluation captions: none of them is a training caption ("a photo of <trigger> <class>").
+EVAL_TEMPLATES = (
+    "a {trigger} {cls} on a black background",
+    "a large {trigger} {cls} on a gray background",
+    "a small {trigger} {cls} on a white background",
+    "a photo of a {trigger} {cls} on a black background",
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", default=str(HERE / "models" / "toy-sd"))
+    parser.add_argument("--clip_dir", default=str(HERE / "models" / "toy-clip"))
+    parser.add_argument("--concepts", default=str(HERE / "concepts" / "concepts.json"))
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "toyworld-table1"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max_train_steps", type=int, default=600)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.1, 0.5, 1, 2, 5])
+    parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
+    parser.add_argument("--num_images_per_prompt", type=int, default=2)
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel (one thread each)")
+    return parser.parse_args(argv)
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run one script with one torch thread; its output goes to ``log``; a failure stops everything."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as handle:
+        result = subprocess.run([sys.executable, *command], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"reproduce_table1: {' '.join(command[:1])} failed; see {log}")
+
+
+def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
+    class_dir = Path(args.output_dir) / "class_images" / concept["class_word"]
+    return [
+        str(ROOT / "train_cat_lora.py"),
+        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+        "--instance_data_dir", str(concepts_dir / concept["instance_data_dir"]),
+        "--instance_prompt", concept["instance_prompt"], "--trigger_token", concept["trigger_token"],
+        "--class_data_dir", str(class_dir), "--class_prompt", f"a photo of {concept['class_word']}",
+        "--resolution", "32", "--center_crop", "--train_batch_size", "1", "--rank", str(args.rank),
+        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
+        "--adam_weight_decay", "0.01", "--checkpointing_steps", "100000", "--report_to", "none",
+        "--seed", str(seed), "--output_dir", str(out), *extra,
+    ]
+
+
+def write_eval_prompts(concept: dict, concepts_dir: Path, path: Path) -> None:
+    references = sorted((concepts_dir / concept["instance_data_dir"]).glob("*.png"))
+    lines = []
+    for i, template in enumerate(EVAL_TEMPLATES):
+        caption = template.format(trigger=concept["trigger_token"], cls=concept["class_word"])
+        lines.append(json.dumps({"caption": caption, "reference": str(references[i % len(references)])}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path], out: Path) -> dict:
+    prompts = out / "eval_prompts.jsonl"
+    write_eval_prompts(concept, concepts_dir, prompts)
+    command = [str(ROOT / "evaluate_kps.py"), "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+               "--eval_prompts", str(prompts), "--trigger_token", concept["trigger_token"],
+               "--num_images_per_prompt", str(args.num_images_per_prompt), "--resolution", "32",
+               "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
+               "--seed", "0", "--batch_size", "8", "--clip_model", f"local-dir:{Path(args.clip_dir).resolve()}",
+               "--clip_pretrained", "none", "--dino_model", "none", "--output_dir", str(out)]
+    for name, path in adapters.items():
+        command += ["--lora", f"{name}={path}"]
+    run(command, out / "evaluate.log")
+    return json.loads((out / "metrics.json").read_text())["adapters"]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def main(argv=None) -> Path:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    concepts_file = Path(args.concepts)
+    concepts = json.loads(concepts_file.read_text())
+    concepts_dir = concepts_file.parent
+    out = Path(args.output_dir)
+    sweep = next(c for c in concepts if args.sweep_concept in (None, c["instance_data_dir"]))
+
+    jobs = {}  # (concept dir, adapter name) -> (command, output folder)
+    for concept in concepts:
+        for seed in args.seeds:
+            for method, extra in METHODS.items():
+                folder = out / "adapters" / concept["instance_data_dir"] / f"{method}-seed{seed}"
+                jobs[(concept["instance_data_dir"], f"{method}-seed{seed}")] = (
+                    train_command(args, concept, concepts_dir, folder, seed, extra), folder)
+    for alpha in args.alphas:
+        folder = out / "adapters" / sweep["instance_data_dir"] / f"alpha{alpha:g}"
+        jobs[(sweep["instance_data_dir"], f"alpha{alpha:g}")] = (
+            train_command(args, sweep, concepts_dir, folder, args.seeds[0], ["--cat_alpha", f"{alpha:g}"]), folder)
+
+    # Class images for DreamBooth are generated once per class, before the parallel trainings share them.
+    first_dreambooth = {}
+    for (concept_dir, name), job in jobs.items():
+        if name.startswith("dreambooth"):
+            first_dreambooth.setdefault(concept_dir, job)
+    todo = [job for job in jobs.values() if not (job[1] / "pytorch_lora_weights.safetensors").is_file()]
+    with tqdm(total=len(todo), desc="trainings") as progress:
+        for command, folder in first_dreambooth.values():
+            if (command, folder) in todo:
+                run(command, folder / "train.log")
+                todo.remove((command, folder))
+                progress.update(1)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for _ in pool.map(lambda job: run(job[0], job[1] / "train.log"), todo):
+                progress.update(1)
+
+    results = {}
+    for concept in tqdm(concepts, desc="evaluations"):
+        adapters = {name: folder for (concept_dir, name), (_, folder) in jobs.items()
+                    if concept_dir == concept["instance_data_dir"]}
+        results[concept["instance_data_dir"]] = evaluate(args, concept, concepts_dir, adapters,
+                                                         out / "eval" / concept["instance_data_dir"])
+
+    rows = ["| method | PS (5) | IS (7) | KPS (9) | n adapters |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        scores = [m for per_concept in results.values() for name, m in per_concept.items()
+                  if name.startswith(f"{method}-seed")]
+        rows.append(f"| {method} | {mean_std([m['PS'] for m in scores])} | {mean_std([m['IS'] for m in scores])} | "
+                    f"{mean_std([m['KPS'] for m in scores])} | {len(scores)} |")
+    sweep_scores = {float(name[len("alpha"):]): m for name, m in results[sweep["instance_data_dir"]].items()
+                    if name.startswith("alpha")}
+    rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (seed {args.seeds[0]}):", "",
+             "| alpha | PS | IS | KPS |", "|---|---|---|---|"]
+    rows += [f"| {a:g} | {m['PS']:.4f} | {m['IS']:.4f} | {m['KPS']:.4f} |" for a, m in sorted(sweep_scores.items())]
+    table = out / "table1.md"
+    settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
+                f"rank {args.rank}, batch 1; evaluation: {len(EVAL_TEMPLATES)} unseen prompts x "
+                f"{args.num_images_per_prompt} images, toy CLIP")
+    table.write_text(f"# Table 1 in the toy world\n\n{settings}\n\n" + "\n".join(rows) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted(sweep_scores)
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot(alphas, [sweep_scores[a]["KPS"] for a in alphas], "o-", label="KPS (Eq. 9)")
+    axis.plot(alphas, [sweep_scores[a]["IS"] for a in alphas], "s-", label="IS (Eq. 7)")
+    axis.set_xscale("symlog", linthresh=0.1)
+    axis.set_xlabel("CAT alpha")
+    axis.set_title(f"alpha sweep, {sweep['instance_data_dir']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "alpha_sweep.png", dpi=120)
+    print(table.read_text())
+    print(f"wrote {table} and {out / 'alpha_sweep.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
