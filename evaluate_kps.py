@@ -12,9 +12,16 @@ I(y). SC is cosine similarity (Eq. 10) and H the harmonic mean (Eq. 11):
   s_id_i     = SC(CLIP_img(reference_i), CLIP_img(I(y_T)_i))   IS  = H(s_id)            (Eqs. 6, 7)
   s_prev_i   = SC(CLIP_img(I(y)_i), CLIP_img(I(y_T)_i))        KPS = 1 - H(s_prev)      (Eqs. 8, 9)
 
-PS, IS and KPS use raw cosines (no CLIPScore rescaling). Higher KPS means the adapter changes the picture
-when, and only when, the trigger is present. The harmonic mean of values <= 0 is undefined: such values are
-clamped to 1e-6, a warning is printed, and metrics.json records how many were clamped per metric.
+PS, IS and KPS use raw cosines (no CLIPScore rescaling). KPS measures one thing: how far apart, in CLIP
+image space, the two same-seed pictures I(y_T) and I(y) are (0 when they are identical, higher as they
+differ). The paper reads a low KPS as leakage: an adapter that draws the subject whether or not the trigger
+is in the prompt. A high KPS does not show that I(y) still looks like what the base model draws for y (an
+adapter that damages trigger-less prompts in some other way scores high too), nor that I(y_T) shows the
+subject (that is IS). The base model's own KPS (--lora base=none) is the level to compare against.
+The harmonic mean of values <= 0 is undefined: such values are clamped to 1e-6, a warning is printed,
+metrics.json records how many were clamped per metric, and the table marks the affected PS/IS/KPS cells
+with '*' (one clamped value pulls the harmonic mean down to about n * 1e-6, so such a cell only says that
+some cosine was <= 0; read the arithmetic-mean column beside it).
 PS_mean, IS_mean and KPS_mean (= 1 - mean(s_prev)) are the arithmetic-mean twins.
 
 The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffusion, Kumari et al. 2023):
@@ -23,7 +30,10 @@ The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffu
           (numerically the same as PS_mean).
   CLIP-I  mean SC(CLIP_img(g), CLIP_img(r)) over all pairs of generated images g = I(y_T) and reference
           images r of the evaluation set (DreamBooth's pairwise definition; IS_mean is the per-item one).
-  DINO    the same pairwise mean with DINO ViT-S/16 CLS-token embeddings (--dino_model).
+  DINO    the same pairwise mean with DINO ViT-S/16 CLS-token embeddings (--dino_model). Images are
+          prepared as in DINO's and DreamBooth's evaluation: the shorter side resized (bicubic) to 256/224 of
+          the model's input size, a center crop of the input size (256 -> 224 for ViT-S/16), then the
+          model's image processor normalizes (ImageNet mean/std) without resizing again.
   PRES    DreamBooth's prior-preservation metric: the pairwise DINO mean between the images drawn from the
           class prompt without the trigger, I(y), and the reference images. Lower = less subject leakage.
 
@@ -45,10 +55,12 @@ Two modes:
 Outputs in --output_dir: metrics.json, per_sample.csv, table.md, grid_<adapter>.png (one row per sample:
 reference | with trigger | without trigger); the table is printed at the end.
 
-The math (cosine_similarity, harmonic_mean, prompt_similarity, identity_similarity,
-knowledge_preservation_score, mean_pairwise_similarity) and the model helpers (load_clip,
-clip_image_embeddings, clip_text_embeddings, paper_scores) are importable; heavy libraries are imported
-inside functions.
+The math (prompt_similarity, identity_similarity, paper_metrics, mean_pairwise_similarity) and the model
+helpers (clip_text_embeddings, dino_embeddings, paper_scores) are defined here. cosine_similarity,
+harmonic_mean, knowledge_preservation_score, load_clip and clip_image_embeddings are defined in
+train_cat_lora.py (which must stay a single self-contained file, and whose --validation_kps uses them) and
+imported from there, so training and evaluation share one definition; all are importable from this module.
+Heavy libraries are imported inside functions.
 """
 
 import argparse
@@ -90,10 +102,9 @@ LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The math (pure functions on embeddings; train_cat_lora.py --validation_kps reuses these)
+# The math not needed by training (pure functions on embeddings). cosine_similarity, harmonic_mean and
+# knowledge_preservation_score are imported above from train_cat_lora.py, where --validation_kps uses them.
 # ---------------------------------------------------------------------------------------------------------
-
-
 
 
 def mean_pairwise_similarity(a, b) -> float:
@@ -103,8 +114,6 @@ def mean_pairwise_similarity(a, b) -> float:
     a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(a, dtype=torch.float32)), dim=-1)
     b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(b, dtype=torch.float32)), dim=-1)
     return float((a @ b.T).mean())
-
-
 
 
 def prompt_similarity(prompt_text_embeds, with_trigger_embeds) -> tuple[float, int]:
@@ -123,6 +132,24 @@ def identity_similarity(reference_embeds, with_trigger_embeds) -> tuple[float, i
     return harmonic_mean(cosine_similarity(reference_embeds, with_trigger_embeds), "s_id")
 
 
+def paper_metrics(prompt_text_embeds, reference_embeds, with_trigger_embeds, without_trigger_embeds) -> dict:
+    """PS, IS, KPS (Eqs. 5, 7, 9), their arithmetic-mean twins and the clamped counts, from embeddings.
+
+    Row i of each (n, d) input belongs to item i: CLIP_text(P_i), CLIP_img(reference_i), CLIP_img(I(y_T)_i)
+    and CLIP_img(I(y)_i). Returns {"PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean", "clamped": {"PS",
+    "IS", "KPS"}}; the harmonic means warn (RuntimeWarning) when they clamp.
+    """
+    s_prompt = cosine_similarity(prompt_text_embeds, with_trigger_embeds)
+    s_id = cosine_similarity(reference_embeds, with_trigger_embeds)
+    s_prev = cosine_similarity(without_trigger_embeds, with_trigger_embeds)
+    ps, ps_clamped = prompt_similarity(prompt_text_embeds, with_trigger_embeds)
+    is_, is_clamped = identity_similarity(reference_embeds, with_trigger_embeds)
+    kps, kps_clamped = knowledge_preservation_score(with_trigger_embeds, without_trigger_embeds)
+    return {
+        "PS": ps, "IS": is_, "KPS": kps,
+        "PS_mean": float(s_prompt.mean()), "IS_mean": float(s_id.mean()), "KPS_mean": 1.0 - float(s_prev.mean()),
+        "clamped": {"PS": ps_clamped, "IS": is_clamped, "KPS": kps_clamped},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +192,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="open_clip architecture name, or a path to an open_clip model config .json")
     models.add_argument("--clip_pretrained", default="openai", help="open_clip pretrained tag or checkpoint file")
     models.add_argument("--dino_model", default="facebook/dino-vits16",
-                        help="transformers id or folder of a DINO ViT (CLS token), or none")
+                        help="transformers id or folder of a DINO ViT (CLS token), or none. Images are resized "
+                             "(shorter side, bicubic) to 256/224 of the model's input size and center-cropped to "
+                             "it (256 -> 224 for ViT-S/16), as in DINO's and DreamBooth's evaluation")
     models.add_argument("--device", default=None, help="device for the metric models (default: accelerate's)")
 
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -336,16 +365,8 @@ def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Models
+# Models (load_clip and clip_image_embeddings are imported from train_cat_lora.py)
 # ---------------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 
 def clip_text_embeddings(clip: Clip, texts: list[str], batch_size: int = 16):
@@ -382,15 +403,53 @@ def load_dino(name_or_path: str, device="cpu") -> Dino | None:
     return Dino(model.to(device).eval().requires_grad_(False), processor, torch.device(device))
 
 
+# DINO's (and DreamBooth's) evaluation transform: Resize(256) then CenterCrop(224), i.e. resize the shorter
+# side to 256/224 of the model's input size, then crop the input size from the center.
+DINO_RESIZE_RATIO = 256 / 224
+
+
+def dino_input_size(processor) -> int:
+    """The square input size the DINO image processor is configured for (224 for facebook/dino-vits16)."""
+    size = processor.size  # a dict (or transformers' SizeDict): {"height", "width"} or {"shortest_edge"}
+    height, width = size.get("height"), size.get("width")
+    if height and width:
+        if height != width:
+            raise InputError(f"--dino_model: expected a square input size, the image processor has {height}x{width}")
+        return int(height)
+    if size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    raise InputError(f"--dino_model: cannot read the input size from the image processor ({size})")
+
+
+def resize_and_center_crop(image, crop: int):
+    """Resize the shorter side of a PIL image to round(crop * 256 / 224) (bicubic), then center-crop crop x crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    shorter = round(crop * DINO_RESIZE_RATIO)
+    width, height = image.size
+    scale = shorter / min(width, height)
+    new_width, new_height = max(crop, round(width * scale)), max(crop, round(height * scale))
+    image = image.resize((new_width, new_height), Image.BICUBIC)
+    left, top = (new_width - crop) // 2, (new_height - crop) // 2
+    return image.crop((left, top, left + crop, top + crop))
+
+
 def dino_embeddings(dino: Dino, images, batch_size: int = 16):
-    """L2-normalized float32 DINO CLS-token embeddings (n, d) of a list of PIL images."""
+    """L2-normalized float32 DINO CLS-token embeddings (n, d) of a list of PIL images.
+
+    Each image is resized and center-cropped by :func:`resize_and_center_crop` to the model's input size;
+    the image processor then only rescales and normalizes (``do_resize=False``).
+    """
     import torch
 
+    crop = dino_input_size(dino.processor)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = [im.convert("RGB") for im in images[start : start + batch_size]]
-            pixels = dino.processor(images=batch, return_tensors="pt")["pixel_values"].to(dino.device)
+            batch = [resize_and_center_crop(im, crop) for im in images[start : start + batch_size]]
+            pixels = dino.processor(images=batch, do_resize=False, return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(dino.device)
             out.append(dino.model(pixel_values=pixels).last_hidden_state[:, 0].float())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
@@ -400,16 +459,14 @@ def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_
     """PS, IS and KPS (Eqs. 4-9) of one adapter from PIL images, with the clamped counts.
 
     ``prompts[i]`` is P_i (the caption without trigger), the images are lists of the same length: the
-    reference, I(y_T) and I(y) of item i. For validation during training; the script uses the same pieces.
+    reference, I(y_T) and I(y) of item i. The script computes its numbers with the same :func:`paper_metrics`.
     """
     text = clip_text_embeddings(clip, prompts, batch_size)
     reference = clip_image_embeddings(clip, reference_images, batch_size)
     with_trigger = clip_image_embeddings(clip, with_trigger_images, batch_size)
     without_trigger = clip_image_embeddings(clip, without_trigger_images, batch_size)
-    ps, ps_clamped = prompt_similarity(text, with_trigger)
-    is_, is_clamped = identity_similarity(reference, with_trigger)
-    kps, kps_clamped = knowledge_preservation_score(with_trigger, without_trigger)
-    return {"PS": ps, "IS": is_, "KPS": kps, "clamped": {"PS": ps_clamped, "IS": is_clamped, "KPS": kps_clamped}}
+    metrics = paper_metrics(text, reference, with_trigger, without_trigger)
+    return {key: metrics[key] for key in ("PS", "IS", "KPS", "clamped")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,20 +635,18 @@ def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_si
         s_prompt, s_id, s_prev = cosine_similarity(text, wt), cosine_similarity(ref, wt), cosine_similarity(wo, wt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ps, ps_clamped = prompt_similarity(text, wt)
-            is_, is_clamped = identity_similarity(ref, wt)
-            kps, kps_clamped = knowledge_preservation_score(wt, wo)
+            paper = paper_metrics(text, ref, wt, wo)
         for warning in caught:
             logger.warning("%s: %s", adapter, warning.message)
         own_refs = sorted({s.reference for s in group})
         result = {
             "n": len(group),
-            "PS": ps, "IS": is_, "KPS": kps,
-            "PS_mean": float(s_prompt.mean()), "IS_mean": float(s_id.mean()), "KPS_mean": 1.0 - float(s_prev.mean()),
-            "CLIP-T": float(s_prompt.mean()),
+            "PS": paper["PS"], "IS": paper["IS"], "KPS": paper["KPS"],
+            "PS_mean": paper["PS_mean"], "IS_mean": paper["IS_mean"], "KPS_mean": paper["KPS_mean"],
+            "CLIP-T": paper["PS_mean"],
             "CLIP-I": mean_pairwise_similarity(wt, torch.stack([clip_ref[r] for r in own_refs])),
             "DINO": None, "PRES": None,
-            "clamped": {"PS": ps_clamped, "IS": is_clamped, "KPS": kps_clamped},
+            "clamped": paper["clamped"],
         }
         for s, a, b, c in zip(group, s_prompt.tolist(), s_id.tolist(), s_prev.tolist()):
             s.scores = {"s_prompt": a, "s_id": b, "s_prev": c, "dino_id": None, "dino_pres": None}
@@ -617,16 +672,41 @@ TABLE_COLUMNS = [
 ]
 
 
+CLAMP_MARK = "*"
+
+
 def format_table(metrics: dict[str, dict]) -> str:
-    """Markdown table, one row per adapter, in the style of the paper's Table 1."""
+    """Markdown table, one row per adapter, in the style of the paper's Table 1.
+
+    A PS, IS or KPS cell whose harmonic mean clamped some values (cosine <= 0) ends with ``*``, and a
+    footnote under the table gives, per marked cell, how many of the n values were clamped.
+    """
     head = "| Method | n | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " | clamped PS/IS/KPS |"
     rule = "|---|---:|" + "---:|" * len(TABLE_COLUMNS) + "---:|"
-    rows = []
+    rows, notes = [], []
     for adapter, m in metrics.items():
-        cells = ["-" if m[key] is None else f"{m[key]:.4f}" for _, key in TABLE_COLUMNS]
+        cells = []
+        for _, key in TABLE_COLUMNS:
+            if m[key] is None:
+                cells.append("-")
+                continue
+            cell = f"{m[key]:.4f}"
+            clamped = m["clamped"].get(key, 0)
+            if clamped:
+                cell += CLAMP_MARK
+                notes.append(f"{adapter} {key}: {clamped} of {m['n']}")
+            cells.append(cell)
         cells.append("/".join(str(m["clamped"][key]) for key in ("PS", "IS", "KPS")))
         rows.append(f"| {adapter} | {m['n']} | " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *rows]) + "\n"
+    lines = [head, rule, *rows]
+    if notes:
+        lines += [
+            "",
+            f"{CLAMP_MARK} harmonic mean over values of which some were <= 0 and clamped to {CLAMP_MIN:g} "
+            f"({'; '.join(notes)} clamped). One clamped value pulls the harmonic mean to about n * {CLAMP_MIN:g}, "
+            "so a marked cell only says that some cosine was <= 0: compare the arithmetic-mean column instead.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def make_grid(samples: list[Sample], max_tile: int = 256):
@@ -697,6 +777,9 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
         clip_model_resolved=clip.name,
         clip_pretrained=clip.pretrained,
         harmonic_mean_clamp_min=CLAMP_MIN,
+        dino_preprocessing=(None if args.dino_model.lower() == "none" else
+                            "shorter side resized (bicubic) to 256/224 of the input size, center crop of the "
+                            "input size, ImageNet mean/std (the image processor's)"),
         versions={"open_clip": open_clip.__version__, "torch": torch.__version__},
     )
     if adapters is not None:

@@ -128,6 +128,16 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def table_rows(table: str) -> list[str]:
+    """The adapter rows of a markdown table printed by evaluate_kps (not the header, rule or footnote)."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    return [line for line in lines if not line.startswith("| Method ")]
+
+
+def table_cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The math
 # ---------------------------------------------------------------------------------------------------------
@@ -190,6 +200,55 @@ def test_kps_identical_images_is_zero_different_is_positive():
     assert ek.knowledge_preservation_score(embeds, other)[0] > 0.01
 
 
+def table_metrics(text, ref, with_t, without_t):
+    """The metrics dict of one adapter as score_samples builds it, from hand-made embeddings (no DINO)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        paper = ek.paper_metrics(text, ref, with_t, without_t)
+    return {**paper, "n": len(text), "CLIP-T": paper["PS_mean"], "CLIP-I": 0.5, "DINO": None, "PRES": None}
+
+
+def test_table_marks_cells_whose_harmonic_mean_clamped_and_gives_the_count():
+    text = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    ref = [[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [2.0, 0.0, 1.0]]
+    with_t = [[1.0, 2.0, 0.0], [0.5, 1.0, 1.0], [1.0, 0.0, 3.0]]
+    # One image without the trigger points away from its pair (cosine < 0): s_prev gets clamped once.
+    leaky = table_metrics(text, ref, with_t, [[1.0, 2.0, 0.1], [0.5, 1.0, 0.9], [0.0, 1.0, -3.0]])
+    clean = table_metrics(text, ref, with_t, [[1.0, 2.0, 0.1], [0.5, 1.0, 0.9], [1.0, 0.5, 3.0]])
+    assert leaky["clamped"] == {"PS": 0, "IS": 0, "KPS": 1} and clean["clamped"] == {"PS": 0, "IS": 0, "KPS": 0}
+    # The clamp is what makes the harmonic KPS meaningless: H(s_prev) ~ 3e-6, so KPS ~ 1.
+    assert leaky["KPS"] > 0.9999 and leaky["KPS_mean"] < 0.9
+
+    table = ek.format_table({"leaky": leaky, "clean": clean})
+    titles = table_cells(table.splitlines()[0])
+    rows = {table_cells(row)[0]: dict(zip(titles, table_cells(row))) for row in table_rows(table)}
+    assert rows["leaky"]["KPS (9)"] == f"{leaky['KPS']:.4f}*"
+    assert rows["leaky"]["PS (5)"] == f"{leaky['PS']:.4f}" and rows["leaky"]["IS (7)"] == f"{leaky['IS']:.4f}"
+    assert rows["leaky"]["KPS mean"] == f"{leaky['KPS_mean']:.4f}"  # arithmetic means are never marked
+    assert rows["leaky"]["clamped PS/IS/KPS"] == "0/0/1"
+    assert not any(cell.endswith("*") for cell in rows["clean"].values())
+    footnote = table.rstrip("\n").splitlines()[-1]
+    assert footnote.startswith("* ") and "leaky KPS: 1 of 3" in footnote and "clean" not in footnote
+
+    assert "*" not in ek.format_table({"clean": clean})  # no clamp: no mark, no footnote
+
+
+def test_dino_images_are_resized_and_center_cropped_not_squashed():
+    from PIL import Image
+
+    # 40 wide x 80 high: red top and bottom quarters, green middle half. Resizing the shorter side to
+    # round(32 * 256 / 224) = 37 gives 37 x 74; the central 32 x 32 lies inside the green band.
+    image = Image.new("RGB", (40, 80), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 20, 40, 60))
+    cropped = ek.resize_and_center_crop(image, 32)
+    assert cropped.size == (32, 32)
+    pixels = np.asarray(cropped, dtype=np.int16)
+    assert np.abs(pixels - np.array([0, 255, 0])).max() <= 2  # only green: nothing of the red quarters
+    assert ek.resize_and_center_crop(Image.new("RGB", (480, 640)), 224).size == (224, 224)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Folder mode
 # ---------------------------------------------------------------------------------------------------------
@@ -215,8 +274,13 @@ def test_folder_mode_matches_open_clip_and_dino_directly(pairs_folder, tiny_clip
     model, _, preprocess = open_clip.create_model_and_transforms("tiny-kps-clip", pretrained=str(checkpoint))
     model.eval()
     tokenizer = open_clip.get_tokenizer("tiny-kps-clip")
+    from torchvision import transforms
+
     dino = ViTModel.from_pretrained(tiny_dino).eval()
     processor = ViTImageProcessor.from_pretrained(tiny_dino)
+    # DINO's evaluation transform for an input size of 32: Resize(round(32 * 256 / 224) = 37), CenterCrop(32).
+    dino_crop = transforms.Compose([transforms.Resize(37, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(32)])
     lines = [json.loads(line) for line in pairs_folder.read_text().splitlines()]
 
     def load(rel):
@@ -230,8 +294,9 @@ def test_folder_mode_matches_open_clip_and_dino_directly(pairs_folder, tiny_clip
             text = model.encode_text(tokenizer(prompts)).numpy()
             img = {key: model.encode_image(torch.stack([preprocess(load(line[key])) for line in group])).numpy()
                    for key in ("reference", "with_trigger", "without_trigger")}
-            dn = {key: dino(**processor(images=[load(line[key]) for line in group], return_tensors="pt"))
-                  .last_hidden_state[:, 0].numpy() for key in ("reference", "with_trigger", "without_trigger")}
+            dn = {key: dino(**processor(images=[dino_crop(load(line[key])) for line in group], do_resize=False,
+                                        return_tensors="pt")).last_hidden_state[:, 0].numpy()
+                  for key in ("reference", "with_trigger", "without_trigger")}
             cos = lambda a, b: np.sum(unit(a) * unit(b), axis=-1)  # noqa: E731
             s_prompt = cos(text, img["with_trigger"])
             s_id = cos(img["reference"], img["with_trigger"])
@@ -259,7 +324,8 @@ def test_folder_mode_matches_open_clip_and_dino_directly(pairs_folder, tiny_clip
     assert len(rows) == 6 and {row["adapter"] for row in rows} == {"same", "diff"}
     assert all(row["prompt"] and TRIGGER not in row["prompt"].split() for row in rows)
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 4 and "| same" in table and "| diff" in table and "KPS (9)" in table
+    assert [row.split("|")[1].strip() for row in table_rows(table)] == ["same", "diff"]
+    assert "KPS (9)" in table
     for adapter in ("same", "diff"):
         assert Image.open(out / f"grid_{adapter}.png").size == (3 * 48, 3 * 48)  # 3 samples of 48 px
 
@@ -336,6 +402,43 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
     for adapter in metrics:
         for key in ("PS", "IS", "KPS", "CLIP-I", "DINO", "PRES"):
             assert rescored[adapter][key] == pytest.approx(metrics[adapter][key], abs=1e-5)
+
+
+def test_generate_mode_eval_prompts_prints_the_table_of_metrics_json(
+    tiny_pipeline, loras, tiny_clip, tiny_dino, tmp_path, capsys
+):
+    prompts = tmp_path / "prompts.jsonl"
+    save_image(tmp_path / "refs" / "0.png", 600)
+    save_image(tmp_path / "refs" / "1.png", 601, size=40)
+    prompts.write_text(json.dumps({"caption": "a photo of sks teapot", "reference": "refs/0.png"}) + "\n"
+                       + json.dumps({"caption": "sks teapot on a beach", "reference": "refs/1.png"}) + "\n")
+    out = tmp_path / "gen"
+    capsys.readouterr()
+    ek.main([
+        "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
+        "--trigger_token", TRIGGER, "--lora", f"cat={loras['a']}", "--lora", "base=none",
+        "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "1", "--batch_size", "4",
+        "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+    ])
+    printed = capsys.readouterr().out
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["settings"]["eval_prompts"] == str(prompts)
+    table = (out / "table.md").read_text()
+    assert table in printed  # the printed table is the one written to table.md
+
+    titles = table_cells(table.splitlines()[0])
+    rows = [dict(zip(titles, table_cells(row))) for row in table_rows(printed)]
+    assert [row["Method"] for row in rows] == ["cat", "base"]  # one row per adapter, in --lora order
+    for row in rows:
+        m = document["adapters"][row["Method"]]
+        assert int(row["n"]) == m["n"] == 2
+        for title, key in ek.TABLE_COLUMNS:
+            mark = "*" if m["clamped"].get(key, 0) else ""
+            assert row[title] == f"{m[key]:.4f}{mark}", (row["Method"], title)
+        assert row["clamped PS/IS/KPS"] == "/".join(str(m["clamped"][key]) for key in ("PS", "IS", "KPS"))
+    # The rounding in the table is the only difference from metrics.json.
+    assert float(rows[0]["KPS (9)"].rstrip("*")) == pytest.approx(document["adapters"]["cat"]["KPS"], abs=5e-5)
+    assert (out / "grid_cat.png").is_file() and (out / "grid_base.png").is_file()
 
 
 def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
