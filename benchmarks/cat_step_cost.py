@@ -23,9 +23,21 @@ on the same batch and seeds and reports, per configuration and as a ratio to ``l
 - how many U-Net passes ran the LoRA branch, and how many LoRA-layer calls happened inside the frozen pass
   (must be 0: with adapters disabled peft skips the low-rank matmuls).
 
-Example: ``python benchmarks/cat_step_cost.py --model tiny --steps 30 --output benchmarks/table.md``.
+It also prints the U-Net FLOP ratio to LoRA that the FLOP counter measured next to two floors, from counting
+U-Net work per step (a LoRA step: one adapted forward and its backward; prior preservation: the same on twice
+the batch; CAT: two adapted forwards with their backwards and one frozen forward):
+
+- forward 1, backward 2 (the issue's counting, right when the base weights get gradients): LoRA 3, CAT 7,
+  floor 7/3 = 2.33x;
+- frozen base, backward 1 (a LoRA backward computes input gradients only, about one forward; the LoRA weight
+  gradients are negligible): LoRA 2, CAT 5, floor 5/2 = 2.50x. This is the floor for LoRA training.
+
+Example: ``python benchmarks/cat_step_cost.py --model toy --resolution 32 --steps 20 --output table.md``.
 ``--model`` is ``tiny`` (the tests' tiny pipeline, built into a temporary folder), ``small`` (the same with a
-(64, 128, 128) U-Net), a local diffusers Stable Diffusion folder, or a hub id.
+(64, 128, 128) U-Net), ``toy`` (the committed toy-world base model, examples/toyworld/models/toy-sd: U-Net
+(32, 64, 64), trained on 32x32 images, so use ``--resolution 32``), a local diffusers Stable Diffusion folder,
+or a hub id. ``--mixed_precision bf16`` runs the frozen base in bfloat16 with float32 LoRA weights under
+autocast, as ``train_cat_lora.py --mixed_precision bf16`` does.
 """
 
 import argparse
@@ -44,8 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Counting a forward as 1 and a backward as 2 (the issue's convention): LoRA 3 units, CAT 7.
-FLOOR_7_3 = 7 / 3
+TOY_MODEL = ROOT / "examples" / "toyworld" / "models" / "toy-sd"
 
 CONFIGS = {
     "lora": {"cat_alpha": 0.0, "cat_mode": "lean", "prior": False},
@@ -56,6 +67,24 @@ CONFIGS = {
 MIB = 1024 * 1024
 PHASES = ["VAE encode", "text encode", "U-Net fwd (grad)", "U-Net fwd (frozen)", "backward", "clip + AdamW"]
 MODEL_LABELS = {"UNet2DConditionModel": "U-Net", "CLIPTextModel": "text encoder"}
+
+# U-Net work per step, in passes over the instance batch: (adapted passes with gradient, frozen passes).
+# Prior preservation runs the adapted U-Net on twice the batch: 2 passes' worth.
+UNET_PASSES = {"lora": (1, 0), "lora+prior": (2, 0), "cat-lean": (2, 1), "cat-batched": (2, 1)}
+# Cost of a backward in forwards: 2 when the base weights get gradients (the issue's counting), 1 with a frozen
+# base (a LoRA backward computes input gradients only).
+BACKWARD_UNITS = {"issue": 2, "frozen base": 1}
+
+
+def unet_units(config: str, backward_units: int) -> int:
+    """U-Net work of one step of ``config``, counting a forward as 1 and a backward as ``backward_units``."""
+    adapted, frozen = UNET_PASSES[config]
+    return adapted * (1 + backward_units) + frozen
+
+
+def unet_floor_ratio(config: str, backward_units: int) -> float:
+    """The U-Net work of ``config`` over a plain LoRA step's: 7/3 for CAT with backward 2, 5/2 with backward 1."""
+    return unet_units(config, backward_units) / unet_units("lora", backward_units)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +211,12 @@ def build_small_pipeline(out_dir) -> str:
 
 
 def resolve_model(model: str, scratch: Path) -> str:
-    """``tiny``/``small``: build into ``scratch``; otherwise a local folder or hub id, returned as is."""
+    """``tiny``/``small``: build into ``scratch``; ``toy``: the committed toy-world model; otherwise a local
+    folder or hub id, returned as is."""
+    if model == "toy":
+        if not (TOY_MODEL / "model_index.json").is_file():
+            raise SystemExit(f"--model toy: {TOY_MODEL} has no model_index.json")
+        return str(TOY_MODEL)
     if model == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny_pipeline import build_tiny_pipeline
@@ -234,10 +268,19 @@ class Bench:
         self.args, self.T, self.device = args, T, torch.device(args.device)
         load = Namespace(pretrained_model_name_or_path=model_path, revision=args.revision, variant=args.variant)
         tokenizer, self.scheduler, self.text_encoder, self.vae, self.unet = T.load_models(load)
+        # As train_cat_lora.py: the frozen base in the mixed-precision dtype, the LoRA weights in float32.
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
         for model in (self.unet, self.vae, self.text_encoder):
-            model.to(self.device)
+            if self.weight_dtype == torch.float32:
+                model.to(self.device)  # (a dtype argument would make diffusers warn about float32 modules)
+            else:
+                model.to(self.device, dtype=self.weight_dtype)
         torch.manual_seed(0)
         T.add_lora_adapters(self.unet, self.text_encoder, args.rank, float(args.rank), args.train_text_encoder)
+        if self.weight_dtype != torch.float32:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
         if args.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if args.train_text_encoder:
@@ -268,11 +311,13 @@ class Bench:
 
         spec = CONFIGS[config]
         torch.manual_seed(seed)
-        losses = self.T.training_step(
-            self.batches[spec["prior"]], self.unet, self.text_encoder, self.vae, self.scheduler,
-            cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"], prior_loss_weight=1.0 if spec["prior"] else 0.0,
-            snr_gamma=None, noise_offset=0.0, weight_dtype=torch.float32,
-            backward=backward or (lambda loss: loss.backward()))
+        # bf16: autocast around the step, as accelerate does around the prepared models' forward.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
+            losses = self.T.training_step(
+                self.batches[spec["prior"]], self.unet, self.text_encoder, self.vae, self.scheduler,
+                cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"],
+                prior_loss_weight=1.0 if spec["prior"] else 0.0, snr_gamma=None, noise_offset=0.0,
+                weight_dtype=self.weight_dtype, backward=backward or (lambda loss: loss.backward()))
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         optimizer = self.optimizer(config)
@@ -450,7 +495,7 @@ def rss_in_subprocess(args, model_path: str, config: str, steps: int) -> dict:
 
 def worker_flags(args) -> list[str]:
     flags = ["--device", args.device, "--resolution", str(args.resolution), "--batch_size", str(args.batch_size),
-             "--rank", str(args.rank)]
+             "--rank", str(args.rank), "--mixed_precision", args.mixed_precision]
     if args.threads:
         flags += ["--threads", str(args.threads)]
     for name in ("revision", "variant"):
@@ -497,17 +542,23 @@ def format_table(results: dict, meta: dict) -> str:
         f"- Machine: {meta['cpu']} ({meta['cores']} logical CPUs), torch {meta['torch']}, "
         f"{meta['threads']} torch threads, device {meta['device']}",
         f"- Resolution {meta['resolution']}, batch {meta['batch_size']} instance images, LoRA rank {meta['rank']}, "
-        f"gradient checkpointing {meta['gradient_checkpointing']}, text-encoder LoRA {meta['train_text_encoder']}",
+        f"gradient checkpointing {meta['gradient_checkpointing']}, text-encoder LoRA {meta['train_text_encoder']}, "
+        f"mixed precision {meta['mixed_precision']}",
         f"- Time: full optimizer step (VAE encode, text encode, U-Net passes, backward, grad clip, AdamW), "
         f"median of {meta['steps']} interleaved rounds after {meta['warmup']} warm-up rounds, same seed per round; "
         f"'x LoRA' is the median of per-round ratios",
-        f"- Theoretical floor (forward 1, backward 2): CAT / LoRA = 7/3 = {FLOOR_7_3:.2f}x",
+        f"- U-Net floors, CAT / LoRA: {unet_floor_ratio('cat-lean', BACKWARD_UNITS['issue']):.2f}x counting a "
+        f"forward 1 and a backward 2 (issue 5: LoRA {unet_units('lora', 2)}, CAT {unet_units('cat-lean', 2)}); "
+        f"{unet_floor_ratio('cat-lean', BACKWARD_UNITS['frozen base']):.2f}x with the base frozen, where a LoRA "
+        f"backward computes input gradients only, about 1 forward (LoRA {unet_units('lora', 1)}, "
+        f"CAT {unet_units('cat-lean', 1)}). The FLOP table below gives the measured U-Net ratio",
         f"- Saved for backward: exact bytes of tensors autograd holds (saved_tensors_hooks, frozen weights "
         f"excluded), peak within the step; RSS: {meta['rss_method']}",
         "",
         "| config | step ms (median) | x LoRA | time IQR ms | GFLOP/step | x LoRA | saved for backward MiB | x LoRA "
-        "| peak RSS MiB | step RSS rise MiB | x LoRA | U-Net passes with LoRA branch | LoRA calls in frozen pass |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MiB | x LoRA | step RSS rise MiB | x LoRA | U-Net passes with LoRA branch "
+        "| LoRA calls in frozen pass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "cuda_peak" in base:
         lines[-2] = lines[-2][:-1] + " CUDA peak MiB | x LoRA |"
@@ -515,7 +566,8 @@ def format_table(results: dict, meta: dict) -> str:
     for name, r in results.items():
         row = [name, f"{r['time_ms']:.1f}", f"{r['time_ratio']:.2f}x", f"{r['time_q1_ms']:.1f}-{r['time_q3_ms']:.1f}",
                f"{r['flops'] / 1e9:.3f}", _ratio(r["flops"], base["flops"]), _mib(r["saved_peak"]),
-               _ratio(r["saved_peak"], base["saved_peak"]), _mib(r.get("rss_peak")), _mib(r.get("rss_step")),
+               _ratio(r["saved_peak"], base["saved_peak"]), _mib(r.get("rss_peak")),
+               _ratio(r.get("rss_peak"), base.get("rss_peak")), _mib(r.get("rss_step")),
                _ratio(r.get("rss_step"), base.get("rss_step")), f"{r['lora_passes']:g}",
                str(r["lora_calls_in_frozen"]) if CONFIGS[name]["cat_alpha"] else "-"]
         if "cuda_peak" in r:
@@ -523,10 +575,16 @@ def format_table(results: dict, meta: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     models = sorted({m for r in results.values() for m in r.get("flops_by_model", {})})
     if models:
-        lines += ["", "GFLOP per step by model (forward and backward):", "",
-                  "| config | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        floors = ["U-Net x LoRA, measured", "floor: fwd 1, bwd 2", "floor: frozen base, bwd 1"]
+        lines += ["", "GFLOP per step by model (forward and backward), the U-Net FLOP ratio to LoRA measured by the "
+                  "FLOP counter, and the two floors of that ratio:", "",
+                  "| config | " + " | ".join(models + floors) + " |", "|---|" + "---|" * (len(models) + len(floors))]
         for name, r in results.items():
-            lines.append(f"| {name} | " + " | ".join(f"{r['flops_by_model'].get(m, 0) / 1e9:.3f}" for m in models) + " |")
+            cells = [f"{r['flops_by_model'].get(m, 0) / 1e9:.3f}" for m in models]
+            cells += [_ratio(r["flops_by_model"].get("U-Net"), base["flops_by_model"].get("U-Net")),
+                      f"{unet_floor_ratio(name, BACKWARD_UNITS['issue']):.2f}x",
+                      f"{unet_floor_ratio(name, BACKWARD_UNITS['frozen base']):.2f}x"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "phases_ms" in base:
         columns = PHASES + ["other", "total"]
         lines += ["", f"Where the time goes: ms per step by phase (median over {meta['phase_steps']} separate "
@@ -546,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help="'tiny', 'small' (tiny with a (64,128,128) U-Net), a local diffusers SD folder, or a hub id")
+                        help="'tiny', 'small' (tiny with a (64,128,128) U-Net), 'toy' (the committed "
+                             "examples/toyworld/models/toy-sd, 32x32 images: use --resolution 32), a local diffusers "
+                             "SD folder, or a hub id")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None)
     parser.add_argument("--device", default="cpu")
@@ -556,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="Timed rounds (each runs every configuration once).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed rounds first.")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
+                        help="bf16: frozen base in bfloat16, LoRA weights float32, step under autocast.")
     parser.add_argument("--train_text_encoder", action="store_true", help="Also put a LoRA on the text encoder.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     parser.add_argument("--configs", default=",".join(CONFIGS),
@@ -633,6 +695,7 @@ def main(argv=None) -> dict:
     meta = {"model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "resolution": args.resolution,
             "batch_size": args.batch_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
+            "mixed_precision": args.mixed_precision,
             "train_text_encoder": args.train_text_encoder, "steps": args.steps, "warmup": args.warmup,
             "phase_steps": args.phase_steps,
             "rss_method": rss_method}
