@@ -17,7 +17,8 @@ image space, the two same-seed pictures I(y_T) and I(y) are (0 when they are ide
 differ). The paper reads a low KPS as leakage: an adapter that draws the subject whether or not the trigger
 is in the prompt. A high KPS does not show that I(y) still looks like what the base model draws for y (an
 adapter that damages trigger-less prompts in some other way scores high too), nor that I(y_T) shows the
-subject (that is IS). The base model's own KPS (--lora base=none) is the level to compare against.
+subject (that is IS). The base model's own KPS (--lora base=none) is a useful reference: how much the
+trigger word alone changes the base model's pictures.
 The harmonic mean of values <= 0 is undefined: such values are clamped to 1e-6, a warning is printed,
 metrics.json records how many were clamped per metric, and the table marks the affected PS/IS/KPS cells
 with '*' (one clamped value pulls the harmonic mean down to about n * 1e-6, so such a cell only says that
