@@ -218,12 +218,17 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _trigger_pattern(trigger: str) -> re.Pattern:
     # A trigger is a whole word: not preceded or followed by a word character ("sksx" and "xsks" stay),
-    # while punctuation right after it ("sks,") still counts as a word boundary.
-    return re.compile(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)")
+    # while punctuation right after it ("sks,") still counts as a word boundary. Case is ignored because
+    # CLIP's tokenizer lowercases every caption: "SKS" and "sks" are the same token to the text encoder.
+    return re.compile(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)", re.IGNORECASE)
 
 
 def contains_trigger(caption: str, trigger: str) -> bool:
-    """True when ``trigger`` occurs in ``caption`` as a whole word."""
+    """True when ``trigger`` occurs in ``caption`` as a whole word, in any case ("SKS" counts as "sks").
+
+    Case is ignored because CLIP's tokenizer lowercases the caption: to the text encoder "SKS" is the
+    trigger, so a caption holding only "SKS" does contain it.
+    """
     return bool(_trigger_pattern(trigger).search(caption))
 
 
@@ -237,8 +242,8 @@ def _tidy(caption: str) -> str:
 
 
 def replace_trigger(caption: str, trigger: str, replacement: str) -> str:
-    """Replace every whole-word occurrence of ``trigger`` with ``replacement`` and tidy the whitespace."""
-    return _tidy(_trigger_pattern(trigger).sub(replacement, caption))
+    """Replace every whole-word occurrence of ``trigger``, in any case, with ``replacement``; tidy whitespace."""
+    return _tidy(_trigger_pattern(trigger).sub(lambda match: replacement, caption))
 
 
 def strip_trigger(caption: str, trigger: str) -> str:
@@ -247,6 +252,11 @@ def strip_trigger(caption: str, trigger: str) -> str:
     The trigger is removed as a whole word, never as a substring, and whitespace is collapsed:
     ``"a photo of sks dog"`` -> ``"a photo of dog"``, ``"sks, a dog"`` -> ``"a dog"``,
     ``"a sksx dog"`` is left unchanged.
+
+    Every occurrence goes, whatever its case: ``"a sks dog, SKS style"`` -> ``"a dog, style"``. CLIP's
+    tokenizer lowercases the caption, so "SKS" is the trigger token to the text encoder; Eq. 3 defines y as
+    y_T without the trigger, and an "SKS" left in y would make the CAT term pull the trigger itself back to
+    the base model.
     """
     return replace_trigger(caption, trigger, "")
 

@@ -47,3 +47,37 @@ def test_cat_prompt_modes():
     assert cat_prompt(caption, "sks", "empty") == ""
     with pytest.raises(InputError, match="cat_class_word"):
         cat_prompt(caption, "sks", "class", None)
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a sks dog, SKS style", "a dog, style"),
+        ("SKS dog", "dog"),
+        ("a photo of Sks", "a photo of"),
+        ("a sKs, dog", "a, dog"),
+    ],
+)
+def test_trigger_matching_ignores_case(caption, expected):
+    """CLIP's tokenizer lowercases: "SKS" is the trigger token too, and y (Eq. 3) must not keep it."""
+    assert contains_trigger(caption, "sks") and contains_trigger(caption, "SKS")
+    assert strip_trigger(caption, "sks") == expected
+    assert strip_trigger(caption, "SKS") == expected
+    assert "sks" not in replace_trigger(caption, "sks", "teapot").lower()
+
+
+def test_case_insensitive_matching_still_needs_a_whole_word():
+    assert not contains_trigger("a SKSX dog", "sks")
+    assert strip_trigger("a SKSX dog", "sks") == "a SKSX dog"
+
+
+def test_the_clip_tokenizer_lowercases_the_trigger(tiny_pipeline):
+    """Why matching ignores case: to the text encoder "SKS" and "sks" are the same token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    assert tokenizer("a SKS dog").input_ids == tokenizer("a sks dog").input_ids
+
+
+def test_replacement_text_is_literal():
+    assert replace_trigger("a sks dog", "sks", r"\1 teapot") == r"a \1 teapot dog"
