@@ -186,6 +186,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
+        raise InputError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
     if args.rank <= 0:
         raise InputError(f"--rank must be positive, got {args.rank}")
     if args.lora_alpha is None:
@@ -1024,23 +1026,44 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoints_to_prune(folders: list[Path], total_limit: int | None) -> list[Path]:
+    """The oldest of ``folders`` (oldest first, the new checkpoint included) beyond ``total_limit``."""
+    if total_limit is None:
+        return []
+    return folders[: max(0, len(folders) - total_limit)]
+
+
+class SaveFailed(Exception):
+    """Writing a checkpoint failed (out of disk, permissions): reported as one line, with exit status 1."""
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """``accelerator.save_state`` into ``checkpoint-<step>``, written aside and renamed into place."""
+    """``accelerator.save_state`` into ``checkpoint-<step>``, written aside and renamed into place.
+
+    Old checkpoints are pruned only once the new one is in place, so a crash mid-save (with
+    ``--checkpoints_total_limit 1`` too) still leaves the previous complete checkpoint for ``latest``. A failed
+    save removes its hidden partial folder and raises ``SaveFailed``.
+    """
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
-        if total_limit is not None:
-            old = checkpoint_folders(output_dir)
-            for folder in old[: max(0, len(old) - total_limit + 1)]:
-                logger.info(f"Removing old checkpoint {folder.name} (--checkpoints_total_limit {total_limit})")
-                shutil.rmtree(folder)
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)  # frees the space it took; checkpoint_folders ignores it anyway
+        reason = error.strerror or str(error)
+        raise SaveFailed(f"could not save {final} ({reason}); the previous checkpoints are intact") from None
+    # Every process writes its own random_states_<rank>.pkl: all must be inside before the folder is renamed.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)  # a crash mid-save leaves only the hidden partial folder behind
         logger.info(f"Saved {final}")
+        for folder in checkpoints_to_prune(checkpoint_folders(output_dir), total_limit):
+            logger.info(f"Removing old checkpoint {folder.name} (--checkpoints_total_limit {total_limit})")
+            shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
 
@@ -1594,7 +1617,7 @@ def main(argv=None) -> list[Path]:
     try:
         steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
                             triggers, weight_dtype)
-    except TrainingInterrupted:
+    except (TrainingInterrupted, SaveFailed):
         accelerator.end_training()
         raise
 
@@ -1643,13 +1666,24 @@ def push_to_hub(args: argparse.Namespace) -> None:
                   ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*"], token=args.hub_token)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """Run ``main`` as a command: expected failures become one line on stderr and an exit status."""
+    program = Path(__file__).name
     try:
-        main()
+        main(argv)
     except InputError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as stop:
-        print(f"{Path(sys.argv[0]).name}: {stop}; saved {stop.checkpoint}. Resume with the same command plus "
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 2
+    except SaveFailed as error:
+        print(f"{program}: error: {error}. Fix the cause, then run the same command plus "
               "--resume_from_checkpoint latest", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        return 1
+    except TrainingInterrupted as stop:
+        print(f"{program}: {stop}; saved {stop.checkpoint}. Resume with the same command plus "
+              "--resume_from_checkpoint latest", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -86,14 +86,20 @@ def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int 
     ]
 
 
-def run_train_cat_lora(argv: list[str]):
-    """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state."""
-    import train_cat_lora
+def reset_accelerate_state() -> None:
+    """Forget the previous in-process run's accelerate state, so the next run starts like a new process."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def run_train_cat_lora(argv: list[str]):
+    """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state."""
+    import train_cat_lora
+
+    reset_accelerate_state()
     return train_cat_lora.main(argv)
 
 

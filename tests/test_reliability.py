@@ -1,5 +1,6 @@
 """Interruption, bit-exact resume after a signal, hostile input, and several processes."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, draw_subject, train_args
+from conftest import ROOT, draw_subject, reset_accelerate_state, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -78,6 +79,90 @@ def test_a_crash_mid_save_leaves_no_checkpoint_for_latest(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / ".checkpoint-4.partial").mkdir()  # what a crash during save_state leaves behind
     assert [p.name for p in T.checkpoint_folders(tmp_path)] == ["checkpoint-2"]
+
+
+def test_out_of_disk_during_a_save_is_one_line_and_latest_resumes_from_the_previous_checkpoint(
+        tiny_pipeline, instance_dir, tmp_path, monkeypatch, capsys):
+    """The second checkpoint's save writes a partial file, then the disk is full (ENOSPC)."""
+    import accelerate
+
+    out = tmp_path / "out"
+    argv = train_args(tiny_pipeline, instance_dir, out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+                      steps=6)
+    original_save_state, original_load_state = accelerate.Accelerator.save_state, accelerate.Accelerator.load_state
+    saves, loads = [], []
+
+    def disk_full_on_second_save(self, output_dir=None, **kwargs):
+        saves.append(output_dir)
+        if len(saves) < 2:
+            return original_save_state(self, output_dir, **kwargs)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(output_dir) / "optimizer.bin"))
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", disk_full_on_second_save)
+    reset_accelerate_state()
+    assert T.cli(argv) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("train_cat_lora.py:")] == [
+        f"train_cat_lora.py: error: could not save {out / 'checkpoint-4'} (No space left on device); the previous "
+        "checkpoints are intact. Fix the cause, then run the same command plus --resume_from_checkpoint latest"]
+    # --checkpoints_total_limit 1 prunes only after a save succeeded: checkpoint-2 is still there.
+    assert [p.name for p in T.checkpoint_folders(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))  # the partial folder is removed (and would be ignored)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", original_save_state)
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", lambda self, path, **kw: (
+        loads.append(path), original_load_state(self, path, **kw))[1])
+    reset_accelerate_state()
+    assert T.cli([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert loads == [str(out / "checkpoint-2")]
+    assert [p.name for p in T.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+class RecordingAccelerator:
+    """Stands in for the main process of an accelerator: records what the output folder holds at each call."""
+
+    is_main_process = True
+
+    def __init__(self, output_dir: Path):
+        self.output_dir, self.events = output_dir, []
+
+    def folders(self) -> list[str]:
+        return sorted(p.name for p in self.output_dir.iterdir())
+
+    def save_state(self, path):
+        self.events.append(("save_state", self.folders()))
+        Path(path).mkdir()
+        (Path(path) / "random_states_0.pkl").write_bytes(b"state")
+
+    def wait_for_everyone(self):
+        self.events.append(("wait", self.folders()))
+
+
+def test_save_waits_for_every_process_before_the_rename_and_prunes_after_it(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    accelerator = RecordingAccelerator(tmp_path)
+    assert T.save_checkpoint(accelerator, tmp_path, 4, total_limit=1) == tmp_path / "checkpoint-4"
+    assert accelerator.events == [
+        ("wait", ["checkpoint-2"]),
+        ("save_state", ["checkpoint-2"]),
+        # the other processes write their random states into the partial folder before it is renamed
+        ("wait", [".checkpoint-4.partial", "checkpoint-2"]),
+        ("wait", ["checkpoint-4"]),  # renamed, then the old checkpoint pruned
+    ]
+    assert (tmp_path / "checkpoint-4" / "random_states_0.pkl").is_file()
+
+
+def test_checkpoints_are_pruned_only_beyond_the_limit():
+    folders = [Path(f"checkpoint-{n}") for n in (2, 4, 6)]
+    assert T.checkpoints_to_prune(folders, None) == []
+    assert T.checkpoints_to_prune(folders, 1) == folders[:2]
+    assert T.checkpoints_to_prune(folders, 3) == []
+    assert T.checkpoints_to_prune(folders, 5) == []
 
 
 # ----------------------------------------------------------------------------- hostile input
@@ -213,6 +298,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipelin
         env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)  # one thread per process: 2 cores
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("wrote ") == 2  # weights and model card, written once (main process only)
+    # Each process saves its own random state: both must be inside the checkpoint when it is renamed into place.
+    saved = {p.name for p in (double / "checkpoint-2").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "pytorch_lora_weights.safetensors"} <= saved, saved
+    assert not list(double.glob(".checkpoint-*"))
     a = load_file(single / "pytorch_lora_weights.safetensors")
     b = load_file(double / "pytorch_lora_weights.safetensors")
     initial = {k: v for k, v in load_file(single / "checkpoint-2" / "pytorch_lora_weights.safetensors").items()}
