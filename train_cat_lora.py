@@ -200,9 +200,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise InputError(f"--resume_from_checkpoint: {args.resume_from_checkpoint}: no such checkpoint folder")
-    if args.validation_prompt is not None and args.cat_alpha > 0 and args.trigger_token is not None:
-        if not contains_trigger(args.validation_prompt, args.trigger_token):
-            raise InputError(f"--validation_prompt does not contain the trigger {args.trigger_token!r}")
     if args.cache_latents and (args.random_flip or not args.center_crop):
         raise InputError("--cache_latents needs --center_crop and no --random_flip (cached latents are not re-augmented)")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
@@ -290,6 +287,19 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def read_text(path: Path, where: str | None = None) -> str:
+    """The contents of a UTF-8 text file; ``InputError`` naming the file (and ``where``, e.g. a flag) if it is not.
+
+    Captions and lists are read as UTF-8 whatever the system's locale, so a run means the same everywhere.
+    """
+    prefix = f"{where}: {path}" if where else str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{prefix}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+
+
 def load_image_caption_pairs(folder, default_caption: str | None = None) -> list[tuple[Path, str]]:
     """Pair each image in ``folder`` with its caption.
 
@@ -303,7 +313,7 @@ def load_image_caption_pairs(folder, default_caption: str | None = None) -> list
     metadata = {}
     metadata_file = folder / "metadata.jsonl"
     if metadata_file.is_file():
-        for number, line in enumerate(metadata_file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(metadata_file).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -322,7 +332,7 @@ def load_image_caption_pairs(folder, default_caption: str | None = None) -> list
         if image.name in metadata:
             caption = metadata[image.name]
         elif caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8").strip()
+            caption = read_text(caption_file).strip()
         elif default_caption is not None:
             caption = default_caption
         else:
@@ -354,13 +364,28 @@ class Example:
     trigger: str | None = None
 
 
+def concept_field_error(entry: dict) -> str | None:
+    """What is wrong with the values of a concepts-list entry, or None.
+
+    Each field must be a non-empty string (``class_word`` may also be null): a number or a list would
+    otherwise fail much later, inside the regular expressions or the tokenizer, with a traceback.
+    """
+    for key in ("instance_data_dir", "instance_prompt", "trigger_token", "class_word"):
+        if key not in entry or (key == "class_word" and entry[key] is None):
+            continue
+        value = entry[key]
+        if not isinstance(value, str) or not value.strip():
+            return f"{key} must be a non-empty string, got {json.dumps(value)}"
+    return None
+
+
 def load_concepts(args: argparse.Namespace) -> list[Concept]:
     """The concepts to train: the ``--concepts_list`` file, or one concept from the single-concept flags."""
     if args.concepts_list is None:
         return [Concept(args.instance_data_dir, args.instance_prompt, args.trigger_token, args.cat_class_word)]
     path = Path(args.concepts_list)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(read_text(path, "--concepts_list"))
     except FileNotFoundError:
         raise InputError(f"--concepts_list: {path}: no such file") from None
     except json.JSONDecodeError as error:
@@ -374,10 +399,13 @@ def load_concepts(args: argparse.Namespace) -> list[Concept]:
         missing = [key for key in ("instance_data_dir", "instance_prompt", "trigger_token") if key not in entry]
         if missing:
             raise InputError(f"--concepts_list: {path}: entry {number} lacks {', '.join(missing)}")
+        wrong_type = concept_field_error(entry)
+        if wrong_type:
+            raise InputError(f"--concepts_list: {path}: entry {number}: {wrong_type}")
         folder = Path(entry["instance_data_dir"])
         if not folder.is_absolute():
             folder = path.parent / folder  # relative to the list, so a list travels with its images
-        class_word = entry.get("class_word", args.cat_class_word)
+        class_word = entry.get("class_word") or args.cat_class_word
         if args.cat_prompt == "class" and not class_word:
             raise InputError(f"--concepts_list: {path}: entry {number} needs class_word for --cat_prompt class")
         concepts.append(Concept(str(folder), entry["instance_prompt"], entry["trigger_token"], class_word))
@@ -433,6 +461,43 @@ def summarize_notes(notes: dict) -> list[str]:
     return lines
 
 
+def check_validation_prompt(prompt: str | None, cat_alpha: float, concepts: list[Concept]) -> None:
+    """With CAT on, the validation prompt must name at least one concept's trigger.
+
+    Validation draws the prompt with and without its triggers: without one, both rows would be the same
+    picture and the grid would show nothing about the adapter.
+    """
+    triggers = [c.trigger_token for c in concepts if c.trigger_token]
+    if prompt is None or cat_alpha == 0 or not triggers:
+        return
+    if not any(contains_trigger(prompt, trigger) for trigger in triggers):
+        names = " or ".join(repr(trigger) for trigger in triggers)
+        raise InputError(f"--validation_prompt {prompt!r} does not contain the trigger {names}")
+
+
+def check_image(path: Path, resolution: int, notes: dict) -> None:
+    """Decode one image file now (``InputError`` naming it if it cannot be); note what will be fixed on the way."""
+    image = open_rgb_image(path, str(path), notes)
+    if min(image.size) < resolution:
+        notes.setdefault(f"smaller than --resolution {resolution} (upscaled)", []).append(str(path))
+
+
+def check_class_images(class_data_dir: Path, num_class_images: int, resolution: int, notes: dict) -> None:
+    """Decode the existing class images that prior preservation will use, before any model loads.
+
+    These are the first ``num_class_images`` by name (the missing ones are generated later, and sort after
+    or among them without pushing an unchecked one in). A corrupt one is an error naming it, as for
+    instance images; conversions go into ``notes``, the same data-loading summary.
+    """
+    if not class_data_dir.is_dir():
+        return
+    for path in list_images(class_data_dir)[:num_class_images]:
+        try:
+            check_image(path, resolution, notes)
+        except InputError as error:
+            raise InputError(f"--class_data_dir: {error}; remove it (missing class images are generated)") from None
+
+
 def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept], notes: dict | None = None
                               ) -> list[Example]:
     """Every training image with its caption y_T and CAT prompt y, checked before any model loads.
@@ -447,9 +512,7 @@ def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept],
     else:
         for concept in concepts:
             for path, caption in load_image_caption_pairs(concept.instance_data_dir, concept.instance_prompt):
-                image = open_rgb_image(path, str(path), notes)
-                if min(image.size) < args.resolution:
-                    notes.setdefault(f"smaller than --resolution {args.resolution} (upscaled)", []).append(str(path))
+                check_image(path, args.resolution, notes)
                 examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path),
                                         concept.trigger_token))
     return examples
@@ -1498,6 +1561,9 @@ def check_inputs(args: argparse.Namespace):
     concepts = load_concepts(args)
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
+    if args.with_prior_preservation:
+        check_class_images(Path(args.class_data_dir), args.num_class_images, args.resolution, data_notes)
+    check_validation_prompt(args.validation_prompt, args.cat_alpha, concepts)
     if args.validation_kps:
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))

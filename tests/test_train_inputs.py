@@ -114,13 +114,31 @@ def test_prior_preservation_generates_class_images_and_v_prediction_trains(tmp_p
     card = (out / "README.md").read_text()
     for expected in ("Trigger(s): `sks`", "CAT alpha: 1.0", "`strip`", "Steps: 2", "validation/step-2.png"):
         assert expected in card
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    logged = tensorboard_tags(out / "logs")
+    assert {"loss/loss", "loss/diffusion", "loss/cat", "loss/prior", "lr"} <= logged["scalars"], logged
+    assert "validation" in logged["images"], logged
+
+
+def tensorboard_tags(log_dir: Path) -> dict:
+    """The scalar and image tags written in every TensorBoard events file under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"scalars": set(), "images": set()}
+    files = list(log_dir.rglob("events.out.tfevents.*"))
+    assert files, f"no events file under {log_dir}"
+    for events in files:
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind].update(accumulator.Tags()[kind])
+    return tags
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
 def bad_input_cases(tmp_path: Path, instance_dir: Path):
+    """(extra flags, flags to drop from the default command line, expected message) per bad input."""
     empty = tmp_path / "empty"
     empty.mkdir()
     corrupt = tmp_path / "corrupt"
@@ -131,33 +149,101 @@ def bad_input_cases(tmp_path: Path, instance_dir: Path):
     uncaptioned.mkdir()
     draw_subject(uncaptioned / "a.png", shift=0)
     (uncaptioned / "a.txt").write_text("a photo of a teapot")
+    latin1_txt = tmp_path / "latin1_txt"
+    latin1_txt.mkdir()
+    draw_subject(latin1_txt / "a.png", shift=0)
+    (latin1_txt / "a.txt").write_bytes("une photo de sks théière".encode("latin-1"))
+    latin1_jsonl = tmp_path / "latin1_jsonl"
+    latin1_jsonl.mkdir()
+    draw_subject(latin1_jsonl / "a.png", shift=0)
+    (latin1_jsonl / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "sks théière"}'.encode("latin-1"))
+    corrupt_class = tmp_path / "corrupt_class"
+    corrupt_class.mkdir()
+    draw_subject(corrupt_class / "0.png", shift=0, color=(30, 30, 200))
+    (corrupt_class / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of teapot", "--num_class_images", "2"]
     (tmp_path / "bad.json").write_text("[{")
     (tmp_path / "lacking.json").write_text(json.dumps([{"instance_data_dir": str(instance_dir)}]))
+    (tmp_path / "typed.json").write_text(json.dumps([
+        {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks teapot", "trigger_token": 5}]))
+    (tmp_path / "latin1.json").write_bytes(json.dumps([
+        {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks théière", "trigger_token": "sks"}],
+        ensure_ascii=False).encode("latin-1"))
+    concepts = ["--instance_data_dir"]
     return [
-        (["--instance_data_dir", str(tmp_path / "missing")], "missing: no such folder"),
-        (["--instance_data_dir", str(empty)], "empty: no image files"),
-        (["--instance_data_dir", str(corrupt)], "broken.png: cannot read image"),
-        (["--instance_data_dir", str(uncaptioned)], "a.png: caption 'a photo of a teapot' does not contain"),
-        (["--cat_alpha", "-1"], "--cat_alpha must be >= 0"),
-        (["--cat_prompt", "class"], "--cat_prompt class needs --cat_class_word"),
-        (["--resolution", "30"], "--resolution must be a positive multiple of 8"),
-        (["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], "checkpoint-9: no such checkpoint"),
-        (["--concepts_list", str(tmp_path / "bad.json")], "bad.json: not valid JSON"),
-        (["--concepts_list", str(tmp_path / "lacking.json")], "entry 0 lacks instance_prompt, trigger_token"),
+        (["--instance_data_dir", str(tmp_path / "missing")], [], "missing: no such folder"),
+        (["--instance_data_dir", str(empty)], [], "empty: no image files"),
+        (["--instance_data_dir", str(corrupt)], [], "broken.png: cannot read image"),
+        (["--instance_data_dir", str(uncaptioned)], [], "a.png: caption 'a photo of a teapot' does not contain"),
+        (["--instance_data_dir", str(latin1_txt)], [], "latin1_txt/a.txt: not UTF-8 text"),
+        (["--instance_data_dir", str(latin1_jsonl)], [], "latin1_jsonl/metadata.jsonl: not UTF-8 text"),
+        (["--class_data_dir", str(corrupt_class), *prior], [], "--class_data_dir: " + str(corrupt_class / "1.png")
+         + ": cannot read image"),
+        (["--cat_alpha", "-1"], [], "--cat_alpha must be >= 0"),
+        (["--cat_alpha", "0.5"], ["--trigger_token"], "--trigger_token is required when --cat_alpha > 0"),
+        (["--cat_prompt", "class"], [], "--cat_prompt class needs --cat_class_word"),
+        (["--resolution", "30"], [], "--resolution must be a positive multiple of 8"),
+        (["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], [], "checkpoint-9: no such checkpoint"),
+        (["--checkpoints_total_limit", "0"], [], "--checkpoints_total_limit must be positive"),
+        (["--validation_prompt", "a photo of teapot"], [], "--validation_prompt 'a photo of teapot' does not contain"),
+        (["--concepts_list", str(tmp_path / "bad.json")], concepts, "bad.json: not valid JSON"),
+        (["--concepts_list", str(tmp_path / "lacking.json")], concepts, "entry 0 lacks instance_prompt, trigger_token"),
+        (["--concepts_list", str(tmp_path / "typed.json")], concepts,
+         "typed.json: entry 0: trigger_token must be a non-empty string, got 5"),
+        (["--concepts_list", str(tmp_path / "latin1.json")], concepts, "--concepts_list: " + str(tmp_path / "latin1.json")
+         + ": not UTF-8 text"),
     ]
 
 
+def without_flags(argv: list[str], flags: list[str]) -> list[str]:
+    """``argv`` without each of ``flags`` and the value that follows it."""
+    argv = list(argv)
+    for flag in flags:
+        position = argv.index(flag)
+        del argv[position:position + 2]
+    return argv
+
+
 def test_each_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, instance_dir, tiny_pipeline):
-    for extra, message in bad_input_cases(tmp_path, instance_dir):
+    for extra, dropped, message in bad_input_cases(tmp_path, instance_dir):
         out = tmp_path / "out"
-        argv = train_args(tiny_pipeline, instance_dir, out, *extra)
-        if extra[0] in ("--concepts_list",):
-            argv = argv[: argv.index("--instance_data_dir")] + argv[argv.index("--instance_data_dir") + 2:]
+        argv = without_flags(train_args(tiny_pipeline, instance_dir, out, *extra), dropped)
         with pytest.raises(T.InputError) as error:
             T.main(argv)
         assert message in str(error.value), (extra, str(error.value))
         assert "\n" not in str(error.value)
         assert not out.exists(), extra
+
+
+def test_validation_prompt_of_a_concepts_list_needs_one_of_its_triggers(tmp_path, instance_dir):
+    concepts = [{"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks teapot",
+                 "trigger_token": "sks"},
+                {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of zwx teapot",
+                 "trigger_token": "zwx"}]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    for prompt in ("zwx on a table", "SKS on a table", "sks and zwx"):
+        args = args_for("--concepts_list", str(tmp_path / "concepts.json"), "--validation_prompt", prompt)
+        T.check_validation_prompt(args.validation_prompt, args.cat_alpha, T.load_concepts(args))
+    args = args_for("--concepts_list", str(tmp_path / "concepts.json"), "--validation_prompt", "a teapot")
+    with pytest.raises(T.InputError, match="does not contain the trigger 'sks' or 'zwx'"):
+        T.check_inputs(args)
+    T.check_validation_prompt("a teapot", 0.0, T.load_concepts(args))  # no CAT: no trigger needed
+
+
+def test_class_images_are_checked_and_noted_like_instance_images(tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(class_dir / "a.png")
+    Image.new("RGB", (16, 16), "white").save(class_dir / "b.png")
+    (class_dir / "c.png").write_bytes(b"not an image")  # beyond --num_class_images 2: never used, never read
+    notes = {}
+    T.check_class_images(class_dir, 2, 32, notes)
+    lines = T.summarize_notes(notes)
+    assert any("transparency" in line and "a.png" in line for line in lines), lines
+    assert any("smaller than --resolution 32" in line and "b.png" in line for line in lines), lines
+    with pytest.raises(T.InputError, match=r"--class_data_dir: .*c\.png: cannot read image"):
+        T.check_class_images(class_dir, 3, 32, {})
+    T.check_class_images(tmp_path / "not-yet-generated", 3, 32, {})
 
 
 def test_command_line_error_exits_2_with_one_line(tmp_path, tiny_pipeline, instance_dir):
