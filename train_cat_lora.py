@@ -628,47 +628,62 @@ def augment(image, resolution: int, center_crop: bool, random_flip: bool, genera
     return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 
 
-def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0,
-                 latent_cache: dict | None = None):
-    """A torch Dataset yielding pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
+class CATDataset:
+    """A map-style dataset of pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
 
     Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler),
     with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator. With a
-    ``latent_cache`` (image name -> VAE posterior parameters) items carry ``latent_parameters`` instead of pixels.
+    ``latent_cache`` (image name -> VAE posterior parameters) ``pixel_values`` holds those parameters instead.
+
+    A module-level class holding only picklable data, so that dataloader workers started with spawn or
+    forkserver (macOS, Windows, Python 3.14's default on Linux) can receive it; a ``torch.utils.data.DataLoader``
+    needs only ``__len__`` and ``__getitem__``, so importing torch can wait until it is used.
     """
-    import torch
 
-    def tokenize(text: str):
-        return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                         return_tensors="pt").input_ids[0]
+    def __init__(self, instance_examples, class_examples, tokenizer, resolution: int, center_crop: bool,
+                 random_flip: bool, seed: int = 0, latent_cache: dict | None = None):
+        self.instance_examples, self.class_examples = instance_examples, class_examples or []
+        self.tokenizer, self.resolution, self.seed, self.latent_cache = tokenizer, resolution, seed, latent_cache
+        self.center_crop, self.random_flip = center_crop, random_flip
 
-    def pixels_or_latents(example, generator):
-        if latent_cache is not None:
-            return latent_cache[example.name]
-        return augment(open_rgb_image(example.image, example.name), resolution, center_crop, random_flip, generator)
+    def __len__(self):
+        # As in DreamBooth: an epoch walks the longer of the instance and class sets.
+        return max(len(self.instance_examples), len(self.class_examples))
 
-    class CATDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            # As in DreamBooth: an epoch walks the longer of the instance and class sets.
-            return max(len(instance_examples), len(class_examples or []))
+    def tokenize(self, text: str):
+        return self.tokenizer(text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids[0]
 
-        def __getitem__(self, number):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
-            example = instance_examples[number % len(instance_examples)]
-            item = {
-                "pixel_values": pixels_or_latents(example, generator),
-                "input_ids": tokenize(example.caption),
-                "cat_input_ids": tokenize(example.cat_caption),
-                "noise_seed": draw_seed(generator),
-            }
-            if class_examples:
-                class_example = class_examples[number % len(class_examples)]
-                item["class_pixel_values"] = pixels_or_latents(class_example, generator)
-                item["class_input_ids"] = tokenize(class_example.caption)
-                item["class_noise_seed"] = draw_seed(generator)
-            return item
+    def pixels_or_latents(self, example: Example, generator):
+        if self.latent_cache is not None:
+            return self.latent_cache[example.name]
+        return augment(open_rgb_image(example.image, example.name), self.resolution, self.center_crop,
+                       self.random_flip, generator)
 
-    return CATDataset()
+    def __getitem__(self, number: int) -> dict:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
+        example = self.instance_examples[number % len(self.instance_examples)]
+        item = {
+            "pixel_values": self.pixels_or_latents(example, generator),
+            "input_ids": self.tokenize(example.caption),
+            "cat_input_ids": self.tokenize(example.cat_caption),
+            "noise_seed": draw_seed(generator),
+        }
+        if self.class_examples:
+            class_example = self.class_examples[number % len(self.class_examples)]
+            item["class_pixel_values"] = self.pixels_or_latents(class_example, generator)
+            item["class_input_ids"] = self.tokenize(class_example.caption)
+            item["class_noise_seed"] = draw_seed(generator)
+        return item
+
+
+def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0,
+                 latent_cache: dict | None = None) -> CATDataset:
+    """The training dataset (see ``CATDataset``)."""
+    return CATDataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed,
+                      latent_cache)
 
 
 def collate_examples(items: list[dict]) -> dict:

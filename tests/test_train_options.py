@@ -53,3 +53,24 @@ def test_gradient_checkpointing_bf16_and_8bit_adam_train(tiny_pipeline, instance
     trained = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora.up" in k or "lora_B" in k)
+
+
+def test_dataloader_workers_get_a_picklable_dataset_and_train_the_same_adapter(tiny_pipeline, instance_dir, tmp_path,
+                                                                               run_training):
+    """Workers started with spawn or forkserver receive the dataset pickled; with fork they share it."""
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    examples = [T.Example(p, "a photo of sks teapot", "a photo of teapot", str(p)) for p in T.list_images(instance_dir)]
+    dataset = T.make_dataset(examples, [], tokenizer, 32, False, True, seed=3)
+    copy = pickle.loads(pickle.dumps(dataset))
+    for key, value in dataset[5].items():
+        assert torch.equal(torch.as_tensor(copy[5][key]), torch.as_tensor(value)), key
+
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "main", "--random_flip", steps=2))
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "workers", "--random_flip",
+                            "--dataloader_num_workers", "2", steps=2))
+    a, b = weights(tmp_path / "main"), weights(tmp_path / "workers")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
