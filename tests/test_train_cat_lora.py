@@ -65,21 +65,41 @@ def test_step_zero_cat_term_is_zero_and_frozen_pass_is_base_unet(tiny_pipeline, 
     assert not torch.allclose(adapted, reference)
 
 
-def test_frozen_pass_never_calls_the_lora_branch(tiny_pipeline, instance_dir):
-    models = tiny_models(tiny_pipeline)
+def count_lora_calls(*models) -> dict:
+    """Forward hooks on every LoRA down-projection of ``models``: returns {model index: list of calls}."""
+    calls = {}
+    for index, model in enumerate(models):
+        calls[index] = []
+        modules = [m for name, m in model.named_modules() if name.endswith("lora_A.default")]
+        assert modules, f"model {index} has no LoRA layers"
+        for module in modules:
+            module.register_forward_hook(lambda *_, found=calls[index]: found.append(1))
+    return calls
+
+
+def test_frozen_pass_never_calls_the_lora_branch(tiny_pipeline, instance_dir, monkeypatch):
+    """Neither the U-Net's nor the text encoder's LoRA layers run in the frozen pass, inside a real CAT step."""
+    models = tiny_models(tiny_pipeline, train_text_encoder=True)
     tokenizer, _, text_encoder, _, unet = models
-    calls = []
-    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
-             for name, module in unet.named_modules() if name.endswith("lora_A.default")]
-    assert hooks, "the U-Net has no LoRA layers"
+    calls = count_lora_calls(unet, text_encoder)
     batch = tiny_batch(tokenizer, instance_dir)
-    embeds = T.encode_prompt(text_encoder, batch["cat_input_ids"])
-    with torch.no_grad(), T.adapters_disabled(unet):
-        unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), embeds)
-    assert calls == []
-    with torch.no_grad():
-        unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), embeds)
-    assert len(calls) == len(hooks)
+    T.frozen_prediction(unet, text_encoder, torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), batch["cat_input_ids"])
+    assert calls == {0: [], 1: []}
+
+    in_frozen_pass = []
+    original_frozen = T.frozen_prediction
+
+    def counted_frozen(*args, **kwargs):
+        before = (len(calls[0]), len(calls[1]))
+        prediction = original_frozen(*args, **kwargs)
+        in_frozen_pass.append((len(calls[0]) - before[0], len(calls[1]) - before[1]))
+        return prediction
+
+    monkeypatch.setattr(T, "frozen_prediction", counted_frozen)
+    for mode in ("lean", "batched"):
+        losses_for(models, batch, alpha=1.0, cat_mode=mode)
+        assert in_frozen_pass.pop() == (0, 0), mode
+    assert calls[0] and calls[1]  # the adapted passes did run both adapters
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
@@ -149,12 +169,47 @@ def test_alpha_zero_is_the_plain_lora_objective(tiny_pipeline, instance_dir):
     assert torch.equal(losses["loss"].detach(), F.mse_loss(pred, noise).detach())
 
 
-def test_alpha_zero_run_is_identical_to_a_run_without_cat_flags(tiny_pipeline, instance_dir, tmp_path, run_training):
-    plain = train_args(tiny_pipeline, instance_dir, tmp_path / "plain", "--cat_alpha", "0", "--random_flip")
+def plain_lora_step(batch, unet, text_encoder, vae, noise_scheduler, *, weight_dtype, backward, **unused) -> dict:
+    """A plain LoRA step written without any CAT code: one U-Net pass on y_T, the MSE to the target, backward."""
+    import torch.nn.functional as F
+
+    z = T.noisy_latents_for(batch, vae, noise_scheduler, 0.0, weight_dtype)
+    pred = unet(z["noisy_latents"], z["timesteps"], text_encoder(batch["input_ids"], return_dict=False)[0]).sample
+    loss = F.mse_loss(pred, z["target"])
+    backward(loss)
+    zero = torch.zeros(())
+    return {"loss": loss.detach(), "diffusion": loss.detach(), "prior": zero, "cat": zero}
+
+
+def test_alpha_zero_run_is_exactly_plain_lora(tiny_pipeline, instance_dir, tmp_path, run_training, monkeypatch):
+    """--cat_alpha 0 with a trigger and a CAT prompt mode: one U-Net pass per step, never the frozen pass, and
+    bit-identical weights to a plain LoRA run (no --trigger_token, the step replaced by ``plain_lora_step``)."""
+    common = ("--cat_alpha", "0", "--random_flip", "--train_text_encoder")
+    unet_calls, calls_per_step, frozen_calls = [], [], []
+    original_prepare, original_step = T.prepare_models, T.training_step
+
+    def prepare_and_count(*args, **kwargs):
+        models = original_prepare(*args, **kwargs)
+        models["unet"].register_forward_pre_hook(lambda *_: unet_calls.append(1))
+        return models
+
+    def counted_step(*args, **kwargs):
+        before = len(unet_calls)
+        losses = original_step(*args, **kwargs)
+        calls_per_step.append(len(unet_calls) - before)
+        return losses
+
+    monkeypatch.setattr(T, "prepare_models", prepare_and_count)
+    monkeypatch.setattr(T, "training_step", counted_step)
+    monkeypatch.setattr(T, "frozen_prediction", lambda *a, **k: frozen_calls.append(1))
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "zero", *common, "--cat_prompt", "class",
+                            "--cat_class_word", "teapot", steps=3))
+    assert calls_per_step == [1, 1, 1] and frozen_calls == []
+
+    monkeypatch.setattr(T, "training_step", plain_lora_step)
+    plain = train_args(tiny_pipeline, instance_dir, tmp_path / "plain", *common, steps=3)
     plain.remove("--trigger_token"); plain.remove("sks")
     run_training(plain)
-    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "zero", "--cat_alpha", "0", "--random_flip",
-                            "--cat_prompt", "class", "--cat_class_word", "teapot"))
     a = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "zero" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -183,24 +238,43 @@ def test_training_leaves_base_weights_bit_identical(tiny_pipeline, instance_dir,
         assert all(torch.equal(trained_state[k], base_state[k]) for k in base_state), name
 
 
-def test_lean_and_batched_modes_give_the_same_gradients(tiny_pipeline, instance_dir):
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    """Two class images (a blue subject) for prior preservation."""
+    folder = tmp_path_factory.mktemp("class")
+    for i in range(2):
+        draw_subject(folder / f"{i}.png", shift=i, color=(30, 30, 200))
+    return folder
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("prior", [False, True], ids=["no-prior", "prior"])
+def test_lean_and_batched_modes_give_the_same_gradients(tiny_pipeline, instance_dir, class_dir,
+                                                         gradient_checkpointing, prior):
     grads = {}
     for mode in ("lean", "batched"):
         models = tiny_models(tiny_pipeline, train_text_encoder=True)
+        if gradient_checkpointing:  # active in training mode only
+            models[4].enable_gradient_checkpointing()
+            models[2].gradient_checkpointing_enable()
+            models[4].train(), models[2].train()
         torch.manual_seed(6)
         for model in (models[2], models[4]):
             for p in lora_parameters(model).values():
                 p.data.normal_(0, 0.1)
         backward_calls = []
-        losses = losses_for(models, tiny_batch(models[0], instance_dir), alpha=2.0, cat_mode=mode, seed=7,
+        batch = tiny_batch(models[0], instance_dir, class_dir if prior else None)
+        losses = losses_for(models, batch, alpha=2.0, cat_mode=mode, seed=7,
                             backward=lambda loss: (backward_calls.append(1), loss.backward()))
         assert len(backward_calls) == (2 if mode == "lean" else 1)
+        assert (losses["prior"].item() > 0) == prior
         grads[mode] = {f"{i}.{k}": p.grad.clone() for i, m in ((2, models[2]), (4, models[4]))
                        for k, p in lora_parameters(m).items()}
         grads[mode + "_losses"] = losses
     for key in grads["lean"]:
         torch.testing.assert_close(grads["lean"][key], grads["batched"][key], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(grads["lean_losses"]["loss"], grads["batched_losses"]["loss"])
+    for part in ("loss", "diffusion", "prior", "cat"):
+        torch.testing.assert_close(grads["lean_losses"][part], grads["batched_losses"][part])
 
 
 def _image_output(pipe, prompt="a photo of teapot"):
@@ -230,10 +304,17 @@ def test_saved_weights_load_in_diffusers_and_kohya_file_matches(tiny_pipeline, i
     assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
 
 
-def test_resume_mid_epoch_reaches_the_same_final_weights(tiny_pipeline, instance_dir, tmp_path, run_training):
-    common = ("--random_flip", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2")
+@pytest.mark.parametrize("schedule", [
+    (),
+    # batch 1 x 2 accumulated batches: still 2 steps per epoch, and the lr changes at every step.
+    ("--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--gradient_accumulation_steps", "2",
+     "--train_batch_size", "1"),
+], ids=["constant", "cosine-accumulation"])
+def test_resume_mid_epoch_reaches_the_same_final_weights(tiny_pipeline, instance_dir, tmp_path, run_training,
+                                                         schedule):
+    common = ("--random_flip", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", *schedule)
     run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
-    # 4 images, batch 2: 2 steps per epoch, so checkpoint-3 sits in the middle of the second epoch.
+    # 4 images, 2 steps per epoch, so checkpoint-3 sits in the middle of the second epoch.
     assert sorted(p.name for p in T.checkpoint_folders(tmp_path / "full")) == ["checkpoint-3"]
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
