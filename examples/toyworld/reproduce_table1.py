@@ -33,13 +33,9 @@ METHODS = {
     "dreambooth": ["--cat_alpha", "0", "--with_prior_preservation", "--num_class_images", "24"],
     "cat": ["--cat_alpha", "1"],
 }
-# Evaluation captions: none of them is a training caption ("a photo of <trigger> <class>").
-EVAL_TEMPLATES = (
-    "a {trigger} {cls} on a black background",
-    "a large {trigger} {cls} on a gray background",
-    "a small {trigger} {cls} on a white background",
-    "a photo of a {trigger} {cls} on a black background",
-)
+# Evaluation prompts, one file per concept (concepts/eval/<dir>.jsonl): captions that training never used
+# ("a photo of <trigger> <class>" is the only training caption), each with a reference image of the subject.
+EVAL_PROMPTS_DIR = "eval"
 
 
 def parse_args(argv=None):
@@ -88,19 +84,8 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
     ]
 
 
-def write_eval_prompts(concept: dict, concepts_dir: Path, path: Path) -> None:
-    references = sorted((concepts_dir / concept["instance_data_dir"]).glob("*.png"))
-    lines = []
-    for i, template in enumerate(EVAL_TEMPLATES):
-        caption = template.format(trigger=concept["trigger_token"], cls=concept["class_word"])
-        lines.append(json.dumps({"caption": caption, "reference": str(references[i % len(references)])}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-
-
 def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path], out: Path) -> dict:
-    prompts = out / "eval_prompts.jsonl"
-    write_eval_prompts(concept, concepts_dir, prompts)
+    prompts = concepts_dir / EVAL_PROMPTS_DIR / f"{concept['instance_data_dir']}.jsonl"
     command = [str(ROOT / "evaluate_kps.py"), "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                "--eval_prompts", str(prompts), "--trigger_token", concept["trigger_token"],
                "--num_images_per_prompt", str(args.num_images_per_prompt), "--resolution", "32",
@@ -175,7 +160,7 @@ def main(argv=None) -> Path:
     rows += [f"| {a:g} | {m['PS']:.4f} | {m['IS']:.4f} | {m['KPS']:.4f} |" for a, m in sorted(sweep_scores.items())]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
-                f"rank {args.rank}, batch 1; evaluation: {len(EVAL_TEMPLATES)} unseen prompts x "
+                f"rank {args.rank}, batch 1; evaluation: the unseen prompts of concepts/eval/ x "
                 f"{args.num_images_per_prompt} images, toy CLIP")
     table.write_text(f"# Table 1 in the toy world\n\n{settings}\n\n" + "\n".join(rows) + "\n")
 
