@@ -1220,7 +1220,9 @@ def knowledge_preservation_score(with_trigger_embeds, without_trigger_embeds) ->
 
     ``with_trigger_embeds`` and ``without_trigger_embeds`` are CLIP image embeddings of the images drawn from
     y_T and from y with the same seed. Returns ``(KPS, clamped_count)``: 0 when the two images are the same
-    (the trigger changes nothing), larger when the adapter keeps the prompt without trigger untouched.
+    (the trigger changes nothing), larger the further apart they are in CLIP image space. A low KPS signals
+    leakage (the subject appears without the trigger); a high one does not by itself show that the image
+    without the trigger is still the base model's.
     """
     h, clamped = harmonic_mean(cosine_similarity(without_trigger_embeds, with_trigger_embeds), "s_prev")
     return 1.0 - h, clamped
