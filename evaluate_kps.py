@@ -509,6 +509,7 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     where = f"--lora {name}={path}"
+    name = re.sub(r"\W", "_", name)  # peft refuses '.' in adapter names (e.g. "alpha0.1"); one is loaded at a time
     try:
         state_dict, _ = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input

@@ -416,7 +416,7 @@ def test_generate_mode_eval_prompts_prints_the_table_of_metrics_json(
     capsys.readouterr()
     ek.main([
         "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
-        "--trigger_token", TRIGGER, "--lora", f"cat={loras['a']}", "--lora", "base=none",
+        "--trigger_token", TRIGGER, "--lora", f"cat.v1={loras['a']}", "--lora", "base=none",
         "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "1", "--batch_size", "4",
         "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
     ])
@@ -428,7 +428,7 @@ def test_generate_mode_eval_prompts_prints_the_table_of_metrics_json(
 
     titles = table_cells(table.splitlines()[0])
     rows = [dict(zip(titles, table_cells(row))) for row in table_rows(printed)]
-    assert [row["Method"] for row in rows] == ["cat", "base"]  # one row per adapter, in --lora order
+    assert [row["Method"] for row in rows] == ["cat.v1", "base"]  # one row per adapter, in --lora order; '.' is allowed
     for row in rows:
         m = document["adapters"][row["Method"]]
         assert int(row["n"]) == m["n"] == 2
@@ -437,8 +437,8 @@ def test_generate_mode_eval_prompts_prints_the_table_of_metrics_json(
             assert row[title] == f"{m[key]:.4f}{mark}", (row["Method"], title)
         assert row["clamped PS/IS/KPS"] == "/".join(str(m["clamped"][key]) for key in ("PS", "IS", "KPS"))
     # The rounding in the table is the only difference from metrics.json.
-    assert float(rows[0]["KPS (9)"].rstrip("*")) == pytest.approx(document["adapters"]["cat"]["KPS"], abs=5e-5)
-    assert (out / "grid_cat.png").is_file() and (out / "grid_base.png").is_file()
+    assert float(rows[0]["KPS (9)"].rstrip("*")) == pytest.approx(document["adapters"]["cat.v1"]["KPS"], abs=5e-5)
+    assert (out / "grid_cat.v1.png").is_file() and (out / "grid_base.png").is_file()
 
 
 def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
