@@ -2,7 +2,8 @@
 """Reproduce the paper's Table 1 and its alpha sweep (Fig. 8) in the toy world, on a CPU.
 
 For every personal concept in ``concepts/concepts.json`` and every seed, trains with ``train_cat_lora.py``
-under identical settings (the paper's Appendix A.2: 600 steps, lr 1e-4, AdamW with weight decay 0.01):
+under identical settings (the paper's Appendix A.2: 600 steps, AdamW with weight decay 0.01; lr 1e-3
+instead of the paper's 1e-4, at which this toy model learns the subject only weakly in 600 steps):
 
     lora        plain LoRA                                   --cat_alpha 0
     dreambooth  LoRA with DreamBooth's prior preservation     --cat_alpha 0 --with_prior_preservation
@@ -47,11 +48,13 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "toyworld-table1"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max_train_steps", type=int, default=600)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    # At the paper's 1e-4 this toy model learns the subject only weakly in 600 steps at rank 4, batch 1 (plain
+    # LoRA on sks circle: IS mean 0.32, base model 0.25, 1e-3: 0.42), and leaks little. See README.md.
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.1, 0.5, 1, 2, 5])
     parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
-    parser.add_argument("--num_images_per_prompt", type=int, default=2)
+    parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel (one thread each)")
@@ -96,6 +99,14 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
         command += ["--lora", f"{name}={path}"]
     run(command, out / "evaluate.log")
     return json.loads((out / "metrics.json").read_text())["adapters"]
+
+
+SCORE_KEYS = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
+
+
+def clamped_counts(scores: list[dict]) -> str:
+    """Cosines clamped for the harmonic means, summed over adapters, as "PS/IS/KPS"."""
+    return "/".join(str(sum(m["clamped"][key] for m in scores)) for key in ("PS", "IS", "KPS"))
 
 
 def mean_std(values: list[float]) -> str:
@@ -147,17 +158,21 @@ def main(argv=None) -> Path:
         results[concept["instance_data_dir"]] = evaluate(args, concept, concepts_dir, adapters,
                                                          out / "eval" / concept["instance_data_dir"])
 
-    rows = ["| method | PS (5) | IS (7) | KPS (9) | n adapters |", "|---|---|---|---|---|"]
+    # The toy CLIP gives some cosines <= 0, which the harmonic means (Eq. 11) clamp: the arithmetic means
+    # beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
+    rows = ["| method | PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | clamped PS/IS/KPS | n adapters |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         scores = [m for per_concept in results.values() for name, m in per_concept.items()
                   if name.startswith(f"{method}-seed")]
-        rows.append(f"| {method} | {mean_std([m['PS'] for m in scores])} | {mean_std([m['IS'] for m in scores])} | "
-                    f"{mean_std([m['KPS'] for m in scores])} | {len(scores)} |")
+        rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for key in SCORE_KEYS)
+                    + f" | {clamped_counts(scores)} | {len(scores)} |")
     sweep_scores = {float(name[len("alpha"):]): m for name, m in results[sweep["instance_data_dir"]].items()
                     if name.startswith("alpha")}
     rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (seed {args.seeds[0]}):", "",
-             "| alpha | PS | IS | KPS |", "|---|---|---|---|"]
-    rows += [f"| {a:g} | {m['PS']:.4f} | {m['IS']:.4f} | {m['KPS']:.4f} |" for a, m in sorted(sweep_scores.items())]
+             "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {a:g} | " + " | ".join(f"{m[key]:.4f}" for key in SCORE_KEYS) + f" | {clamped_counts([m])} |"
+             for a, m in sorted(sweep_scores.items())]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
                 f"rank {args.rank}, batch 1; evaluation: the unseen prompts of concepts/eval/ x "
@@ -172,7 +187,8 @@ def main(argv=None) -> Path:
     alphas = sorted(sweep_scores)
     figure, axis = plt.subplots(figsize=(5, 3.2))
     axis.plot(alphas, [sweep_scores[a]["KPS"] for a in alphas], "o-", label="KPS (Eq. 9)")
-    axis.plot(alphas, [sweep_scores[a]["IS"] for a in alphas], "s-", label="IS (Eq. 7)")
+    axis.plot(alphas, [sweep_scores[a]["KPS_mean"] for a in alphas], "o--", label="KPS, arithmetic mean")
+    axis.plot(alphas, [sweep_scores[a]["IS_mean"] for a in alphas], "s--", label="IS, arithmetic mean")
     axis.set_xscale("symlog", linthresh=0.1)
     axis.set_xlabel("CAT alpha")
     axis.set_title(f"alpha sweep, {sweep['instance_data_dir']}")
