@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model_name_or_path", default=str(HERE / "models" / "toy-sd"))
     parser.add_argument("--clip_dir", default=str(HERE / "models" / "toy-clip"))
     parser.add_argument("--concepts", default=str(HERE / "concepts" / "concepts.json"))
+    parser.add_argument("--concept_names", nargs="+", default=None,
+                        help="instance_data_dir names of the concepts to run (default: all in --concepts)")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "toyworld-table1"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max_train_steps", type=int, default=600)
@@ -101,6 +103,24 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
     return json.loads((out / "metrics.json").read_text())["adapters"]
 
 
+def select_concepts(concepts_file: Path, names: list[str] | None, sweep_name: str | None):
+    """The concepts to run (all, or those named) and the sweep concept; a one-line error for a bad name."""
+    if not concepts_file.is_file():
+        raise SystemExit(f"--concepts: {concepts_file} does not exist")
+    concepts = json.loads(concepts_file.read_text(encoding="utf-8"))
+    known = [c["instance_data_dir"] for c in concepts]
+    for flag, wanted in (("--concept_names", names or []), ("--sweep_concept", [sweep_name] if sweep_name else [])):
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise SystemExit(f"{flag}: {', '.join(unknown)} not in {concepts_file} (known: {', '.join(known)})")
+    if names:
+        concepts = [c for c in concepts if c["instance_data_dir"] in names]
+    if sweep_name and sweep_name not in [c["instance_data_dir"] for c in concepts]:
+        raise SystemExit(f"--sweep_concept: {sweep_name} is not among --concept_names")
+    sweep = next(c for c in concepts if sweep_name in (None, c["instance_data_dir"]))
+    return concepts, sweep
+
+
 SCORE_KEYS = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
 
 
@@ -118,10 +138,9 @@ def main(argv=None) -> Path:
 
     args = parse_args(argv)
     concepts_file = Path(args.concepts)
-    concepts = json.loads(concepts_file.read_text())
+    concepts, sweep = select_concepts(concepts_file, args.concept_names, args.sweep_concept)
     concepts_dir = concepts_file.parent
     out = Path(args.output_dir)
-    sweep = next(c for c in concepts if args.sweep_concept in (None, c["instance_data_dir"]))
 
     jobs = {}  # (concept dir, adapter name) -> (command, output folder)
     for concept in concepts:
@@ -130,10 +149,15 @@ def main(argv=None) -> Path:
                 folder = out / "adapters" / concept["instance_data_dir"] / f"{method}-seed{seed}"
                 jobs[(concept["instance_data_dir"], f"{method}-seed{seed}")] = (
                     train_command(args, concept, concepts_dir, folder, seed, extra), folder)
+    sweep_names = {}  # alpha -> adapter name; alpha 0 and 1 at the first seed are the lora and cat runs above
     for alpha in args.alphas:
-        folder = out / "adapters" / sweep["instance_data_dir"] / f"alpha{alpha:g}"
-        jobs[(sweep["instance_data_dir"], f"alpha{alpha:g}")] = (
-            train_command(args, sweep, concepts_dir, folder, args.seeds[0], ["--cat_alpha", f"{alpha:g}"]), folder)
+        sweep_names[alpha] = {0.0: f"lora-seed{args.seeds[0]}", 1.0: f"cat-seed{args.seeds[0]}"}.get(alpha)
+        if sweep_names[alpha] is None:
+            sweep_names[alpha] = f"alpha{alpha:g}"
+            folder = out / "adapters" / sweep["instance_data_dir"] / sweep_names[alpha]
+            jobs[(sweep["instance_data_dir"], sweep_names[alpha])] = (
+                train_command(args, sweep, concepts_dir, folder, args.seeds[0], ["--cat_alpha", f"{alpha:g}"]),
+                folder)
 
     # Class images for DreamBooth are generated once per class, before the parallel trainings share them.
     first_dreambooth = {}
@@ -167,8 +191,7 @@ def main(argv=None) -> Path:
                   if name.startswith(f"{method}-seed")]
         rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for key in SCORE_KEYS)
                     + f" | {clamped_counts(scores)} | {len(scores)} |")
-    sweep_scores = {float(name[len("alpha"):]): m for name, m in results[sweep["instance_data_dir"]].items()
-                    if name.startswith("alpha")}
+    sweep_scores = {alpha: results[sweep["instance_data_dir"]][name] for alpha, name in sweep_names.items()}
     rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (seed {args.seeds[0]}):", "",
              "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|"]
     rows += [f"| {a:g} | " + " | ".join(f"{m[key]:.4f}" for key in SCORE_KEYS) + f" | {clamped_counts([m])} |"
