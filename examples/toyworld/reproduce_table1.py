@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--concept_names", nargs="+", default=None,
                         help="instance_data_dir names of the concepts to run (default: all in --concepts)")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "toyworld-table1"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_train_steps", type=int, default=600)
     # At the paper's 1e-4 this toy model learns the subject only weakly in 600 steps at rank 4, batch 1 (plain
     # LoRA on sks circle: IS mean 0.32, base model 0.25, 1e-3: 0.42), and leaks little. See README.md.
@@ -82,7 +82,10 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
         "--instance_data_dir", str(concepts_dir / concept["instance_data_dir"]),
         "--instance_prompt", concept["instance_prompt"], "--trigger_token", concept["trigger_token"],
         "--class_data_dir", str(class_dir), "--class_prompt", f"a photo of {concept['class_word']}",
-        "--resolution", "32", "--center_crop", "--train_batch_size", "1", "--rank", str(args.rank),
+        # Cached latents and text embeddings give the same steps as encoding every batch (nothing is augmented,
+        # the text encoder is frozen), about twice as fast on this tiny model.
+        "--resolution", "32", "--center_crop", "--cache_latents", "--pre_compute_text_embeddings",
+        "--train_batch_size", "1", "--rank", str(args.rank),
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--adam_weight_decay", "0.01", "--checkpointing_steps", "100000", "--report_to", "none",
         "--seed", str(seed), "--output_dir", str(out), *extra,
