@@ -40,6 +40,15 @@ def test_world_excludes_held_out_pairs_and_captions_match_scenes():
     assert any((s.shape, s.color) in world.HELD_OUT_PAIRS for s in scenes)
 
 
+def test_color_only_captions_name_the_color_and_no_shape():
+    scenes = [s for s, _ in world.sample_scenes(200, seed=0)]
+    rng = np.random.default_rng(0)
+    captions = [world.caption(s, rng, color_only_prob=0.5) for s in scenes]
+    color_only = [(s, c) for s, c in zip(scenes, captions) if not set(c.split()) & set(world.SHAPES)]
+    assert 60 < len(color_only) < 140
+    assert all(s.color in c.split() and "shape" in c.split() for s, c in color_only)
+
+
 def test_concepts_have_single_token_triggers_and_images(tmp_path):
     sys.path.insert(0, str(TOYWORLD.parent.parent / "tests"))
     from tiny_pipeline import build_clip_tokenizer

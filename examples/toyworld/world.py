@@ -82,9 +82,17 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     return render_fill(fill, mask, BACKGROUNDS[scene.background], size)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One caption for a scene, from several templates that name some or all of its attributes."""
+def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0) -> str:
+    """One caption for a scene, from several templates that name some or all of its attributes.
+
+    With probability ``color_only_prob`` the caption names the color but not the shape ("a blue shape"), which
+    teaches the color words apart from the shapes they were seen with. At 0 no random number is drawn for it,
+    so the caption stream is the one the first 12,000 pretraining steps saw.
+    """
     s, c, z, b = scene.shape, scene.color, scene.size, scene.background
+    if color_only_prob and rng.random() < color_only_prob:
+        color_only = (f"a {c} shape", f"a photo of a {c} shape", f"a {z} {c} shape on a {b} background")
+        return color_only[rng.integers(len(color_only))]
     templates = (
         f"a {z} {c} {s} on a {b} background",
         f"a {z} {c} {s} on a {b} background",
