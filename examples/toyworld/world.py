@@ -87,7 +87,7 @@ def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0
 
     With probability ``color_only_prob`` the caption names the color but not the shape ("a blue shape"), which
     teaches the color words apart from the shapes they were seen with. At 0 no random number is drawn for it,
-    so the caption stream is the one the first 12,000 pretraining steps saw.
+    so the caption stream is the one the first 14,250 pretraining steps saw.
     """
     s, c, z, b = scene.shape, scene.color, scene.size, scene.background
     if color_only_prob and rng.random() < color_only_prob:
