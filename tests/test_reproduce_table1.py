@@ -22,7 +22,8 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     """First-column label -> cells, for every markdown table row."""
     rows = {}
     for line in markdown.splitlines():
-        if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| alpha"):
+        if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| alpha") \
+                and not line.startswith("| difference"):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
@@ -54,6 +55,10 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         for cell, key in zip(cells, ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")):
             assert cell == f"{m[key]:.4f} ± 0.0000", (method, key, cell)
         assert cells[-1] == "1"
+    for baseline in ("lora", "dreambooth"):  # one pair: the difference itself, standard error 0
+        expected = [metrics["cat-seed0"][key] - metrics[f"{baseline}-seed0"][key]
+                    for key in ("PS_mean", "IS_mean", "KPS_mean")]
+        assert rows[f"cat − {baseline}"] == [f"{d:+.4f} ± 0.0000 ({int(d > 0)}/1)" for d in expected], baseline
     for alpha, name in (("0", "lora-seed0"), ("0.5", "alpha0.5"), ("1", "cat-seed0")):
         assert rows[alpha][:3] == [f"{metrics[name][key]:.4f}" for key in ("PS", "IS", "KPS")], alpha
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
