@@ -49,6 +49,24 @@ def test_color_only_captions_name_the_color_and_no_shape():
     assert all(s.color in c.split() and "shape" in c.split() for s, c in color_only)
 
 
+def test_patterned_images_for_the_vae_decoder_are_two_toned_and_never_a_concept():
+    a = [world.random_patterned_image(np.random.default_rng(5)) for _ in range(3)]
+    b = [world.random_patterned_image(np.random.default_rng(5)) for _ in range(3)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    image = world.random_patterned_image(np.random.default_rng(0))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    # checkers of red and white on a circle, at any frequency, is sks circle's look: excluded
+    assert ("circle", "checkers", frozenset({"red", "white"})) in world.CONCEPT_LOOKS
+    fill = world.two_tone_fill("checkers", 4, (255, 0, 0), (0, 0, 255), 128, 0.5, 0.5, 0.6)
+    colors = {tuple(c) for c in fill.reshape(-1, 3).astype(int).tolist()}
+    assert colors == {(255, 0, 0), (0, 0, 255)}
+    rng = np.random.default_rng(1)
+    looks = [world.random_pattern_look(rng) for _ in range(3000)]
+    assert not {(shape, pattern, frozenset({a, b})) for shape, pattern, a, b in looks} & world.CONCEPT_LOOKS
+    assert {look[1] for look in looks} == set(world.PATTERNS) and {look[0] for look in looks} == set(world.SHAPES)
+    assert any(look[:2] == ("circle", "checkers") and "red" in look[2:] for look in looks)  # other colors: allowed
+
+
 def test_concepts_have_single_token_triggers_and_images(tmp_path):
     sys.path.insert(0, str(TOYWORLD.parent.parent / "tests"))
     from tiny_pipeline import build_clip_tokenizer

@@ -214,6 +214,68 @@ def train_vae(args, work_dir: Path):
     save_ckpt(ckpt_path, ckpt)
 
 
+def train_vae_decoder(args, work_dir: Path):
+    """Fine-tune the VAE decoder alone on world images and two-color patterned shapes.
+
+    The encoder stays frozen, so every latent (and the UNet trained on them) is unchanged; the decoder learns to
+    draw patterns, which the personal concepts need and the solid-colored world never showed. The weights before
+    this stage are kept as vae_world.pt.
+    """
+    vae_path, ckpt_path = work_dir / "vae.pt", work_dir / "vae_decoder.pt"
+    base = load_ckpt(vae_path)
+    if base is None or "scaling_factor" not in base:
+        raise SystemExit("run --stage vae first")
+    if not (work_dir / "vae_world.pt").exists():
+        save_ckpt(work_dir / "vae_world.pt", base)
+    base = load_ckpt(work_dir / "vae_world.pt")
+    images, _ = world_data(work_dir, args.num_images, args.seed)
+    pattern_path = work_dir / f"patterns_{args.num_images // 2}_{args.seed}.npy"
+    if not pattern_path.exists():
+        rng = np.random.default_rng(args.seed + 7)
+        np.save(pattern_path, np.stack([world.random_patterned_image(rng, RESOLUTION)
+                                        for _ in tqdm(range(args.num_images // 2), desc="render patterns")]))
+    x_world, x_pattern = to_tensor(images), to_tensor(np.load(pattern_path))
+    vae = make_vae()
+    vae.load_state_dict(base["model"])
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for param in trainable:
+        param.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=args.vae_decoder_lr, weight_decay=0.0)
+    start = 0
+    ckpt = load_ckpt(ckpt_path)
+    if ckpt:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    gen = torch.Generator().manual_seed(args.seed + 1000 + start)
+    half = args.batch_size // 2
+    bar = tqdm(range(start, args.vae_decoder_steps), initial=start, total=args.vae_decoder_steps, desc="vae decoder")
+    for step in bar:
+        lr = args.vae_decoder_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_decoder_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = torch.cat([x_world[torch.randint(len(x_world), (half,), generator=gen)],
+                       x_pattern[torch.randint(len(x_pattern), (args.batch_size - half,), generator=gen)]])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(rec=f"{loss.item():.4f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_decoder_steps:
+            save_ckpt(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.eval()
+    with torch.no_grad():
+        for name, x in (("world", x_world[:256]), ("patterns", x_pattern[:256])):
+            mse = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+            print(f"vae decoder: reconstruction MSE on {name} {mse:.5f}")
+    save_ckpt(vae_path, {**base, "model": vae.state_dict(), "decoder_steps": args.vae_decoder_steps})
+
+
 def load_vae(work_dir: Path):
     ckpt = load_ckpt(work_dir / "vae.pt")
     if ckpt is None or "scaling_factor" not in ckpt:
@@ -484,7 +546,7 @@ def export_clip(args, work_dir: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stage", choices=["vae", "unet", "clip", "export"], required=True)
+    parser.add_argument("--stage", choices=["vae", "unet", "clip", "vae_decoder", "export"], required=True)
     parser.add_argument("--work_dir", default=str(HERE / "_work"), help="Checkpoints and caches (not committed).")
     parser.add_argument("--pipeline_dir", default=str(HERE / "models" / "toy-sd"))
     parser.add_argument("--clip_dir", default=str(HERE / "models" / "toy-clip"))
@@ -496,6 +558,8 @@ def main():
     parser.add_argument("--vae_steps", type=int, default=1000)
     parser.add_argument("--vae_lr", type=float, default=2e-3)
     parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
+    parser.add_argument("--vae_decoder_steps", type=int, default=1500, help="--stage vae_decoder steps.")
+    parser.add_argument("--vae_decoder_lr", type=float, default=5e-4)
     parser.add_argument("--unet_channels", type=int, nargs=3, default=[32, 64, 64])
     parser.add_argument("--steps", type=int, default=7250, help="UNet + text encoder steps.")
     parser.add_argument("--lr", type=float, default=4e-4)
@@ -523,6 +587,8 @@ def main():
         train_unet(args, work_dir)
     elif args.stage == "clip":
         train_clip(args, work_dir)
+    elif args.stage == "vae_decoder":
+        train_vae_decoder(args, work_dir)
     else:
         if (work_dir / "unet.pt").exists():
             export_pipeline(args, work_dir)

@@ -111,6 +111,55 @@ def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0
     return text
 
 
+# Two-color patterns, for the VAE decoder only (the UNet never sees them): the world's shapes are solid, and a
+# decoder that has only seen solid fills turns a personal concept's checkers or stripes into mush.
+PATTERNS = ("checkers", "stripes_h", "stripes_v", "halves_v", "halves_h", "center")
+# The personal concepts (make_concepts.py) as (shape, pattern, colors): never drawn here, for any frequency.
+CONCEPT_LOOKS = {("circle", "checkers", frozenset({"red", "white"})), ("square", "stripes_h", frozenset({"blue", "yellow"})),
+                 ("triangle", "halves_v", frozenset({"green", "purple"})), ("cross", "center", frozenset({"orange", "blue"}))}
+
+
+def two_tone_fill(pattern: str, k: int, color_a, color_b, res: int, cx: float, cy: float, extent: float) -> np.ndarray:
+    """Per-pixel colors (res x res x 3) of a two-color pattern laid over a shape's bounding box; k = frequency."""
+    coords = (np.arange(res) + 0.5) / res
+    x, y = np.meshgrid(coords, coords)
+    u, v = (x - cx) / extent + 0.5, (y - cy) / extent + 0.5  # 0..1 across the bounding box
+    first = {
+        "checkers": lambda: ((np.floor(u * k) + np.floor(v * k)) % 2) == 0,
+        "stripes_h": lambda: (np.floor(v * k) % 2) == 0,
+        "stripes_v": lambda: (np.floor(u * k) % 2) == 0,
+        "halves_v": lambda: u < 0.5,
+        "halves_h": lambda: v < 0.5,
+        "center": lambda: ~((np.abs(u - 0.5) <= 0.5 / k) & (np.abs(v - 0.5) <= 0.5 / k)),
+    }[pattern]()
+    return np.where(first[..., None], np.asarray(color_a, np.float32), np.asarray(color_b, np.float32))
+
+
+PATTERN_PALETTE = {**COLORS, "white": (250, 250, 250)}
+
+
+def random_pattern_look(rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """(shape, pattern, color a, color b), drawn at random until it is none of the concepts' looks."""
+    while True:
+        shape, pattern = SHAPES[rng.integers(len(SHAPES))], PATTERNS[rng.integers(len(PATTERNS))]
+        a, b = (str(c) for c in rng.choice(list(PATTERN_PALETTE), size=2, replace=False))
+        if (shape, pattern, frozenset({a, b})) not in CONCEPT_LOOKS:
+            return shape, pattern, a, b
+
+
+def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A shape painted with a random two-color pattern (palette colors and white), never a concept's look."""
+    palette = PATTERN_PALETTE
+    shape, pattern, a, b = random_pattern_look(rng)
+    extent = rng.uniform(0.34, 0.72)
+    margin = extent / 2 + 0.03
+    cx, cy = rng.uniform(margin, 1 - margin, size=2)
+    res = size * SUPERSAMPLE
+    fill = two_tone_fill(pattern, int(rng.integers(2, 7)), palette[a], palette[b], res, cx, cy, extent)
+    background = list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))]
+    return render_fill(fill, shape_mask(shape, cx, cy, extent, res), background, size)
+
+
 def full_caption(scene: Scene) -> str:
     return f"a {scene.size} {scene.color} {scene.shape} on a {scene.background} background"
 
