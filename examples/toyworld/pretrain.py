@@ -160,6 +160,16 @@ def load_ckpt(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
+def resume(ckpt_path: Path, model, opt) -> int:
+    """Load a stage's {"model", "opt", "step"} checkpoint into model and opt if it exists; the step to go on from."""
+    ckpt = load_ckpt(ckpt_path)
+    if not ckpt:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    return ckpt["step"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ---------------------------------------------------------------------------------------------------------
@@ -172,12 +182,7 @@ def train_vae(args, work_dir: Path):
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt_path = work_dir / "vae.pt"
-    start = 0
-    ckpt = load_ckpt(ckpt_path)
-    if ckpt:
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+    start = resume(ckpt_path, vae, opt)
     gen = torch.Generator().manual_seed(args.seed + start)
     vae.train()
     bar = tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="vae")
@@ -242,12 +247,7 @@ def train_vae_decoder(args, work_dir: Path):
     for param in trainable:
         param.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=args.vae_decoder_lr, weight_decay=0.0)
-    start = 0
-    ckpt = load_ckpt(ckpt_path)
-    if ckpt:
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+    start = resume(ckpt_path, vae, opt)
     gen = torch.Generator().manual_seed(args.seed + 1000 + start)
     half = args.batch_size // 2
     bar = tqdm(range(start, args.vae_decoder_steps), initial=start, total=args.vae_decoder_steps, desc="vae decoder")
@@ -436,12 +436,7 @@ def train_clip(args, work_dir: Path):
     model = open_clip.CLIP(**CLIP_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
     ckpt_path = work_dir / "clip.pt"
-    start = 0
-    ckpt = load_ckpt(ckpt_path)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+    start = resume(ckpt_path, model, opt)
     gen = torch.Generator().manual_seed(args.seed + 7 + start)
     rng = np.random.default_rng(args.seed + 7 + start)
     model.train()
