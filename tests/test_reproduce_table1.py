@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -31,36 +32,42 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
 
 def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     out = tmp_path / "table1"
-    result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0",
+    result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "1",
                         "--max_train_steps", "2", "--alphas", "0", "0.5", "1", "--num_images_per_prompt", "1",
-                        "--num_inference_steps", "2")
+                        "--num_inference_steps", "2", "--train_text_encoder")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     adapters = out / "adapters" / "sks_circle"
-    # alpha 0 and 1 at the first seed reuse the lora and cat trainings; only alpha 0.5 is trained for the sweep.
-    assert sorted(p.name for p in adapters.iterdir()) == ["alpha0.5", "cat-seed0", "dreambooth-seed0", "lora-seed0"]
+    names = {f"{method}-seed{seed}" for method in ("lora", "dreambooth", "cat", "alpha0.5") for seed in (0, 1)}
+    # alpha 0 and 1 reuse the lora and cat trainings; only alpha 0.5 is trained for the sweep, once per seed.
+    assert {p.name for p in adapters.iterdir()} == names
     for folder in adapters.iterdir():
         assert (folder / "pytorch_lora_weights.safetensors").is_file(), folder
+        # --train_text_encoder reached the training: text-encoder LoRA weights were saved
+        assert "text_encoder" in (folder / "pytorch_lora_weights.safetensors").read_bytes()[:20000].decode("latin-1")
     # DreamBooth's prior preservation generated its class images once, for the class of the concept
     assert len(list((out / "class_images" / "circle").glob("*.png"))) == 24
 
     metrics = json.loads((out / "eval" / "sks_circle" / "metrics.json").read_text())["adapters"]
-    assert set(metrics) == {"lora-seed0", "dreambooth-seed0", "cat-seed0", "alpha0.5"}
+    assert set(metrics) == names
     table = (out / "table1.md").read_text()
     rows = table_rows(table)
+
+    def mean_std(values):
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    keys = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
     for method in ("lora", "dreambooth", "cat"):
-        m = metrics[f"{method}-seed0"]
-        cells = rows[method]
-        # one adapter per method: mean = its score, std 0
-        for cell, key in zip(cells, ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")):
-            assert cell == f"{m[key]:.4f} ± 0.0000", (method, key, cell)
-        assert cells[-1] == "1"
-    for baseline in ("lora", "dreambooth"):  # one pair: the difference itself, standard error 0
-        expected = [metrics["cat-seed0"][key] - metrics[f"{baseline}-seed0"][key]
-                    for key in ("PS_mean", "IS_mean", "KPS_mean")]
-        assert rows[f"cat − {baseline}"] == [f"{d:+.4f} ± 0.0000 ({int(d > 0)}/1)" for d in expected], baseline
-    for alpha, name in (("0", "lora-seed0"), ("0.5", "alpha0.5"), ("1", "cat-seed0")):
-        assert rows[alpha][:3] == [f"{metrics[name][key]:.4f}" for key in ("PS", "IS", "KPS")], alpha
+        assert rows[method][:6] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
+        assert rows[method][-1] == "2"
+    for baseline in ("lora", "dreambooth"):  # paired by seed: mean of the differences, standard error, wins
+        cells = []
+        for key in ("PS_mean", "IS_mean", "KPS_mean"):
+            d = [metrics[f"cat-seed{s}"][key] - metrics[f"{baseline}-seed{s}"][key] for s in (0, 1)]
+            cells.append(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)")
+        assert rows[f"cat − {baseline}"] == cells, baseline
+    for alpha, method in (("0", "lora"), ("0.5", "alpha0.5"), ("1", "cat")):
+        assert rows[alpha][:6] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout
 

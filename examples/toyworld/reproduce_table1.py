@@ -11,7 +11,8 @@ instead of the paper's 1e-4, at which this toy model learns the subject only wea
 
 then scores every adapter with ``evaluate_kps.py`` and the toy CLIP on prompts that training never used, and
 writes ``table1.md`` (PS, IS, KPS: mean ± std over concepts and seeds). The alpha sweep trains CAT with
-alpha in {0, 0.1, 0.5, 1, 2, 5} on one concept and plots KPS and IS against alpha (``alpha_sweep.png``).
+alpha in {0, 0.1, 0.5, 1, 2, 5} on one concept and every seed, and plots KPS and IS against alpha, mean ± std
+over the seeds (``alpha_sweep.png``).
 
     python examples/toyworld/reproduce_table1.py --output_dir outputs/toyworld-table1
 
@@ -54,6 +55,9 @@ def parse_args(argv=None):
     # LoRA on sks circle: IS mean 0.32, base model 0.25, 1e-3: 0.42), and leaks little. See README.md.
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--train_text_encoder", action="store_true",
+                        help="also train text-encoder LoRA layers (the toy text encoder barely registers a trigger it "
+                             "never saw; see README.md)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.1, 0.5, 1, 2, 5])
     parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
@@ -84,7 +88,8 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
         "--class_data_dir", str(class_dir), "--class_prompt", f"a photo of {concept['class_word']}",
         # Cached latents and text embeddings give the same steps as encoding every batch (nothing is augmented,
         # the text encoder is frozen), about twice as fast on this tiny model.
-        "--resolution", "32", "--center_crop", "--cache_latents", "--pre_compute_text_embeddings",
+        "--resolution", "32", "--center_crop", "--cache_latents",
+        *(["--train_text_encoder"] if args.train_text_encoder else ["--pre_compute_text_embeddings"]),
         "--train_batch_size", "1", "--rank", str(args.rank),
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--adam_weight_decay", "0.01", "--checkpointing_steps", "100000", "--report_to", "none",
@@ -161,15 +166,17 @@ def main(argv=None) -> Path:
                 folder = out / "adapters" / concept["instance_data_dir"] / f"{method}-seed{seed}"
                 jobs[(concept["instance_data_dir"], f"{method}-seed{seed}")] = (
                     train_command(args, concept, concepts_dir, folder, seed, extra), folder)
-    sweep_names = {}  # alpha -> adapter name; alpha 0 and 1 at the first seed are the lora and cat runs above
+    sweep_names = {}  # alpha -> adapter names, one per seed; alpha 0 and 1 are the lora and cat runs above
     for alpha in args.alphas:
-        sweep_names[alpha] = {0.0: f"lora-seed{args.seeds[0]}", 1.0: f"cat-seed{args.seeds[0]}"}.get(alpha)
-        if sweep_names[alpha] is None:
-            sweep_names[alpha] = f"alpha{alpha:g}"
-            folder = out / "adapters" / sweep["instance_data_dir"] / sweep_names[alpha]
-            jobs[(sweep["instance_data_dir"], sweep_names[alpha])] = (
-                train_command(args, sweep, concepts_dir, folder, args.seeds[0], ["--cat_alpha", f"{alpha:g}"]),
-                folder)
+        sweep_names[alpha] = []
+        for seed in args.seeds:
+            name = {0.0: f"lora-seed{seed}", 1.0: f"cat-seed{seed}"}.get(alpha)
+            if name is None:
+                name = f"alpha{alpha:g}-seed{seed}"
+                folder = out / "adapters" / sweep["instance_data_dir"] / name
+                jobs[(sweep["instance_data_dir"], name)] = (
+                    train_command(args, sweep, concepts_dir, folder, seed, ["--cat_alpha", f"{alpha:g}"]), folder)
+            sweep_names[alpha].append(name)
 
     # Class images for DreamBooth are generated once per class, before the parallel trainings share them.
     first_dreambooth = {}
@@ -209,14 +216,16 @@ def main(argv=None) -> Path:
     rows += [f"| cat − {baseline} | " + " | ".join(paired_difference(results, "cat", baseline, key, args.seeds)
                                            for key in ("PS_mean", "IS_mean", "KPS_mean")) + " |"
              for baseline in ("lora", "dreambooth")]
-    sweep_scores = {alpha: results[sweep["instance_data_dir"]][name] for alpha, name in sweep_names.items()}
-    rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (seed {args.seeds[0]}):", "",
+    sweep_scores = {alpha: [results[sweep["instance_data_dir"]][name] for name in names]
+                    for alpha, names in sweep_names.items()}
+    rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (mean ± std over seeds {args.seeds}):", "",
              "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {a:g} | " + " | ".join(f"{m[key]:.4f}" for key in SCORE_KEYS) + f" | {clamped_counts([m])} |"
-             for a, m in sorted(sweep_scores.items())]
+    rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in SCORE_KEYS)
+             + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
-                f"rank {args.rank}, batch 1; evaluation: the unseen prompts of concepts/eval/ x "
+                f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}; "
+                f"evaluation: the unseen prompts of concepts/eval/ x "
                 f"{args.num_images_per_prompt} images, toy CLIP")
     table.write_text(f"# Table 1 in the toy world\n\n{settings}\n\n" + "\n".join(rows) + "\n")
 
@@ -227,12 +236,14 @@ def main(argv=None) -> Path:
 
     alphas = sorted(sweep_scores)
     figure, axis = plt.subplots(figsize=(5, 3.2))
-    axis.plot(alphas, [sweep_scores[a]["KPS"] for a in alphas], "o-", label="KPS (Eq. 9)")
-    axis.plot(alphas, [sweep_scores[a]["KPS_mean"] for a in alphas], "o--", label="KPS, arithmetic mean")
-    axis.plot(alphas, [sweep_scores[a]["IS_mean"] for a in alphas], "s--", label="IS, arithmetic mean")
+    for key, style, label in (("KPS", "o-", "KPS (Eq. 9)"), ("KPS_mean", "o--", "KPS, arithmetic mean"),
+                              ("IS_mean", "s--", "IS, arithmetic mean")):
+        values = [[m[key] for m in sweep_scores[a]] for a in alphas]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        axis.errorbar(alphas, [statistics.mean(v) for v in values], yerr=spread, fmt=style, capsize=3, label=label)
     axis.set_xscale("symlog", linthresh=0.1)
     axis.set_xlabel("CAT alpha")
-    axis.set_title(f"alpha sweep, {sweep['instance_data_dir']}")
+    axis.set_title(f"alpha sweep, {sweep['instance_data_dir']}, mean ± std over {len(args.seeds)} seeds")
     axis.legend()
     figure.tight_layout()
     figure.savefig(out / "alpha_sweep.png", dpi=120)
