@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Reproduce the paper's Table 1 and its alpha sweep (Fig. 8) in the toy world, on a CPU.
 
-For every personal concept in ``concepts/concepts.json`` and every seed, trains with ``train_cat_lora.py``
+For every personal concept in ``concepts/concepts.json`` and every seed (0, 1, 2 by default), trains with ``train_cat_lora.py``
 under identical settings (the paper's Appendix A.2: 600 steps, AdamW with weight decay 0.01; lr 1e-3
-instead of the paper's 1e-4, at which this toy model learns the subject only weakly in 600 steps):
+instead of the paper's 1e-4, at which this toy model does not learn the subject in 600 steps):
 
     lora        plain LoRA                                   --cat_alpha 0
     dreambooth  LoRA with DreamBooth's prior preservation     --cat_alpha 0 --with_prior_preservation
@@ -86,8 +86,8 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
         "--instance_data_dir", str(concepts_dir / concept["instance_data_dir"]),
         "--instance_prompt", concept["instance_prompt"], "--trigger_token", concept["trigger_token"],
         "--class_data_dir", str(class_dir), "--class_prompt", f"a photo of {concept['class_word']}",
-        # Cached latents and text embeddings give the same steps as encoding every batch (nothing is augmented,
-        # the text encoder is frozen), about twice as fast on this tiny model.
+        # Cached latents (nothing is augmented) and, with a frozen text encoder, cached text embeddings give the
+        # same steps as encoding every batch, about twice as fast on this tiny model.
         "--resolution", "32", "--center_crop", "--cache_latents",
         *(["--train_text_encoder"] if args.train_text_encoder else ["--pre_compute_text_embeddings"]),
         "--train_batch_size", "1", "--rank", str(args.rank),
