@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Reproduce the paper's Table 1 and its alpha sweep (Fig. 8) in the toy world, on a CPU.
 
-For every personal concept in ``concepts/concepts.json`` and every seed (0, 1, 2 by default), trains with ``train_cat_lora.py``
-under identical settings (the paper's Appendix A.2: 600 steps, AdamW with weight decay 0.01; lr 1e-3
+For every personal concept in ``concepts/concepts.json`` and every seed (0, 1, 2 by default), trains with
+``train_cat_lora.py`` under identical settings (the paper's Appendix A.2: 600 steps, AdamW with weight decay 0.01; lr 1e-3
 instead of the paper's 1e-4, at which this toy model does not learn the subject in 600 steps):
 
     lora        plain LoRA                                   --cat_alpha 0
