@@ -65,6 +65,11 @@ def test_patterned_images_for_the_vae_decoder_are_two_toned_and_never_a_concept(
     assert not {(shape, pattern, frozenset({a, b})) for shape, pattern, a, b in looks} & world.CONCEPT_LOOKS
     assert {look[1] for look in looks} == set(world.PATTERNS) and {look[0] for look in looks} == set(world.SHAPES)
     assert any(look[:2] == ("circle", "checkers") and "red" in look[2:] for look in looks)  # other colors: allowed
+    # the exclusion list names every concept make_concepts.py draws: its shape and its two colors
+    import make_concepts
+    drawn = {(shape, frozenset(pattern.split("_")) & set(world.PATTERN_PALETTE))
+             for _, shape, pattern, _ in make_concepts.CONCEPTS}
+    assert drawn == {(shape, colors) for shape, _, colors in world.CONCEPT_LOOKS}
 
 
 def test_concepts_have_single_token_triggers_and_images(tmp_path):

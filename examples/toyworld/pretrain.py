@@ -553,7 +553,7 @@ def main():
     parser.add_argument("--vae_steps", type=int, default=1000)
     parser.add_argument("--vae_lr", type=float, default=2e-3)
     parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
-    parser.add_argument("--vae_decoder_steps", type=int, default=1500, help="--stage vae_decoder steps.")
+    parser.add_argument("--vae_decoder_steps", type=int, default=4000, help="--stage vae_decoder steps.")
     parser.add_argument("--vae_decoder_lr", type=float, default=5e-4)
     parser.add_argument("--unet_channels", type=int, nargs=3, default=[32, 64, 64])
     parser.add_argument("--steps", type=int, default=7250, help="UNet + text encoder steps.")

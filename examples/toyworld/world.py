@@ -115,8 +115,10 @@ def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0
 # decoder that has only seen solid fills turns a personal concept's checkers or stripes into mush.
 PATTERNS = ("checkers", "stripes_h", "stripes_v", "halves_v", "halves_h", "center")
 # The personal concepts (make_concepts.py) as (shape, pattern, colors): never drawn here, for any frequency.
-CONCEPT_LOOKS = {("circle", "checkers", frozenset({"red", "white"})), ("square", "stripes_h", frozenset({"blue", "yellow"})),
-                 ("triangle", "halves_v", frozenset({"green", "purple"})), ("cross", "center", frozenset({"orange", "blue"}))}
+CONCEPT_LOOKS = {("circle", "checkers", frozenset({"red", "white"})),
+                 ("square", "stripes_h", frozenset({"blue", "yellow"})),
+                 ("triangle", "halves_v", frozenset({"green", "purple"})),
+                 ("cross", "center", frozenset({"orange", "blue"}))}
 
 
 def two_tone_fill(pattern: str, k: int, color_a, color_b, res: int, cx: float, cy: float, extent: float) -> np.ndarray:
@@ -149,13 +151,13 @@ def random_pattern_look(rng: np.random.Generator) -> tuple[str, str, str, str]:
 
 def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A shape painted with a random two-color pattern (palette colors and white), never a concept's look."""
-    palette = PATTERN_PALETTE
     shape, pattern, a, b = random_pattern_look(rng)
     extent = rng.uniform(0.34, 0.72)
     margin = extent / 2 + 0.03
     cx, cy = rng.uniform(margin, 1 - margin, size=2)
     res = size * SUPERSAMPLE
-    fill = two_tone_fill(pattern, int(rng.integers(2, 7)), palette[a], palette[b], res, cx, cy, extent)
+    fill = two_tone_fill(pattern, int(rng.integers(2, 7)), PATTERN_PALETTE[a], PATTERN_PALETTE[b], res, cx, cy,
+                         extent)
     background = list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))]
     return render_fill(fill, shape_mask(shape, cx, cy, extent, res), background, size)
 
