@@ -61,7 +61,6 @@ helpers (clip_text_embeddings, dino_embeddings, paper_scores) are defined here. 
 harmonic_mean, knowledge_preservation_score, load_clip and clip_image_embeddings are defined in
 train_cat_lora.py (which must stay a single self-contained file, and whose --validation_kps uses them) and
 imported from there, so training and evaluation share one definition; all are importable from this module.
-Heavy libraries are imported inside functions.
 """
 
 import argparse
@@ -76,6 +75,16 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import diffusers
+import open_clip
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
 
 from train_cat_lora import (  # one definition of the trigger rule and of the metric math, shared with training
     CLAMP_MIN,
@@ -111,7 +120,6 @@ LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\
 
 def mean_pairwise_similarity(a, b) -> float:
     """Mean cosine similarity over all pairs (a_j, b_k): DreamBooth's CLIP-I, DINO and PRES aggregation."""
-    import torch
 
     a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(a, dtype=torch.float32)), dim=-1)
     b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(b, dtype=torch.float32)), dim=-1)
@@ -263,7 +271,6 @@ def check_caption(caption: str, trigger: str, where: str) -> str:
 
 def check_image_file(path: Path, where: str) -> Path:
     """InputError naming ``where`` unless ``path`` is a readable image."""
-    from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise InputError(f"{where}: image {path} not found")
@@ -319,7 +326,6 @@ def load_eval_items(eval_data_dir: Path | None, eval_prompts: Path | None, trigg
 
 def load_pairs(pairs_file: Path, trigger: str) -> list[Sample]:
     """Folder mode: the samples listed in ``pairs_file``, images loaded, grouped by adapter in file order."""
-    from PIL import Image
 
     keys = ("adapter", "caption", "reference", "with_trigger", "without_trigger")
     samples, counts = [], {}
@@ -373,7 +379,6 @@ def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
 
 def clip_text_embeddings(clip: Clip, texts: list[str], batch_size: int = 16):
     """L2-normalized float32 CLIP text embeddings (n, d) of a list of strings."""
-    import torch
 
     out = []
     with torch.inference_mode():
@@ -393,8 +398,6 @@ def load_dino(name_or_path: str, device="cpu") -> Dino | None:
     """A transformers DINO ViT (float32, eval mode) and its image processor; None for ``none``."""
     if name_or_path.lower() == "none":
         return None
-    import torch
-    from transformers import AutoImageProcessor, AutoModel
 
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
@@ -425,7 +428,6 @@ def dino_input_size(processor) -> int:
 
 def resize_and_center_crop(image, crop: int):
     """Resize the shorter side of a PIL image to round(crop * 256 / 224) (bicubic), then center-crop crop x crop."""
-    from PIL import Image
 
     image = image.convert("RGB")
     shorter = round(crop * DINO_RESIZE_RATIO)
@@ -443,7 +445,6 @@ def dino_embeddings(dino: Dino, images, batch_size: int = 16):
     Each image is resized and center-cropped by :func:`resize_and_center_crop` to the model's input size;
     the image processor then only rescales and normalizes (``do_resize=False``).
     """
-    import torch
 
     crop = dino_input_size(dino.processor)
     out = []
@@ -478,7 +479,6 @@ def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_
 
 def process_state():
     """accelerate's PartialState; on machines without an accelerator, several processes share the CPU (gloo)."""
-    from accelerate import PartialState
 
     return PartialState(cpu=use_cpu_processes())
 
@@ -486,7 +486,6 @@ def process_state():
 def load_pipeline(family, mixed_precision: str = "no", device="cpu"):
     """The base pipeline of the model's family (train_cat_lora.model_family), loaded once; SD's safety checker off
     (black images would skew scores)."""
-    import torch
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     try:
@@ -505,7 +504,6 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     Fitting means every LoRA matrix in the file lands on a layer of the base model with the right shape
     (diffusers only warns about keys that match no layer, which would evaluate a partial adapter).
     """
-    from diffusers.utils import logging as diffusers_logging
 
     where = f"--lora {name}={path}"
     name = re.sub(r"\W", "_", name)  # peft refuses '.' in adapter names (e.g. "alpha0.1"); one is loaded at a time
@@ -568,9 +566,6 @@ def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: in
     Each adapter is applied with ``load_lora_weights`` and removed with ``unload_lora_weights`` on the
     one base pipeline. Jobs are split between processes (accelerate) and the images gathered.
     """
-    import torch
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     jobs = {name: [(n, variant) for n, s in enumerate(samples) if s.adapter == name for variant in ("T", "y")]
             for name in adapters}
@@ -610,8 +605,6 @@ def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: in
 
 def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_size: int) -> dict[str, dict]:
     """Per-sample similarities (stored in ``sample.scores``) and per-adapter metrics, in adapter order."""
-    import torch
-    from PIL import Image
 
     references = sorted({s.reference for s in samples})
     reference_images = [Image.open(path).convert("RGB") for path in references]
@@ -712,7 +705,6 @@ def format_table(metrics: dict[str, dict]) -> str:
 
 def make_grid(samples: list[Sample], max_tile: int = 256):
     """One row per sample: reference | with trigger | without trigger."""
-    from PIL import Image
 
     tile = min(max_tile, max(samples[0].with_trigger.size))
     grid = Image.new("RGB", (3 * tile, len(samples) * tile), "white")
@@ -769,8 +761,6 @@ def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settin
 
 def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None) -> dict:
     """Every setting that shaped the numbers, for metrics.json."""
-    import open_clip
-    import torch
 
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(
@@ -784,7 +774,6 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
         versions={"open_clip": open_clip.__version__, "torch": torch.__version__},
     )
     if adapters is not None:
-        import diffusers
 
         settings["lora"] = {name: (str(path) if path else None) for name, path in adapters.items()}
         settings["versions"]["diffusers"] = diffusers.__version__

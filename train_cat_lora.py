@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The CAT-LoRA authors. Licensed under the Apache License, Version 2.0.
-"""Train a LoRA on Stable Diffusion 1.x/2.x with Contrastive Adapter Training (CAT).
+"""Train a LoRA on Stable Diffusion 1.x/2.x or SDXL with Contrastive Adapter Training (CAT).
 
 CAT (Park et al., "Contrastive Adapter Training for Personalized Image Generation", arXiv 2404.07554,
 §2.2 Eq. 3) adds one term to the usual LoRA objective:
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,6 +64,9 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+# --cat_alpha auto: the defaults of the drift budget and of the multiplier's step (see DriftBudget).
+DEFAULT_DRIFT_BUDGET = 0.01
+DEFAULT_DUAL_LR = 0.05
 # Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
 COMMON_TOKEN_ID_LIMIT = 20000
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -88,9 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
-                       help="Hub id or local folder of a diffusers Stable Diffusion 1.x/2.x pipeline.")
+                       help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x or SDXL (the "
+                            "family is read from its model_index.json).")
     model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
     model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="SDXL: a VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (with "
+                            "it the VAE runs in the mixed-precision dtype; SDXL's own VAE is kept in float32).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--instance_data_dir", default=None,
@@ -117,8 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     cat = parser.add_argument_group("CAT (Contrastive Adapter Training)")
-    cat.add_argument("--cat_alpha", type=float, default=1.0,
-                     help="Weight alpha of the CAT term (Eq. 3). 0 turns it off: a plain LoRA run.")
+    cat.add_argument("--cat_alpha", type=alpha_value, default=1.0,
+                     help="Weight alpha of the CAT term (Eq. 3). 0 turns it off: a plain LoRA run. 'auto': alpha "
+                          "becomes a Lagrange multiplier that holds each concept's drift under --cat_drift_budget.")
+    cat.add_argument("--cat_drift_budget", type=float, default=DEFAULT_DRIFT_BUDGET,
+                     help="With --cat_alpha auto: the largest drift allowed on trigger-less prompts, as the CAT term "
+                          "relative to the mean square of the base model's own prediction on y (0.01 = 1%%).")
+    cat.add_argument("--cat_dual_lr", type=float, default=DEFAULT_DUAL_LR,
+                     help="With --cat_alpha auto: how fast alpha moves: per step, by this times log(drift / budget), "
+                          "from 0, never below 0.")
+    cat.add_argument("--cat_every", type=int, default=1,
+                     help="Run the CAT passes on every N-th optimizer step only, with the term weighted by N (same "
+                          "expected gradient, more variance). 1 is Eq. 3 exactly.")
     cat.add_argument("--trigger_token", default=None,
                      help="The rare word that names the subject, e.g. 'sks'. Required when --cat_alpha > 0 "
                           "(unless the concepts list gives one per concept).")
@@ -195,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def alpha_value(text: str):
+    """--cat_alpha: a number, or 'auto' (the drift budget sets it)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line; every check here runs before any model is loaded."""
     args = build_parser().parse_args(argv)
@@ -206,10 +233,16 @@ def check_args(args: argparse.Namespace) -> None:
     sources = [args.instance_data_dir, args.dataset_name, args.concepts_list]
     if sum(source is not None for source in sources) != 1:
         raise InputError("give exactly one of --instance_data_dir, --dataset_name, --concepts_list")
-    if args.cat_alpha < 0:
+    if args.cat_alpha != "auto" and args.cat_alpha < 0:
         raise InputError(f"--cat_alpha must be >= 0, got {args.cat_alpha}")
-    if args.cat_alpha > 0 and args.trigger_token is None and args.concepts_list is None:
-        raise InputError("--trigger_token is required when --cat_alpha > 0 (e.g. --trigger_token sks)")
+    if args.cat_alpha != 0 and args.trigger_token is None and args.concepts_list is None:
+        raise InputError(f"--trigger_token is required when --cat_alpha is {args.cat_alpha} (e.g. --trigger_token sks)")
+    if args.cat_drift_budget <= 0:
+        raise InputError(f"--cat_drift_budget must be positive, got {args.cat_drift_budget}")
+    if args.cat_dual_lr <= 0:
+        raise InputError(f"--cat_dual_lr must be positive, got {args.cat_dual_lr}")
+    if args.cat_every <= 0:
+        raise InputError(f"--cat_every must be positive, got {args.cat_every}")
     if args.trigger_token is not None and not args.trigger_token.strip():
         raise InputError("--trigger_token is empty")
     if args.cat_prompt == "class" and not args.cat_class_word and args.concepts_list is None:
@@ -394,6 +427,7 @@ class Example:
     cat_caption: str
     name: str
     trigger: str | None = None
+    concept: int = 0  # index in the concepts list: --cat_alpha auto holds each concept to the budget
 
 
 def concept_field_error(entry: dict) -> str | None:
@@ -540,11 +574,11 @@ def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept],
     if args.dataset_name is not None:
         examples = _examples_from_dataset(args, concepts[0], notes)
     else:
-        for concept in concepts:
+        for number, concept in enumerate(concepts):
             for path, caption in load_image_caption_pairs(concept.instance_data_dir, concept.instance_prompt):
                 check_image(path, args.resolution, notes)
                 examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path),
-                                        concept.trigger_token))
+                                        concept.trigger_token, number))
     return examples
 
 
@@ -702,6 +736,7 @@ class CATDataset:
             "crop_top_left": crop_top_left,
             "prompt": example.caption,
             "cat_prompt": example.cat_caption,
+            "concept": example.concept,
             "noise_seed": draw_seed(generator),
         }
         if self.class_examples:
@@ -736,6 +771,7 @@ def collate_examples(items: list[dict]) -> dict:
         "crops_top_left": torch.tensor(rows["crop_top_left"], dtype=torch.int64),
         "prompts": rows["prompt"],
         "cat_prompts": [item["cat_prompt"] for item in items],
+        "concepts": torch.tensor([item["concept"] for item in items], dtype=torch.int64),
         "noise_seeds": torch.tensor(rows["noise_seed"], dtype=torch.int64),
         "num_instance": len(items),
     }
@@ -1102,6 +1138,17 @@ def cat_loss(adapted_pred, frozen_pred):
     return F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="mean")
 
 
+def relative_drift(adapted_pred, frozen_pred):
+    """Per sample: the CAT term relative to the mean square of the base model's own prediction on y.
+
+    The unit of --cat_drift_budget: 0.01 means the adapter moved the trigger-less prediction by 1% of its power,
+    a number that means the same at every timestep and for every family (noise, velocity or flow).
+    """
+    dims = list(range(1, adapted_pred.ndim))
+    error = (adapted_pred.detach().float() - frozen_pred.detach().float()).pow(2).mean(dim=dims)
+    return error / frozen_pred.detach().float().pow(2).mean(dim=dims).clamp(min=1e-12)
+
+
 def diffusion_loss(pred, target, loss_weights=None):
     """MSE to the target; with per-sample ``loss_weights`` (Min-SNR, flow-matching weighting) a weighted mean."""
     if loss_weights is None:
@@ -1141,11 +1188,14 @@ class StepConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
-        return cls(args.cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
+        # With --cat_alpha auto the multipliers come as per-row weights: the config's alpha is then 1.
+        cat_alpha = 1.0 if args.cat_alpha == "auto" else args.cat_alpha
+        return cls(cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
                    weight_dtype)
 
 
-def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward) -> dict:
+def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward, cat_weights=None
+                  ) -> dict:
     """Compute one batch's losses and ``backward`` them; return the detached parts for logging.
 
     Rows ``[:num_instance]`` of the batch are subject images with captions y_T, the rest class images (prior
@@ -1154,6 +1204,9 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     trades memory for speed, with the same gradients: ``lean`` backwards the diffusion term before the CAT
     passes run, so their activations are never alive together; ``batched`` runs both adapted passes (y_T and
     y) as one denoiser call and one backward.
+
+    ``cat_weights`` (one per subject row, --cat_alpha auto) weight each row's CAT term, on top of
+    ``config.cat_alpha``. The returned ``drift`` is each subject row's ``relative_drift`` (empty without CAT).
     """
     denoiser = models[family.denoiser]
     z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], config.weight_dtype)
@@ -1183,16 +1236,75 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
         frozen_cond = encode_prompts.frozen(batch["cat_prompts"]) if encode_prompts.adapted else cat_cond
         frozen_pred = frozen_prediction(family, denoiser, instance, frozen_cond)
         loss_cat = cat_loss(adapted_pred, frozen_pred)
-        loss = loss + config.cat_alpha * loss_cat
+        if cat_weights is None:
+            weighted_cat = config.cat_alpha * loss_cat
+        else:  # the same MSE, each row weighted by its concept's multiplier
+            per_row = F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="none")
+            per_row = per_row.mean(dim=list(range(1, per_row.ndim)))
+            weighted_cat = config.cat_alpha * (cat_weights.to(per_row.device) * per_row).mean()
+        loss = loss + weighted_cat
+        drift = relative_drift(adapted_pred, frozen_pred)
+    else:
+        weighted_cat, drift = loss_cat, torch.zeros(0, device=model_pred.device)
     backward(loss)
-    total = loss_diffusion + config.prior_loss_weight * loss_prior + config.cat_alpha * loss_cat
+    total = loss_diffusion + config.prior_loss_weight * loss_prior + weighted_cat
     return {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
-            "cat": loss_cat.detach()}
+            "cat": loss_cat.detach(), "drift": drift}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 6. Training loop: accelerator, optimizer, checkpoints, validation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def cat_runs_on(step: int, cat_every: int) -> bool:
+    """--cat_every N: whether optimizer step ``step`` (counted from 1) runs the CAT passes. Deterministic in the
+    step, so a resumed run makes the same choice; its term is then weighted by N, so the expected gradient is
+    that of Eq. 3 (the variance grows: the CAT gradient arrives N times larger on one step in N)."""
+    return step % cat_every == 0
+
+
+class DriftBudget:
+    """--cat_alpha auto: minimise the diffusion loss subject to each concept's drift staying under a budget.
+
+    The drift is ``relative_drift`` (the CAT term relative to the mean square of the base model's prediction on
+    y); its running estimate per concept is an exponential moving average. Each concept's alpha is the Lagrange
+    multiplier of its constraint, written as log(drift) <= log(budget) (the same constraint, free of units and of
+    the drift's scale), updated by dual ascent after every step that ran the CAT passes:
+
+        alpha <- max(0, alpha + dual_lr * log(drift_estimate / budget))
+
+    so alpha rises while the drift is over budget and falls (never below 0) under it, by dual_lr per e-fold of
+    violation. It starts at 0: while the drift stays under budget the run is a plain LoRA run. Its state is
+    saved in every checkpoint (``accelerator.register_for_checkpointing``), so a resumed run is bit-exact.
+    """
+
+    def __init__(self, num_concepts: int, budget: float, dual_lr: float, smoothing: float = 0.9):
+        self.budget, self.dual_lr, self.smoothing = budget, dual_lr, smoothing
+        self.alpha = torch.zeros(num_concepts, dtype=torch.float64)
+        self.drift = torch.zeros(num_concepts, dtype=torch.float64)
+        self.seen = torch.zeros(num_concepts, dtype=torch.bool)
+
+    def weights(self, concepts) -> torch.Tensor:
+        """Each subject row's alpha."""
+        return self.alpha[concepts.cpu()].float()
+
+    def update(self, concepts, drift) -> None:
+        """Fold one step's per-row drift (of every process: gather first) into the estimates; move alpha."""
+        concepts, drift = concepts.cpu(), drift.detach().cpu().double()
+        for concept in concepts.unique().tolist():
+            observed = drift[concepts == concept].mean()
+            if self.seen[concept]:
+                observed = self.smoothing * self.drift[concept] + (1 - self.smoothing) * observed
+            self.drift[concept], self.seen[concept] = observed, True
+            violation = torch.log(observed.clamp(min=1e-30) / self.budget)  # drift 0 (step 0) counts as far under
+            self.alpha[concept] = torch.clamp(self.alpha[concept] + self.dual_lr * violation, min=0.0)
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha.clone(), "drift": self.drift.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha, self.drift, self.seen = state["alpha"].clone(), state["drift"].clone(), state["seen"].clone()
 
 
 def use_cpu_processes() -> bool:
@@ -1618,8 +1730,8 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
 
 
 def train(accelerator, args: argparse.Namespace, family, models: dict, encode_prompts, dataloader, sampler,
-          optimizer, lr_scheduler, first_step: int, max_train_steps: int, triggers: list[str], weight_dtype
-          ) -> tuple[int, Path | None]:
+          optimizer, lr_scheduler, first_step: int, max_train_steps: int, triggers: list[str], weight_dtype,
+          drift_budget: DriftBudget | None = None) -> tuple[int, Path | None]:
     """Run the optimizer steps from ``first_step`` to ``max_train_steps``; return (last step, last grid)."""
     adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
     trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
@@ -1647,8 +1759,14 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
                 batches.set_epoch(epoch)
             for batch in batches:
                 with accelerator.accumulate(*adapted):
-                    losses = training_step(batch, family, models, encode_prompts, step_config,
-                                           backward=accelerator.backward)
+                    run_cat = step_config.cat_alpha > 0 and cat_runs_on(step + 1, args.cat_every)
+                    config = replace(step_config, cat_alpha=step_config.cat_alpha * args.cat_every * run_cat)
+                    cat_weights = drift_budget.weights(batch["concepts"]) if drift_budget and run_cat else None
+                    losses = training_step(batch, family, models, encode_prompts, config,
+                                           backward=accelerator.backward, cat_weights=cat_weights)
+                    if drift_budget is not None and run_cat:  # every process folds in every process's rows
+                        drift_budget.update(accelerator.gather(batch["concepts"].to(accelerator.device)),
+                                            accelerator.gather(losses["drift"]))
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
@@ -1658,11 +1776,20 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
                     continue
                 step += 1
                 progress.update(1)
+                drift = losses.pop("drift")
                 logs = {f"loss/{name}": accelerator.reduce(value.detach(), reduction="mean").item()
                         for name, value in losses.items()}
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
+                postfix = {"loss": f"{logs['loss/loss']:.4f}", "cat": f"{logs['loss/cat']:.2e}"}
+                if len(drift):
+                    logs["cat/drift"] = accelerator.gather(drift).mean().item()
+                if drift_budget is not None:
+                    logs.update({f"cat/alpha_{n}": a for n, a in enumerate(drift_budget.alpha.tolist())})
+                    logs.update({f"cat/drift_estimate_{n}": d for n, d in enumerate(drift_budget.drift.tolist())})
+                    postfix.update(alpha=f"{drift_budget.alpha.max().item():.3g}",
+                                   drift=f"{drift_budget.drift.max().item():.2e}")
                 accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", cat=f"{logs['loss/cat']:.2e}")
+                progress.set_postfix(postfix)
                 checkpoint = None
                 if step % args.checkpointing_steps == 0 and step < max_train_steps:
                     checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
@@ -1715,7 +1842,10 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
         "",
         f"- Base model: `{args.pretrained_model_name_or_path}`",
         f"- Trigger(s): {triggers}",
-        f"- CAT alpha: {args.cat_alpha}; CAT prompt mode: `{args.cat_prompt}`"
+        f"- CAT alpha: {args.cat_alpha}"
+        + (f" (drift budget {args.cat_drift_budget}, dual lr {args.cat_dual_lr})" if args.cat_alpha == "auto" else "")
+        + (f"; CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
+        + f"; CAT prompt mode: `{args.cat_prompt}`"
         + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else ""),
         f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}",
         f"- Steps: {steps}; learning rate {args.learning_rate}; batch size {args.train_batch_size}; "
@@ -1878,6 +2008,10 @@ def main(argv=None) -> list[Path]:
     # Prompts go through the prepared (possibly DDP-wrapped) text encoders, or the cache.
     encode_prompts = cached_prompts or PromptEncoder(family, {name: models[name] for name in family.text_encoders})
     register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder)
+    drift_budget = None
+    if args.cat_alpha == "auto":
+        drift_budget = DriftBudget(len(concepts), args.cat_drift_budget, args.cat_dual_lr)
+        accelerator.register_for_checkpointing(drift_budget)  # saved and restored with every checkpoint
     if accelerator.is_main_process:
         accelerator.init_trackers("cat-lora", config=tracker_config(args))
     logger.info(f"{family.pipeline_class.__name__}: {len(instance_examples)} images of {len(concepts)} concept(s), "
@@ -1888,7 +2022,7 @@ def main(argv=None) -> list[Path]:
                                    CLIP_FLAGS)
     try:
         steps, grid = train(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer,
-                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype)
+                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype, drift_budget)
     except (TrainingInterrupted, SaveFailed):
         accelerator.end_training()
         raise
