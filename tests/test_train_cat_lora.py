@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from client_key_maps import comfy_clip_key_map, comfy_load, comfy_unet_config, comfy_unet_key_map
 from conftest import draw_subject, drift_on_trigger_less_prompts, train_args
 from safetensors.torch import load_file
 
@@ -300,8 +301,12 @@ def test_saved_weights_load_in_diffusers_and_kohya_file_matches(tiny_pipeline, i
     with_kohya = _image_output(pipe, "a photo of sks teapot")
     assert abs(with_kohya - with_lora).max() < 1e-5
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
-    assert any(k.startswith("lora_unet_") for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
+    assert any(k.startswith("lora_unet_") for k in kohya) and any(k.startswith("lora_te_text_model_") for k in kohya)
     assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    # ComfyUI reads every key (issue 11: it dropped the text-encoder half); see test_kohya_export.py for more
+    key_map = {**comfy_unet_key_map(comfy_unet_config(pipe.unet.config)),
+               **comfy_clip_key_map({"clip_l": pipe.text_encoder.config.num_hidden_layers})}
+    assert comfy_load(kohya, key_map)[1] == []
 
 
 @pytest.mark.parametrize("schedule", [
