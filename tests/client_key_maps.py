@@ -16,9 +16,14 @@ the clients' code is copied:
   (packages_3rdparty/comfyui_lora_collection/lora.py at 5e1dcd35a8535564884a4116f6bbb37dbb8dfc46), which have the
   same rules for the names checked here, so Forge reads what ComfyUI reads.
 
+- AUTOMATIC1111 stable-diffusion-webui, extensions-builtin/Lora/networks.py at
+  873edba44bedf0086d52343f282552b3601baeb8 (SD 1.x/2.x and SDXL; A1111 has no Flux): see a1111_layer below.
+
 Only the names our exporter could write are rebuilt (kohya ``lora_unet_``/``lora_te*_`` names, and for Flux also
 the diffusers forms ComfyUI maps with row offsets); ComfyUI accepts further formats that are left out.
 """
+
+import re
 
 # ComfyUI's LORA_CLIP_MAP: the CLIP layers a text-encoder LoRA may patch, and their underscored kohya spelling.
 CLIP_LORA_LAYERS = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj",
@@ -225,3 +230,84 @@ def comfy_load(lora: dict, key_map: dict) -> tuple[dict, list]:
         scale = alpha.item() / rank if alpha is not None else 1.0
         changes[target] = (up.flatten(1).float() @ down.flatten(1).float()) * scale
     return changes, [key for key in lora if key not in loaded]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AUTOMATIC1111 (stable-diffusion-webui, extensions-builtin/Lora/networks.py at
+# 873edba44bedf0086d52343f282552b3601baeb8: convert_diffusers_name_to_compvis, assign_network_names_to_compvis_modules,
+# load_network, network_apply_weights). A1111 names every module of its SGM model with dots made underscores:
+# the UNet under diffusion_model_, SD 1.x's CLIP under transformer_text_model_, SDXL's first CLIP under
+# 0_transformer_text_model_ and its second (OpenCLIP, fused in_proj) under 1_model_transformer_resblocks_.
+# ----------------------------------------------------------------------------------------------------------
+
+A1111_RESNET_LAYERS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+                       "conv_shortcut": "skip_connection"}
+OPENCLIP_LAYERS = {"self_attn_q_proj": "attn_q_proj", "self_attn_k_proj": "attn_k_proj",
+                   "self_attn_v_proj": "attn_v_proj", "self_attn_out_proj": "attn_out_proj", "mlp_fc1": "mlp_c_fc",
+                   "mlp_fc2": "mlp_c_proj"}
+
+
+def a1111_layer_names(unet_config: dict, clip_layers: int, family: str) -> set:
+    """The module names A1111 gives an SD 1.x (``family="sd"``) or SDXL model, for the layers a LoRA may patch."""
+    names = {f"diffusion_model_{underscored(sgm[:-len('.weight')])}"
+             for sgm in comfy_unet_to_diffusers(unet_config).values()}
+    for layer in range(clip_layers):
+        for part in CLIP_LORA_LAYERS:
+            prefix = "transformer" if family == "sd" else "0_transformer"
+            names.add(f"{prefix}_text_model_encoder_layers_{layer}_{underscored(part)}")
+        if family == "sdxl":
+            names.update(f"1_model_transformer_resblocks_{layer}_{name}"
+                         for name in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj"))
+    return names
+
+
+def a1111_compvis_name(layer: str, is_sd2: bool = False) -> str:
+    """convert_diffusers_name_to_compvis for the names a LoRA of attention and res-block layers can have."""
+    def resnet_suffix(kind, rest):
+        return A1111_RESNET_LAYERS.get(rest, rest) if kind == "resnets" else rest
+
+    # A1111 assumes 3 input blocks and 3 output blocks per level (SD 1.x/2.x and SDXL: 2 res blocks + 1)
+    if match := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", layer):
+        level, kind, index, rest = match.groups()
+        return (f"diffusion_model_input_blocks_{1 + int(level) * 3 + int(index)}_{1 if kind == 'attentions' else 0}_"
+                f"{resnet_suffix(kind, rest)}")
+    if match := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", layer):
+        kind, index, rest = match.groups()
+        return (f"diffusion_model_middle_block_{1 if kind == 'attentions' else int(index) * 2}_"
+                f"{resnet_suffix(kind, rest)}")
+    if match := re.fullmatch(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", layer):
+        level, kind, index, rest = match.groups()
+        return (f"diffusion_model_output_blocks_{int(level) * 3 + int(index)}_{1 if kind == 'attentions' else 0}_"
+                f"{resnet_suffix(kind, rest)}")
+    if match := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", layer):
+        index, rest = match.groups()
+        if is_sd2:
+            return f"model_transformer_resblocks_{index}_{OPENCLIP_LAYERS.get(rest, rest)}"
+        return f"transformer_text_model_encoder_layers_{index}_{rest}"
+    if match := re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", layer):
+        index, rest = match.groups()
+        return f"1_model_transformer_resblocks_{index}_{OPENCLIP_LAYERS.get(rest, rest)}"
+    return layer
+
+
+def a1111_layer(layer: str, layer_names: set, is_sd2: bool = False) -> str | None:
+    """The name load_network files a LoRA layer under, or None where it reports "Failed to match keys".
+
+    q/k/v of an OpenCLIP attention keep their suffix (``..._attn_q_proj``) and find the MultiheadAttention
+    ``..._attn``; network_apply_weights then changes its in_proj only when q, k, v and out_proj are all there.
+    """
+    name = a1111_compvis_name(layer, is_sd2)
+    if name in layer_names:
+        return name
+    match = re.fullmatch(r"(.*)_([qkv]_proj)", name)
+    if match and match.group(1) in layer_names:
+        return name
+    if "lora_unet" in layer:
+        name = layer.replace("lora_unet", "diffusion_model")
+        return name if name in layer_names else None
+    if "lora_te1_text_model" in layer:
+        for prefix in ("0_transformer_text_model", "transformer_text_model"):
+            name = layer.replace("lora_te1_text_model", prefix)
+            if name in layer_names:
+                return name
+    return None

@@ -207,6 +207,26 @@ def test_sdxl_kohya_file_uses_sgm_unet_names_and_is_read_whole_by_comfyui():
     assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in kohya
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_sd_and_sdxl_kohya_files_match_automatic1111_layers(family):
+    _, adapted, states = sd_models() if family == "sd" else sdxl_models()
+    kohya = T.kohya_state_dict(states, ALPHA, family, unet_layers_per_block=2)
+    unet_config = clients.comfy_unet_config(adapted["unet"].config)
+    names = clients.a1111_layer_names(unet_config, clip_layers=2, family=family)
+    expected = {"diffusion_model_" + clients.underscored(clients.comfy_unet_weight(unet_config, layer)[
+        len("diffusion_model."):-len(".weight")]) for layer in peft_weight_changes(adapted["unet"])}
+    first_clip = "transformer_text_model" if family == "sd" else "0_transformer_text_model"
+    expected |= {f"{first_clip}_{clients.underscored(layer.removeprefix('text_model.'))}"
+                 for layer in peft_weight_changes(adapted["text_encoder"])}
+    if family == "sdxl":  # OpenCLIP: q, k, v filed under the fused attention, with all four present per layer
+        expected |= {f"1_model_transformer_resblocks_{index}_attn_{part}_proj"
+                     for index in range(2) for part in ("q", "k", "v", "out")}
+    layers = {key.split(".")[0] for key in kohya}
+    matched = {layer: clients.a1111_layer(layer, names) for layer in layers}
+    assert [layer for layer, name in matched.items() if name is None] == []
+    assert sorted(matched.values()) == sorted(expected)
+
+
 @pytest.mark.parametrize("config", [
     (dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, transformer_layers_per_block=1,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
