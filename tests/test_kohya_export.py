@@ -131,8 +131,9 @@ def sdxl_models():
 
 def flux_models(targets: list[str]):
     torch.manual_seed(0)
-    base = {"transformer": flux_transformer()}
-    return (base, *with_lora(base, {"transformer": targets}))
+    # with Flux's CLIP-L text encoder, which diffusers' Flux script can train too
+    base = {"transformer": flux_transformer(), "text_encoder": clip_text_model(32)}
+    return (base, *with_lora(base, {"transformer": targets, "text_encoder": TEXT_TARGETS}))
 
 
 def peft_weight_changes(model) -> dict:
@@ -254,10 +255,19 @@ def test_flux_kohya_file_uses_bfl_names_and_is_read_whole_by_comfyui(targets):
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     mapping = clients.comfy_flux_to_diffusers(transformer.config.num_layers, transformer.config.num_single_layers,
                                               hidden)
-    key_map = clients.comfy_flux_key_map(transformer.config.num_layers, transformer.config.num_single_layers, hidden)
+    key_map = {**clients.comfy_flux_key_map(transformer.config.num_layers, transformer.config.num_single_layers,
+                                            hidden), **clients.comfy_clip_key_map({"clip_l": 2})}
     changes, not_loaded = clients.comfy_load(kohya, key_map)
     assert not_loaded == [], f"ComfyUI would log 'lora key not loaded' for {not_loaded[:4]}"
-    assert all(key.startswith("lora_unet_") for key in kohya)
+    assert all(key.startswith(("lora_unet_", "lora_te1_text_model_")) for key in kohya)
+    # The text encoder: each CLIP layer changed as peft changes it
+    clip_changes = {target: change for target, change in changes.items() if isinstance(target, str)}
+    expected_clip = {clip_weight("clip_l", layer): change
+                     for layer, change in peft_weight_changes(adapted["text_encoder"]).items()}
+    assert sorted(clip_changes) == sorted(expected_clip)
+    for target, change in expected_clip.items():
+        torch.testing.assert_close(clip_changes[target], change, rtol=1e-4, atol=1e-6)
+    changes = {target: change for target, change in changes.items() if not isinstance(target, str)}
     # Each trained layer's change sits in its BFL weight (in its rows, for the fused qkv / linear1) ...
     covered = {}
     for layer, change in peft_weight_changes(transformer).items():
@@ -334,7 +344,8 @@ def flux_outputs(models: dict) -> dict:
                                                indexing="ij"), dim=-1).reshape(-1, 3),
             txt_ids=torch.zeros(text_tokens, 3),
         ).sample
-    return {"transformer": sample}
+        ids = torch.randint(3, 1000, (2, 12), generator=generator)
+        return {"transformer": sample, "text_encoder": models["text_encoder"](ids).last_hidden_state}
 
 
 def sd_pipeline(models):
@@ -348,8 +359,8 @@ def sdxl_pipeline(models):
 
 
 def flux_pipeline(models):
-    return FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, **models)
+    return FluxPipeline(**{"scheduler": None, "vae": None, "text_encoder": None, "tokenizer": None,
+                           "text_encoder_2": None, "tokenizer_2": None, **models})
 
 
 @pytest.mark.parametrize("family, make_models, make_pipeline, outputs", [
