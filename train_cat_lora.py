@@ -1497,7 +1497,8 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
 
 
 # Kohya-format export: the key layouts AUTOMATIC1111/Forge and ComfyUI read. tests/client_key_maps.py rebuilds
-# ComfyUI's key map from its source (commits cited there) and checks every key of these files against it.
+# ComfyUI's and AUTOMATIC1111's key maps from their source (commits cited there); the tests check every key
+# of these files against them.
 #   sd:   lora_unet_<diffusers UNet path>, lora_te_text_model_<CLIP path>       (kohya sd-scripts' SD 1.x/2.x names)
 #   sdxl: lora_unet_<SGM/LDM UNet path>, lora_te1_text_model_..., lora_te2_text_model_...   (kohya's SDXL names)
 #   flux: lora_unet_<Black Forest Labs path> with fused qkv/linear1, lora_te1_text_model_... (kohya's Flux names)
