@@ -88,6 +88,7 @@ from train_cat_lora import (  # one definition of the trigger rule and of the me
     knowledge_preservation_score,
     load_clip,
     load_image_caption_pairs,
+    model_family,
     resolve_clip_choice,
     strip_trigger,
     use_cpu_processes,
@@ -172,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--trigger_token", required=True, help="the trigger word, e.g. sks (required)")
 
     gen = parser.add_argument_group("generation (generate mode)")
-    gen.add_argument("--pretrained_model_name_or_path", help="base Stable Diffusion 1.x/2.x model")
+    gen.add_argument("--pretrained_model_name_or_path", help="base model: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline (hub id or folder)")
     gen.add_argument("--revision", default=None)
     gen.add_argument("--variant", default=None)
     gen.add_argument(
@@ -482,20 +483,18 @@ def process_state():
     return PartialState(cpu=use_cpu_processes())
 
 
-def load_pipeline(name_or_path: str, revision=None, variant=None, mixed_precision: str = "no", device="cpu"):
-    """The base Stable Diffusion pipeline, loaded once (safety checker off: black images would skew scores)."""
+def load_pipeline(family, mixed_precision: str = "no", device="cpu"):
+    """The base pipeline of the model's family (train_cat_lora.model_family), loaded once; SD's safety checker off
+    (black images would skew scores)."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            name_or_path, revision=revision, variant=variant, dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        pipe = family.load_pipeline(dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"--pretrained_model_name_or_path {name_or_path}: could not load ({first_line})") from None
+        source = family.config.pretrained_model_name_or_path
+        raise InputError(f"--pretrained_model_name_or_path {source}: could not load ({first_line})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -532,7 +531,7 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     pattern = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
     loaded = sum(
         bool(pattern.search(key))
-        for component in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        for component in (getattr(pipe, name, None) for name in ("unet", "transformer", "text_encoder", "text_encoder_2"))
         if component is not None
         for key, _ in component.named_parameters()
     )
@@ -816,14 +815,14 @@ def main(argv=None) -> dict:
         samples = load_pairs(args.pairs, args.trigger_token)
         adapters = None
     resolve_clip_choice(args.clip_model, args.clip_pretrained)
+    family = model_family(args) if generate else None  # SD 1.x/2.x, SDXL, ... from model_index.json; nothing heavy
 
     state = process_state()
     device = args.device or state.device
 
     # Models: the base pipeline once, every adapter checked against it, then the metric models.
     if generate:
-        pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
-                             args.mixed_precision, state.device)
+        pipe = load_pipeline(family, args.mixed_precision, state.device)
         check_adapters(pipe, adapters)
         samples = plan_samples(adapters, items, args.num_images_per_prompt, args.seed)
     if not state.is_main_process and not generate:

@@ -26,11 +26,43 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import _collate_lora_metadata, cast_training_params, compute_snr
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils.state_dict_utils import convert_state_dict
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo, upload_folder
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 # Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
 COMMON_TOKEN_ID_LIMIT = 20000
@@ -419,8 +451,6 @@ def open_rgb_image(source, name: str, notes: dict | None = None):
     them to white), and transparency is flattened onto white (a plain convert would leave it black). What was
     changed is recorded in ``notes`` (category -> image names) for the data-loading summary.
     """
-    import numpy as np
-    from PIL import Image, ImageOps
 
     def note(category):
         if notes is not None:
@@ -594,7 +624,6 @@ class EpochShuffleSampler:
         self.epoch = epoch
 
     def __iter__(self):
-        import torch
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         offset = self.epoch * self.length
@@ -606,53 +635,56 @@ class EpochShuffleSampler:
 
 def draw_seed(generator) -> int:
     """A fresh 62-bit seed from ``generator``."""
-    import torch
 
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator):
-    """Resize the short side to ``resolution``, crop a square, maybe flip; return a tensor in [-1, 1]."""
-    import torch
-    from torchvision.transforms import functional as TF
+    """Resize the short side to ``resolution``, crop a square, maybe flip.
 
+    Returns the tensor in [-1, 1] and SDXL's micro-conditioning for it: the original ``(height, width)`` and
+    the crop's top-left corner ``(top, left)``, measured in the flipped image when the image was flipped (as
+    diffusers' SDXL scripts do, which flip before cropping).
+    """
+    original_size = (image.height, image.width)
     image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
+        top = max(0, int(round((image.height - resolution) / 2.0)))
+        left = max(0, int(round((image.width - resolution) / 2.0)))
         image = TF.center_crop(image, resolution)
     else:
         top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+        resized_width = image.width
         image = TF.crop(image, top, left, resolution, resolution)
     if random_flip and torch.rand(1, generator=generator).item() < 0.5:
         image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+        if not center_crop:
+            left = resized_width - left - resolution
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5]), original_size, (top, left)
 
 
 class CATDataset:
-    """A map-style dataset of pixel values and token ids of y_T, y and (with prior preservation) the class prompt.
+    """A map-style dataset of pixel values, the prompts y_T and y, and (with prior preservation) class rows.
 
     Item ``k`` is example ``k % len`` augmented with randomness seeded by ``(seed, k)`` (see EpochShuffleSampler),
-    with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator. With a
-    ``latent_cache`` (image name -> VAE posterior parameters) ``pixel_values`` holds those parameters instead.
+    with a ``noise_seed`` for its latent sample, noise and timestep drawn from the same generator. Prompts stay
+    text: each model family tokenizes them for its own text encoders. With a ``latent_cache`` (image name ->
+    VAE posterior parameters, original size, crop) ``pixel_values`` holds those parameters instead.
 
     A module-level class holding only picklable data, so that dataloader workers started with spawn or
-    forkserver (macOS, Windows, Python 3.14's default on Linux) can receive it; a ``torch.utils.data.DataLoader``
-    needs only ``__len__`` and ``__getitem__``, so importing torch can wait until it is used.
+    forkserver (macOS, Windows, Python 3.14's default on Linux) can receive it.
     """
 
-    def __init__(self, instance_examples, class_examples, tokenizer, resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int = 0, latent_cache: dict | None = None):
+    def __init__(self, instance_examples, class_examples, resolution: int, center_crop: bool, random_flip: bool,
+                 seed: int = 0, latent_cache: dict | None = None):
         self.instance_examples, self.class_examples = instance_examples, class_examples or []
-        self.tokenizer, self.resolution, self.seed, self.latent_cache = tokenizer, resolution, seed, latent_cache
+        self.resolution, self.seed, self.latent_cache = resolution, seed, latent_cache
         self.center_crop, self.random_flip = center_crop, random_flip
 
     def __len__(self):
         # As in DreamBooth: an epoch walks the longer of the instance and class sets.
         return max(len(self.instance_examples), len(self.class_examples))
-
-    def tokenize(self, text: str):
-        return self.tokenizer(text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids[0]
 
     def pixels_or_latents(self, example: Example, generator):
         if self.latent_cache is not None:
@@ -661,66 +693,61 @@ class CATDataset:
                        self.random_flip, generator)
 
     def __getitem__(self, number: int) -> dict:
-        import torch
-
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
         example = self.instance_examples[number % len(self.instance_examples)]
+        pixels, original_size, crop_top_left = self.pixels_or_latents(example, generator)
         item = {
-            "pixel_values": self.pixels_or_latents(example, generator),
-            "input_ids": self.tokenize(example.caption),
-            "cat_input_ids": self.tokenize(example.cat_caption),
+            "pixel_values": pixels,
+            "original_size": original_size,
+            "crop_top_left": crop_top_left,
+            "prompt": example.caption,
+            "cat_prompt": example.cat_caption,
             "noise_seed": draw_seed(generator),
         }
         if self.class_examples:
             class_example = self.class_examples[number % len(self.class_examples)]
-            item["class_pixel_values"] = self.pixels_or_latents(class_example, generator)
-            item["class_input_ids"] = self.tokenize(class_example.caption)
-            item["class_noise_seed"] = draw_seed(generator)
+            pixels, original_size, crop_top_left = self.pixels_or_latents(class_example, generator)
+            item.update(class_pixel_values=pixels, class_original_size=original_size,
+                        class_crop_top_left=crop_top_left, class_prompt=class_example.caption,
+                        class_noise_seed=draw_seed(generator))
         return item
 
 
-def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0,
+def make_dataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed=0,
                  latent_cache: dict | None = None) -> CATDataset:
     """The training dataset (see ``CATDataset``)."""
-    return CATDataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed,
-                      latent_cache)
+    return CATDataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed, latent_cache)
 
 
 def collate_examples(items: list[dict]) -> dict:
-    """Stack a batch; class rows go after the instance rows, whose count is ``num_instance``."""
-    import torch
+    """Stack a batch; class rows go after the instance rows, whose count is ``num_instance``.
 
-    pixel_values = [item["pixel_values"] for item in items]
-    input_ids = [item["input_ids"] for item in items]
-    noise_seeds = [item["noise_seed"] for item in items]
+    ``prompts`` are the captions of every row (y_T, then the class prompt), ``cat_prompts`` the CAT prompts y
+    of the instance rows.
+    """
+    fields_ = ["pixel_values", "original_size", "crop_top_left", "prompt", "noise_seed"]
+    rows = {name: [item[name] for item in items] for name in fields_}
     if "class_pixel_values" in items[0]:
-        pixel_values += [item["class_pixel_values"] for item in items]
-        input_ids += [item["class_input_ids"] for item in items]
-        noise_seeds += [item["class_noise_seed"] for item in items]
+        for name in fields_:
+            rows[name] += [item[f"class_{name}"] for item in items]
     return {
-        "pixel_values": torch.stack(pixel_values).contiguous().float(),
-        "input_ids": torch.stack(input_ids),
-        "noise_seeds": torch.tensor(noise_seeds, dtype=torch.int64),
-        "cat_input_ids": torch.stack([item["cat_input_ids"] for item in items]),
+        "pixel_values": torch.stack(rows["pixel_values"]).contiguous().float(),
+        "original_sizes": torch.tensor(rows["original_size"], dtype=torch.int64),
+        "crops_top_left": torch.tensor(rows["crop_top_left"], dtype=torch.int64),
+        "prompts": rows["prompt"],
+        "cat_prompts": [item["cat_prompt"] for item in items],
+        "noise_seeds": torch.tensor(rows["noise_seed"], dtype=torch.int64),
         "num_instance": len(items),
     }
 
 
-def prepare_class_examples(args: argparse.Namespace, accelerator, weight_dtype) -> list[Example]:
+def prepare_class_examples(args: argparse.Namespace, family, accelerator, weight_dtype) -> list[Example]:
     """DreamBooth's class images: generate the missing ones with the base model, then list them all."""
-    import torch
-
     class_dir = Path(args.class_data_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = args.num_class_images - len(list_images(class_dir))
     if missing > 0 and accelerator.is_main_process:
-        from diffusers import StableDiffusionPipeline
-        from tqdm.auto import tqdm
-
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            torch_dtype=weight_dtype, safety_checker=None,
-        ).to(accelerator.device)
+        pipeline = family.load_pipeline(dtype=weight_dtype).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
         start = len(list_images(class_dir))
@@ -738,45 +765,244 @@ def prepare_class_examples(args: argparse.Namespace, accelerator, weight_dtype) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. Models
+# 4. Models: one small class per pipeline family. Everything family-specific lives here (which models to
+#    load, how prompts become conditioning, the noisy input and target, the LoRA targets, the pipeline class
+#    used to sample and to save); the CAT term, the training step and the loop below do not know the family.
 # ---------------------------------------------------------------------------------------------------------
 
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+CLIP_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-def load_tokenizer(args: argparse.Namespace):
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The options a model family reads (a subset of the command line)."""
 
-    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
-                                         revision=args.revision)
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
+    resolution: int = 512
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
+    pretrained_vae_model_name_or_path: str | None = None
 
-
-def load_models(args: argparse.Namespace):
-    """Tokenizer, noise scheduler, text encoder, VAE and U-Net of the base pipeline, all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    source = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision}
-    tokenizer = load_tokenizer(args)
-    noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **source)
-    text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **source)
-    vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **source)
-    unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=args.variant, **source)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return tokenizer, noise_scheduler, text_encoder, vae, unet
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FamilyConfig":
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
 
-def add_lora_adapters(unet, text_encoder, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
+def device_of(model) -> torch.device:
+    return getattr(model, "module", model).device
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                     max_length=max_length or tokenizer.model_max_length).input_ids
+
+
+class StableDiffusionFamily:
+    """SD 1.x/2.x: one CLIP text encoder, a U-Net predicting the noise (or the velocity, SD 2.x 768)."""
+
+    pipeline_class = StableDiffusionPipeline
+    denoiser = "unet"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    trainable_text_encoders = ("text_encoder",)  # what --train_text_encoder adapts
+    kohya_layout = "sd"
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    validation_scheduler = DPMSolverMultistepScheduler
+
+    def __init__(self, config: FamilyConfig):
+        self.config = config
+        self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+                       "revision": config.revision}
+        self._tokenizers = None
+
+    # Loading ------------------------------------------------------------------------------------------
+    def load_tokenizers(self) -> dict:
+        if self._tokenizers is None:
+            self._tokenizers = {name: AutoTokenizer.from_pretrained(subfolder=name, **self.source)
+                                for name in self.tokenizers}
+        return self._tokenizers
+
+    def load_text_encoders(self) -> dict:
+        return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=self.config.variant,
+                                                              **self.source)}
+
+    def load_denoiser(self):
+        return UNet2DConditionModel.from_pretrained(subfolder="unet", variant=self.config.variant, **self.source)
+
+    def load_vae(self):
+        return AutoencoderKL.from_pretrained(subfolder="vae", variant=self.config.variant, **self.source)
+
+    def load_noise_scheduler(self):
+        return DDPMScheduler.from_pretrained(subfolder="scheduler", **self.source)
+
+    def load_models(self) -> dict:
+        """The frozen base model, keyed by pipeline component name, plus ``noise_scheduler``."""
+        models = {**self.load_text_encoders(), "vae": self.load_vae(), self.denoiser: self.load_denoiser()}
+        for model in models.values():
+            model.requires_grad_(False)
+        return {**models, "noise_scheduler": self.load_noise_scheduler()}
+
+    def vae_dtype(self, weight_dtype):
+        return weight_dtype
+
+    def lora_targets(self, component: str) -> list[str]:
+        return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
+
+    def load_pipeline(self, **components):
+        """The family's inference pipeline from the base folder, with ``components`` (and ``torch_dtype``) given."""
+        return self.pipeline_class.from_pretrained(
+            variant=self.config.variant, **self.source, **self.pipeline_kwargs, **components)
+
+    # Conditioning, noisy input, prediction -------------------------------------------------------------
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        """Prompts -> the denoiser's conditioning, every tensor batch-first."""
+        text_encoder = text_encoders["text_encoder"]
+        ids = tokenize(self.load_tokenizers()["tokenizer"], prompts).to(device_of(text_encoder))
+        return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+        if images.shape[1] == 3:
+            latent_dist = vae.encode(images).latent_dist
+        else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
+            latent_dist = DiagonalGaussianDistribution(images)
+        return (latent_dist.sample(generator=generators) * vae.config.scaling_factor).to(weight_dtype)
+
+    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
+        """z_t, t, the target and the per-sample loss weights: what every term of Eq. 3 shares.
+
+        Each row draws from its own generator, seeded by the batch's ``noise_seeds``: a sample gets the same
+        noise and timestep whatever batch, process or resumed run it lands in.
+        """
+        device = vae.device
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
+        latents = self.encode_latents(batch, vae, generators, weight_dtype)
+        noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
+        if self.config.noise_offset:
+            offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generators, device=device, dtype=latents.dtype)
+            noise = noise + self.config.noise_offset * offset
+        timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g,
+                                             device=device) for g in generators]).long()
+        return {"noisy": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+                "target": self.target(noise_scheduler, latents, noise, timesteps),
+                "loss_weights": self.min_snr_weights(noise_scheduler, timesteps)}
+
+    @staticmethod
+    def target(noise_scheduler, latents, noise, timesteps):
+        """What the U-Net is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+    def min_snr_weights(self, noise_scheduler, timesteps):
+        """--snr_gamma: Min-SNR weights (Hang et al. 2023) per sample; None for the plain MSE."""
+        if self.config.snr_gamma is None:
+            return None
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=self.config.snr_gamma)
+        return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+
+    def predict(self, unet, z: dict, cond: dict):
+        return unet(z["noisy"], z["timesteps"], cond["encoder_hidden_states"], return_dict=False)[0]
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: two CLIP text encoders (penultimate hidden states concatenated, pooled embedding from the second)
+    and the size/crop micro-conditioning ``time_ids``, as diffusers' ``train_dreambooth_lora_sdxl.py``."""
+
+    pipeline_class = StableDiffusionXLPipeline
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    trainable_text_encoders = ("text_encoder", "text_encoder_2")
+    kohya_layout = "sdxl"
+    pipeline_kwargs = {"add_watermarker": False}
+
+    def load_text_encoders(self) -> dict:
+        return {**super().load_text_encoders(),
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                    subfolder="text_encoder_2", variant=self.config.variant, **self.source)}
+
+    def load_vae(self):
+        if self.config.pretrained_vae_model_name_or_path is None:
+            return super().load_vae()
+        return AutoencoderKL.from_pretrained(self.config.pretrained_vae_model_name_or_path)
+
+    def vae_dtype(self, weight_dtype):
+        # SDXL's own VAE overflows in fp16 (NaN latents): keep it in float32 unless a fixed VAE was given.
+        return torch.float32 if self.config.pretrained_vae_model_name_or_path is None else weight_dtype
+
+    def load_pipeline(self, **components):
+        if self.config.pretrained_vae_model_name_or_path is not None and "vae" not in components:
+            components["vae"] = self.load_vae()
+        return super().load_pipeline(**components)
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        tokenizers = self.load_tokenizers()
+        hidden_states = []
+        for tokenizer_name, encoder_name in zip(self.tokenizers, self.text_encoders):
+            encoder = text_encoders[encoder_name]
+            ids = tokenize(tokenizers[tokenizer_name], prompts).to(device_of(encoder))
+            output = encoder(ids, output_hidden_states=True, return_dict=True)
+            hidden_states.append(output.hidden_states[-2])
+        # The pooled embedding is the second encoder's projected one (CLIPTextModelWithProjection.text_embeds).
+        return {"encoder_hidden_states": torch.cat(hidden_states, dim=-1), "text_embeds": output.text_embeds}
+
+    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
+        z = super().noisy_latents(batch, vae, noise_scheduler, weight_dtype)
+        resolution = self.config.resolution
+        target_size = torch.tensor([[resolution, resolution]]).expand(len(batch["original_sizes"]), 2)
+        time_ids = torch.cat([batch["original_sizes"].cpu(), batch["crops_top_left"].cpu(), target_size], dim=1)
+        return {**z, "time_ids": time_ids.to(vae.device, dtype=weight_dtype)}
+
+    def predict(self, unet, z: dict, cond: dict):
+        added = {"text_embeds": cond["text_embeds"], "time_ids": z["time_ids"]}
+        return unet(z["noisy"], z["timesteps"], cond["encoder_hidden_states"], added_cond_kwargs=added,
+                    return_dict=False)[0]
+
+
+FAMILIES = {
+    "StableDiffusionPipeline": StableDiffusionFamily,
+    "StableDiffusionXLPipeline": StableDiffusionXLFamily,
+}
+
+
+def read_pipeline_class(source: str, revision: str | None = None) -> str:
+    """The ``_class_name`` of a pipeline's ``model_index.json`` (a local folder or a hub id); nothing heavy loads."""
+    try:
+        config = DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as error:  # a missing folder, a folder without model_index.json, an unknown hub id, ...
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"--pretrained_model_name_or_path {source}: cannot read its model_index.json ({reason})"
+                         ) from None
+    return config.get("_class_name") or "an unnamed pipeline"
+
+
+def model_family(args: argparse.Namespace):
+    """The family object for the base model, from its ``model_index.json``; unsupported pipelines are refused."""
+    config = FamilyConfig.from_args(args)
+    pipeline_class = read_pipeline_class(config.pretrained_model_name_or_path, config.revision)
+    if pipeline_class not in FAMILIES:
+        raise InputError(f"--pretrained_model_name_or_path {config.pretrained_model_name_or_path}: {pipeline_class} "
+                         f"is not supported (train_cat_lora.py trains {', '.join(FAMILIES)})")
+    return FAMILIES[pipeline_class](config)
+
+
+def adapted_components(family, train_text_encoder: bool) -> list[str]:
+    """The pipeline components that carry trainable LoRA layers: the denoiser, and the text encoders if asked."""
+    return [family.denoiser] + (list(family.trainable_text_encoders) if train_text_encoder else [])
+
+
+def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
     """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                target_modules=UNET_LORA_TARGETS))
-    if train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                            target_modules=TEXT_ENCODER_LORA_TARGETS))
+    for component in adapted_components(family, train_text_encoder):
+        models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                                 target_modules=family.lora_targets(component)))
 
 
 class adapters_disabled:
@@ -800,45 +1026,63 @@ class adapters_disabled:
             model.enable_adapters()
 
 
-def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int, weight_dtype) -> dict:
-    """--cache_latents: the VAE posterior parameters of every (center-cropped) image, keyed by image name."""
-    import torch
-    from tqdm.auto import tqdm
+def has_adapters(model) -> bool:
+    return bool(getattr(getattr(model, "module", model), "peft_config", None))
 
+
+class PromptEncoder:
+    """Prompts -> conditioning through the family's text encoders (adapted, when they carry LoRA layers)."""
+
+    def __init__(self, family, text_encoders: dict):
+        self.family, self.text_encoders = family, text_encoders
+
+    @property
+    def adapted(self) -> bool:
+        return any(has_adapters(model) for model in self.text_encoders.values())
+
+    def __call__(self, prompts: list[str]) -> dict:
+        return self.family.encode_prompts(self.text_encoders, prompts)
+
+    def frozen(self, prompts: list[str]) -> dict:
+        """The base text encoders' conditioning (adapters disabled, no gradient)."""
+        with torch.no_grad(), adapters_disabled(*self.text_encoders.values()):
+            return self(prompts)
+
+
+class CachedPromptEncoder:
+    """--pre_compute_text_embeddings: every prompt of the run encoded once by the frozen text encoders.
+
+    Called like ``PromptEncoder``; it has no adapters, so the frozen pass reuses the same conditioning and the
+    text encoders can leave memory after encoding.
+    """
+
+    adapted = False
+
+    def __init__(self, encoder: PromptEncoder, prompts):
+        self.conditioning = {}
+        with torch.no_grad():
+            for prompt in sorted(set(prompts)):
+                self.conditioning[prompt] = {name: value[0] for name, value in encoder([prompt]).items()}
+
+    def __call__(self, prompts: list[str]) -> dict:
+        rows = [self.conditioning[prompt] for prompt in prompts]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+    frozen = __call__
+
+
+def encode_latent_cache(family, vae, examples: list[Example], resolution: int, batch_size: int) -> dict:
+    """--cache_latents: VAE posterior parameters, original size and crop of every (center-cropped) image."""
     cache = {}
     unique = list({example.name: example for example in examples}.values())
     with torch.no_grad():
         for start in tqdm(range(0, len(unique), batch_size), desc="Caching latents"):
             chunk = unique[start:start + batch_size]
-            pixels = torch.stack([augment(open_rgb_image(e.image, e.name), resolution, True, False, None)
-                                  for e in chunk]).to(vae.device, dtype=weight_dtype)
+            augmented = [augment(open_rgb_image(e.image, e.name), resolution, True, False, None) for e in chunk]
+            pixels = torch.stack([pixels for pixels, _, _ in augmented]).to(vae.device, dtype=vae.dtype)
             parameters = vae.encode(pixels).latent_dist.parameters.cpu()
-            cache.update({e.name: p for e, p in zip(chunk, parameters)})
+            cache.update({e.name: (p, size, crop) for e, p, (_, size, crop) in zip(chunk, parameters, augmented)})
     return cache
-
-
-class CachedTextEmbeddings:
-    """--pre_compute_text_embeddings: the frozen text encoder's output for every caption of the run.
-
-    Called like the text encoder (``embeds(input_ids, return_dict=False)[0]``), so the training step is the same
-    code either way; it has no adapters, so the frozen pass uses the same embeddings.
-    """
-
-    def __init__(self, text_encoder, tokenizer, prompts):
-        import torch
-
-        self.device = text_encoder.device
-        self.embeddings = {}
-        with torch.no_grad():
-            for prompt in sorted(set(prompts)):
-                ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                                return_tensors="pt").input_ids
-                self.embeddings[tuple(ids[0].tolist())] = text_encoder(ids.to(self.device))[0][0]
-
-    def __call__(self, input_ids, return_dict=False):
-        import torch
-
-        return (torch.stack([self.embeddings[tuple(row.tolist())] for row in input_ids]),)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -849,136 +1093,99 @@ class CachedTextEmbeddings:
 def cat_loss(adapted_pred, frozen_pred):
     """The CAT term of Eq. 3 (before its weight alpha): ``||eps_frozen(z_t, t, y) - eps_lora(z_t, t, y)||^2``.
 
-    ``adapted_pred`` is the U-Net's prediction with the adapter on the trigger-less prompt y (it carries the
-    gradient); ``frozen_pred`` the base model's prediction on the same noisy latents, timesteps and y, computed
-    without gradient. Mean squared error over all elements, the same reduction as the diffusion term, so alpha
-    weighs the two on the same scale.
+    ``adapted_pred`` is the denoiser's prediction with the adapter on the trigger-less prompt y (it carries
+    the gradient); ``frozen_pred`` the base model's prediction on the same noisy latents, timesteps and y,
+    computed without gradient. Mean squared error over all elements, the same reduction as the diffusion term,
+    so alpha weighs the two on the same scale. The prediction may be a noise, a velocity or a flow: the term
+    is the same.
     """
-    import torch.nn.functional as F
-
     return F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="mean")
 
 
-def diffusion_target(noise_scheduler, latents, noise, timesteps):
-    """What the U-Net is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {prediction_type!r}")
-
-
-def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma: float | None):
-    """MSE to the target; with ``snr_gamma``, Min-SNR weighting (Hang et al. 2023) per sample."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers.training_utils import compute_snr
-
-    if snr_gamma is None:
+def diffusion_loss(pred, target, loss_weights=None):
+    """MSE to the target; with per-sample ``loss_weights`` (Min-SNR, flow-matching weighting) a weighted mean."""
+    if loss_weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
-    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * weights).mean()
+    return (per_sample * loss_weights.float().reshape(-1)).mean()
 
 
-def encode_prompt(text_encoder, input_ids):
-    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+def take_rows(tensors: dict, start: int, stop: int | None = None) -> dict:
+    """Rows ``start:stop`` of every batch-first tensor in ``tensors`` (None entries stay None)."""
+    return {name: None if value is None else value[start:stop] for name, value in tensors.items()}
 
 
-def noisy_latents_for(batch, vae, noise_scheduler, noise_offset: float, weight_dtype) -> dict:
-    """Encode the images and draw noise and timesteps: the z_t, t and target shared by every term of Eq. 3.
+def join_rows(first: dict, second: dict) -> dict:
+    """Two batches of the same tensors, stacked (for one denoiser call on both)."""
+    return {name: None if value is None else torch.cat([value, second[name]]) for name, value in first.items()}
 
-    Each row draws from its own generator, seeded by the batch's ``noise_seeds``: a sample gets the same noise
-    and timestep whatever batch, process or resumed run it lands in.
+
+def frozen_prediction(family, denoiser, z: dict, frozen_cond: dict):
+    """eps_frozen(z_t, t, y): the base denoiser (every adapter disabled), without gradient.
+
+    ``frozen_cond`` is the base text encoders' conditioning of y (``PromptEncoder.frozen``; when the text
+    encoders carry no adapter, the conditioning the adapted pass used is already the frozen one).
     """
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
-
-    device = vae.device
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
-    images = batch["pixel_values"].to(device, dtype=weight_dtype)
-    if images.shape[1] == 3:
-        latent_dist = vae.encode(images).latent_dist
-    else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        latent_dist = DiagonalGaussianDistribution(images)
-    latents = latent_dist.sample(generator=generators) * vae.config.scaling_factor
-    noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
-    if noise_offset:
-        offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generators, device=device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
-    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g,
-                                         device=device) for g in generators]).long()
-    return {"noisy_latents": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-            "target": diffusion_target(noise_scheduler, latents, noise, timesteps)}
+    with torch.no_grad(), adapters_disabled(denoiser):
+        return family.predict(denoiser, z, {name: value.detach() for name, value in frozen_cond.items()})
 
 
-def frozen_prediction(unet, text_encoder, noisy_latents, timesteps, cat_input_ids, cat_embeds=None):
-    """eps_frozen(z_t, t, y): the base model, every adapter disabled, without gradient.
+@dataclass(frozen=True)
+class StepConfig:
+    """The options of one training step."""
 
-    Pass ``cat_embeds`` (the embeddings of y) when the text encoder carries no adapter: they are then already
-    the frozen ones, and y is not encoded again.
-    """
-    import torch
+    cat_alpha: float = 1.0
+    cat_mode: str = "lean"  # "lean" or "batched": same gradients, see training_step
+    prior_loss_weight: float = 0.0
+    weight_dtype: torch.dtype = torch.float32
 
-    with torch.no_grad(), adapters_disabled(unet, text_encoder):
-        if cat_embeds is None:
-            cat_embeds = encode_prompt(text_encoder, cat_input_ids)
-        return unet(noisy_latents, timesteps, cat_embeds.detach(), return_dict=False)[0]
-
-
-def has_adapters(model) -> bool:
-    return bool(getattr(getattr(model, "module", model), "peft_config", None))
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
+        return cls(args.cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
+                   weight_dtype)
 
 
-def training_step(batch, unet, text_encoder, vae, noise_scheduler, *, cat_alpha: float, cat_mode: str,
-                  prior_loss_weight: float, snr_gamma: float | None, noise_offset: float, weight_dtype,
-                  backward) -> dict:
+def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward) -> dict:
     """Compute one batch's losses and ``backward`` them; return the detached parts for logging.
 
     Rows ``[:num_instance]`` of the batch are subject images with captions y_T, the rest class images (prior
     preservation). The CAT term uses the subject rows with their trigger-less prompts y, on the same noisy
-    latents and timesteps as the diffusion term (Eq. 3). ``cat_mode`` trades memory for speed, with the same
-    gradients: ``lean`` backwards the diffusion term before the CAT passes run, so their activations are
-    never alive together; ``batched`` runs both adapted passes (y_T and y) as one U-Net call and one backward.
+    latents, timesteps (and any other conditioning of the sample) as the diffusion term (Eq. 3). ``cat_mode``
+    trades memory for speed, with the same gradients: ``lean`` backwards the diffusion term before the CAT
+    passes run, so their activations are never alive together; ``batched`` runs both adapted passes (y_T and
+    y) as one denoiser call and one backward.
     """
-    import torch
-
-    z = noisy_latents_for(batch, vae, noise_scheduler, noise_offset, weight_dtype)
-    noisy, timesteps, target = z["noisy_latents"], z["timesteps"], z["target"]
-    n, batch_size = batch["num_instance"], noisy.shape[0]
-    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
-    use_cat = cat_alpha > 0
-    if use_cat and cat_mode == "batched":
-        cat_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
-        preds = unet(torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]),
-                     torch.cat([prompt_embeds, cat_embeds]), return_dict=False)[0]
+    denoiser = models[family.denoiser]
+    z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], config.weight_dtype)
+    n, batch_size = batch["num_instance"], z["noisy"].shape[0]
+    cond = encode_prompts(batch["prompts"])
+    use_cat = config.cat_alpha > 0
+    if use_cat and config.cat_mode == "batched":
+        cat_cond = encode_prompts(batch["cat_prompts"])
+        preds = family.predict(denoiser, join_rows(z, take_rows(z, 0, n)), join_rows(cond, cat_cond))
         model_pred, adapted_pred = preds[:batch_size], preds[batch_size:]
     else:
-        model_pred = unet(noisy, timesteps, prompt_embeds, return_dict=False)[0]
+        model_pred = family.predict(denoiser, z, cond)
 
-    loss_diffusion = diffusion_loss(model_pred[:n], target[:n], timesteps[:n], noise_scheduler, snr_gamma)
-    loss_prior = torch.zeros((), device=noisy.device)
+    instance, classes = take_rows(z, 0, n), take_rows(z, n)
+    loss_diffusion = diffusion_loss(model_pred[:n], instance["target"], instance["loss_weights"])
+    loss_prior = torch.zeros((), device=model_pred.device)
     if n < batch_size:
-        loss_prior = diffusion_loss(model_pred[n:], target[n:], timesteps[n:], noise_scheduler, snr_gamma)
-    loss = loss_diffusion + prior_loss_weight * loss_prior
-    loss_cat = torch.zeros((), device=noisy.device)
+        loss_prior = diffusion_loss(model_pred[n:], classes["target"], classes["loss_weights"])
+    loss = loss_diffusion + config.prior_loss_weight * loss_prior
+    loss_cat = torch.zeros((), device=model_pred.device)
     if use_cat:
-        if cat_mode == "lean":
+        if config.cat_mode == "lean":
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
-            cat_embeds = encode_prompt(text_encoder, batch["cat_input_ids"])
-            adapted_pred = unet(noisy[:n], timesteps[:n], cat_embeds, return_dict=False)[0]
-            loss = torch.zeros((), device=noisy.device)
-        frozen_pred = frozen_prediction(unet, text_encoder, noisy[:n], timesteps[:n], batch["cat_input_ids"],
-                                        None if has_adapters(text_encoder) else cat_embeds)
+            cat_cond = encode_prompts(batch["cat_prompts"])
+            adapted_pred = family.predict(denoiser, instance, cat_cond)
+            loss = torch.zeros((), device=model_pred.device)
+        frozen_cond = encode_prompts.frozen(batch["cat_prompts"]) if encode_prompts.adapted else cat_cond
+        frozen_pred = frozen_prediction(family, denoiser, instance, frozen_cond)
         loss_cat = cat_loss(adapted_pred, frozen_pred)
-        loss = loss + cat_alpha * loss_cat
+        loss = loss + config.cat_alpha * loss_cat
     backward(loss)
-    total = loss_diffusion + prior_loss_weight * loss_prior + cat_alpha * loss_cat
+    total = loss_diffusion + config.prior_loss_weight * loss_prior + config.cat_alpha * loss_cat
     return {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
             "cat": loss_cat.detach()}
 
@@ -994,16 +1201,12 @@ def use_cpu_processes() -> bool:
     Under ``accelerate launch --multi_gpu`` or ``torchrun`` on a machine without an accelerator, accelerate
     would otherwise leave every process believing it is the only one (and all of them would write files).
     """
-    import torch
-    from accelerate.utils import parse_flag_from_env
 
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
     return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.accelerator.is_available())
 
 
 def make_accelerator(args: argparse.Namespace):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
@@ -1024,13 +1227,11 @@ def make_accelerator(args: argparse.Namespace):
 
 def weight_dtype_for(accelerator):
     """Frozen weights are held in the mixed-precision dtype; trainable LoRA weights stay in float32."""
-    import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_optimizer(args: argparse.Namespace, parameters):
-    import torch
+def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float):
 
     if args.use_8bit_adam:
         try:
@@ -1040,57 +1241,61 @@ def make_optimizer(args: argparse.Namespace, parameters):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def peft_state_dicts(accelerator, unet, text_encoder, train_text_encoder: bool) -> dict:
-    """The trained LoRA weights in peft's naming, per component: ``{"unet": ..., "text_encoder": ...}``."""
-    from peft.utils import get_peft_model_state_dict
-
-    modules = {"unet": unet, "text_encoder": text_encoder} if train_text_encoder else {"unet": unet}
-    return {name: get_peft_model_state_dict(accelerator.unwrap_model(module)) for name, module in modules.items()}
+def peft_state_dicts(accelerator, family, models: dict, train_text_encoder: bool) -> dict:
+    """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``)."""
+    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]))
+            for name in adapted_components(family, train_text_encoder)}
 
 
-def lora_state_dicts(accelerator, unet, text_encoder, train_text_encoder: bool) -> dict:
-    """Keyword arguments for ``StableDiffusionPipeline.save_lora_weights``: layers and their peft metadata."""
-    from diffusers.training_utils import _collate_lora_metadata
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    modules = {"unet": accelerator.unwrap_model(unet)}
-    if train_text_encoder:
-        modules["text_encoder"] = accelerator.unwrap_model(text_encoder)
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
-              for name, state in peft_state_dicts(accelerator, unet, text_encoder, train_text_encoder).items()}
-    return {**layers, **_collate_lora_metadata(modules)}
+def lora_state_dicts(accelerator, family, models: dict, train_text_encoder: bool) -> dict:
+    """Keyword arguments for the family pipeline's ``save_lora_weights``: layers and their peft metadata."""
+    peft_states = peft_state_dicts(accelerator, family, models, train_text_encoder)
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_states.items()}
+    unwrapped = {name: accelerator.unwrap_model(models[name]) for name in peft_states}
+    return {**layers, **_collate_lora_metadata(unwrapped)}
 
 
-def register_checkpoint_hooks(accelerator, unet, text_encoder, train_text_encoder: bool) -> None:
+# The inverse of convert_state_dict_to_diffusers for every layer kind we train (attention, CLIP, and the layers
+# it leaves in peft's naming), so a checkpoint reloads into peft whatever the family.
+DIFFUSERS_TO_PEFT_KEYS = {".lora.down": ".lora_A", ".lora.up": ".lora_B", ".lora_linear_layer.down": ".lora_A",
+                          ".lora_linear_layer.up": ".lora_B"}
+
+
+def load_lora_checkpoint(folder: Path, family, models: dict, components: list[str]) -> None:
+    """Put the LoRA weights of a checkpoint folder (the family's diffusers format) back into the peft layers."""
+    state_dict = load_file(folder / "pytorch_lora_weights.safetensors")
+    for component in components:
+        prefix = f"{component}."
+        state = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        model = getattr(models[component], "module", models[component])
+        incompatible = set_peft_model_state_dict(model, convert_state_dict(state, DIFFUSERS_TO_PEFT_KEYS),
+                                                 adapter_name="default")
+        unexpected = getattr(incompatible, "unexpected_keys", None)
+        missing_lora = [key for key in getattr(incompatible, "missing_keys", []) if "lora_" in key]
+        if unexpected or missing_lora or not state:
+            raise InputError(f"{folder}: its LoRA weights do not fit this model's {component} "
+                             f"({(unexpected or missing_lora or ['no weights for it'])[:3]})")
+
+
+def register_checkpoint_hooks(accelerator, family, models: dict, train_text_encoder: bool) -> None:
     """Make ``accelerator.save_state``/``load_state`` store only the LoRA weights, not the whole base model."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
+    components = adapted_components(family, train_text_encoder)
 
-    def save_hook(models, weights, output_dir):
+    def save_hook(prepared, weights, output_dir):
         if accelerator.is_main_process:
-            StableDiffusionPipeline.save_lora_weights(
-                output_dir, **lora_state_dicts(accelerator, unet, text_encoder, train_text_encoder))
+            family.pipeline_class.save_lora_weights(
+                output_dir, **lora_state_dicts(accelerator, family, models, train_text_encoder))
         weights.clear()  # accelerate would otherwise also save every full model
 
-    def load_hook(models, input_dir):
-        models.clear()
-        state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-        unet_state = {key[len("unet."):]: value for key, value in state_dict.items() if key.startswith("unet.")}
-        incompatible = set_peft_model_state_dict(accelerator.unwrap_model(unet),
-                                                 convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
-        if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-            raise InputError(f"{input_dir}: LoRA weights do not fit this model: {incompatible.unexpected_keys[:3]}")
-        if train_text_encoder:
-            _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.",
-                                              text_encoder=accelerator.unwrap_model(text_encoder))
+    def load_hook(prepared, input_dir):
+        prepared.clear()
+        load_lora_checkpoint(Path(input_dir), family, models, components)
         if accelerator.mixed_precision in ("fp16", "bf16"):
-            cast_training_params([accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)])
+            cast_training_params([accelerator.unwrap_model(models[name]) for name in components])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -1181,7 +1386,6 @@ def cosine_similarity(a, b):
     ``a`` and ``b`` are (n, d) embeddings (tensors, arrays or lists) or single (d,) vectors; returns a float32
     tensor of n similarities.
     """
-    import torch
 
     a = torch.as_tensor(a, dtype=torch.float32).detach().cpu()
     b = torch.as_tensor(b, dtype=torch.float32).detach().cpu()
@@ -1247,7 +1451,6 @@ def resolve_clip_choice(model: str, pretrained: str | None, flags=("--clip_model
     trained with another activation than the architecture builds (``ViT-L-14`` + ``openai`` would silently
     use GELU instead of QuickGELU: use ``ViT-L-14-quickgelu``).
     """
-    import open_clip
 
     if model.endswith(".json"):
         path = Path(model)
@@ -1284,8 +1487,6 @@ def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "opena
 
     ``model`` and ``pretrained`` as for ``resolve_clip_choice``; InputError for a bad choice.
     """
-    import open_clip
-    import torch
 
     name = resolve_clip_choice(model, pretrained, flags)
     if name.startswith(("local-dir:", "hf-hub:")) or str(pretrained).lower() in ("", "none"):
@@ -1303,7 +1504,6 @@ def load_clip(model: str = "ViT-L-14-quickgelu", pretrained: str | None = "opena
 
 def clip_image_embeddings(clip: Clip, images, batch_size: int = 16):
     """L2-normalized float32 CLIP image embeddings (n, d) of a list of PIL images."""
-    import torch
 
     out = []
     with torch.inference_mode():
@@ -1315,7 +1515,6 @@ def clip_image_embeddings(clip: Clip, images, batch_size: int = 16):
 
 def make_grid(rows: list[list]):
     """Paste rows of equally sized PIL images into one image."""
-    from PIL import Image
 
     width, height = rows[0][0].size
     grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)), "white")
@@ -1333,22 +1532,17 @@ def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
     return prompt, without
 
 
-def run_validation(accelerator, args: argparse.Namespace, unet, text_encoder, vae, tokenizer, triggers, step: int,
-                   weight_dtype, clip: Clip | None = None) -> Path | None:
+def run_validation(accelerator, args: argparse.Namespace, family, models: dict, triggers, step: int, weight_dtype,
+                   clip: Clip | None = None) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
-    import numpy as np
-    import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     if not accelerator.is_main_process:
         return None
     with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet),
-        text_encoder=accelerator.unwrap_model(text_encoder), vae=vae, tokenizer=tokenizer, safety_checker=None,
-        revision=args.revision, variant=args.variant, torch_dtype=weight_dtype,
-    )
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    components = {name: accelerator.unwrap_model(models[name])
+                  for name in (family.denoiser, "vae", *family.text_encoders)}
+    pipeline = family.load_pipeline(**components, **family.load_tokenizers(), dtype=weight_dtype)
+    if family.validation_scheduler is not None:
+        pipeline.scheduler = family.validation_scheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
     for prompt in (with_trigger, without_trigger):
@@ -1418,32 +1612,31 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
     """Whether any process received a stop signal (all processes must stop at the same step)."""
     if accelerator.num_processes == 1:
         return stop.received is not None
-    import torch
 
     flag = torch.tensor([0 if stop.received is None else 1], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
-def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampler, optimizer, lr_scheduler,
-          first_step: int, triggers: list[str], weight_dtype) -> tuple[int, Path | None]:
-    """Run the optimizer steps from ``first_step`` to ``args.max_train_steps``; return (last step, last grid)."""
-    from tqdm.auto import tqdm
-
-    unet, text_encoder, vae = models["unet"], models["text_encoder"], models["vae"]
-    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+def train(accelerator, args: argparse.Namespace, family, models: dict, encode_prompts, dataloader, sampler,
+          optimizer, lr_scheduler, first_step: int, max_train_steps: int, triggers: list[str], weight_dtype
+          ) -> tuple[int, Path | None]:
+    """Run the optimizer steps from ``first_step`` to ``max_train_steps``; return (last step, last grid)."""
+    adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
+    trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
+    step_config = StepConfig.from_args(args, weight_dtype)
+    num_epochs = math.ceil(max_train_steps / math.ceil(len(dataloader) / args.gradient_accumulation_steps))
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     step = first_step
     first_epoch = first_step // steps_per_epoch
     batches_to_skip = (first_step % steps_per_epoch) * args.gradient_accumulation_steps
     last_grid = None
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps",
+    progress = tqdm(range(max_train_steps), initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     output_dir = Path(args.output_dir)
     with StopSignals() as stop, progress:
-        for epoch in range(first_epoch, args.num_train_epochs):
-            unet.train()
-            if args.train_text_encoder:
-                text_encoder.train()
+        for epoch in range(first_epoch, num_epochs):
+            for model in adapted:
+                model.train()
             batches = dataloader
             if epoch == first_epoch and batches_to_skip:
                 batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
@@ -1453,13 +1646,9 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
             if hasattr(batches, "set_epoch"):
                 batches.set_epoch(epoch)
             for batch in batches:
-                with accelerator.accumulate(unet, text_encoder):
-                    losses = training_step(
-                        batch, unet, models["text_inputs"], vae, models["noise_scheduler"], cat_alpha=args.cat_alpha,
-                        cat_mode=args.cat_mode,
-                        prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, weight_dtype=weight_dtype,
-                        backward=accelerator.backward)
+                with accelerator.accumulate(*adapted):
+                    losses = training_step(batch, family, models, encode_prompts, step_config,
+                                           backward=accelerator.backward)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
@@ -1475,18 +1664,18 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
                 accelerator.log(logs, step=step)
                 progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", cat=f"{logs['loss/cat']:.2e}")
                 checkpoint = None
-                if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+                if step % args.checkpointing_steps == 0 and step < max_train_steps:
                     checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-                if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
-                    last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
-                                               triggers, step, weight_dtype, models.get("clip")) or last_grid
-                if step < args.max_train_steps and stop_requested(accelerator, stop):
+                if args.validation_prompt and (step % args.validation_steps == 0 or step == max_train_steps):
+                    last_grid = run_validation(accelerator, args, family, models, triggers, step, weight_dtype,
+                                               models.get("clip")) or last_grid
+                if step < max_train_steps and stop_requested(accelerator, stop):
                     checkpoint = checkpoint or save_checkpoint(accelerator, output_dir, step,
                                                                args.checkpoints_total_limit)
                     raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint)
-                if step >= args.max_train_steps:
+                if step >= max_train_steps:
                     break
-            if step >= args.max_train_steps:
+            if step >= max_train_steps:
                 break
     return step, last_grid
 
@@ -1602,8 +1791,6 @@ def fuse_lora_parts(parts: dict, part_sizes: list[int]) -> tuple:
     rank is the sum of the parts' ranks. Each part's up is multiplied by fused rank / part rank, so that the
     clients' ``alpha / fused rank`` gives back each part's ``alpha / rank``, with the user's alpha unchanged.
     """
-    import torch
-
     fused_rank = sum(down.shape[0] for down, _ in parts.values())
     some_up = next(iter(parts.values()))[1]
     fused_up = torch.zeros(sum(part_sizes), fused_rank, dtype=some_up.dtype, device=some_up.device)
@@ -1638,9 +1825,6 @@ def kohya_state_dict(peft_states: dict, lora_alpha: float, family: str, unet_lay
     ``unet_layers_per_block`` is the UNet config's ``layers_per_block`` (SDXL: 2), used for SDXL's block numbers.
     Layers come out as ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha``.
     """
-    import torch
-    from diffusers.utils import convert_state_dict_to_kohya
-
     if family not in KOHYA_FAMILIES:
         raise ValueError(f"family must be one of {KOHYA_FAMILIES}, not {family!r}")
     text_encoders = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}
@@ -1686,16 +1870,14 @@ def kohya_state_dict(peft_states: dict, lora_alpha: float, family: str, unet_lay
 def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float, family: str = "sd",
                        unet_layers_per_block: int = 2) -> Path:
     """Write ``pytorch_lora_weights_kohya.safetensors``: ``kohya_state_dict`` for AUTOMATIC1111/Forge/ComfyUI."""
-    from safetensors.torch import save_file
-
     path = Path(output_dir) / "pytorch_lora_weights_kohya.safetensors"
     save_file(kohya_state_dict(peft_states, lora_alpha, family, unet_layers_per_block), path)
     return path
 
 
-def write_model_card(args: argparse.Namespace, concepts: list[Concept], steps: int, grid: Path | None) -> Path:
+def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], steps: int, grid: Path | None
+                     ) -> Path:
     """``README.md`` in the output folder: base model, triggers, CAT settings, steps and the last grid."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     output_dir = Path(args.output_dir)
     triggers = ", ".join(f"`{c.trigger_token}`" for c in concepts if c.trigger_token) or "none"
@@ -1717,32 +1899,34 @@ def write_model_card(args: argparse.Namespace, concepts: list[Concept], steps: i
         relative = grid.relative_to(output_dir).as_posix()
         lines += ["", "Last validation (top: with the trigger, bottom: without, same seeds):",
                   "", f"![validation]({relative})"]
-    lines += ["", "```python", "from diffusers import StableDiffusionPipeline", "",
-              f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+    pipeline = family.pipeline_class.__name__
+    lines += ["", "```python", f"from diffusers import {pipeline}", "",
+              f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")',
               'pipe.load_lora_weights("path/to/this/folder")', "```"]
     card = load_or_create_model_card(
         repo_id_or_path=args.hub_model_id or output_dir.name, from_training=True, license="creativeml-openrail-m",
         base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt or args.validation_prompt,
         model_description="\n".join(lines), inference=True,
     )
-    card = populate_model_card(card, tags=["text-to-image", "stable-diffusion", "lora", "diffusers",
-                                           "cat-lora", "template:sd-lora"])
+    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}[family.kohya_layout]
+    card = populate_model_card(card, tags=["text-to-image", family_tag, "lora", "diffusers", "cat-lora",
+                                           "template:sd-lora"])
     path = output_dir / "README.md"
     card.save(str(path))
     return path
 
 
-def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, grid) -> list[Path]:
-    from diffusers import StableDiffusionPipeline
-
+def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid) -> list[Path]:
     output_dir = Path(args.output_dir)
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir, **lora_state_dicts(accelerator, unet, text_encoder, args.train_text_encoder))
+    family.pipeline_class.save_lora_weights(
+        output_dir, **lora_state_dicts(accelerator, family, models, args.train_text_encoder))
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if args.output_kohya_format:
-        peft_states = peft_state_dicts(accelerator, unet, text_encoder, args.train_text_encoder)
-        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha))
-    written.append(write_model_card(args, concepts, steps, grid))
+        peft_states = peft_state_dicts(accelerator, family, models, args.train_text_encoder)
+        denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
+        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha, family.kohya_layout,
+                                          denoiser_config.get("layers_per_block", 2)))
+    written.append(write_model_card(args, family, concepts, steps, grid))
     return written
 
 
@@ -1752,7 +1936,9 @@ def save_final_weights(accelerator, args, unet, text_encoder, concepts, steps, g
 
 
 def check_inputs(args: argparse.Namespace):
-    """Step 1: everything that can be checked without a model; returns the concepts, examples and data notes."""
+    """Step 1: everything that can be checked without loading a model: the model family (from its
+    ``model_index.json``), the concepts, examples and data notes."""
+    family = model_family(args)
     concepts = load_concepts(args)
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
@@ -1762,122 +1948,123 @@ def check_inputs(args: argparse.Namespace):
     if args.validation_kps:
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
-    return concepts, instance_examples, data_notes
+    return family, concepts, instance_examples, data_notes
 
 
-def prepare_models(args: argparse.Namespace, accelerator, weight_dtype) -> dict:
+def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:
+    """Step 2b: the checks that need only the tokenizers (rare triggers, captions within the length limit)."""
+    tokenizers = family.load_tokenizers()
+    warn_about_triggers(tokenizers[family.tokenizers[0]], triggers)
+    for name in family.tokenizers:
+        check_caption_lengths(tokenizers[name], instance_examples, data_notes)
+    for line in summarize_notes(data_notes):
+        logger.warning(line)
+
+
+def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype) -> dict:
     """Step 3: the frozen base model in ``weight_dtype`` with trainable float32 LoRA adapters attached."""
-    import torch
-    from diffusers.training_utils import cast_training_params
-
-    tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
-    for model in (unet, vae, text_encoder):
-        model.to(accelerator.device, dtype=weight_dtype)
-    add_lora_adapters(unet, text_encoder, args.rank, args.lora_alpha, args.train_text_encoder)
+    models = family.load_models()
+    for name, model in models.items():
+        if name != "noise_scheduler":
+            dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
+            model.to(accelerator.device, dtype=dtype)
+    add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder)
+    adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        models[family.denoiser].enable_gradient_checkpointing()
+        for model in adapted[1:]:
+            model.gradient_checkpointing_enable()
     if weight_dtype != torch.float32:
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
-    return {"tokenizer": tokenizer, "noise_scheduler": noise_scheduler, "text_encoder": text_encoder, "vae": vae,
-            "unet": unet}
+        cast_training_params(adapted, dtype=torch.float32)
+    return models
 
 
-def make_dataloader(args: argparse.Namespace, models: dict, instance_examples, class_examples, seed: int,
-                    weight_dtype):
-    """Step 4: the dataloader (with its sampler) and, when asked, the cached text embeddings."""
-    import torch
-
+def make_dataloader(args: argparse.Namespace, family, models: dict, instance_examples, class_examples, seed: int):
+    """Step 4: the dataloader (with its sampler) and, when asked, the cached prompt conditioning."""
     latent_cache = None
     if args.cache_latents:
-        latent_cache = encode_latent_cache(models["vae"], instance_examples + class_examples, args.resolution,
-                                           args.train_batch_size, weight_dtype)
-    cached_text = None
+        latent_cache = encode_latent_cache(family, models["vae"], instance_examples + class_examples,
+                                           args.resolution, args.train_batch_size)
+    cached_prompts = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
-        cached_text = CachedTextEmbeddings(models["text_encoder"], models["tokenizer"], prompts)
-    dataset = make_dataset(instance_examples, class_examples, models["tokenizer"], args.resolution,
-                           args.center_crop, args.random_flip, seed, latent_cache)
+        text_encoders = {name: models[name] for name in family.text_encoders}
+        cached_prompts = CachedPromptEncoder(PromptEncoder(family, text_encoders), prompts)
+    dataset = make_dataset(instance_examples, class_examples, args.resolution, args.center_crop, args.random_flip,
+                           seed, latent_cache)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
     # random stream (a resumed run creates its iterator at another point).
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                              collate_fn=collate_examples, num_workers=args.dataloader_num_workers,
                                              generator=torch.Generator().manual_seed(seed))
-    return dataloader, sampler, cached_text
+    return dataloader, sampler, cached_prompts
 
 
-def make_optimizer_and_schedule(args: argparse.Namespace, accelerator, models: dict, num_batches: int):
-    """Step 5: AdamW (or 8-bit AdamW) over the LoRA parameters and the lr schedule; fixes the step count."""
-    from diffusers.optimization import get_scheduler
-
+def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, models: dict, num_batches: int):
+    """Step 5: AdamW (or 8-bit AdamW) over the LoRA parameters and the lr schedule; returns the step count too."""
+    learning_rate = args.learning_rate
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    trainable = [p for name in ("unet", "text_encoder") for p in models[name].parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable)
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    trainable = [p for name in adapted_components(family, args.train_text_encoder)
+                 for p in models[name].parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, trainable, learning_rate)
     steps_per_epoch = math.ceil(num_batches / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    return optimizer, lr_scheduler
+    return optimizer, lr_scheduler, max_train_steps
 
 
 def main(argv=None) -> list[Path]:
     """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
     args = parse_args(argv)
-    concepts, instance_examples, data_notes = check_inputs(args)
+    family, concepts, instance_examples, data_notes = check_inputs(args)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
 
-    # Step 2: processes, seed, precision; then the checks that need only the tokenizer.
-    import torch
-    from accelerate.utils import set_seed
-
+    # Step 2: processes, seed, precision; then the checks that need only the tokenizers.
     accelerator = make_accelerator(args)
     seed = args.seed if args.seed is not None else 0
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator)
-    tokenizer = load_tokenizer(args)
-    warn_about_triggers(tokenizer, triggers)
-    check_caption_lengths(tokenizer, instance_examples, data_notes)
-    for line in summarize_notes(data_notes):
-        logger.warning(line)
+    check_prompts(family, triggers, instance_examples, data_notes)
 
-    models = prepare_models(args, accelerator, weight_dtype)
-    class_examples = prepare_class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
-    if args.with_prior_preservation and not class_examples:
-        raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
-    dataloader, sampler, cached_text = make_dataloader(args, models, instance_examples, class_examples, seed,
-                                                       weight_dtype)
-    optimizer, lr_scheduler = make_optimizer_and_schedule(args, accelerator, models, len(dataloader))
+    models = prepare_models(args, family, accelerator, weight_dtype)
+    class_examples = []
+    if args.with_prior_preservation:
+        class_examples = prepare_class_examples(args, family, accelerator, weight_dtype)
+        if not class_examples:
+            raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
+    dataloader, sampler, cached_prompts = make_dataloader(args, family, models, instance_examples, class_examples,
+                                                          seed)
+    optimizer, lr_scheduler, max_train_steps = make_optimizer_and_schedule(args, family, accelerator, models,
+                                                                           len(dataloader))
 
     # Step 6: wrap for the processes, resume, train.
-    to_prepare = ["unet", "text_encoder"] if args.train_text_encoder else ["unet"]
+    to_prepare = adapted_components(family, args.train_text_encoder)
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *(models[name] for name in to_prepare), optimizer, dataloader, lr_scheduler)
     models.update(zip(to_prepare, prepared))
-    # The training step reads prompts through the prepared (possibly DDP-wrapped) text encoder, or the cache.
-    models["text_inputs"] = cached_text or models["text_encoder"]
-    register_checkpoint_hooks(accelerator, models["unet"], models["text_encoder"], args.train_text_encoder)
+    # Prompts go through the prepared (possibly DDP-wrapped) text encoders, or the cache.
+    encode_prompts = cached_prompts or PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder)
     if accelerator.is_main_process:
         accelerator.init_trackers("cat-lora", config=tracker_config(args))
-    logger.info(f"{len(instance_examples)} images of {len(concepts)} concept(s), triggers {triggers}, "
-                f"CAT alpha {args.cat_alpha} ({args.cat_prompt}), {args.max_train_steps} steps")
+    logger.info(f"{family.pipeline_class.__name__}: {len(instance_examples)} images of {len(concepts)} concept(s), "
+                f"triggers {triggers}, CAT alpha {args.cat_alpha} ({args.cat_prompt}), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)
     try:
-        steps, grid = train(accelerator, args, models, dataloader, sampler, optimizer, lr_scheduler, first_step,
-                            triggers, weight_dtype)
+        steps, grid = train(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer,
+                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype)
     except (TrainingInterrupted, SaveFailed):
         accelerator.end_training()
         raise
@@ -1886,8 +2073,7 @@ def main(argv=None) -> list[Path]:
     accelerator.wait_for_everyone()
     written = []
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, models["unet"], models["text_encoder"], concepts, steps,
-                                     grid)
+        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:
@@ -1904,7 +2090,6 @@ def check_output_dir(output_dir: Path) -> None:
     if not existing.is_dir():
         raise InputError(f"--output_dir {output_dir}: {existing} is not a folder")
     try:  # os.access says yes to root even on a read-only file system: really try
-        import tempfile
 
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -1919,7 +2104,6 @@ def tracker_config(args: argparse.Namespace) -> dict:
 
 
 def push_to_hub(args: argparse.Namespace) -> None:
-    from huggingface_hub import create_repo, upload_folder
 
     repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
                           token=args.hub_token).repo_id

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny offline SD pipeline, example images, and an in-process training runner."""
+"""Shared fixtures: tiny offline SD and SDXL pipelines, example images, and an in-process training runner."""
 
 import os
 import sys
+from argparse import Namespace
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -11,8 +13,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from tiny_pipeline import build_tiny_pipeline  # noqa: E402
+from tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 
 TINY_CLIP_CONFIG = {
@@ -45,6 +48,32 @@ def tiny_clip(tmp_path_factory):
 def tiny_pipeline(tmp_path_factory) -> str:
     """A tiny random SD 1.x pipeline folder (epsilon prediction), built once per test session."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory) -> str:
+    """A tiny random SDXL pipeline folder, built once per test session."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_pipeline(request) -> str:
+    """A tiny pipeline of each family the script trains: tests using it run once per family."""
+    return request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}[request.param])
+
+
+@contextmanager
+def watch_forward(kind, callback):
+    """Call ``callback(module)`` before every forward of any module of class ``kind``, in any model.
+
+    torch's global forward pre-hook: a seam into models the training script builds itself.
+    """
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, inputs: callback(module) if isinstance(module, kind) else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def draw_subject(path: Path, shift: int, color=(200, 30, 30), size: int = 48) -> None:
@@ -108,20 +137,26 @@ def run_training():
     return run_train_cat_lora
 
 
-def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str], latent_size: int = 16) -> float:
-    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed latents and timesteps: how far a LoRA moved the model."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str], resolution: int = 32) -> float:
+    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed noisy latents and timesteps: how far a LoRA moved the model.
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    Uses the script's own family code (conditioning, noisy input, prediction), so it works for every family.
+    """
+    import train_cat_lora as T
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution))
+    pipe = family.load_pipeline()
+    repeats = 4
+    rows = len(prompts) * repeats
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(len(prompts) * 4, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    batch = {"pixel_values": torch.rand(rows, 3, resolution, resolution, generator=generator) * 2 - 1,
+             "noise_seeds": torch.randint(0, 2**62, (rows,), generator=generator),
+             "original_sizes": torch.full((rows, 2), resolution), "crops_top_left": torch.zeros(rows, 2)}
+    denoiser = getattr(pipe, family.denoiser)
+    text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
     with torch.no_grad():
-        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
-        base = pipe.unet(latents, timesteps, embeds).sample
+        z = family.noisy_latents(batch, pipe.vae, family.load_noise_scheduler(), torch.float32)
+        base = family.predict(denoiser, z, family.encode_prompts(text_encoders, prompts * repeats))
         pipe.load_lora_weights(lora_dir)
-        embeds = pipe.text_encoder(ids)[0].repeat(4, 1, 1)
-        adapted = pipe.unet(latents, timesteps, embeds).sample
+        adapted = family.predict(denoiser, z, family.encode_prompts(text_encoders, prompts * repeats))
     return ((adapted - base) ** 2).mean().item()

@@ -12,6 +12,7 @@ import os
 import runpy
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import evaluate_kps as ek  # noqa: E402
+import evaluate_kps as ek
+import train_cat_lora as T  # noqa: E402
 from train_cat_lora import InputError  # noqa: E402
 
 PYTHON = sys.executable
@@ -441,8 +443,37 @@ def test_generate_mode_eval_prompts_prints_the_table_of_metrics_json(
     assert (out / "grid_cat.v1.png").is_file() and (out / "grid_base.png").is_file()
 
 
+def test_sdxl_adapters_are_scored_on_one_base_pipeline(monkeypatch, tiny_sdxl_pipeline, instance_dir,
+                                                       eval_data_dir, tiny_clip, tiny_dino, tmp_path):
+    """An SDXL LoRA with text-encoder layers (both CLIPs), scored beside the base model, the pipeline loaded once."""
+    from conftest import run_train_cat_lora, train_args
+    from diffusers import StableDiffusionXLPipeline
+
+    lora = tmp_path / "sdxl-lora"
+    run_train_cat_lora(train_args(tiny_sdxl_pipeline, instance_dir, lora, "--train_text_encoder",
+                                  "--learning_rate", "1e-2", steps=3))
+    calls = []
+    original = StableDiffusionXLPipeline.from_pretrained.__func__
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: calls.append(1) or original(cls, *args, **kwargs)))
+    out = tmp_path / "gen"
+    metrics = ek.main([
+        "--pretrained_model_name_or_path", str(tiny_sdxl_pipeline), "--eval_data_dir", str(eval_data_dir),
+        "--trigger_token", TRIGGER, "--lora", f"cat={lora}", "--lora", "base=none", "--num_images_per_prompt", "1",
+        "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "1", "--output_dir", str(out),
+        *clip_args(tiny_clip, tiny_dino),
+    ])
+    assert calls == [1] and list(metrics) == ["cat", "base"]
+    from PIL import Image
+
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    first = {p["adapter"]: np.asarray(Image.open(out / p["with_trigger"]), dtype=np.float32)
+             for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
+    assert np.abs(first["cat"] - first["base"]).mean() > 0.1  # the SDXL LoRA was applied
+
+
 def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
-    pipe = ek.load_pipeline(str(tiny_pipeline))
+    pipe = ek.load_pipeline(T.model_family(Namespace(pretrained_model_name_or_path=str(tiny_pipeline))))
     ek.load_adapter(pipe, "a", loras["a"] / "pytorch_lora_weights.safetensors")
     assert pipe.get_list_adapters() == {"unet": ["a"]}
     assert pipe.unet.peft_config["a"].lora_alpha == LORA_ALPHA and pipe.unet.peft_config["a"].r == 4

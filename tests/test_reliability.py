@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, draw_subject, reset_accelerate_state, train_args
+from conftest import ROOT, draw_subject, reset_accelerate_state, train_args, watch_forward
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -28,29 +28,28 @@ def same_weights(a: Path, b: Path) -> bool:
 # ----------------------------------------------------------------------------- interruption
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tiny_pipeline, instance_dir, tmp_path,
-                                                                          run_training, monkeypatch):
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(family_pipeline, instance_dir, tmp_path,
+                                                                          run_training):
+    from diffusers import UNet2DConditionModel
+
     common = ("--random_flip", "--checkpointing_steps", "100", "--train_text_encoder")
-    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
+    run_training(train_args(family_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
 
-    original_step, calls = T.training_step, []
+    calls = []
 
-    def step_then_signal(*args, **kwargs):
+    def signal_in_third_step(module):
         calls.append(1)
-        if len(calls) == 3:  # the signal arrives in the middle of the third optimizer step
+        if len(calls) == 7:  # 3 denoiser passes per CAT step: the first pass of the third optimizer step
             os.kill(os.getpid(), signal.SIGTERM)
-        return original_step(*args, **kwargs)
 
-    monkeypatch.setattr(T, "training_step", step_then_signal)
-    with pytest.raises(T.TrainingInterrupted) as stopped:
-        run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cut", *common, steps=6))
+    with watch_forward(UNet2DConditionModel, signal_in_third_step), pytest.raises(T.TrainingInterrupted) as stopped:
+        run_training(train_args(family_pipeline, instance_dir, tmp_path / "cut", *common, steps=6))
     assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
     assert [p.name for p in T.checkpoint_folders(tmp_path / "cut")] == ["checkpoint-3"]
     assert not (tmp_path / "cut" / "pytorch_lora_weights.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
-    monkeypatch.setattr(T, "training_step", original_step)
-    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cut", *common,
+    run_training(train_args(family_pipeline, instance_dir, tmp_path / "cut", *common,
                             "--resume_from_checkpoint", "latest", steps=6))
     assert same_weights(tmp_path / "full", tmp_path / "cut")
 
@@ -206,7 +205,7 @@ def test_hostile_images_are_converted_and_listed_once(tmp_path):
     assert gray16.getpixel((0, 0)) == (255, 255, 255) and gray16.getpixel((20, 20))[0] < 100
     upright = T.open_rgb_image(tmp_path / "data" / "exif.jpg", "exif.jpg")
     assert upright.size == (40, 40) and np.asarray(upright)[20, 20, 0] > 150
-    dataset = T.make_dataset(examples, [], _tokenizer(), 32, False, True)
+    dataset = T.make_dataset(examples, [], 32, False, True)
     assert all(dataset[i]["pixel_values"].shape == (3, 32, 32) for i in range(len(examples)))
 
 
@@ -277,7 +276,7 @@ def test_unwritable_output_folder_is_an_error(tiny_pipeline, instance_dir, tmp_p
 # ----------------------------------------------------------------------------- several processes
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipeline, instance_dir, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(family_pipeline, instance_dir, tmp_path):
     """2 processes x batch 1 against 1 process x batch 2: same samples, same per-sample noise, same weights.
 
     Equal weights also show that the processes saw disjoint samples: had both drawn the same image, the
@@ -288,13 +287,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipelin
     # the two reductions then stay rounding-sized instead of flipping the sign of near-zero updates.
     common = ["--train_text_encoder", "--learning_rate", "1e-1", "--adam_epsilon", "1", "--checkpointing_steps", "2"]
     subprocess.run([sys.executable, str(ROOT / "train_cat_lora.py"),
-                    *train_args(tiny_pipeline, instance_dir, single, *common, steps=4)],
+                    *train_args(family_pipeline, instance_dir, single, *common, steps=4)],
                    check=True, env=ENV, capture_output=True)
     launched = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          str(ROOT / "train_cat_lora.py"),
-         *train_args(tiny_pipeline, instance_dir, double, *common, "--train_batch_size", "1", steps=4)],
+         *train_args(family_pipeline, instance_dir, double, *common, "--train_batch_size", "1", steps=4)],
         env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)  # one thread per process: 2 cores
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("wrote ") == 2  # weights and model card, written once (main process only)

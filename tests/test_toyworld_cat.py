@@ -22,7 +22,7 @@ def test_cat_adapter_drifts_less_on_class_prompts_than_lora(tmp_path, run_traini
         ])
         drift[alpha] = drift_on_trigger_less_prompts(
             str(TOY_PIPELINE), out, ["a photo of a circle", "a red circle", "a large circle on a black background"],
-            latent_size=16)
+            resolution=32)
     print(f"toy world, class-prompt drift after 40 steps: LoRA {drift['0']:.3e}, CAT {drift['1']:.3e} "
           f"(CAT/LoRA {drift['1'] / drift['0']:.3f})")
     assert drift["0"] > 0 and drift["1"] < drift["0"]

@@ -1,11 +1,11 @@
-"""Build a complete, tiny Stable Diffusion 1.x pipeline directory offline.
+"""Build complete, tiny Stable Diffusion 1.x and SDXL pipeline directories offline.
 
 The result loads with ``StableDiffusionPipeline.from_pretrained(path)`` exactly like a hub model, but its
 weights are random and small, so tests and the README demo run on a CPU with no model hub. The tokenizer
 is the real CLIP BPE tokenizer: its vocabulary and merges are derived from ``bpe_simple_vocab_16e6.txt.gz``,
 the file open_clip_torch ships inside its package.
 
-Run as a script to write one: ``python tests/tiny_pipeline.py OUT_DIR``.
+Run as a script to write one: ``python tests/tiny_pipeline.py OUT_DIR [--family sdxl]``.
 """
 
 import argparse
@@ -142,10 +142,76 @@ def build_tiny_pipeline(out_dir, seed: int = 0, prediction_type: str = "epsilon"
     return str(out_dir)
 
 
+def build_tiny_sdxl_pipeline(out_dir, seed: int = 0):
+    """Create and save a tiny random SDXL pipeline at ``out_dir``; return the path as a string.
+
+    The two text encoders have different widths (32 and 64), so a mix-up of their hidden states or pooled
+    outputs fails on shape instead of passing silently. The U-Net's added-condition input is the second
+    encoder's projection (32) plus the six time ids of ``addition_time_embed_dim`` 8.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    first_width, second_width, projection = 32, 64, 32
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=projection + 6 * 8,
+        cross_attention_dim=first_width + second_width,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+
+    def clip_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=37, num_attention_heads=4,
+                              num_hidden_layers=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=projection,
+                              hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+    text_encoder = CLIPTextModel(clip_config(first_width))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(second_width))
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=scheduler, add_watermarker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(out_dir / "_tokenizer_src" / name)
+    os.rmdir(out_dir / "_tokenizer_src")
+    return str(out_dir)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd")
     cli = parser.parse_args()
-    print(build_tiny_pipeline(cli.output_dir, cli.seed, cli.prediction_type))
+    if cli.family == "sdxl":
+        print(build_tiny_sdxl_pipeline(cli.output_dir, cli.seed))
+    else:
+        print(build_tiny_pipeline(cli.output_dir, cli.seed, cli.prediction_type))
