@@ -1812,19 +1812,193 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float) -> Path:
-    """Write ``pytorch_lora_weights_kohya.safetensors`` (AUTOMATIC1111 / ComfyUI key names)."""
+# Kohya-format export: the key layouts AUTOMATIC1111/Forge and ComfyUI read. tests/client_key_maps.py rebuilds
+# ComfyUI's and AUTOMATIC1111's key maps from their source (commits cited there); the tests check every key
+# of these files against them.
+#   sd:   lora_unet_<diffusers UNet path>, lora_te_text_model_<CLIP path>       (kohya sd-scripts' SD 1.x/2.x names)
+#   sdxl: lora_unet_<SGM/LDM UNet path>, lora_te1_text_model_..., lora_te2_text_model_...   (kohya's SDXL names)
+#   flux: lora_unet_<Black Forest Labs path> with fused qkv/linear1, lora_te1_text_model_... (kohya's Flux names)
+# Each layer has .lora_down.weight, .lora_up.weight and .alpha; clients apply up @ down * alpha / rank.
+KOHYA_FAMILIES = ("sd", "sdxl", "flux")
 
-    prefixed = {f"{component}.{key}": value for component, state in peft_states.items() for key, value in state.items()}
-    fixed = {}
-    for key, value in convert_state_dict_to_kohya(prefixed).items():
-        # diffusers writes "lora_te1_" (SDXL's first encoder); SD 1.x/2.x loaders expect "lora_te_".
-        key = key.replace("lora_te1_", "lora_te_")
+# diffusers ResnetBlock2D layers -> SGM names (the part after input_blocks.N.0 / output_blocks.N.0 / middle_block.N).
+SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                     "conv_shortcut": "skip_connection"}
+
+# diffusers FluxTransformer2DModel layers -> Black Forest Labs names. A part index means the BFL layer is one
+# Linear holding several diffusers layers stacked along its output, in that order (to_q, to_k, to_v[, proj_mlp]).
+FLUX_DOUBLE_BLOCK_LAYERS = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
+    "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None),
+}
+FLUX_SINGLE_BLOCK_LAYERS = {
+    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None),
+}
+FLUX_TOP_LEVEL_LAYERS = {
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+}
+FLUX_MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp width / hidden width (fixed in Flux.1)
+
+
+def sgm_unet_layer(path: str, layers_per_block: int = 2) -> str:
+    """A diffusers UNet layer path in SGM/LDM naming, as SDXL checkpoints, kohya's SDXL LoRAs and A1111 name it.
+
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (with SDXL's 2 layers per block). Every resolution level
+    has ``layers_per_block`` input blocks plus one for its downsampler, and ``layers_per_block + 1`` output blocks.
+    """
+    def resnet_layer(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        if head not in SGM_RESNET_LAYERS:
+            raise ValueError(f"no SGM name for the UNet layer {path!r}")
+        return ".".join(filter(None, (SGM_RESNET_LAYERS[head], tail)))
+
+    match = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if match:
+        side, level, kind, index, rest = match.groups()
+        if side == "down_blocks":
+            block = f"input_blocks.{1 + int(level) * (layers_per_block + 1) + int(index)}"
+        else:
+            block = f"output_blocks.{int(level) * (layers_per_block + 1) + int(index)}"
+        return f"{block}.1.{rest}" if kind == "attentions" else f"{block}.0.{resnet_layer(rest)}"
+    match = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if match:
+        kind, index, rest = match.groups()
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * int(index)}.{resnet_layer(rest)}"
+    raise ValueError(f"no SGM name for the UNet layer {path!r}")
+
+
+def flux_bfl_layer(path: str) -> tuple[str, int | None]:
+    """A diffusers Flux transformer layer path -> (Black Forest Labs layer path, part index within a fused layer)."""
+    match = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
+    if match:
+        kind, index, rest = match.groups()
+        layers = FLUX_DOUBLE_BLOCK_LAYERS if kind == "transformer_blocks" else FLUX_SINGLE_BLOCK_LAYERS
+        block = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
+        if rest in layers:
+            name, part = layers[rest]
+            return f"{block}.{index}.{name}", part
+    elif path in FLUX_TOP_LEVEL_LAYERS:
+        return FLUX_TOP_LEVEL_LAYERS[path], None
+    raise ValueError(f"no Black Forest Labs name for the Flux layer {path!r}")
+
+
+def lora_pairs(peft_state: dict) -> dict:
+    """``{layer path: (lora_A weight, lora_B weight)}`` from a peft state dict (``get_peft_model_state_dict``)."""
+    parts = {}
+    for key, value in peft_state.items():
+        layer, _, kind = key.rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"cannot export {key!r}: only plain LoRA weights (lora_A/lora_B) have a kohya form")
+        parts.setdefault(layer, {})[kind[0]] = value
+    missing = [layer for layer, pair in parts.items() if len(pair) != 2]
+    if missing:
+        raise ValueError(f"LoRA layers without both lora_A and lora_B: {missing[:3]}")
+    return {layer: (pair["A"], pair["B"]) for layer, pair in parts.items()}
+
+
+def fuse_lora_parts(parts: dict, part_sizes: list[int]) -> tuple:
+    """One LoRA for a fused Linear (BFL's qkv, linear1) from LoRAs of its parts ``{part index: (down, up)}``.
+
+    The downs are stacked and the ups placed block-diagonally (zero rows for parts without a LoRA), so the fused
+    rank is the sum of the parts' ranks. Each part's up is multiplied by fused rank / part rank, so that the
+    clients' ``alpha / fused rank`` gives back each part's ``alpha / rank``, with the user's alpha unchanged.
+    """
+    fused_rank = sum(down.shape[0] for down, _ in parts.values())
+    some_up = next(iter(parts.values()))[1]
+    fused_up = torch.zeros(sum(part_sizes), fused_rank, dtype=some_up.dtype, device=some_up.device)
+    downs, column = [], 0
+    for index, (down, up) in sorted(parts.items()):
+        row, rank = sum(part_sizes[:index]), down.shape[0]
+        if up.shape[0] != part_sizes[index]:
+            raise ValueError(f"part {index} has {up.shape[0]} outputs, expected {part_sizes[index]}")
+        fused_up[row:row + up.shape[0], column:column + rank] = up * (fused_rank / rank)
+        downs.append(down)
+        column += rank
+    return torch.cat(downs), fused_up
+
+
+def flux_fused_part_sizes(layer: str, parts: dict) -> list[int]:
+    """Output widths of the parts of a fused Flux layer, from whichever parts have a LoRA."""
+    if layer.endswith(".qkv"):
+        width = next(iter(parts.values()))[1].shape[0]
+        return [width] * 3
+    # linear1 = to_q, to_k, to_v (hidden each), then proj_mlp (FLUX_MLP_RATIO x hidden)
+    hidden = next((up.shape[0] for index, (_, up) in parts.items() if index < 3), None)
+    if hidden is None:
+        hidden = parts[3][1].shape[0] // FLUX_MLP_RATIO
+    return [hidden] * 3 + [hidden * FLUX_MLP_RATIO]
+
+
+def kohya_state_dict(peft_states: dict, lora_alpha: float, family: str, unet_layers_per_block: int = 2) -> dict:
+    """The LoRA in the kohya key layout that AUTOMATIC1111/Forge and ComfyUI read for ``family``.
+
+    ``peft_states`` maps a pipeline component (``unet``, ``text_encoder``, ``text_encoder_2``, ``transformer``)
+    to its peft state dict; ``lora_alpha`` (the training ``--lora_alpha``) goes into every ``.alpha`` entry.
+    ``unet_layers_per_block`` is the UNet config's ``layers_per_block`` (SDXL: 2), used for SDXL's block numbers.
+    Layers come out as ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha``.
+    """
+    if family not in KOHYA_FAMILIES:
+        raise ValueError(f"family must be one of {KOHYA_FAMILIES}, not {family!r}")
+    text_encoders = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}
+    denoiser = "transformer" if family == "flux" else "unet"
+    # Layers under the component prefixes convert_state_dict_to_kohya turns into lora_unet_/lora_te1_/lora_te2_;
+    # kohya also calls Flux's transformer "unet".
+    layers = {}
+    for component, state in peft_states.items():
+        pairs = lora_pairs(state)
+        if component in text_encoders[family]:
+            for path, pair in pairs.items():
+                # transformers 5 flattens CLIPTextModel (no "text_model."); every client's CLIP names have it.
+                layers[f"{component}.{path if path.startswith('text_model.') else 'text_model.' + path}"] = pair
+        elif component == denoiser == "unet":
+            for path, pair in pairs.items():
+                layers[f"unet.{path if family == 'sd' else sgm_unet_layer(path, unet_layers_per_block)}"] = pair
+        elif component == denoiser == "transformer":
+            fused = {}
+            for path, pair in pairs.items():
+                name, part = flux_bfl_layer(path)
+                if part is None:
+                    layers[f"unet.{name}"] = pair
+                else:
+                    fused.setdefault(name, {})[part] = pair
+            for name, parts in fused.items():
+                layers[f"unet.{name}"] = fuse_lora_parts(parts, flux_fused_part_sizes(name, parts))
+        else:
+            raise ValueError(f"no kohya layout for the component {component!r} of family {family!r}")
+    peft_named = {}
+    for name, (down, up) in layers.items():
+        peft_named[f"{name}.lora_A.weight"] = down
+        peft_named[f"{name}.lora_B.weight"] = up
+    result = {}
+    for key, value in convert_state_dict_to_kohya(peft_named).items():
+        if family == "sd" and key.startswith("lora_te1_"):
+            key = "lora_te_" + key[len("lora_te1_"):]  # SD 1.x/2.x's single text encoder is lora_te_ to the clients
         if key.endswith(".alpha"):
-            value = torch.tensor(float(lora_alpha))  # the converter assumes alpha == rank
-        fixed[key] = value.contiguous()
-    path = output_dir / "pytorch_lora_weights_kohya.safetensors"
-    save_file(fixed, path)
+            value = torch.tensor(float(lora_alpha))  # the converter writes the rank
+        result[key] = value.contiguous()
+    return result
+
+
+def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float, family: str = "sd",
+                       unet_layers_per_block: int = 2) -> Path:
+    """Write ``pytorch_lora_weights_kohya.safetensors``: ``kohya_state_dict`` for AUTOMATIC1111/Forge/ComfyUI."""
+    path = Path(output_dir) / "pytorch_lora_weights_kohya.safetensors"
+    save_file(kohya_state_dict(peft_states, lora_alpha, family, unet_layers_per_block), path)
     return path
 
 
@@ -1879,7 +2053,9 @@ def save_final_weights(accelerator, args, family, models: dict, concepts, steps,
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if args.output_kohya_format:
         peft_states = peft_state_dicts(accelerator, family, models, args.train_text_encoder)
-        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha))
+        denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
+        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha, family.kohya_layout,
+                                          denoiser_config.get("layers_per_block", 2)))
     written.append(write_model_card(args, family, concepts, steps, grid))
     return written
 

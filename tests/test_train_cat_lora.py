@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from client_key_maps import comfy_clip_key_map, comfy_load, comfy_unet_config, comfy_unet_key_map
 from conftest import draw_subject, drift_on_trigger_less_prompts, train_args, watch_forward
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
@@ -313,11 +314,14 @@ def _image_output(pipe, prompt="a photo of teapot"):
     return pipe(prompt, num_inference_steps=3, height=32, width=32, generator=generator, output_type="np").images
 
 
-def test_saved_weights_load_in_diffusers(family_pipeline, instance_dir, tmp_path, run_training):
+def test_saved_weights_load_in_diffusers_and_the_kohya_file_in_comfyui(family_pipeline, instance_dir, tmp_path,
+                                                                         run_training):
     out = tmp_path / "out"
     written = run_training(train_args(family_pipeline, instance_dir, out, "--train_text_encoder", "--rank", "4",
-                                      "--lora_alpha", "8", "--learning_rate", "1e-2", steps=3))
+                                      "--lora_alpha", "8", "--learning_rate", "1e-2", "--output_kohya_format",
+                                      steps=3))
     assert out / "pytorch_lora_weights.safetensors" in written
+    assert out / "pytorch_lora_weights_kohya.safetensors" in written
     family = T.model_family(Namespace(pretrained_model_name_or_path=family_pipeline))
     pipe = family.load_pipeline()
     base = _image_output(pipe, "a photo of sks teapot")
@@ -325,9 +329,23 @@ def test_saved_weights_load_in_diffusers(family_pipeline, instance_dir, tmp_path
     base_cond = family.encode_prompts(text_encoders, ["a photo of sks teapot"])
     pipe.load_lora_weights(out)
     cond = family.encode_prompts(text_encoders, ["a photo of sks teapot"])
-    assert abs(_image_output(pipe, "a photo of sks teapot") - base).max() > 1e-3
+    with_lora = _image_output(pipe, "a photo of sks teapot")
+    assert abs(with_lora - base).max() > 1e-3
     for name in cond:  # the text-encoder LoRA layers were loaded too, not only the U-Net's
         assert not torch.allclose(cond[name], base_cond[name]), name
+    # The kohya file: ComfyUI reads every key (issue 11: it dropped the text-encoder half; test_kohya_export.py
+    # checks more), and diffusers loads it with the same effect.
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    clip_slots = {"clip_l": pipe.text_encoder.config.num_hidden_layers}
+    if family.kohya_layout == "sdxl":
+        clip_slots["clip_g"] = pipe.text_encoder_2.config.num_hidden_layers
+    key_map = {**comfy_unet_key_map(comfy_unet_config(pipe.unet.config)), **comfy_clip_key_map(clip_slots)}
+    changes, not_loaded = comfy_load(kohya, key_map)
+    assert not_loaded == [] and any(".transformer.text_model." in target for target in changes)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert abs(_image_output(pipe, "a photo of sks teapot") - with_lora).max() < 1e-5
 
 
 @pytest.mark.parametrize("schedule", [
