@@ -887,6 +887,10 @@ class StableDiffusionFamily:
     def lora_targets(self, component: str) -> list[str]:
         return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
 
+    def lora_layers(self, component: str, model) -> list[int] | None:
+        """Which numbered layers of ``component`` get LoRA layers (None: all that match the targets)."""
+        return None
+
     def load_pipeline(self, **components):
         """The family's inference pipeline from the base folder, with ``components`` (and ``torch_dtype``) given."""
         return self.pipeline_class.from_pretrained(
@@ -969,6 +973,13 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             return super().load_vae()
         return AutoencoderKL.from_pretrained(self.config.pretrained_vae_model_name_or_path)
 
+    def lora_layers(self, component: str, model) -> list[int] | None:
+        # The first encoder is read at its penultimate layer: a LoRA on its last layer would never get a gradient
+        # (and DDP refuses parameters without one).
+        if component == "text_encoder":
+            return list(range(model.config.num_hidden_layers - 1))
+        return None
+
     def vae_dtype(self, weight_dtype):
         # SDXL's own VAE overflows in fp16 (NaN latents): keep it in float32 unless a fixed VAE was given.
         return torch.float32 if self.config.pretrained_vae_model_name_or_path is None else weight_dtype
@@ -1037,8 +1048,10 @@ def adapted_components(family, train_text_encoder: bool) -> list[str]:
 def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
     """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
     for component in adapted_components(family, train_text_encoder):
+        layers = family.lora_layers(component, models[component])
+        where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
         models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                                 target_modules=family.lora_targets(component)))
+                                                 target_modules=family.lora_targets(component), **where))
 
 
 class adapters_disabled:

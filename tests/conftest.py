@@ -17,6 +17,10 @@ import torch  # noqa: E402
 
 from tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
+# Tiny models run faster on one thread (thread start-up dominates their small matrices), several times faster
+# when other jobs share the cores; subprocess tests pass OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
+
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 16,

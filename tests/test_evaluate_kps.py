@@ -38,15 +38,6 @@ LORA_ALPHA = 8  # != rank 4, so a loader that ignored the saved LoraConfig would
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The CPU is shared: with other jobs running, tiny models run several times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_dino(tmp_path_factory):
     """Folder of a tiny random transformers ViT with its image processor."""

@@ -49,15 +49,6 @@ FLUX_DIFFUSERS_READABLE_TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|t
                                    r"|single_transformer_blocks\.\d+\.(proj_out|norm\.linear)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: on the shared 2 cores, one thread ran their forward passes 15-30x faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tiny models with random LoRA weights
 # ----------------------------------------------------------------------------------------------------------
