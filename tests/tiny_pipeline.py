@@ -14,14 +14,24 @@ import json
 import os
 from pathlib import Path
 
+import open_clip
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CLIP_MAX_LENGTH = 77
 
 
 def clip_bpe_file() -> Path:
     """Path of the CLIP BPE merges file bundled with open_clip_torch."""
-    import open_clip
 
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
@@ -58,7 +68,6 @@ def write_clip_tokenizer_files(out_dir: Path) -> None:
 
 
 def build_clip_tokenizer(out_dir: Path):
-    from transformers import CLIPTokenizer
 
     write_clip_tokenizer_files(out_dir)
     return CLIPTokenizer(
@@ -66,16 +75,23 @@ def build_clip_tokenizer(out_dir: Path):
     )
 
 
+def tiny_vae():
+    """A two-block VAE (scale factor 2) of the kind diffusers' fast tests use."""
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+                         norm_num_groups=32, sample_size=32)
+
+
+def remove_tokenizer_source(out_dir: Path) -> None:
+    """The vocabulary files the tokenizer was built from: the saved pipeline has its own copy."""
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(out_dir / "_tokenizer_src" / name)
+    os.rmdir(out_dir / "_tokenizer_src")
+
+
 def build_tiny_pipeline(out_dir, seed: int = 0, prediction_type: str = "epsilon"):
     """Create and save a tiny random SD 1.x pipeline at ``out_dir``; return the path as a string."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -91,16 +107,7 @@ def build_tiny_pipeline(out_dir, seed: int = 0, prediction_type: str = "epsilon"
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -134,9 +141,7 @@ def build_tiny_pipeline(out_dir, seed: int = 0, prediction_type: str = "epsilon"
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):
-        os.remove(out_dir / "_tokenizer_src" / name)
-    os.rmdir(out_dir / "_tokenizer_src")
+    remove_tokenizer_source(out_dir)
     # Training scripts take their noise scheduler from the same folder (DDPMScheduler.from_pretrained).
     DDPMScheduler.from_config(scheduler.config)  # validates that the config is usable for training
     return str(out_dir)
@@ -149,9 +154,6 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0):
     outputs fails on shape instead of passing silently. The U-Net's added-condition input is the second
     encoder's projection (32) plus the six time ids of ``addition_time_embed_dim`` 8.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     first_width, second_width, projection = 32, 64, 32
@@ -172,16 +174,7 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0):
         cross_attention_dim=first_width + second_width,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
 
     def clip_config(width: int) -> CLIPTextConfig:
         return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=37, num_attention_heads=4,
@@ -198,9 +191,7 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0):
         tokenizer_2=tokenizer, scheduler=scheduler, add_watermarker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):
-        os.remove(out_dir / "_tokenizer_src" / name)
-    os.rmdir(out_dir / "_tokenizer_src")
+    remove_tokenizer_source(out_dir)
     return str(out_dir)
 
 
