@@ -49,6 +49,69 @@ class InputError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# diffusers flags this script refuses, with the reason. They stay in the parser so that --help lists them and
+# using one stops with one line naming it, instead of argparse's "unrecognized arguments".
+# flag -> (nargs as diffusers declares it, reason)
+REFUSED_FLAGS = {
+    "--do_edm_style_training": (0, "EDM-style training (the EDM preconditioning of Playground v2.5) is not "
+                                   "implemented; the CAT term is defined on the epsilon/v-prediction objective "
+                                   "this script trains"),
+    "--use_dora": (0, "DoRA adapters are not implemented; saving, kohya export and resuming are built for LoRA"),
+    "--text_encoder_use_attention_mask": (0, "it is for DeepFloyd IF's T5 text encoder; the text encoders trained "
+                                             "here run without an attention mask, as their pipelines run them"),
+    "--validation_images": ("+", "it feeds images to image-conditioned pipelines (DeepFloyd IF stage II); this "
+                                 "script trains and validates text-to-image models"),
+    "--class_labels_conditioning": (None, "it passes class labels to DeepFloyd IF stage II's UNet; the models "
+                                          "trained here take no class labels"),
+    "--enable_npu_flash_attention": (0, "Ascend NPUs are not supported"),
+}
+
+# Flags of diffusers' SDXL and Flux.1 scripts, parsed here with diffusers' names, types and defaults; each model
+# family gives them their meaning. dest -> the families they apply to.
+FAMILY_FLAGS = {
+    "pretrained_vae_model_name_or_path": ("SDXL",),
+    "max_sequence_length": ("Flux.1",),
+    "guidance_scale": ("Flux.1",),
+    "weighting_scheme": ("Flux.1",),
+    "logit_mean": ("Flux.1",),
+    "logit_std": ("Flux.1",),
+    "mode_scale": ("Flux.1",),
+    "lora_layers": ("Flux.1",),
+    "upcast_before_saving": ("Flux.1",),
+}
+
+# torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
+# which is not imported here to keep --help and bad-input errors fast.
+INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
+DEFAULT_VALIDATION_STEPS = 100
+
+
+class RefusedFlag(argparse.Action):
+    """A diffusers flag this script does not support: using it raises InputError naming it and saying why."""
+
+    def __init__(self, option_strings, dest, reason: str, nargs=None, **kwargs):
+        self.reason = reason
+        super().__init__(option_strings, dest, nargs=nargs, default=argparse.SUPPRESS,
+                         help=f"[not supported] {reason}.", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise InputError(f"{self.option_strings[0]} is not supported: {self.reason}")
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no or 1/0, any case.
+
+    diffusers declares its Prodigy switches ``type=bool``, under which every non-empty string, "False" included,
+    means True; here "False" means False.
+    """
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a LoRA with Contrastive Adapter Training (CAT, arXiv 2404.07554, Eq. 3).",
@@ -59,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hub id or local folder of a diffusers Stable Diffusion 1.x/2.x pipeline.")
     model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
     model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument("--tokenizer_name", default=None,
+                       help="Tokenizer (hub id or folder) to use instead of the pipeline's own.")
+    model.add_argument("--tokenizer_max_length", type=int, default=None,
+                       help="Pad and truncate prompts to this many tokens instead of the tokenizer's own limit "
+                            "(which it may not exceed).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--instance_data_dir", default=None,
@@ -67,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_name", default=None,
                       help="A datasets source (hub id or local folder) instead of --instance_data_dir.")
     data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--cache_dir", default=None, help="Where datasets caches what it loads for --dataset_name.")
     data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
+    data.add_argument("--caption_column", default=None,
+                      help="Column of --dataset_name holding each image's caption; without it every image is "
+                           "captioned --instance_prompt.")
+    data.add_argument("--repeats", type=int, default=1, help="Use each instance image this many times per epoch.")
     data.add_argument("--concepts_list", default=None,
                       help="JSON list of {instance_data_dir, instance_prompt, trigger_token, class_word?}: "
                            "several concepts in one adapter, each with its own trigger.")
@@ -79,9 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_class_images", type=int, default=100,
                       help="Class images wanted; missing ones are generated with the base model.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    data.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None,
+                      help="Precision of the base model while it generates missing class images ('no' is fp32); "
+                           "default: the training precision.")
     data.add_argument("--resolution", type=int, default=512, help="Training resolution (divisible by 8).")
     data.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--image_interpolation_mode", choices=INTERPOLATION_MODES, default="lanczos",
+                      help="Filter used to resize images to --resolution.")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     cat = parser.add_argument_group("CAT (Contrastive Adapter Training)")
@@ -101,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: rank.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout probability on the LoRA branch.")
     lora.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
 
     train = parser.add_argument_group("training")
@@ -115,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--text_encoder_lr", type=float, default=None,
+                       help="Learning rate of the text encoder's LoRA (with --train_text_encoder); default: "
+                            "--learning_rate. Prodigy uses --learning_rate for both.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Scale the learning rate by processes x accumulation steps x batch size.")
     train.add_argument("--lr_scheduler", default="constant",
@@ -125,14 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr_power", type=float, default=1.0)
     train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is common).")
     train.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common).")
+    train.add_argument("--optimizer", default="AdamW",
+                       help="AdamW, or prodigy (needs the prodigyopt package; --learning_rate 1.0 is its usual "
+                            "setting). Either case.")
     train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 of AdamW and Prodigy.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="beta2 of AdamW and Prodigy.")
+    train.add_argument("--prodigy_beta3", type=float, default=None,
+                       help="Prodigy's beta3, for its step-size estimate; default (Prodigy's): sqrt(beta2).")
+    train.add_argument("--prodigy_decouple", type=parse_bool, default=True,
+                       help="Prodigy: decoupled (AdamW-style) weight decay.")
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                       help="Weight decay of the text encoder's LoRA; default: --adam_weight_decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--prodigy_use_bias_correction", type=parse_bool, default=True,
+                       help="Prodigy: Adam's bias correction.")
+    train.add_argument("--prodigy_safeguard_warmup", type=parse_bool, default=True,
+                       help="Prodigy: keep the learning rate out of the denominator of the step-size estimate "
+                            "(steadier during warm-up).")
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="xformers attention in the U-Net (needs the xformers package).")
+    train.add_argument("--local_rank", type=int, default=-1,
+                       help="Accepted for compatibility and ignored: accelerate gives each process its rank.")
     train.add_argument("--cache_latents", action="store_true",
                        help="Encode every image with the VAE once, before training (needs --center_crop and no "
                             "--random_flip: cached latents cannot be re-augmented).")
@@ -146,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--validation_prompt", default=None,
                       help="A prompt with the trigger; validation draws it with and without the trigger.")
     logs.add_argument("--num_validation_images", type=int, default=4)
-    logs.add_argument("--validation_steps", type=int, default=100)
+    logs.add_argument("--validation_steps", type=int, default=None,
+                      help=f"Validate every N optimizer steps and after the last one; default "
+                           f"{DEFAULT_VALIDATION_STEPS} unless --validation_epochs is given.")
+    logs.add_argument("--validation_epochs", type=int, default=None,
+                      help="Validate at the end of epoch 1, 1+N, 1+2N, ... and after the last step (diffusers' "
+                           "schedule), instead of every --validation_steps.")
     logs.add_argument("--num_validation_inference_steps", type=int, default=25)
     logs.add_argument("--validation_kps", action="store_true",
                       help="At each validation, log the Knowledge Preservation Score (Eq. 9) of the grid: 1 - the "
@@ -160,6 +264,38 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--push_to_hub", action="store_true")
     logs.add_argument("--hub_token", default=None)
     logs.add_argument("--hub_model_id", default=None)
+
+    # Names, types and defaults as in diffusers' train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py.
+    family = parser.add_argument_group("SDXL and Flux.1", "Flags of diffusers' SDXL and Flux.1 DreamBooth-LoRA "
+                                       "scripts; each applies to the model families named in its help.")
+    family.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                        help="SDXL: a VAE (hub id or folder) to use instead of the pipeline's own, e.g. an "
+                             "fp16-safe one.")
+    family.add_argument("--max_sequence_length", type=int, default=512,
+                        help="Flux.1: token limit of prompts for the T5 text encoder.")
+    family.add_argument("--guidance_scale", type=float, default=3.5,
+                        help="Flux.1: guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
+                             "during training.")
+    family.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+                        default="none",
+                        help="Flux.1: 'logit_normal' and 'mode' draw timesteps from that density, 'sigma_sqrt' "
+                             "and 'cosmap' weight the loss per timestep; 'none': uniform timesteps, unweighted.")
+    family.add_argument("--logit_mean", type=float, default=0.0,
+                        help="Flux.1: mean of the logit-normal timestep density (--weighting_scheme logit_normal).")
+    family.add_argument("--logit_std", type=float, default=1.0,
+                        help="Flux.1: standard deviation of the logit-normal timestep density.")
+    family.add_argument("--mode_scale", type=float, default=1.29,
+                        help="Flux.1: scale of the 'mode' timestep density (--weighting_scheme mode).")
+    family.add_argument("--lora_layers", default=None,
+                        help="Flux.1: comma-separated transformer modules to adapt, e.g. 'to_k,to_q,to_v,to_out.0'; "
+                             "default: the family's own set.")
+    family.add_argument("--upcast_before_saving", action="store_true",
+                        help="Flux.1: cast the trained transformer to float32 before its LoRA weights are saved.")
+
+    refused = parser.add_argument_group("diffusers flags not supported here",
+                                        "Using one stops with one line saying why.")
+    for flag, (nargs, reason) in REFUSED_FLAGS.items():
+        refused.add_argument(flag, action=RefusedFlag, nargs=nargs, reason=reason)
     return parser
 
 
@@ -171,9 +307,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
     sources = [args.instance_data_dir, args.dataset_name, args.concepts_list]
     if sum(source is not None for source in sources) != 1:
         raise InputError("give exactly one of --instance_data_dir, --dataset_name, --concepts_list")
+    if args.dataset_name is not None and args.caption_column is None and args.instance_prompt is None:
+        raise InputError("--dataset_name needs --caption_column (captions from the dataset) or --instance_prompt")
     if args.cat_alpha < 0:
         raise InputError(f"--cat_alpha must be >= 0, got {args.cat_alpha}")
     if args.cat_alpha > 0 and args.trigger_token is None and args.concepts_list is None:
@@ -192,10 +332,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--rank must be positive, got {args.rank}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if not 0 <= args.lora_dropout < 1:
+        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.validation_steps is not None and args.validation_epochs is not None:
+        raise InputError("give --validation_steps or --validation_epochs, not both")
+    if args.validation_steps is None and args.validation_epochs is None:
+        args.validation_steps = DEFAULT_VALIDATION_STEPS
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+                 "validation_steps", "validation_epochs", "repeats", "tokenizer_max_length", "text_encoder_lr"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise InputError(f"--{flag} must be positive, got {value}")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
         raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
@@ -208,6 +355,48 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--validation_kps needs --validation_prompt")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login`")
+    if args.optimizer.lower() not in ("adamw", "prodigy"):
+        raise InputError(f"--optimizer {args.optimizer}: expected AdamW or prodigy")
+    if args.optimizer.lower() == "prodigy":
+        if args.use_8bit_adam:
+            raise InputError("--use_8bit_adam applies to AdamW, not to --optimizer prodigy")
+        if find_spec("prodigyopt") is None:
+            raise InputError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
+    if args.enable_xformers_memory_efficient_attention and find_spec("xformers") is None:
+        raise InputError("--enable_xformers_memory_efficient_attention needs the xformers package: "
+                         "pip install xformers")
+
+
+def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int) -> bool:
+    """Whether to validate after optimizer step ``step``: every --validation_steps, or at the end of epochs
+    1, 1+N, 1+2N, ... for --validation_epochs N (diffusers validates after epoch index 0, N, 2N, ...); and always
+    after the last step."""
+    if step == args.max_train_steps:
+        return True
+    if args.validation_epochs is not None:
+        epochs_done, within = divmod(step, steps_per_epoch)
+        return within == 0 and (epochs_done - 1) % args.validation_epochs == 0
+    return step % args.validation_steps == 0
+
+
+def prior_generation_dtype(precision: str | None, training_dtype):
+    """The dtype for generating class images: --prior_generation_precision, else the training dtype."""
+    import torch
+
+    return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+            "bf16": torch.bfloat16}.get(precision, training_dtype)
+
+
+def optimizer_parameter_groups(args: argparse.Namespace, denoiser_parameters: list, text_encoder_parameters: list):
+    """The optimizer's parameters: one list, or two groups when the text encoder's LoRA has its own learning rate
+    (--text_encoder_lr; Prodigy keeps --learning_rate) or weight decay (--adam_weight_decay_text_encoder)."""
+    lr = args.text_encoder_lr if args.optimizer.lower() == "adamw" else None
+    decay = args.adam_weight_decay_text_encoder
+    if not text_encoder_parameters or (lr is None and decay is None):
+        return denoiser_parameters + text_encoder_parameters  # one group: checkpoints keep their layout
+    return [{"params": denoiser_parameters},
+            {"params": text_encoder_parameters, "lr": lr or args.learning_rate,
+             "weight_decay": args.adam_weight_decay if decay is None else decay}]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,11 +711,12 @@ def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: di
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train", cache_dir=args.cache_dir)
     except Exception as error:
         raise InputError(f"--dataset_name {args.dataset_name}: cannot load ({type(error).__name__}: {error})") from None
     for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in dataset.column_names and not (flag == "--caption_column" and args.instance_prompt):
+        if column is not None and column not in dataset.column_names and not (
+                flag == "--caption_column" and args.instance_prompt):
             raise InputError(f"{flag} {column!r} is not a column of {args.dataset_name} ({dataset.column_names})")
     if len(dataset) == 0:
         raise InputError(f"--dataset_name {args.dataset_name}: the train split is empty")
@@ -611,12 +801,13 @@ def draw_seed(generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
-def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator):
-    """Resize the short side to ``resolution``, crop a square, maybe flip; return a tensor in [-1, 1]."""
+def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator, interpolation: str = "lanczos"):
+    """Resize the short side to ``resolution`` (filter: ``interpolation``, a --image_interpolation_mode), crop a
+    square, maybe flip; return a tensor in [-1, 1]."""
     import torch
     from torchvision.transforms import functional as TF
 
-    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode[interpolation.upper()])
     if center_crop:
         image = TF.center_crop(image, resolution)
     else:
@@ -641,10 +832,10 @@ class CATDataset:
     """
 
     def __init__(self, instance_examples, class_examples, tokenizer, resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int = 0, latent_cache: dict | None = None):
+                 random_flip: bool, seed: int = 0, latent_cache: dict | None = None, interpolation: str = "lanczos"):
         self.instance_examples, self.class_examples = instance_examples, class_examples or []
         self.tokenizer, self.resolution, self.seed, self.latent_cache = tokenizer, resolution, seed, latent_cache
-        self.center_crop, self.random_flip = center_crop, random_flip
+        self.center_crop, self.random_flip, self.interpolation = center_crop, random_flip, interpolation
 
     def __len__(self):
         # As in DreamBooth: an epoch walks the longer of the instance and class sets.
@@ -658,7 +849,7 @@ class CATDataset:
         if self.latent_cache is not None:
             return self.latent_cache[example.name]
         return augment(open_rgb_image(example.image, example.name), self.resolution, self.center_crop,
-                       self.random_flip, generator)
+                       self.random_flip, generator, self.interpolation)
 
     def __getitem__(self, number: int) -> dict:
         import torch
@@ -680,10 +871,10 @@ class CATDataset:
 
 
 def make_dataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed=0,
-                 latent_cache: dict | None = None) -> CATDataset:
+                 latent_cache: dict | None = None, interpolation: str = "lanczos") -> CATDataset:
     """The training dataset (see ``CATDataset``)."""
     return CATDataset(instance_examples, class_examples, tokenizer, resolution, center_crop, random_flip, seed,
-                      latent_cache)
+                      latent_cache, interpolation)
 
 
 def collate_examples(items: list[dict]) -> dict:
@@ -719,7 +910,7 @@ def prepare_class_examples(args: argparse.Namespace, accelerator, weight_dtype) 
 
         pipeline = StableDiffusionPipeline.from_pretrained(
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            torch_dtype=weight_dtype, safety_checker=None,
+            torch_dtype=prior_generation_dtype(args.prior_generation_precision, weight_dtype), safety_checker=None,
         ).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
@@ -748,8 +939,19 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def load_tokenizer(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
-                                         revision=args.revision)
+    if getattr(args, "tokenizer_name", None):
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
+                                                  revision=args.revision)
+    max_length = getattr(args, "tokenizer_max_length", None)
+    if max_length is not None:
+        # Every prompt is padded and truncated to model_max_length (dataset, caches, validation pipeline).
+        if max_length > tokenizer.model_max_length:
+            raise InputError(f"--tokenizer_max_length {max_length} exceeds the tokenizer's limit of "
+                             f"{tokenizer.model_max_length} tokens")
+        tokenizer.model_max_length = max_length
+    return tokenizer
 
 
 def load_models(args: argparse.Namespace):
@@ -768,15 +970,16 @@ def load_models(args: argparse.Namespace):
     return tokenizer, noise_scheduler, text_encoder, vae, unet
 
 
-def add_lora_adapters(unet, text_encoder, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
+def add_lora_adapters(unet, text_encoder, rank: int, lora_alpha: float, train_text_encoder: bool,
+                      lora_dropout: float = 0.0) -> None:
     """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_lora_weights="gaussian",
                                 target_modules=UNET_LORA_TARGETS))
     if train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                            target_modules=TEXT_ENCODER_LORA_TARGETS))
+        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS))
 
 
 class adapters_disabled:
@@ -800,7 +1003,8 @@ class adapters_disabled:
             model.enable_adapters()
 
 
-def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int, weight_dtype) -> dict:
+def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int, weight_dtype,
+                        interpolation: str = "lanczos") -> dict:
     """--cache_latents: the VAE posterior parameters of every (center-cropped) image, keyed by image name."""
     import torch
     from tqdm.auto import tqdm
@@ -810,8 +1014,8 @@ def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_siz
     with torch.no_grad():
         for start in tqdm(range(0, len(unique), batch_size), desc="Caching latents"):
             chunk = unique[start:start + batch_size]
-            pixels = torch.stack([augment(open_rgb_image(e.image, e.name), resolution, True, False, None)
-                                  for e in chunk]).to(vae.device, dtype=weight_dtype)
+            pixels = torch.stack([augment(open_rgb_image(e.image, e.name), resolution, True, False, None,
+                                          interpolation) for e in chunk]).to(vae.device, dtype=weight_dtype)
             parameters = vae.encode(pixels).latent_dist.parameters.cpu()
             cache.update({e.name: p for e, p in zip(chunk, parameters)})
     return cache
@@ -1032,6 +1236,13 @@ def weight_dtype_for(accelerator):
 def make_optimizer(args: argparse.Namespace, parameters):
     import torch
 
+    if args.optimizer.lower() == "prodigy":
+        import prodigyopt  # check_args made sure it is installed
+
+        return prodigyopt.Prodigy(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -1477,7 +1688,7 @@ def train(accelerator, args: argparse.Namespace, models: dict, dataloader, sampl
                 checkpoint = None
                 if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
                     checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-                if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
+                if args.validation_prompt and validation_due(args, step, steps_per_epoch):
                     last_grid = run_validation(accelerator, args, unet, text_encoder, vae, models["tokenizer"],
                                                triggers, step, weight_dtype, models.get("clip")) or last_grid
                 if step < args.max_train_steps and stop_requested(accelerator, stop):
@@ -1595,7 +1806,9 @@ def prepare_models(args: argparse.Namespace, accelerator, weight_dtype) -> dict:
     tokenizer, noise_scheduler, text_encoder, vae, unet = load_models(args)
     for model in (unet, vae, text_encoder):
         model.to(accelerator.device, dtype=weight_dtype)
-    add_lora_adapters(unet, text_encoder, args.rank, args.lora_alpha, args.train_text_encoder)
+    add_lora_adapters(unet, text_encoder, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -1614,13 +1827,13 @@ def make_dataloader(args: argparse.Namespace, models: dict, instance_examples, c
     latent_cache = None
     if args.cache_latents:
         latent_cache = encode_latent_cache(models["vae"], instance_examples + class_examples, args.resolution,
-                                           args.train_batch_size, weight_dtype)
+                                           args.train_batch_size, weight_dtype, args.image_interpolation_mode)
     cached_text = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
         cached_text = CachedTextEmbeddings(models["text_encoder"], models["tokenizer"], prompts)
-    dataset = make_dataset(instance_examples, class_examples, models["tokenizer"], args.resolution,
-                           args.center_crop, args.random_flip, seed, latent_cache)
+    dataset = make_dataset(instance_examples * args.repeats, class_examples, models["tokenizer"], args.resolution,
+                           args.center_crop, args.random_flip, seed, latent_cache, args.image_interpolation_mode)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
     # random stream (a resumed run creates its iterator at another point).
@@ -1636,8 +1849,8 @@ def make_optimizer_and_schedule(args: argparse.Namespace, accelerator, models: d
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    trainable = [p for name in ("unet", "text_encoder") for p in models[name].parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable)
+    trainable = {name: [p for p in models[name].parameters() if p.requires_grad] for name in ("unet", "text_encoder")}
+    optimizer = make_optimizer(args, optimizer_parameter_groups(args, trainable["unet"], trainable["text_encoder"]))
     steps_per_epoch = math.ceil(num_batches / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
