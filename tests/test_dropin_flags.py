@@ -306,3 +306,14 @@ def test_validation_epochs_repeats_and_lora_dropout_in_a_run(tiny_pipeline, inst
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-6.png"]
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as weights:
         assert '"lora_dropout": 0.25' in weights.metadata()["unet_lora_adapter_metadata"]
+
+
+def test_readme_lists_every_flag_as_accepted_family_or_refused():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Everything else you know from"):readme.index("### Outputs")]
+    accepted = set(re.findall(r"--\w+", section[section.index("Accepted with"):section.index("plus this script")]))
+    family = set(re.findall(r"--\w+", section[section.index("Parsed with diffusers"):section.index("Refused, each")]))
+    refused = set(re.findall(r"^\| `(--\w+)`", section, flags=re.M))
+    assert (family - {"--help"}, refused) == (FAMILY, REFUSED)
+    assert accepted == set(ALL_FLAGS) - FAMILY - REFUSED - {"--pretrained_model_name_or_path", "--instance_data_dir",
+                                                            "--instance_prompt", "--output_dir", "--seed"}
