@@ -293,19 +293,24 @@ def test_tokenizer_flags(tiny_pipeline):
         T.load_tokenizer(args)
 
 
-def test_validation_epochs_repeats_and_lora_dropout_in_a_run(tiny_pipeline, instance_dir, tmp_path, run_training):
-    """4 images x --repeats 2 at batch 4: 2 steps per epoch. --validation_epochs 2 over 6 steps (3 epochs)
-    validates after epoch 1 (step 2) and epoch 3 (step 6, also the last), not after epoch 2 (step 4)."""
+def test_validation_epochs_repeats_and_lora_dropout_in_a_run(tiny_pipeline, tmp_path, run_training):
+    """1 image x --repeats 2 at batch 1: 2 steps per epoch. --validation_epochs 2 over 5 steps validates after
+    epoch 1 (step 2) and the last step (5), not after epoch 2 (step 4); without the repeats it would be 1, 3, 5."""
+    import json
+
+    from conftest import draw_subject
     from safetensors import safe_open
 
-    out = tmp_path / "out"
-    run_training(train_args(tiny_pipeline, instance_dir, out, "--train_batch_size", "4", "--repeats", "2",
-                            "--validation_prompt", "a sks teapot", "--validation_epochs", "2",
-                            "--num_validation_images", "1", "--num_validation_inference_steps", "2",
-                            "--lora_dropout", "0.25", "--image_interpolation_mode", "bicubic", steps=6))
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-6.png"]
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    draw_subject(images / "0.png", shift=0)
+    run_training(train_args(tiny_pipeline, images, out, "--train_batch_size", "1", "--repeats", "2", "--cat_alpha",
+                            "0", "--validation_prompt", "a sks teapot", "--validation_epochs", "2",
+                            "--num_validation_images", "1", "--num_validation_inference_steps", "1",
+                            "--lora_dropout", "0.25", "--image_interpolation_mode", "bicubic", steps=5))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-5.png"]
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as weights:
-        assert '"lora_dropout": 0.25' in weights.metadata()["unet_lora_adapter_metadata"]
+        assert json.loads(weights.metadata()["lora_adapter_metadata"])["unet.lora_dropout"] == 0.25
 
 
 def test_readme_lists_every_flag_as_accepted_family_or_refused():
