@@ -715,8 +715,7 @@ def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: di
     except Exception as error:
         raise InputError(f"--dataset_name {args.dataset_name}: cannot load ({type(error).__name__}: {error})") from None
     for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column is not None and column not in dataset.column_names and not (
-                flag == "--caption_column" and args.instance_prompt):
+        if column is not None and column not in dataset.column_names:  # --caption_column unset: --instance_prompt
             raise InputError(f"{flag} {column!r} is not a column of {args.dataset_name} ({dataset.column_names})")
     if len(dataset) == 0:
         raise InputError(f"--dataset_name {args.dataset_name}: the train split is empty")

@@ -149,7 +149,8 @@ def test_refusal_from_the_command_line(tmp_path):
                             text=True, cwd=tmp_path)
     assert result.returncode == 2
     reason = T.REFUSED_FLAGS["--do_edm_style_training"][1]
-    assert result.stderr.splitlines() == [f"train_cat_lora.py: error: --do_edm_style_training is not supported: {reason}"]
+    assert result.stderr.splitlines() == [
+        f"train_cat_lora.py: error: --do_edm_style_training is not supported: {reason}"]
 
 
 def test_help_lists_refused_and_family_flags():
@@ -241,6 +242,30 @@ def test_dataset_without_caption_column_captions_every_image_with_the_instance_p
     assert parse(base, capsys) == ("refused", "--dataset_name needs --caption_column (captions from the dataset) "
                                               "or --instance_prompt")
     assert T.parse_args(base + ["--instance_prompt", "a sks dog"]).caption_column is None
+
+
+def test_dataset_captions_follow_caption_column(tmp_path):
+    import json
+
+    from conftest import draw_subject
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        draw_subject(data / f"{i}.png", shift=i)
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"sks teapot {i}"}) + "\n"
+                                                 for i in range(2)))
+    base = ["--pretrained_model_name_or_path", "m", "--dataset_name", str(data), "--trigger_token", "sks",
+            "--cache_dir", str(tmp_path / "cache")]
+    args = T.parse_args(base + ["--instance_prompt", "a photo of sks dog"])
+    assert [e.caption for e in T.collect_instance_examples(args, T.load_concepts(args))] == ["a photo of sks dog"] * 2
+    assert any((tmp_path / "cache").iterdir())  # --cache_dir: where datasets cached it
+    args = T.parse_args(base + ["--caption_column", "text"])
+    assert sorted(e.caption for e in T.collect_instance_examples(args, T.load_concepts(args))) == [
+        "sks teapot 0", "sks teapot 1"]
+    args = T.parse_args(base + ["--caption_column", "prompt", "--instance_prompt", "a photo of sks dog"])
+    with pytest.raises(T.InputError, match="^--caption_column 'prompt' is not a column of"):
+        T.collect_instance_examples(args, T.load_concepts(args))
 
 
 def test_validation_schedules():
