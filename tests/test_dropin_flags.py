@@ -295,6 +295,38 @@ def test_text_encoder_lr_and_decay_make_a_second_parameter_group():
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-4, 1e-2), (1e-4, 1e-3)]
 
 
+def test_prodigy_gets_diffusers_settings_and_one_learning_rate(monkeypatch):
+    import torch
+
+    class RecordingProdigy:  # stands in for prodigyopt.Prodigy, which is not a dependency
+        def __init__(self, params, **settings):
+            self.params, self.settings = params, settings
+
+    fake = types.ModuleType("prodigyopt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("prodigyopt", None)
+    fake.Prodigy = RecordingProdigy
+    monkeypatch.setitem(sys.modules, "prodigyopt", fake)
+    args = T.parse_args(MINIMAL + ["--optimizer", "Prodigy", "--learning_rate", "1.0", "--train_text_encoder",
+                                   "--text_encoder_lr", "5e-6", "--prodigy_beta3", "0.99", "--prodigy_decouple",
+                                   "false", "--adam_weight_decay", "1e-4"])
+    unet_params, text_params = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = T.make_optimizer(args, T.optimizer_parameter_groups(args, unet_params, text_params))
+    assert optimizer.params == unet_params + text_params  # Prodigy: --learning_rate for the text encoder too
+    assert optimizer.settings == {"lr": 1.0, "betas": (0.9, 0.999), "beta3": 0.99, "weight_decay": 1e-4,
+                                  "eps": 1e-8, "decouple": False, "use_bias_correction": True,
+                                  "safeguard_warmup": True}
+    with pytest.raises(T.InputError, match="^--use_8bit_adam applies to AdamW"):
+        T.parse_args(MINIMAL + ["--optimizer", "prodigy", "--use_8bit_adam"])
+
+
+def test_prior_generation_precision():
+    import torch
+
+    assert T.prior_generation_dtype(None, torch.bfloat16) == torch.bfloat16
+    assert [T.prior_generation_dtype(p, torch.bfloat16) for p in ("no", "fp32", "fp16", "bf16")] == [
+        torch.float32, torch.float32, torch.float16, torch.bfloat16]
+
+
 def test_image_interpolation_mode_changes_the_resize():
     import torch
     from PIL import Image
