@@ -84,6 +84,69 @@ class InputError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# diffusers flags this script refuses, with the reason. They stay in the parser so that --help lists them and
+# using one stops with one line naming it, instead of argparse's "unrecognized arguments".
+# flag -> (nargs as diffusers declares it, reason)
+REFUSED_FLAGS = {
+    "--do_edm_style_training": (0, "EDM-style training (the EDM preconditioning of Playground v2.5) is not "
+                                   "implemented; the CAT term is defined on the epsilon/v-prediction objective "
+                                   "this script trains"),
+    "--use_dora": (0, "DoRA adapters are not implemented; saving, kohya export and resuming are built for LoRA"),
+    "--text_encoder_use_attention_mask": (0, "it is for DeepFloyd IF's T5 text encoder; the text encoders trained "
+                                             "here run without an attention mask, as their pipelines run them"),
+    "--validation_images": ("+", "it feeds images to image-conditioned pipelines (DeepFloyd IF stage II); this "
+                                 "script trains and validates text-to-image models"),
+    "--class_labels_conditioning": (None, "it passes class labels to DeepFloyd IF stage II's UNet; the models "
+                                          "trained here take no class labels"),
+    "--enable_npu_flash_attention": (0, "Ascend NPUs are not supported"),
+}
+
+# Flags of diffusers' SDXL and Flux.1 scripts, parsed here with diffusers' names, types and defaults; each model
+# family gives them their meaning. dest -> the families they apply to.
+FAMILY_FLAGS = {
+    "pretrained_vae_model_name_or_path": ("SDXL",),
+    "max_sequence_length": ("Flux.1",),
+    "guidance_scale": ("Flux.1",),
+    "weighting_scheme": ("Flux.1",),
+    "logit_mean": ("Flux.1",),
+    "logit_std": ("Flux.1",),
+    "mode_scale": ("Flux.1",),
+    "lora_layers": ("Flux.1",),
+    "upcast_before_saving": ("Flux.1",),
+}
+
+# torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
+# which is not imported here to keep --help and bad-input errors fast.
+INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
+DEFAULT_VALIDATION_STEPS = 100
+
+
+class RefusedFlag(argparse.Action):
+    """A diffusers flag this script does not support: using it raises InputError naming it and saying why."""
+
+    def __init__(self, option_strings, dest, reason: str, nargs=None, **kwargs):
+        self.reason = reason
+        super().__init__(option_strings, dest, nargs=nargs, default=argparse.SUPPRESS,
+                         help=f"[not supported] {reason}.", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise InputError(f"{self.option_strings[0]} is not supported: {self.reason}")
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no or 1/0, any case.
+
+    diffusers declares its Prodigy switches ``type=bool``, under which every non-empty string, "False" included,
+    means True; here "False" means False.
+    """
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a LoRA with Contrastive Adapter Training (CAT, arXiv 2404.07554, Eq. 3).",
@@ -95,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "family is read from its model_index.json).")
     model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
     model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
-    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                       help="SDXL: a VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (with "
-                            "it the VAE runs in the mixed-precision dtype; SDXL's own VAE is kept in float32).")
+    model.add_argument("--tokenizer_name", default=None,
+                       help="Tokenizer (hub id or folder) to use instead of the pipeline's own.")
+    model.add_argument("--tokenizer_max_length", type=int, default=None,
+                       help="Pad and truncate prompts to this many tokens instead of the tokenizer's own limit "
+                            "(which it may not exceed).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--instance_data_dir", default=None,
@@ -106,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_name", default=None,
                       help="A datasets source (hub id or local folder) instead of --instance_data_dir.")
     data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--cache_dir", default=None, help="Where datasets caches what it loads for --dataset_name.")
     data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
+    data.add_argument("--caption_column", default=None,
+                      help="Column of --dataset_name holding each image's caption; without it every image is "
+                           "captioned --instance_prompt.")
+    data.add_argument("--repeats", type=int, default=1, help="Use each instance image this many times per epoch.")
     data.add_argument("--concepts_list", default=None,
                       help="JSON list of {instance_data_dir, instance_prompt, trigger_token, class_word?}: "
                            "several concepts in one adapter, each with its own trigger.")
@@ -118,9 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_class_images", type=int, default=100,
                       help="Class images wanted; missing ones are generated with the base model.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    data.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None,
+                      help="Precision of the base model while it generates missing class images ('no' is fp32); "
+                           "default: the training precision.")
     data.add_argument("--resolution", type=int, default=512, help="Training resolution (divisible by 8).")
     data.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--image_interpolation_mode", choices=INTERPOLATION_MODES, default="lanczos",
+                      help="Filter used to resize images to --resolution.")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     cat = parser.add_argument_group("CAT (Contrastive Adapter Training)")
@@ -150,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: rank.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout probability on the LoRA branch.")
     lora.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
 
     train = parser.add_argument_group("training")
@@ -164,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--text_encoder_lr", type=float, default=None,
+                       help="Learning rate of the text encoder's LoRA (with --train_text_encoder); default: "
+                            "--learning_rate. Prodigy uses --learning_rate for both.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Scale the learning rate by processes x accumulation steps x batch size.")
     train.add_argument("--lr_scheduler", default="constant",
@@ -174,14 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr_power", type=float, default=1.0)
     train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is common).")
     train.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common).")
+    train.add_argument("--optimizer", default="AdamW",
+                       help="AdamW, or prodigy (needs the prodigyopt package; --learning_rate 1.0 is its usual "
+                            "setting). Either case.")
     train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 of AdamW and Prodigy.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="beta2 of AdamW and Prodigy.")
+    train.add_argument("--prodigy_beta3", type=float, default=None,
+                       help="Prodigy's beta3, for its step-size estimate; default (Prodigy's): sqrt(beta2).")
+    train.add_argument("--prodigy_decouple", type=parse_bool, default=True,
+                       help="Prodigy: decoupled (AdamW-style) weight decay.")
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                       help="Weight decay of the text encoder's LoRA; default: --adam_weight_decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--prodigy_use_bias_correction", type=parse_bool, default=True,
+                       help="Prodigy: Adam's bias correction.")
+    train.add_argument("--prodigy_safeguard_warmup", type=parse_bool, default=True,
+                       help="Prodigy: keep the learning rate out of the denominator of the step-size estimate "
+                            "(steadier during warm-up).")
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="xformers attention in the U-Net (needs the xformers package).")
+    train.add_argument("--local_rank", type=int, default=-1,
+                       help="Accepted for compatibility and ignored: accelerate gives each process its rank.")
     train.add_argument("--cache_latents", action="store_true",
                        help="Encode every image with the VAE once, before training (needs --center_crop and no "
                             "--random_flip: cached latents cannot be re-augmented).")
@@ -195,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--validation_prompt", default=None,
                       help="A prompt with the trigger; validation draws it with and without the trigger.")
     logs.add_argument("--num_validation_images", type=int, default=4)
-    logs.add_argument("--validation_steps", type=int, default=100)
+    logs.add_argument("--validation_steps", type=int, default=None,
+                      help=f"Validate every N optimizer steps and after the last one; default "
+                           f"{DEFAULT_VALIDATION_STEPS} unless --validation_epochs is given.")
+    logs.add_argument("--validation_epochs", type=int, default=None,
+                      help="Validate at the end of epoch 1, 1+N, 1+2N, ... and after the last step (diffusers' "
+                           "schedule), instead of every --validation_steps.")
     logs.add_argument("--num_validation_inference_steps", type=int, default=25)
     logs.add_argument("--validation_kps", action="store_true",
                       help="At each validation, log the Knowledge Preservation Score (Eq. 9) of the grid: 1 - the "
@@ -209,6 +310,38 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--push_to_hub", action="store_true")
     logs.add_argument("--hub_token", default=None)
     logs.add_argument("--hub_model_id", default=None)
+
+    # Names, types and defaults as in diffusers' train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py.
+    family = parser.add_argument_group("SDXL and Flux.1", "Flags of diffusers' SDXL and Flux.1 DreamBooth-LoRA "
+                                       "scripts; each applies to the model families named in its help.")
+    family.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                        help="SDXL: a VAE (hub id or folder) to use instead of the pipeline's own, e.g. an "
+                             "fp16-safe one.")
+    family.add_argument("--max_sequence_length", type=int, default=512,
+                        help="Flux.1: token limit of prompts for the T5 text encoder.")
+    family.add_argument("--guidance_scale", type=float, default=3.5,
+                        help="Flux.1: guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
+                             "during training.")
+    family.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+                        default="none",
+                        help="Flux.1: 'logit_normal' and 'mode' draw timesteps from that density, 'sigma_sqrt' "
+                             "and 'cosmap' weight the loss per timestep; 'none': uniform timesteps, unweighted.")
+    family.add_argument("--logit_mean", type=float, default=0.0,
+                        help="Flux.1: mean of the logit-normal timestep density (--weighting_scheme logit_normal).")
+    family.add_argument("--logit_std", type=float, default=1.0,
+                        help="Flux.1: standard deviation of the logit-normal timestep density.")
+    family.add_argument("--mode_scale", type=float, default=1.29,
+                        help="Flux.1: scale of the 'mode' timestep density (--weighting_scheme mode).")
+    family.add_argument("--lora_layers", default=None,
+                        help="Flux.1: comma-separated transformer modules to adapt, e.g. 'to_k,to_q,to_v,to_out.0'; "
+                             "default: the family's own set.")
+    family.add_argument("--upcast_before_saving", action="store_true",
+                        help="Flux.1: cast the trained transformer to float32 before its LoRA weights are saved.")
+
+    refused = parser.add_argument_group("diffusers flags not supported here",
+                                        "Using one stops with one line saying why.")
+    for flag, (nargs, reason) in REFUSED_FLAGS.items():
+        refused.add_argument(flag, action=RefusedFlag, nargs=nargs, reason=reason)
     return parser
 
 
@@ -230,9 +363,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
     sources = [args.instance_data_dir, args.dataset_name, args.concepts_list]
     if sum(source is not None for source in sources) != 1:
         raise InputError("give exactly one of --instance_data_dir, --dataset_name, --concepts_list")
+    if args.dataset_name is not None and args.caption_column is None and args.instance_prompt is None:
+        raise InputError("--dataset_name needs --caption_column (captions from the dataset) or --instance_prompt")
     if args.cat_alpha != "auto" and args.cat_alpha < 0:
         raise InputError(f"--cat_alpha must be >= 0, got {args.cat_alpha}")
     if args.cat_alpha != 0 and args.trigger_token is None and args.concepts_list is None:
@@ -257,10 +394,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--rank must be positive, got {args.rank}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if not 0 <= args.lora_dropout < 1:
+        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.validation_steps is not None and args.validation_epochs is not None:
+        raise InputError("give --validation_steps or --validation_epochs, not both")
+    if args.validation_steps is None and args.validation_epochs is None:
+        args.validation_steps = DEFAULT_VALIDATION_STEPS
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+                 "validation_steps", "validation_epochs", "repeats", "tokenizer_max_length", "text_encoder_lr"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise InputError(f"--{flag} must be positive, got {value}")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
         raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
@@ -273,6 +417,49 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--validation_kps needs --validation_prompt")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login`")
+    if args.optimizer.lower() not in ("adamw", "prodigy"):
+        raise InputError(f"--optimizer {args.optimizer}: expected AdamW or prodigy")
+    if args.optimizer.lower() == "prodigy":
+        if args.use_8bit_adam:
+            raise InputError("--use_8bit_adam applies to AdamW, not to --optimizer prodigy")
+        if find_spec("prodigyopt") is None:
+            raise InputError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
+    if args.enable_xformers_memory_efficient_attention and find_spec("xformers") is None:
+        raise InputError("--enable_xformers_memory_efficient_attention needs the xformers package: "
+                         "pip install xformers")
+
+
+def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int) -> bool:
+    """Whether to validate after optimizer step ``step``: every --validation_steps, or at the end of epochs
+    1, 1+N, 1+2N, ... for --validation_epochs N (diffusers validates after epoch index 0, N, 2N, ...); and always
+    after the last step."""
+    if step == args.max_train_steps:
+        return True
+    if args.validation_epochs is not None:
+        epochs_done, within = divmod(step, steps_per_epoch)
+        return within == 0 and (epochs_done - 1) % args.validation_epochs == 0
+    return step % args.validation_steps == 0
+
+
+def prior_generation_dtype(precision: str | None, training_dtype):
+    """The dtype for generating class images: --prior_generation_precision, else the training dtype."""
+    import torch
+
+    return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+            "bf16": torch.bfloat16}.get(precision, training_dtype)
+
+
+def optimizer_parameter_groups(args: argparse.Namespace, denoiser_parameters: list, text_encoder_parameters: list,
+                               learning_rate: float):
+    """The optimizer's parameters: one list, or two groups when the text encoder's LoRA has its own learning rate
+    (--text_encoder_lr; Prodigy keeps --learning_rate) or weight decay (--adam_weight_decay_text_encoder)."""
+    lr = args.text_encoder_lr if args.optimizer.lower() == "adamw" else None
+    decay = args.adam_weight_decay_text_encoder
+    if not text_encoder_parameters or (lr is None and decay is None):
+        return denoiser_parameters + text_encoder_parameters  # one group: checkpoints keep their layout
+    return [{"params": denoiser_parameters},
+            {"params": text_encoder_parameters, "lr": lr or learning_rate,
+             "weight_decay": args.adam_weight_decay if decay is None else decay}]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -586,11 +773,11 @@ def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: di
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train", cache_dir=args.cache_dir)
     except Exception as error:
         raise InputError(f"--dataset_name {args.dataset_name}: cannot load ({type(error).__name__}: {error})") from None
     for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in dataset.column_names and not (flag == "--caption_column" and args.instance_prompt):
+        if column is not None and column not in dataset.column_names:  # --caption_column unset: --instance_prompt
             raise InputError(f"{flag} {column!r} is not a column of {args.dataset_name} ({dataset.column_names})")
     if len(dataset) == 0:
         raise InputError(f"--dataset_name {args.dataset_name}: the train split is empty")
@@ -673,15 +860,16 @@ def draw_seed(generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
-def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator):
-    """Resize the short side to ``resolution``, crop a square, maybe flip.
+def augment(image, resolution: int, center_crop: bool, random_flip: bool, generator, interpolation: str = "lanczos"):
+    """Resize the short side to ``resolution`` (filter: ``interpolation``, a --image_interpolation_mode), crop a
+    square, maybe flip.
 
     Returns the tensor in [-1, 1] and SDXL's micro-conditioning for it: the original ``(height, width)`` and
     the crop's top-left corner ``(top, left)``, measured in the flipped image when the image was flipped (as
     diffusers' SDXL scripts do, which flip before cropping).
     """
     original_size = (image.height, image.width)
-    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode[interpolation.upper()])
     if center_crop:
         top = max(0, int(round((image.height - resolution) / 2.0)))
         left = max(0, int(round((image.width - resolution) / 2.0)))
@@ -711,10 +899,10 @@ class CATDataset:
     """
 
     def __init__(self, instance_examples, class_examples, resolution: int, center_crop: bool, random_flip: bool,
-                 seed: int = 0, latent_cache: dict | None = None):
+                 seed: int = 0, latent_cache: dict | None = None, interpolation: str = "lanczos"):
         self.instance_examples, self.class_examples = instance_examples, class_examples or []
         self.resolution, self.seed, self.latent_cache = resolution, seed, latent_cache
-        self.center_crop, self.random_flip = center_crop, random_flip
+        self.center_crop, self.random_flip, self.interpolation = center_crop, random_flip, interpolation
 
     def __len__(self):
         # As in DreamBooth: an epoch walks the longer of the instance and class sets.
@@ -724,7 +912,7 @@ class CATDataset:
         if self.latent_cache is not None:
             return self.latent_cache[example.name]
         return augment(open_rgb_image(example.image, example.name), self.resolution, self.center_crop,
-                       self.random_flip, generator)
+                       self.random_flip, generator, self.interpolation)
 
     def __getitem__(self, number: int) -> dict:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
@@ -749,9 +937,10 @@ class CATDataset:
 
 
 def make_dataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed=0,
-                 latent_cache: dict | None = None) -> CATDataset:
+                 latent_cache: dict | None = None, interpolation: str = "lanczos") -> CATDataset:
     """The training dataset (see ``CATDataset``)."""
-    return CATDataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed, latent_cache)
+    return CATDataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed, latent_cache,
+                      interpolation)
 
 
 def collate_examples(items: list[dict]) -> dict:
@@ -783,7 +972,8 @@ def prepare_class_examples(args: argparse.Namespace, family, accelerator, weight
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = args.num_class_images - len(list_images(class_dir))
     if missing > 0 and accelerator.is_main_process:
-        pipeline = family.load_pipeline(dtype=weight_dtype).to(accelerator.device)
+        dtype = prior_generation_dtype(args.prior_generation_precision, weight_dtype)
+        pipeline = family.load_pipeline(dtype=dtype).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
         start = len(list_images(class_dir))
@@ -821,6 +1011,8 @@ class FamilyConfig:
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     pretrained_vae_model_name_or_path: str | None = None
+    tokenizer_name: str | None = None
+    tokenizer_max_length: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FamilyConfig":
@@ -839,6 +1031,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> to
 class StableDiffusionFamily:
     """SD 1.x/2.x: one CLIP text encoder, a U-Net predicting the noise (or the velocity, SD 2.x 768)."""
 
+    label = "SD 1.x/2.x"
     pipeline_class = StableDiffusionPipeline
     denoiser = "unet"
     text_encoders = ("text_encoder",)
@@ -856,9 +1049,21 @@ class StableDiffusionFamily:
 
     # Loading ------------------------------------------------------------------------------------------
     def load_tokenizers(self) -> dict:
+        """The pipeline's tokenizers; --tokenizer_name replaces the first (CLIP) one and --tokenizer_max_length
+        shortens its prompts, as in diffusers' scripts."""
         if self._tokenizers is None:
-            self._tokenizers = {name: AutoTokenizer.from_pretrained(subfolder=name, **self.source)
-                                for name in self.tokenizers}
+            tokenizers = {name: AutoTokenizer.from_pretrained(subfolder=name, **self.source) for name in self.tokenizers}
+            first = self.tokenizers[0]
+            if self.config.tokenizer_name:
+                tokenizers[first] = AutoTokenizer.from_pretrained(self.config.tokenizer_name,
+                                                                  revision=self.config.revision)
+            max_length = self.config.tokenizer_max_length
+            if max_length is not None:
+                if max_length > tokenizers[first].model_max_length:
+                    raise InputError(f"--tokenizer_max_length {max_length} exceeds the tokenizer's limit of "
+                                     f"{tokenizers[first].model_max_length} tokens")
+                tokenizers[first].model_max_length = max_length
+            self._tokenizers = tokenizers
         return self._tokenizers
 
     def load_text_encoders(self) -> dict:
@@ -956,6 +1161,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated, pooled embedding from the second)
     and the size/crop micro-conditioning ``time_ids``, as diffusers' ``train_dreambooth_lora_sdxl.py``."""
 
+    label = "SDXL"
     pipeline_class = StableDiffusionXLPipeline
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
@@ -1045,12 +1251,14 @@ def adapted_components(family, train_text_encoder: bool) -> list[str]:
     return [family.denoiser] + (list(family.trainable_text_encoders) if train_text_encoder else [])
 
 
-def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_text_encoder: bool) -> None:
+def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_text_encoder: bool,
+                      lora_dropout: float = 0.0) -> None:
     """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
     for component in adapted_components(family, train_text_encoder):
         layers = family.lora_layers(component, models[component])
         where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
-        models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+        models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 init_lora_weights="gaussian",
                                                  target_modules=family.lora_targets(component), **where))
 
 
@@ -1120,14 +1328,16 @@ class CachedPromptEncoder:
     frozen = __call__
 
 
-def encode_latent_cache(family, vae, examples: list[Example], resolution: int, batch_size: int) -> dict:
+def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int,
+                        interpolation: str = "lanczos") -> dict:
     """--cache_latents: VAE posterior parameters, original size and crop of every (center-cropped) image."""
     cache = {}
     unique = list({example.name: example for example in examples}.values())
     with torch.no_grad():
         for start in tqdm(range(0, len(unique), batch_size), desc="Caching latents"):
             chunk = unique[start:start + batch_size]
-            augmented = [augment(open_rgb_image(e.image, e.name), resolution, True, False, None) for e in chunk]
+            augmented = [augment(open_rgb_image(e.image, e.name), resolution, True, False, None, interpolation)
+                         for e in chunk]
             pixels = torch.stack([pixels for pixels, _, _ in augmented]).to(vae.device, dtype=vae.dtype)
             parameters = vae.encode(pixels).latent_dist.parameters.cpu()
             cache.update({e.name: (p, size, crop) for e, p, (_, size, crop) in zip(chunk, parameters, augmented)})
@@ -1358,6 +1568,13 @@ def weight_dtype_for(accelerator):
 
 def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float):
 
+    if args.optimizer.lower() == "prodigy":
+        import prodigyopt  # check_args made sure it is installed
+
+        return prodigyopt.Prodigy(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -1806,7 +2023,7 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
                 checkpoint = None
                 if step % args.checkpointing_steps == 0 and step < max_train_steps:
                     checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-                if args.validation_prompt and (step % args.validation_steps == 0 or step == max_train_steps):
+                if args.validation_prompt and validation_due(args, step, steps_per_epoch):
                     last_grid = run_validation(accelerator, args, family, models, triggers, step, weight_dtype,
                                                models.get("clip")) or last_grid
                 if step < max_train_steps and stop_requested(accelerator, stop):
@@ -2082,6 +2299,7 @@ def check_inputs(args: argparse.Namespace):
     """Step 1: everything that can be checked without loading a model: the model family (from its
     ``model_index.json``), the concepts, examples and data notes."""
     family = model_family(args)
+    warn_about_family_flags(args, family)
     concepts = load_concepts(args)
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
@@ -2092,6 +2310,15 @@ def check_inputs(args: argparse.Namespace):
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
     return family, concepts, instance_examples, data_notes
+
+
+def warn_about_family_flags(args: argparse.Namespace, family) -> None:
+    """A flag of another family's diffusers script (e.g. Flux's --guidance_scale on SDXL) is accepted, as it
+    would be there, but means nothing here: say so once."""
+    defaults = build_parser().parse_args(["--pretrained_model_name_or_path", "-"])
+    for dest, families in FAMILY_FLAGS.items():
+        if family.label not in families and getattr(args, dest) != getattr(defaults, dest):
+            logger.warning(f"--{dest} applies to {' and '.join(families)} models; ignored for {family.label}")
 
 
 def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:
@@ -2111,7 +2338,9 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype) 
         if name != "noise_scheduler":
             dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
             model.to(accelerator.device, dtype=dtype)
-    add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder)
+    add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout)
+    if args.enable_xformers_memory_efficient_attention:
+        models[family.denoiser].enable_xformers_memory_efficient_attention()
     adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
     if args.gradient_checkpointing:
         models[family.denoiser].enable_gradient_checkpointing()
@@ -2126,15 +2355,15 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
     """Step 4: the dataloader (with its sampler) and, when asked, the cached prompt conditioning."""
     latent_cache = None
     if args.cache_latents:
-        latent_cache = encode_latent_cache(family, models["vae"], instance_examples + class_examples,
-                                           args.resolution, args.train_batch_size)
+        latent_cache = encode_latent_cache(models["vae"], instance_examples + class_examples,
+                                           args.resolution, args.train_batch_size, args.image_interpolation_mode)
     cached_prompts = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
         text_encoders = {name: models[name] for name in family.text_encoders}
         cached_prompts = CachedPromptEncoder(PromptEncoder(family, text_encoders), prompts)
-    dataset = make_dataset(instance_examples, class_examples, args.resolution, args.center_crop, args.random_flip,
-                           seed, latent_cache)
+    dataset = make_dataset(instance_examples * args.repeats, class_examples, args.resolution, args.center_crop,
+                           args.random_flip, seed, latent_cache, args.image_interpolation_mode)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
     # random stream (a resumed run creates its iterator at another point).
@@ -2149,9 +2378,11 @@ def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, m
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    trainable = [p for name in adapted_components(family, args.train_text_encoder)
-                 for p in models[name].parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable, learning_rate)
+    trainable = {name: [p for p in models[name].parameters() if p.requires_grad]
+                 for name in adapted_components(family, args.train_text_encoder)}
+    text_encoder_parameters = [p for name, params in trainable.items() if name != family.denoiser for p in params]
+    optimizer = make_optimizer(args, optimizer_parameter_groups(args, trainable[family.denoiser],
+                                                                text_encoder_parameters, learning_rate), learning_rate)
     steps_per_epoch = math.ceil(num_batches / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process per optimizer step.
