@@ -33,6 +33,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+# peft and diffusers import bitsandbytes when it is installed; its CPU build warns at import that an optional
+# kernel package is missing (harmless: the kernel is for 4-bit matmuls on the CPU). Keep bad-input errors one line.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 import numpy as np
 import open_clip
 import torch

@@ -180,7 +180,7 @@ def bad_input_cases(tmp_path: Path, instance_dir: Path):
         (["--class_data_dir", str(corrupt_class), *prior], [], "--class_data_dir: " + str(corrupt_class / "1.png")
          + ": cannot read image"),
         (["--cat_alpha", "-1"], [], "--cat_alpha must be >= 0"),
-        (["--cat_alpha", "0.5"], ["--trigger_token"], "--trigger_token is required when --cat_alpha > 0"),
+        (["--cat_alpha", "0.5"], ["--trigger_token"], "--trigger_token is required when --cat_alpha is 0.5"),
         (["--cat_prompt", "class"], [], "--cat_prompt class needs --cat_class_word"),
         (["--resolution", "30"], [], "--resolution must be a positive multiple of 8"),
         (["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], [], "checkpoint-9: no such checkpoint"),
@@ -204,15 +204,25 @@ def without_flags(argv: list[str], flags: list[str]) -> list[str]:
     return argv
 
 
-def test_each_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, instance_dir, tiny_pipeline):
-    for extra, dropped, message in bad_input_cases(tmp_path, instance_dir):
-        out = tmp_path / "out"
-        argv = without_flags(train_args(tiny_pipeline, instance_dir, out, *extra), dropped)
-        with pytest.raises(T.InputError) as error:
-            T.main(argv)
-        assert message in str(error.value), (extra, str(error.value))
-        assert "\n" not in str(error.value)
-        assert not out.exists(), extra
+def test_each_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, instance_dir, family_pipeline):
+    """Every bad input stops with one line, before any model is built (no torch module is even constructed) and
+    before anything is written; for every family."""
+    import torch
+
+    built = []
+    handle = torch.nn.modules.module.register_module_module_registration_hook(lambda *args: built.append(1))
+    try:
+        for extra, dropped, message in bad_input_cases(tmp_path, instance_dir):
+            out = tmp_path / "out"
+            argv = without_flags(train_args(family_pipeline, instance_dir, out, *extra), dropped)
+            with pytest.raises(T.InputError) as error:
+                T.main(argv)
+            assert message in str(error.value), (extra, str(error.value))
+            assert "\n" not in str(error.value)
+            assert not out.exists(), extra
+            assert not built, extra
+    finally:
+        handle.remove()
 
 
 def test_validation_prompt_of_a_concepts_list_needs_one_of_its_triggers(tmp_path, instance_dir):
