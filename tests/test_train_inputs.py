@@ -236,7 +236,7 @@ def test_validation_prompt_of_a_concepts_list_needs_one_of_its_triggers(tmp_path
         T.check_validation_prompt(args.validation_prompt, args.cat_alpha, T.load_concepts(args))
     args = args_for("--concepts_list", str(tmp_path / "concepts.json"), "--validation_prompt", "a teapot")
     with pytest.raises(T.InputError, match="does not contain the trigger 'sks' or 'zwx'"):
-        T.check_inputs(args)
+        T.check_validation_prompt(args.validation_prompt, args.cat_alpha, T.load_concepts(args))
     T.check_validation_prompt("a teapot", 0.0, T.load_concepts(args))  # no CAT: no trigger needed
 
 

@@ -35,7 +35,8 @@ def test_cached_prompts_match_the_text_encoders(family_pipeline):
     cached = T.CachedPromptEncoder(encoder, prompts)
     live, stored = encoder(prompts[::-1]), cached(prompts[::-1])
     assert live.keys() == stored.keys()
-    assert all(torch.equal(live[name], stored[name]) for name in live)
+    for name in live:  # encoded one by one instead of as a batch: equal up to float rounding
+        torch.testing.assert_close(live[name], stored[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("flags, message", [
