@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--cat_class_word", default=None, help="Replacement word for --cat_prompt class, e.g. 'dog'.")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
-                          "'batched': both adapted passes in one U-Net call. Same gradients.")
+                          "'batched': both adapted passes in one denoiser call. Same gradients.")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -517,7 +517,7 @@ def strip_trigger(caption: str, trigger: str) -> str:
 
 
 def cat_prompt(caption: str, trigger: str, mode: str, class_word: str | None = None) -> str:
-    """The prompt y on which CAT compares the adapted and the frozen U-Net (Eq. 3).
+    """The prompt y on which CAT compares the adapted and the frozen denoiser (Eq. 3).
 
     ``strip`` (the paper's choice): ``caption`` without its trigger; ``class``: the trigger replaced by
     ``class_word`` ("a photo of sks" -> "a photo of teapot"); ``empty``: the unconditional prompt "".
