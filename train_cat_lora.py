@@ -1785,8 +1785,12 @@ def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float):
 
 def peft_state_dicts(accelerator, family, models: dict, train_text_encoder: bool, train_denoiser: bool = True
                      ) -> dict:
-    """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``)."""
-    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]))
+    """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``).
+
+    Never the embedding table: peft would otherwise look for the base model's config to decide whether a table
+    resized by pivotal tuning goes into the LoRA file (the new rows have their own files).
+    """
+    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]), save_embedding_layers=False)
             for name in adapted_components(family, train_text_encoder, train_denoiser)}
 
 
@@ -2522,8 +2526,8 @@ def save_embeddings(output_dir: Path, family, new_tokens: NewTokenEmbeddings) ->
     diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
     rows = {key: new_tokens.rows(encoder) for encoder, key in family.embedding_file_keys.items()}
     written = [output_dir / f"{diffusers_name}.safetensors"]
-    save_file(rows, written[0])
     (output_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    save_file(rows, written[0])
     start = 0
     for abstraction, tokens in new_tokens.tokens.items():
         own = {key: value[start:start + len(tokens)].contiguous() for key, value in rows.items()}
@@ -2551,6 +2555,7 @@ def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbedding
 def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid,
                        new_tokens: NewTokenEmbeddings | None = None) -> list[Path]:
     output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     train_denoiser = args.train_transformer_frac > 0
     if adapted_components(family, args.train_text_encoder, train_denoiser):  # none with textual inversion alone
