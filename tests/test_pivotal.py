@@ -116,26 +116,51 @@ def test_textual_inversion_alone_trains_no_lora_layer(tiny_pipeline, instance_di
     assert not list(out.glob("pytorch_lora_weights*"))
 
 
-def test_y_has_no_new_token_and_the_frozen_pass_is_the_base_model(family_pipeline, tmp_path):
-    """With the text encoders' LoRA and the new rows both non-trivial, PromptEncoder.frozen(y) is exactly the base
-    text encoders' conditioning of y; y_T holds the new tokens, y none."""
-    family = T.model_family(Namespace(pretrained_model_name_or_path=family_pipeline, resolution=32))
-    models = family.load_models()
+def pivotal_text_encoders(pipeline: str):
+    """The family, its text encoders with the new rows of TOK and a non-trivial LoRA, and the NewTokenEmbeddings."""
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32))
+    models = family.load_text_encoders()
     new_tokens = T.NewTokenEmbeddings(["TOK"], 2, seed=0)
     new_tokens.add_to_tokenizers(family)
     new_tokens.add_to_text_encoders(family, models)
-    T.add_lora_adapters(family, models, 4, 4.0, train_text_encoder=True)
+    for model in models.values():
+        model.requires_grad_(False)
+    T.add_lora_adapters(family, models, 4, 4.0, train_text_encoder=True, train_denoiser=False)
     new_tokens.make_trainable()
     torch.manual_seed(1)
     for name in family.text_encoders:
         for parameter_name, parameter in models[name].named_parameters():
             if "lora_" in parameter_name:
                 parameter.data.normal_(0, 0.1)
+    return family, models, new_tokens
+
+
+def test_the_optimizer_sees_the_gradient_of_the_new_rows_only_and_none_after_the_fraction(tiny_sdxl_pipeline):
+    family, models, new_tokens = pivotal_text_encoders(tiny_sdxl_pipeline)
+    new_tokens.schedule(max_train_steps=4, fraction=0.5)  # the rows train on steps 1 and 2
+    encoder = T.PromptEncoder(family, models)
+    encoder(["a photo of <s0><s1> teapot"])["encoder_hidden_states"].square().mean().backward()
+    assert all(table.grad[:BASE_ROWS].abs().sum() > 0 for table in new_tokens.tables.values())  # "a photo of teapot"
+    new_tokens.before_optimizer_step(2)
+    for table in new_tokens.tables.values():
+        assert table.grad[:BASE_ROWS].abs().sum() == 0 and table.grad[BASE_ROWS:].abs().min() > 0
+    new_tokens.before_optimizer_step(3)
+    assert all(table.grad is None for table in new_tokens.tables.values())
+
+
+def test_y_has_no_new_token_and_the_frozen_pass_is_the_base_model(family_pipeline, tmp_path):
+    """With the text encoders' LoRA and the new rows both non-trivial, PromptEncoder.frozen(y) is exactly the base
+    text encoders' conditioning of y; y_T holds the new tokens, y none."""
+    family, models, new_tokens = pivotal_text_encoders(family_pipeline)
 
     args = T.parse_args(pivotal_args(family_pipeline, tmp_path, tmp_path / "out"))
     concept = T.load_concepts(args)[0]
     y = T._cat_caption(args, concept, "a photo of TOK teapot, TOK style", "caption")
     assert y == "a photo of teapot, style"
+    # Every abstraction leaves y, not only the concept's trigger: the frozen pass must see no new token at all.
+    args = T.parse_args(pivotal_args(family_pipeline, tmp_path, tmp_path / "out", "--token_abstraction", "TOK,ZWX",
+                                     "--trigger_token", "TOK"))
+    assert T._cat_caption(args, T.load_concepts(args)[0], "a TOK teapot by a ZWX cup", "c") == "a teapot by a cup"
     y_t = new_tokens.expand("a photo of TOK teapot")
     assert y_t == "a photo of <s0><s1> teapot"
     tokenizers = family.load_tokenizers()
