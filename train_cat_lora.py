@@ -2584,6 +2584,8 @@ def check_inputs(args: argparse.Namespace):
     family = model_family(args)
     warn_about_family_flags(args, family)
     concepts = load_concepts(args)
+    if args.train_text_encoder_ti and not getattr(family, "embedding_file_keys", None):
+        raise InputError(f"--train_text_encoder_ti is not supported for {family.label} models")
     if args.train_text_encoder_ti:
         abstractions = [a.lower() for a in token_abstractions(args.token_abstraction)]
         for concept in concepts:

@@ -76,6 +76,10 @@ def test_only_the_new_rows_train_for_the_fraction_and_load_in_diffusers(family_p
         assert len(history) == 3, width  # the initial rows, after step 1, after step 2; frozen on steps 3 and 4
         assert torch.equal(saved[key], history[-1])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "`out_emb.safetensors`" in card and "`embeddings/out.safetensors`" in card
+    for encoder, key in family.embedding_file_keys.items():
+        assert f'state_dict["{key}"], token=["<s0>", "<s1>"], text_encoder=pipe.{encoder}' in card
 
     pipe = family.load_pipeline()
     for encoder, key in family.embedding_file_keys.items():
