@@ -231,6 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout probability on the LoRA branch.")
     lora.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
 
+    # Names, types and defaults of diffusers' advanced scripts (train_dreambooth_lora_{sd15,sdxl,flux}_advanced.py).
+    pivotal = parser.add_argument_group(
+        "pivotal tuning and textual inversion", "New tokens learned in every CLIP text encoder, with the LoRA "
+        "(pivotal tuning) or alone (textual inversion); flags of diffusers' advanced DreamBooth-LoRA scripts.")
+    pivotal.add_argument("--train_text_encoder_ti", action="store_true",
+                         help="Pivotal tuning: each --token_abstraction in captions and prompts becomes new tokens "
+                              "<s0><s1>... whose embeddings train (only those rows of the embedding tables).")
+    pivotal.add_argument("--token_abstraction", default="TOK",
+                         help="The word(s) in the captions that stand for the subject, comma-separated for several "
+                              "(e.g. 'TOK,TOK2'). With CAT it is the trigger: y is the caption without it.")
+    pivotal.add_argument("--num_new_tokens_per_abstraction", type=int, default=2,
+                         help="New tokens per --token_abstraction: TOK -> <s0><s1> with 2.")
+    pivotal.add_argument("--train_text_encoder_ti_frac", type=float, default=0.5,
+                         help="The embeddings train for the first ceil(fraction x steps) optimizer steps, then "
+                              "freeze (in (0, 1]).")
+    pivotal.add_argument("--train_transformer_frac", type=float, default=1.0,
+                         help="Fraction of the run the denoiser's LoRA trains (diffusers' Flux advanced script). "
+                              "0 with --train_text_encoder_ti: textual inversion alone, no LoRA layer anywhere; "
+                              "1: pivotal tuning. Other values are not supported.")
+
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="cat-lora-model")
     train.add_argument("--seed", type=int, default=None)
@@ -372,6 +392,12 @@ def check_args(args: argparse.Namespace) -> None:
     sources = [args.instance_data_dir, args.dataset_name, args.concepts_list]
     if sum(source is not None for source in sources) != 1:
         raise InputError("give exactly one of --instance_data_dir, --dataset_name, --concepts_list")
+    if args.train_text_encoder_ti and args.trigger_token is None and args.concepts_list is None:
+        abstractions = token_abstractions(args.token_abstraction)
+        if len(abstractions) > 1:
+            raise InputError(f"--token_abstraction {args.token_abstraction!r} names several concepts: give "
+                             "--trigger_token (one of them) or a --concepts_list with one trigger_token each")
+        args.trigger_token = abstractions[0]  # with pivotal tuning the abstraction is CAT's trigger
     if args.dataset_name is not None and args.caption_column is None and args.instance_prompt is None:
         raise InputError("--dataset_name needs --caption_column (captions from the dataset) or --instance_prompt")
     if args.cat_alpha != "auto" and args.cat_alpha < 0:
@@ -394,6 +420,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise InputError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
+    check_pivotal_args(args)
     if args.rank <= 0:
         raise InputError(f"--rank must be positive, got {args.rank}")
     if args.lora_alpha is None:
@@ -431,6 +458,46 @@ def check_args(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention and find_spec("xformers") is None:
         raise InputError("--enable_xformers_memory_efficient_attention needs the xformers package: "
                          "pip install xformers")
+
+
+def token_abstractions(text: str) -> list[str]:
+    """--token_abstraction: the comma-separated words that stand for the subjects, spaces removed (as diffusers)."""
+    abstractions = "".join(text.split()).split(",")
+    if not all(abstractions):
+        raise InputError(f"--token_abstraction {text!r}: an empty name (expected e.g. 'TOK' or 'TOK,TOK2')")
+    if len(set(a.lower() for a in abstractions)) < len(abstractions):
+        raise InputError(f"--token_abstraction {text!r}: a name appears twice (names ignore case, as CLIP does)")
+    return abstractions
+
+
+def check_pivotal_args(args: argparse.Namespace) -> None:
+    """The pivotal-tuning and textual-inversion flags (see NewTokenEmbeddings)."""
+    if args.num_new_tokens_per_abstraction <= 0:
+        raise InputError(f"--num_new_tokens_per_abstraction must be positive, got {args.num_new_tokens_per_abstraction}")
+    if not 0 < args.train_text_encoder_ti_frac <= 1:
+        raise InputError(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}")
+    if args.train_transformer_frac not in (0, 1):
+        raise InputError(f"--train_transformer_frac {args.train_transformer_frac}: only 0 (textual inversion alone) "
+                         "or 1 (the LoRA trains for the whole run) are supported")
+    if not args.train_text_encoder_ti:
+        if args.train_transformer_frac == 0:
+            raise InputError("--train_transformer_frac 0 (textual inversion alone) needs --train_text_encoder_ti")
+        return
+    abstractions = token_abstractions(args.token_abstraction)
+    if args.trigger_token is not None and args.trigger_token.lower() not in [a.lower() for a in abstractions]:
+        raise InputError(f"--trigger_token {args.trigger_token!r} must be a --token_abstraction "
+                         f"({', '.join(abstractions)}): with pivotal tuning the abstraction is the trigger")
+    if args.pre_compute_text_embeddings:
+        raise InputError("--pre_compute_text_embeddings cannot be used with --train_text_encoder_ti (the embeddings "
+                         "train)")
+    if args.train_transformer_frac == 0:
+        if args.train_text_encoder:
+            raise InputError("--train_transformer_frac 0 trains the new embeddings alone; drop --train_text_encoder "
+                             "(it adds LoRA layers)")
+        if args.cat_alpha != 0:
+            raise InputError(f"--cat_alpha {args.cat_alpha} has no effect with --train_transformer_frac 0: y holds "
+                             "none of the new tokens and no LoRA layer exists, so the CAT term has no gradient; "
+                             "pass --cat_alpha 0")
 
 
 def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int) -> bool:
@@ -798,11 +865,19 @@ def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: di
 
 
 def _cat_caption(args: argparse.Namespace, concept: Concept, caption: str, name: str) -> str:
-    if args.cat_alpha == 0:
+    pivotal = getattr(args, "train_text_encoder_ti", False)
+    if args.cat_alpha == 0 and not pivotal:
         return caption  # unused: the CAT term is off
     if not contains_trigger(caption, concept.trigger_token):
-        raise InputError(f"{name}: caption {caption!r} does not contain the trigger {concept.trigger_token!r}")
-    return cat_prompt(caption, concept.trigger_token, args.cat_prompt, concept.class_word)
+        flag = "--token_abstraction" if pivotal else "the trigger"
+        raise InputError(f"{name}: caption {caption!r} does not contain {flag} {concept.trigger_token!r}")
+    if args.cat_alpha == 0:
+        return caption
+    y = cat_prompt(caption, concept.trigger_token, args.cat_prompt, concept.class_word)
+    if pivotal:  # every abstraction goes, so y holds none of the new tokens (the frozen pass is the base model's)
+        for abstraction in token_abstractions(args.token_abstraction):
+            y = strip_trigger(y, abstraction)
+    return y
 
 
 def warn_about_triggers(tokenizer, triggers: list[str]) -> None:
@@ -1042,6 +1117,9 @@ class StableDiffusionFamily:
     tokenizers = ("tokenizer",)
     trainable_text_encoders = ("text_encoder",)  # what --train_text_encoder adapts
     kohya_layout = "sd"
+    # --train_text_encoder_ti: the text encoders that get the new tokens -> their key in the embeddings file
+    # (diffusers' advanced scripts and AUTOMATIC1111/ComfyUI read clip_l for SD's CLIP, clip_g for SDXL's second).
+    embedding_file_keys = {"text_encoder": "clip_l"}
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     validation_scheduler = DPMSolverMultistepScheduler
 
@@ -1171,6 +1249,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     kohya_layout = "sdxl"
+    embedding_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     pipeline_kwargs = {"add_watermarker": False}
 
     def load_text_encoders(self) -> dict:
@@ -1250,15 +1329,128 @@ def model_family(args: argparse.Namespace):
     return FAMILIES[pipeline_class](config)
 
 
-def adapted_components(family, train_text_encoder: bool) -> list[str]:
-    """The pipeline components that carry trainable LoRA layers: the denoiser, and the text encoders if asked."""
-    return [family.denoiser] + (list(family.trainable_text_encoders) if train_text_encoder else [])
+def adapted_components(family, train_text_encoder: bool, train_denoiser: bool = True) -> list[str]:
+    """The pipeline components that carry trainable LoRA layers: the denoiser (unless textual inversion alone,
+    --train_transformer_frac 0), and the text encoders if asked."""
+    return ([family.denoiser] if train_denoiser else []) + (list(family.trainable_text_encoders)
+                                                             if train_text_encoder else [])
+
+
+def trained_components(family, args: argparse.Namespace) -> list[str]:
+    """The components with trainable parameters: those with LoRA layers, and with --train_text_encoder_ti the text
+    encoders whose embedding tables gain new rows."""
+    names = adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0)
+    if args.train_text_encoder_ti:
+        names += [name for name in family.embedding_file_keys if name not in names]
+    return names
+
+
+class NewTokenEmbeddings:
+    """Pivotal tuning (--train_text_encoder_ti): new tokens <s0><s1>... per --token_abstraction, added to every
+    tokenizer and text encoder named in ``family.embedding_file_keys``, one trainable embedding row each.
+
+    Only the new rows may change. The whole table is the trainable parameter (as in diffusers), so two guards:
+    before each optimizer step the other rows' gradient is zeroed (gradient clipping and Adam's moments then see
+    the new rows alone), and after it the other rows are copied back from the base model's, because decoupled
+    weight decay shrinks every row that has a gradient, zero or not. The new rows train on optimizer steps
+    1..ceil(--train_text_encoder_ti_frac x steps) and are frozen after (their gradient dropped): a function of the
+    step only, so a resumed run freezes them at the same step. Registered for checkpointing (state_dict).
+    """
+
+    def __init__(self, abstractions: list[str], per_abstraction: int, seed: int = 0):
+        # diffusers' numbering: abstraction i gets <s{i*n}> ... <s{i*n+n-1}>
+        self.tokens = {abstraction: [f"<s{i * per_abstraction + j}>" for j in range(per_abstraction)]
+                       for i, abstraction in enumerate(abstractions)}
+        self.seed = seed
+        self.tables, self.first_new_row, self.base_rows = {}, {}, {}
+        self.train_steps = None
+
+    @property
+    def new_tokens(self) -> list[str]:
+        return [token for tokens in self.tokens.values() for token in tokens]
+
+    def expand(self, text: str) -> str:
+        """y_T for the text encoders: every abstraction (a whole word, any case) replaced by its new tokens."""
+        for abstraction, tokens in self.tokens.items():
+            text = replace_trigger(text, abstraction, "".join(tokens))
+        return text
+
+    def add_to_tokenizers(self, family) -> None:
+        """Add the new tokens to the family's (cached) tokenizers: enough for the caption checks, no model loaded."""
+        tokenizers = family.load_tokenizers()
+        for encoder_name in family.embedding_file_keys:
+            tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+            tokenizer.add_tokens([token for token in self.new_tokens if token not in tokenizer.get_vocab()])
+
+    def new_ids(self, tokenizer) -> list[int]:
+        return tokenizer.convert_tokens_to_ids(self.new_tokens)
+
+    def add_to_text_encoders(self, family, text_encoders: dict) -> None:
+        """Resize each embedding table to its tokenizer and draw the new rows as diffusers does: normal, scaled by
+        the table's standard deviation (a private generator: the global random stream is left as it was)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        tokenizers = family.load_tokenizers()
+        for encoder_name in family.embedding_file_keys:
+            tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+            encoder = text_encoders[encoder_name]
+            rows = encoder.get_input_embeddings().num_embeddings
+            if self.new_ids(tokenizer) != list(range(rows, rows + len(self.new_tokens))):
+                raise InputError(f"{encoder_name}: its tokenizer ({len(tokenizer)} tokens with the new ones) does not "
+                                 f"match its embedding table ({rows} rows)")
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are drawn below
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                std = table[:rows].float().std()
+                new = torch.randn(len(self.new_tokens), table.shape[1], generator=generator) * std
+                table[rows:] = new.to(table.device, table.dtype)
+            self.tables[encoder_name], self.first_new_row[encoder_name] = table, rows
+
+    def make_trainable(self) -> list:
+        """The embedding tables as trainable parameters; the base rows are kept to restore them after each step."""
+        for name, table in self.tables.items():
+            table.requires_grad_(True)
+            self.base_rows[name] = table.detach()[:self.first_new_row[name]].clone()
+        return list(self.tables.values())
+
+    def schedule(self, max_train_steps: int, fraction: float) -> None:
+        self.train_steps = math.ceil(fraction * max_train_steps)
+
+    def trains_on(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 1) updates the new rows."""
+        return step <= self.train_steps
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Keep the gradient of the new rows only, and only while they train."""
+        for name, table in self.tables.items():
+            if table.grad is None:
+                continue
+            if self.trains_on(step):
+                table.grad[:self.first_new_row[name]] = 0
+            else:
+                table.grad = None  # the optimizer skips a parameter without gradient: no step, no weight decay
+
+    def restore_base_rows(self) -> None:
+        with torch.no_grad():
+            for name, table in self.tables.items():
+                table[:self.first_new_row[name]] = self.base_rows[name].to(table.dtype)
+
+    def rows(self, encoder_name: str) -> torch.Tensor:
+        """The new rows of one text encoder, in token order (float32, on the CPU)."""
+        return self.tables[encoder_name].detach()[self.first_new_row[encoder_name]:].float().cpu().contiguous()
+
+    def state_dict(self) -> dict:
+        return {name: self.rows(name) for name in self.tables}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, table in self.tables.items():
+                table[self.first_new_row[name]:] = state[name].to(table.device, table.dtype)
 
 
 def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_text_encoder: bool,
-                      lora_dropout: float = 0.0) -> None:
+                      lora_dropout: float = 0.0, train_denoiser: bool = True) -> None:
     """Attach peft LoRA adapters; their up-projections start at zero, so step 0 is the base model."""
-    for component in adapted_components(family, train_text_encoder):
+    for component in adapted_components(family, train_text_encoder, train_denoiser):
         layers = family.lora_layers(component, models[component])
         where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
         models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -1591,15 +1783,21 @@ def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def peft_state_dicts(accelerator, family, models: dict, train_text_encoder: bool) -> dict:
-    """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``)."""
-    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]))
-            for name in adapted_components(family, train_text_encoder)}
+def peft_state_dicts(accelerator, family, models: dict, train_text_encoder: bool, train_denoiser: bool = True
+                     ) -> dict:
+    """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``).
+
+    Never the embedding table: peft would otherwise look for the base model's config to decide whether a table
+    resized by pivotal tuning goes into the LoRA file (the new rows have their own files).
+    """
+    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]), save_embedding_layers=False)
+            for name in adapted_components(family, train_text_encoder, train_denoiser)}
 
 
-def lora_state_dicts(accelerator, family, models: dict, train_text_encoder: bool) -> dict:
+def lora_state_dicts(accelerator, family, models: dict, train_text_encoder: bool, train_denoiser: bool = True
+                     ) -> dict:
     """Keyword arguments for the family pipeline's ``save_lora_weights``: layers and their peft metadata."""
-    peft_states = peft_state_dicts(accelerator, family, models, train_text_encoder)
+    peft_states = peft_state_dicts(accelerator, family, models, train_text_encoder, train_denoiser)
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_states.items()}
     unwrapped = {name: accelerator.unwrap_model(models[name]) for name in peft_states}
     return {**layers, **_collate_lora_metadata(unwrapped)}
@@ -1627,18 +1825,22 @@ def load_lora_checkpoint(folder: Path, family, models: dict, components: list[st
                              f"({(unexpected or missing_lora or ['no weights for it'])[:3]})")
 
 
-def register_checkpoint_hooks(accelerator, family, models: dict, train_text_encoder: bool) -> None:
-    """Make ``accelerator.save_state``/``load_state`` store only the LoRA weights, not the whole base model."""
-    components = adapted_components(family, train_text_encoder)
+def register_checkpoint_hooks(accelerator, family, models: dict, train_text_encoder: bool,
+                              train_denoiser: bool = True) -> None:
+    """Make ``accelerator.save_state``/``load_state`` store only the LoRA weights, not the whole base model (new
+    token rows are saved by NewTokenEmbeddings.state_dict)."""
+    components = adapted_components(family, train_text_encoder, train_denoiser)
 
     def save_hook(prepared, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and components:
             family.pipeline_class.save_lora_weights(
-                output_dir, **lora_state_dicts(accelerator, family, models, train_text_encoder))
+                output_dir, **lora_state_dicts(accelerator, family, models, train_text_encoder, train_denoiser))
         weights.clear()  # accelerate would otherwise also save every full model
 
     def load_hook(prepared, input_dir):
         prepared.clear()
+        if not components:  # textual inversion alone: no LoRA layer
+            return
         load_lora_checkpoint(Path(input_dir), family, models, components)
         if accelerator.mixed_precision in ("fp16", "bf16"):
             cast_training_params([accelerator.unwrap_model(models[name]) for name in components])
@@ -1879,11 +2081,13 @@ def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
 
 
 def run_validation(accelerator, args: argparse.Namespace, family, models: dict, triggers, step: int, weight_dtype,
-                   clip: Clip | None = None) -> Path | None:
+                   clip: Clip | None = None, new_tokens: NewTokenEmbeddings | None = None) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
     if not accelerator.is_main_process:
         return None
     with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
+    if new_tokens is not None:
+        with_trigger = new_tokens.expand(with_trigger)
     components = {name: accelerator.unwrap_model(models[name])
                   for name in (family.denoiser, "vae", *family.text_encoders)}
     pipeline = family.load_pipeline(**components, **family.load_tokenizers(), dtype=weight_dtype)
@@ -1965,9 +2169,10 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
 
 def train(accelerator, args: argparse.Namespace, family, models: dict, encode_prompts, dataloader, sampler,
           optimizer, lr_scheduler, first_step: int, max_train_steps: int, triggers: list[str], weight_dtype,
-          drift_budget: DriftBudget | None = None) -> tuple[int, Path | None]:
+          drift_budget: DriftBudget | None = None, new_tokens: NewTokenEmbeddings | None = None
+          ) -> tuple[int, Path | None]:
     """Run the optimizer steps from ``first_step`` to ``max_train_steps``; return (last step, last grid)."""
-    adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
+    adapted = [models[name] for name in trained_components(family, args)]
     trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
     step_config = StepConfig.from_args(args, weight_dtype)
     num_epochs = math.ceil(max_train_steps / math.ceil(len(dataloader) / args.gradient_accumulation_steps))
@@ -2001,9 +2206,13 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
                     if drift_budget is not None and run_cat:  # every process folds in every process's rows
                         drift_budget.update(accelerator.gather(batch["concepts"].to(accelerator.device)),
                                             accelerator.gather(losses["drift"]))
+                    if new_tokens is not None:
+                        new_tokens.before_optimizer_step(step + 1)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
+                    if new_tokens is not None:
+                        new_tokens.restore_base_rows()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
@@ -2029,7 +2238,7 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
                     checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
                 if args.validation_prompt and validation_due(args, step, steps_per_epoch):
                     last_grid = run_validation(accelerator, args, family, models, triggers, step, weight_dtype,
-                                               models.get("clip")) or last_grid
+                                               models.get("clip"), new_tokens) or last_grid
                 if step < max_train_steps and stop_requested(accelerator, stop):
                     checkpoint = checkpoint or save_checkpoint(accelerator, output_dir, step,
                                                                args.checkpoints_total_limit)
@@ -2236,8 +2445,8 @@ def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float, f
     return path
 
 
-def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], steps: int, grid: Path | None
-                     ) -> Path:
+def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], steps: int, grid: Path | None,
+                     new_tokens: NewTokenEmbeddings | None = None) -> Path:
     """``README.md`` in the output folder: base model, triggers, CAT settings, steps and the last grid."""
 
     output_dir = Path(args.output_dir)
@@ -2265,8 +2474,22 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
                   "", f"![validation]({relative})"]
     pipeline = family.pipeline_class.__name__
     lines += ["", "```python", f"from diffusers import {pipeline}", "",
-              f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")',
-              'pipe.load_lora_weights("path/to/this/folder")', "```"]
+              f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")']
+    if adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0):
+        lines += ['pipe.load_lora_weights("path/to/this/folder")']
+    if new_tokens is not None:
+        lines += embedding_card_lines(output_dir, family, new_tokens)
+    lines += ["```"]
+    if new_tokens is not None:
+        diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
+        lines += ["", "Embeddings (pivotal tuning): `" + diffusers_name + ".safetensors` is diffusers' format (keys "
+                  + ", ".join(f"`{key}`" for key in family.embedding_file_keys.values()) + "), loaded as above; "
+                  "prompt with the new tokens in place of the abstraction, e.g. "
+                  + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in new_tokens.tokens.items()) + ".",
+                  "For AUTOMATIC1111 (`embeddings/`) and ComfyUI (`models/embeddings/`): copy "
+                  + ", ".join(f"`embeddings/{n}.safetensors`" for n in webui_names.values())
+                  + " and write its file name in the prompt (ComfyUI: `embedding:<name>`): "
+                  + ", ".join(f"`{a}` -> `{n}`" for a, n in webui_names.items()) + "."]
     card = load_or_create_model_card(
         repo_id_or_path=args.hub_model_id or output_dir.name, from_training=True, license="creativeml-openrail-m",
         base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt or args.validation_prompt,
@@ -2280,17 +2503,73 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
     return path
 
 
-def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid) -> list[Path]:
+def embedding_file_names(output_dir: Path, abstractions: list[str]) -> tuple[str, dict]:
+    """The names of the embedding files: ``<name>_emb`` for diffusers, and per abstraction the AUTOMATIC1111/ComfyUI
+    name (``<name>``, or ``<name>_<abstraction>`` for several), which is also the word that calls it in a prompt."""
+    name = output_dir.resolve().name
+    if len(abstractions) == 1:
+        return f"{name}_emb", {abstractions[0]: name}
+    return f"{name}_emb", {abstraction: f"{name}_{abstraction}" for abstraction in abstractions}
+
+
+def save_embeddings(output_dir: Path, family, new_tokens: NewTokenEmbeddings) -> list[Path]:
+    """Write the trained token rows in two formats.
+
+    ``<name>_emb.safetensors``: diffusers' advanced scripts' file, one key per text encoder (``clip_l``; SDXL also
+    ``clip_g``), each (all new tokens, encoder width); load each key with ``pipe.load_textual_inversion(rows,
+    token=["<s0>", "<s1>", ...], text_encoder=..., tokenizer=...)``.
+    ``embeddings/<name>.safetensors`` per abstraction, for AUTOMATIC1111 and ComfyUI (drop it in their embeddings
+    folder, write its file name in a prompt): SD 1.x/2.x ``emb_params`` (that abstraction's tokens, width);
+    SDXL ``clip_l`` and ``clip_g``, the pair AUTOMATIC1111 requires for an SDXL embedding (ComfyUI picks each
+    encoder's key, SD 1.x's single tensor whatever its key).
+    """
+    diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
+    rows = {key: new_tokens.rows(encoder) for encoder, key in family.embedding_file_keys.items()}
+    written = [output_dir / f"{diffusers_name}.safetensors"]
+    (output_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    save_file(rows, written[0])
+    start = 0
+    for abstraction, tokens in new_tokens.tokens.items():
+        own = {key: value[start:start + len(tokens)].contiguous() for key, value in rows.items()}
+        start += len(tokens)
+        if len(own) == 1:
+            own = {"emb_params": next(iter(own.values()))}
+        written.append(output_dir / "embeddings" / f"{webui_names[abstraction]}.safetensors")
+        save_file(own, written[-1])
+    return written
+
+
+def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbeddings) -> list[str]:
+    """The diffusers lines that load the embeddings file into each text encoder (as diffusers' advanced scripts)."""
+    diffusers_name, _ = embedding_file_names(output_dir, list(new_tokens.tokens))
+    tokens = ", ".join(f'"{token}"' for token in new_tokens.new_tokens)
+    lines = ["from safetensors.torch import load_file", "",
+             f'state_dict = load_file("path/to/this/folder/{diffusers_name}.safetensors")']
+    for encoder, key in family.embedding_file_keys.items():
+        tokenizer = family.tokenizers[family.text_encoders.index(encoder)]
+        lines.append(f'pipe.load_textual_inversion(state_dict["{key}"], token=[{tokens}], '
+                     f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+    return lines
+
+
+def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid,
+                       new_tokens: NewTokenEmbeddings | None = None) -> list[Path]:
     output_dir = Path(args.output_dir)
-    family.pipeline_class.save_lora_weights(
-        output_dir, **lora_state_dicts(accelerator, family, models, args.train_text_encoder))
-    written = [output_dir / "pytorch_lora_weights.safetensors"]
-    if args.output_kohya_format:
-        peft_states = peft_state_dicts(accelerator, family, models, args.train_text_encoder)
-        denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
-        written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha, family.kohya_layout,
-                                          denoiser_config.get("layers_per_block", 2)))
-    written.append(write_model_card(args, family, concepts, steps, grid))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    train_denoiser = args.train_transformer_frac > 0
+    if adapted_components(family, args.train_text_encoder, train_denoiser):  # none with textual inversion alone
+        family.pipeline_class.save_lora_weights(
+            output_dir, **lora_state_dicts(accelerator, family, models, args.train_text_encoder, train_denoiser))
+        written.append(output_dir / "pytorch_lora_weights.safetensors")
+        if args.output_kohya_format:
+            peft_states = peft_state_dicts(accelerator, family, models, args.train_text_encoder, train_denoiser)
+            denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
+            written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha, family.kohya_layout,
+                                              denoiser_config.get("layers_per_block", 2)))
+    if new_tokens is not None:
+        written += save_embeddings(output_dir, family, new_tokens)
+    written.append(write_model_card(args, family, concepts, steps, grid, new_tokens))
     return written
 
 
@@ -2305,6 +2584,14 @@ def check_inputs(args: argparse.Namespace):
     family = model_family(args)
     warn_about_family_flags(args, family)
     concepts = load_concepts(args)
+    if args.train_text_encoder_ti and not getattr(family, "embedding_file_keys", None):
+        raise InputError(f"--train_text_encoder_ti is not supported for {family.label} models")
+    if args.train_text_encoder_ti:
+        abstractions = [a.lower() for a in token_abstractions(args.token_abstraction)]
+        for concept in concepts:
+            if concept.trigger_token.lower() not in abstractions:
+                raise InputError(f"--concepts_list: trigger_token {concept.trigger_token!r} is not a "
+                                 f"--token_abstraction ({args.token_abstraction}): with pivotal tuning it must be one")
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
     if args.with_prior_preservation:
@@ -2314,6 +2601,24 @@ def check_inputs(args: argparse.Namespace):
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
     return family, concepts, instance_examples, data_notes
+
+
+def pivotal_examples(new_tokens: NewTokenEmbeddings, examples: list[Example]) -> list[Example]:
+    """The examples with y_T written with the new tokens (y, the CAT prompt, has none of them)."""
+    return [replace(e, caption=new_tokens.expand(e.caption),
+                    trigger=new_tokens.expand(e.trigger) if e.trigger else e.trigger) for e in examples]
+
+
+def check_no_new_tokens_in_y(family, new_tokens: NewTokenEmbeddings, examples: list[Example]) -> None:
+    """CAT's frozen pass must be the base model's: y may hold none of the new tokens (whose rows train)."""
+    tokenizers = family.load_tokenizers()
+    for encoder_name in family.embedding_file_keys:
+        tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+        new_ids = set(new_tokens.new_ids(tokenizer))
+        for example in examples:
+            if new_ids & set(tokenizer(example.cat_caption).input_ids):
+                raise InputError(f"{example.name}: the CAT prompt {example.cat_caption!r} still holds a new token "
+                                 f"({', '.join(new_tokens.new_tokens)}); remove it from the caption")
 
 
 def warn_about_family_flags(args: argparse.Namespace, family) -> None:
@@ -2335,23 +2640,32 @@ def check_prompts(family, triggers: list[str], instance_examples: list[Example],
         logger.warning(line)
 
 
-def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype) -> dict:
-    """Step 3: the frozen base model in ``weight_dtype`` with trainable float32 LoRA adapters attached."""
+def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
+                   new_tokens: NewTokenEmbeddings | None = None) -> dict:
+    """Step 3: the frozen base model in ``weight_dtype`` with trainable float32 LoRA adapters attached (and, for
+    pivotal tuning, the new token rows)."""
     models = family.load_models()
     for name, model in models.items():
         if name != "noise_scheduler":
             dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
             model.to(accelerator.device, dtype=dtype)
-    add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout)
+    if new_tokens is not None:
+        new_tokens.add_to_text_encoders(family, models)
+    lora = adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0)
+    if lora:
+        add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout,
+                          train_denoiser=family.denoiser in lora)
+    if new_tokens is not None:
+        new_tokens.make_trainable()
     if args.enable_xformers_memory_efficient_attention:
         models[family.denoiser].enable_xformers_memory_efficient_attention()
-    adapted = [models[name] for name in adapted_components(family, args.train_text_encoder)]
     if args.gradient_checkpointing:
         models[family.denoiser].enable_gradient_checkpointing()
-        for model in adapted[1:]:
-            model.gradient_checkpointing_enable()
+        for name in lora:
+            if name != family.denoiser:
+                models[name].gradient_checkpointing_enable()
     if weight_dtype != torch.float32:
-        cast_training_params(adapted, dtype=torch.float32)
+        cast_training_params([models[name] for name in trained_components(family, args)], dtype=torch.float32)
     return models
 
 
@@ -2382,10 +2696,11 @@ def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, m
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    # The new token rows (pivotal tuning) train with the text encoder's learning rate, as in diffusers.
     trainable = {name: [p for p in models[name].parameters() if p.requires_grad]
-                 for name in adapted_components(family, args.train_text_encoder)}
+                 for name in trained_components(family, args)}
     text_encoder_parameters = [p for name, params in trainable.items() if name != family.denoiser for p in params]
-    optimizer = make_optimizer(args, optimizer_parameter_groups(args, trainable[family.denoiser],
+    optimizer = make_optimizer(args, optimizer_parameter_groups(args, trainable.get(family.denoiser, []),
                                                                 text_encoder_parameters, learning_rate), learning_rate)
     steps_per_epoch = math.ceil(num_batches / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -2411,9 +2726,18 @@ def main(argv=None) -> list[Path]:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator)
-    check_prompts(family, triggers, instance_examples, data_notes)
+    new_tokens = None
+    if args.train_text_encoder_ti:
+        new_tokens = NewTokenEmbeddings(token_abstractions(args.token_abstraction),
+                                        args.num_new_tokens_per_abstraction, seed)
+        new_tokens.add_to_tokenizers(family)
+        instance_examples = pivotal_examples(new_tokens, instance_examples)
+        if args.cat_alpha != 0:
+            check_no_new_tokens_in_y(family, new_tokens, instance_examples)
+    # The abstractions are not words whose meaning training overwrites: no rare-trigger advice for them.
+    check_prompts(family, [] if new_tokens else triggers, instance_examples, data_notes)
 
-    models = prepare_models(args, family, accelerator, weight_dtype)
+    models = prepare_models(args, family, accelerator, weight_dtype, new_tokens)
     class_examples = []
     if args.with_prior_preservation:
         class_examples = prepare_class_examples(args, family, accelerator, weight_dtype)
@@ -2423,15 +2747,19 @@ def main(argv=None) -> list[Path]:
                                                           seed)
     optimizer, lr_scheduler, max_train_steps = make_optimizer_and_schedule(args, family, accelerator, models,
                                                                            len(dataloader))
+    if new_tokens is not None:
+        new_tokens.schedule(max_train_steps, args.train_text_encoder_ti_frac)
 
     # Step 6: wrap for the processes, resume, train.
-    to_prepare = adapted_components(family, args.train_text_encoder)
+    to_prepare = trained_components(family, args)
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *(models[name] for name in to_prepare), optimizer, dataloader, lr_scheduler)
     models.update(zip(to_prepare, prepared))
     # Prompts go through the prepared (possibly DDP-wrapped) text encoders, or the cache.
     encode_prompts = cached_prompts or PromptEncoder(family, {name: models[name] for name in family.text_encoders})
-    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder)
+    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder, args.train_transformer_frac > 0)
+    if new_tokens is not None:
+        accelerator.register_for_checkpointing(new_tokens)  # the new rows, saved and restored with every checkpoint
     drift_budget = None
     if args.cat_alpha == "auto":
         drift_budget = DriftBudget(len(concepts), args.cat_drift_budget, args.cat_dual_lr)
@@ -2446,7 +2774,8 @@ def main(argv=None) -> list[Path]:
                                    CLIP_FLAGS)
     try:
         steps, grid = train(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer,
-                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype, drift_budget)
+                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype, drift_budget,
+                            new_tokens)
     except (TrainingInterrupted, SaveFailed):
         accelerator.end_training()
         raise
@@ -2455,7 +2784,7 @@ def main(argv=None) -> list[Path]:
     accelerator.wait_for_everyone()
     written = []
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid)
+        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, new_tokens)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:
