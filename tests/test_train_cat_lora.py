@@ -94,7 +94,7 @@ def test_sdxl_crop_coordinates_are_those_of_the_crop():
     from torchvision.transforms import functional as TF
 
     image = Image.fromarray((torch.rand(40, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
-    resized = TF.resize(image, 32, interpolation=TF.InterpolationMode.BILINEAR)  # 51 x 32
+    resized = TF.resize(image, 32, interpolation=TF.InterpolationMode.LANCZOS)  # 51 x 32, the default filter
     flips = set()
     for seed in range(12):
         pixels, size, (top, left) = T.augment(image, 32, False, True, torch.Generator().manual_seed(seed))
