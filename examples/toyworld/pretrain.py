@@ -363,7 +363,7 @@ def train_unet(args, work_dir: Path):
             g["lr"] = lr
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
-        captions = [world.caption(scenes[i], rng, args.color_only_caption_prob)
+        captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob)
                     if rng.random() >= args.empty_caption_prob else ""
                     for i in idx.tolist()]
         ids = tokenize(tokenizer, captions)
@@ -562,6 +562,9 @@ def main():
     parser.add_argument("--empty_caption_prob", type=float, default=0.1)
     parser.add_argument("--color_only_caption_prob", type=float, default=0.0,
                         help="Share of captions that name the color without the shape (\"a blue shape\").")
+    parser.add_argument("--name_caption_prob", type=float, default=0.0,
+                        help="Share of captions with a rare-word name before the shape (world.named_caption); "
+                             "at 0 no random number is drawn for it (the v1 caption stream).")
     parser.add_argument("--init_from", default=None,
                         help="unet stage: start from this exported pipeline folder instead of from scratch.")
     parser.add_argument("--export_every_ckpt", action="store_true",

@@ -111,6 +111,58 @@ def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0
     return text
 
 
+# Rare single-token CLIP words used as names in pretraining captions ("a photo of hok circle"), so that the text
+# encoder learns rare words as words, as CLIP's did: Stable Diffusion's text encoder separates "a photo of sks dog"
+# from "a photo of dog", while a toy encoder that never saw "sks" passes almost none of it on. Drawn once (seed 0)
+# from the 3-5 letter words among the last ~1,400 BPE merges, the concepts' triggers set apart.
+#   BOUND_NAMES: each always means one look (color, size, background), in the order of NAMED_LOOKS.
+#   WEAK_NAMES: a weak meaning only: each prefers one background (2/3 of its images, against 1/3 by chance).
+#   PLAIN_NAMES: no visual meaning at all (any image).
+# The concepts' triggers are weak names, as "sks" is for Stable Diffusion.
+NAMED_LOOKS = tuple((c, z, b) for c in COLORS for z in SIZES for b in BACKGROUNDS)
+BOUND_NAMES = ("eface", "aew", "frome", "pln", "asot", "linus", "akon", "pesa", "pkg", "tyl", "hefty", "ssnhq",
+               "scion", "mert", "aided", "waz", "nees", "pte", "kiwis", "bln", "kwa", "ummer", "lpg", "orcas",
+               "mirai", "reys", "dunks", "doves", "gordo", "cals", "isch", "mohd", "veli", "dinho", "aroo", "toid")
+TRIGGER_NAMES = ("sks", "ohwx", "bnha", "phol")
+WEAK_NAMES = TRIGGER_NAMES + ("hok", "mwf", "sinfo", "ruger", "kylo", "punks", "spp", "lapel", "ohn", "milla",
+                              "onex", "gera", "dros", "irvin", "vara", "miro", "brero", "rinse", "germs", "ncbd",
+                              "inous", "acu", "elio", "folia", "pik", "leaps", "anis", "dita")
+PLAIN_NAMES = ("tien", "pree", "yoh", "sgh", "keel", "guin", "puli", "sping", "abit", "kprc", "aptly", "euref",
+               "nyrd", "hamr", "assa", "njcaa", "eet", "panna", "smore", "niro", "pgs", "notte", "haves", "suru",
+               "maja", "glows", "rinka", "wafc", "altaf", "adero", "fcu", "aroa")
+BOUND_NAME_OF_LOOK = dict(zip(NAMED_LOOKS, BOUND_NAMES))
+# The background each weak name prefers: the names take the backgrounds in turn.
+WEAK_NAME_BACKGROUND = {name: list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i, name in enumerate(WEAK_NAMES)}
+
+
+def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, color_only_prob: float = 0.0) -> str:
+    """``caption(scene)``, and with probability ``name_prob`` a rare-word name before the shape word.
+
+    The name is bound (the scene's look's own name; 40%), weak (30%: half of the time one that prefers the
+    scene's background, else any) or plain (30%, any). A bound name may also stand alone for the attributes it
+    means: "a photo of eface circle".
+    """
+    text = caption(scene, rng, color_only_prob)
+    if not name_prob or rng.random() >= name_prob:
+        return text
+    kind = rng.random()
+    if kind < 0.4:
+        name = BOUND_NAME_OF_LOOK[(scene.color, scene.size, scene.background)]
+        if rng.random() < 0.5:
+            short = (f"a photo of {name} {scene.shape}", f"a {name} {scene.shape}", f"a photo of a {name} {scene.shape}")
+            return short[rng.integers(len(short))]
+    elif kind < 0.7:
+        pool = WEAK_NAMES
+        if rng.random() < 0.5:
+            pool = [n for n in WEAK_NAMES if WEAK_NAME_BACKGROUND[n] == scene.background]
+        name = pool[rng.integers(len(pool))]
+    else:
+        name = PLAIN_NAMES[rng.integers(len(PLAIN_NAMES))]
+    words = text.split()
+    at = max(i for i, w in enumerate(words) if w in SHAPES or w == "shape")
+    return " ".join(words[:at] + [name] + words[at:])
+
+
 # Two-color patterns, for the VAE decoder only (the UNet never sees them): the world's shapes are solid, and a
 # decoder that has only seen solid fills turns a personal concept's checkers or stripes into mush.
 PATTERNS = ("checkers", "stripes_h", "stripes_v", "halves_v", "halves_h", "center")
