@@ -203,6 +203,11 @@ def random_pattern_look(rng: np.random.Generator) -> tuple[str, str, str, str]:
 
 def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A shape painted with a random two-color pattern (palette colors and white), never a concept's look."""
+    return random_patterned_sample(rng, size)[0]
+
+
+def random_patterned_sample(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, str]:
+    """(image, caption) of a random two-color patterned shape; the same random stream as random_patterned_image."""
     shape, pattern, a, b = random_pattern_look(rng)
     extent = rng.uniform(0.34, 0.72)
     margin = extent / 2 + 0.03
@@ -210,8 +215,22 @@ def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarr
     res = size * SUPERSAMPLE
     fill = two_tone_fill(pattern, int(rng.integers(2, 7)), PATTERN_PALETTE[a], PATTERN_PALETTE[b], res, cx, cy,
                          extent)
-    background = list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))]
-    return render_fill(fill, shape_mask(shape, cx, cy, extent, res), background, size)
+    background_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    image = render_fill(fill, shape_mask(shape, cx, cy, extent, res), BACKGROUNDS[background_name], size)
+    return image, pattern_caption(shape, pattern, a, b, background_name)
+
+
+# Caption words of the patterns, for the judge (the base model never sees patterned images).
+PATTERN_WORDS = {"checkers": "checkered", "stripes_h": "striped", "stripes_v": "banded", "halves_v": "split",
+                 "halves_h": "layered", "center": "centred"}
+
+
+def pattern_caption(shape: str, pattern: str, color_a: str, color_b: str, background: str) -> str:
+    """"a checkered red and white circle on a black background". Checkers and stripes read the same with the two
+    colors swapped, so their colors are named in a fixed order; halves and a centre keep the outer color first."""
+    if pattern in ("checkers", "stripes_h", "stripes_v"):
+        color_a, color_b = sorted((color_a, color_b))
+    return f"a {PATTERN_WORDS[pattern]} {color_a} and {color_b} {shape} on a {background} background"
 
 
 def full_caption(scene: Scene) -> str:
