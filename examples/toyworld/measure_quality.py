@@ -87,6 +87,41 @@ def trigger_insertion_ratios(tokenizer, text_encoder, captions_by_trigger) -> di
     return out
 
 
+def load_concept_images(concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
+    """{trigger: (class word, uint8 N x 32 x 32 x 3 training images)} of every concept."""
+    from PIL import Image
+
+    concepts_json = Path(concepts_json)
+    out = {}
+    for concept in json.loads(concepts_json.read_text()):
+        folder = concepts_json.parent / concept["instance_data_dir"]
+        images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+        out[concept["trigger_token"]] = (concept["class_word"], images)
+    return out
+
+
+@torch.no_grad()
+def judge_margins(clip_model, pipe, concepts_json=DEFAULT_CONCEPTS_JSON, n_class: int = 16, seed: int = 0) -> dict:
+    """Can the judge tell each subject apart? Per concept (by trigger), mean image-image cosines of its own
+    training images (pairs of distinct images), against every other concept's images (the most similar one) and
+    against the base model's images of its class ("a photo of {class}", n_class images at a fixed seed).
+    margin = own - max(other concept, base class). Returns {trigger: {"own", "other", "base", "margin"}}."""
+    concepts = load_concept_images(concepts_json)
+    embed = {t: clip_model.encode_image(to_clip_input(images), normalize=True) for t, (_, images) in concepts.items()}
+    out = {}
+    for k, (trigger, (class_word, _)) in enumerate(concepts.items()):
+        base = clip_model.encode_image(to_clip_input(generate(pipe, f"a photo of {class_word}", n_class, seed + k)),
+                                       normalize=True)
+        own = embed[trigger] @ embed[trigger].t()
+        n = len(own)
+        own_mean = ((own.sum() - own.diag().sum()) / (n * n - n)).item()
+        other = max((embed[trigger] @ embed[t].t()).mean().item() for t in embed if t != trigger)
+        base_mean = (embed[trigger] @ base.t()).mean().item()
+        out[trigger] = {"own": own_mean, "other": other, "base": base_mean,
+                        "margin": own_mean - max(other, base_mean)}
+    return out
+
+
 def print_trigger_ratios(pipe, concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
     """Print and return trigger_insertion_ratios on each concept's instance prompt, and on all its captions."""
     captions = concept_captions(concepts_json)
@@ -115,11 +150,22 @@ def main():
     parser.add_argument("--trigger_ratios", action="store_true",
                         help="Only print, per concept, the text encoder's change on inserting the trigger against "
                              "inserting a color word (trigger_insertion_ratios), and exit.")
-    parser.add_argument("--concepts", default=str(DEFAULT_CONCEPTS_JSON), help="concepts.json for --trigger_ratios.")
+    parser.add_argument("--judge_margins", action="store_true",
+                        help="Only print, per concept, how much more similar its own images are to each other than "
+                             "to other concepts' or the base model's class images (judge_margins), and exit.")
+    parser.add_argument("--concepts", default=str(DEFAULT_CONCEPTS_JSON),
+                        help="concepts.json for --trigger_ratios and --judge_margins.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.trigger_ratios:
         print_trigger_ratios(load_pipeline(args.pipeline), args.concepts)
+        return
+    if args.judge_margins:
+        margins = judge_margins(load_toy_clip(args.clip)[0], load_pipeline(args.pipeline), args.concepts)
+        print("judge (toy CLIP) image-image cosines, mean: own images | closest other concept | base model's "
+              "class images | margin")
+        for trigger, m in margins.items():
+            print(f"{trigger:8s} {m['own']:.3f} | {m['other']:.3f} | {m['base']:.3f} | {m['margin']:+.3f}")
         return
 
     clip_model, clip_tok = load_toy_clip(args.clip)

@@ -203,7 +203,7 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
     for step in bar:
         lr = lr_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         loss, logs = loss_fn(gen, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,7 +365,7 @@ def train_unet(args, work_dir: Path):
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
           f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    opt = unet_optimizer(args, unet, text_encoder)
     ema_unet = make_unet(args.unet_channels).requires_grad_(False)
     ema_text = make_text_encoder().requires_grad_(False)
     ema_unet.load_state_dict(unet.state_dict())
@@ -405,6 +405,23 @@ def train_unet(args, work_dir: Path):
                extra_state={"unet_channels": list(args.unet_channels)}, on_checkpoint=export)
 
 
+def unet_optimizer(args, unet, text_encoder):
+    """AdamW over the UNet and the text encoder; with --embedding_lr_mult != 1 the token embedding is a second
+    group with that multiple of the learning rate (rare-word rows only get a gradient when their word is drawn)."""
+    if args.embedding_lr_mult == 1:
+        return torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.lr,
+                                 weight_decay=1e-2)
+    embedding = text_encoder.get_input_embeddings().weight
+    rest = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p is not embedding]
+    return torch.optim.AdamW([{"params": rest}, {"params": [embedding], "lr_mult": args.embedding_lr_mult}],
+                             lr=args.lr, weight_decay=1e-2)
+
+
+def name_token_ids(tokenizer) -> list[int]:
+    """The token ids of world's rare-word names (each is one BPE token)."""
+    return [tokenizer(name).input_ids[1] for name in world.BOUND_NAMES + world.WEAK_NAMES + world.PLAIN_NAMES]
+
+
 def seed_from_pipeline(args, work_dir: Path):
     """Start the unet stage from an exported pipeline (its EMA weights) instead of from scratch.
 
@@ -422,8 +439,20 @@ def seed_from_pipeline(args, work_dir: Path):
                                     "scaling_factor": vae.config.scaling_factor})
     unet = UNet2DConditionModel.from_pretrained(source / "unet").state_dict()
     text = CLIPTextModel.from_pretrained(source / "text_encoder").state_dict()
-    params = list(make_unet(args.unet_channels).parameters()) + list(make_text_encoder().parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    if args.name_init_norm:
+        # A name's row starts as a random direction with the typical norm of the words world captions use
+        # (unused rows sit at a third of it after pretraining), so the text encoder's layers see it from the start.
+        embedding = text[next(k for k in text if k.endswith("token_embedding.weight"))]
+        tokenizer = make_tokenizer(work_dir)
+        used = torch.tensor([tokenizer(w).input_ids[1] for w in
+                             [*world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, "photo", "background"]])
+        norm = embedding[used].norm(dim=1).median()
+        names = torch.tensor(name_token_ids(tokenizer))
+        rows = torch.randn(len(names), embedding.shape[1], generator=torch.Generator().manual_seed(args.seed))
+        embedding[names] = rows / rows.norm(dim=1, keepdim=True) * norm
+        print(f"{len(names)} name rows set to norm {norm:.3f}")
+    unet_module, text_module = make_unet(args.unet_channels), make_text_encoder()
+    opt = unet_optimizer(args, unet_module, text_module)
     save_ckpt(work_dir / "unet.pt", {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text,
                                      "opt": opt.state_dict(), "step": 0, "unet_channels": list(args.unet_channels)})
     print(f"unet stage seeded from {source}")
@@ -600,6 +629,10 @@ def main():
     parser.add_argument("--name_caption_prob", type=float, default=0.0,
                         help="Share of captions with a rare-word name before the shape (world.named_caption); "
                              "at 0 no random number is drawn for it (the v1 caption stream).")
+    parser.add_argument("--embedding_lr_mult", type=float, default=1.0,
+                        help="unet stage: learning-rate multiple for the text encoder's token embedding.")
+    parser.add_argument("--name_init_norm", action="store_true",
+                        help="with --init_from: start the rare-word names' embedding rows at a used word's norm.")
     parser.add_argument("--init_from", default=None,
                         help="unet stage: start from this exported pipeline folder instead of from scratch.")
     parser.add_argument("--export_every_ckpt", action="store_true",

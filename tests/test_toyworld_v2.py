@@ -1,0 +1,154 @@
+"""Toy world v2: the committed world binds a trigger, and the judge's similarities lie in [0, 1].
+
+Quick checks (about half a minute on 2 CPU cores) on the committed models, plus the pieces they rest on:
+rare-word names in pretraining captions, the judge's non-negativity guarantee, and pretrain.py's one
+training loop.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
+sys.path.insert(0, str(TOYWORLD))
+
+import world  # noqa: E402
+
+PIPELINE_DIR = TOYWORLD / "models" / "toy-sd"
+CLIP_DIR = TOYWORLD / "models" / "toy-clip"
+CONCEPTS_JSON = TOYWORLD / "concepts" / "concepts.json"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from measure_quality import load_pipeline
+
+    torch.set_num_threads(1)
+    return load_pipeline(PIPELINE_DIR)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from toy_clip import load_toy_clip
+
+    return load_toy_clip(CLIP_DIR)
+
+
+def test_toyworld_trigger_changes_the_text_encoder_at_least_half_as_much_as_a_color_word(pipe):
+    from measure_quality import concept_captions, trigger_insertion_ratios
+
+    instance_prompts = {t: c[:1] for t, c in concept_captions(CONCEPTS_JSON).items()}
+    ratios = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, instance_prompts)
+    assert set(ratios) == {c["trigger_token"] for c in json.loads(CONCEPTS_JSON.read_text())}
+    assert all(r["ratio"] >= 0.5 for r in ratios.values()), ratios
+
+
+def test_toyworld_trigger_ratio_is_small_for_a_word_the_encoder_never_saw(pipe):
+    # The measure can fail: a rare one-token word that was never a name in pretraining stays nearly invisible.
+    from measure_quality import trigger_insertion_ratios
+
+    assert len(pipe.tokenizer("zeke").input_ids) == 3 and "zeke" not in world.BOUND_NAMES + world.WEAK_NAMES + \
+        world.PLAIN_NAMES
+    ratio = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, {"zeke": ["a photo of zeke circle"]})
+    assert ratio["zeke"]["ratio"] < 0.5, ratio
+
+
+def test_toyworld_judge_embeddings_are_nonnegative_for_any_input(judge):
+    from toy_clip import embedding_lower_bounds, to_clip_input
+
+    model, tokenizer = judge
+    bounds = embedding_lower_bounds(model)
+    assert all((b >= 0).all() for b in bounds.values()), {k: b.min().item() for k, b in bounds.items()}
+    # And in practice: world images, patterned shapes, noise, captions and random token strings.
+    rng = np.random.default_rng(0)
+    images = np.concatenate([world.make_dataset(32, seed=1, exclude_pairs=())[0],
+                             np.stack([world.random_patterned_image(rng) for _ in range(32)]),
+                             rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)])
+    with torch.no_grad():
+        image_e = model.encode_image(to_clip_input(images), normalize=True)
+        texts = tokenizer([c for _, c in world.sample_scenes(32, seed=2)] + ["a photo of sks circle"])
+        random_tokens = torch.randint(1, 49406, texts.shape, generator=torch.Generator().manual_seed(0))
+        text_e = model.encode_text(torch.cat([texts, random_tokens]), normalize=True)
+    assert image_e.min() >= 0 and text_e.min() >= 0
+    cosines = torch.cat([(image_e @ image_e.t()).flatten(), (image_e @ text_e.t()).flatten()])
+    assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-5
+
+
+def test_toyworld_make_embeddings_nonnegative_repairs_a_random_clip():
+    import open_clip
+    from pretrain import CLIP_CONFIG
+    from toy_clip import embedding_lower_bounds, make_embeddings_nonnegative
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**CLIP_CONFIG).eval()
+    assert min(b.min() for b in embedding_lower_bounds(model).values()) < 0  # a fresh model is not
+    make_embeddings_nonnegative(model, margin=0.01)
+    assert min(b.min() for b in embedding_lower_bounds(model).values()) >= 0.009
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(64, 3, 32, 32) * 4).min() >= 0
+        assert model.encode_text(torch.randint(1, 49406, (64, 16))).min() >= 0
+
+
+def test_toyworld_judge_tells_each_concept_from_the_others_and_from_the_base_class(judge, pipe):
+    from measure_quality import judge_margins
+
+    margins = judge_margins(judge[0], pipe, CONCEPTS_JSON, n_class=8)
+    assert all(m["margin"] > 0.02 for m in margins.values()), margins
+
+
+def test_toyworld_named_captions_bind_names_to_looks():
+    scenes = [s for s, _ in world.sample_scenes(600, seed=0)]
+    rng = np.random.default_rng(0)
+    names = set(world.BOUND_NAMES) | set(world.WEAK_NAMES) | set(world.PLAIN_NAMES)
+    assert len(names) == len(world.BOUND_NAMES) + len(world.WEAK_NAMES) + len(world.PLAIN_NAMES)
+    assert set(world.TRIGGER_NAMES) <= set(world.WEAK_NAMES)
+    seen = {"bound": 0, "weak": 0, "plain": 0}
+    weak_on_preferred = []
+    for scene in scenes:
+        text = world.named_caption(scene, rng, name_prob=0.8)
+        used = set(text.split()) & names
+        assert len(used) <= 1 and scene.shape in text.split()
+        for name in used:
+            if name in world.BOUND_NAMES:
+                seen["bound"] += 1
+                assert world.NAMED_LOOKS[world.BOUND_NAMES.index(name)] == (scene.color, scene.size, scene.background)
+            elif name in world.WEAK_NAMES:
+                seen["weak"] += 1
+                weak_on_preferred.append(world.WEAK_NAME_BACKGROUND[name] == scene.background)
+            else:
+                seen["plain"] += 1
+    assert all(n > 50 for n in seen.values()), seen
+    assert 0.5 < np.mean(weak_on_preferred) < 0.85  # a weak meaning: 2/3 expected, 1/3 by chance
+    # At name_prob 0 the caption stream is v1's: no extra random number is drawn.
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [world.named_caption(s, a, 0.0) for s in scenes[:50]] == [world.caption(s, b) for s in scenes[:50]]
+
+
+def test_toyworld_train_loop_checkpoints_and_resumes(tmp_path):
+    from pretrain import train_loop
+
+    def run(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen_steps = []
+
+        def loss_fn(gen, rng):
+            x = torch.randn(4, 3, generator=gen)
+            return (model(x) - x.sum(1, keepdim=True)).pow(2).mean(), {}
+
+        start = train_loop("test", tmp_path / "ckpt.pt", {"model": model}, opt, steps, 0, lambda s: 0.1, loss_fn,
+                           ckpt_every=2, after_step=seen_steps.append)
+        return start, seen_steps, model
+
+    start, steps, _ = run(3)
+    assert start == 0 and steps == [0, 1, 2]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and set(ckpt) == {"model", "opt", "step"}
+    start, steps, model = run(5)  # resumes at 3: the first 3 steps are not run again
+    assert start == 3 and steps == [3, 4]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
