@@ -38,6 +38,9 @@ import world  # noqa: E402
 from toy_clip import embedding_lower_bounds, make_embeddings_nonnegative, zero_shot  # noqa: E402
 
 RESOLUTION = 32
+# The words the unet stage's word-recognition term looks for (--word_loss_weight).
+WORD_VOCAB = (*world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, "photo", "shape",
+              *world.BOUND_NAMES, *world.WEAK_NAMES, *world.PLAIN_NAMES)
 TEXT_HIDDEN = 64
 CLIP_MAX_LENGTH = 77
 
@@ -193,7 +196,8 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
     if ckpt:
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
-        opt.load_state_dict(ckpt["opt"])
+        if "opt" in ckpt:  # a checkpoint seeded from an exported model has none: the optimizer starts fresh
+            opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
         print(f"{desc}: resumed from step {start}")
     gen = torch.Generator().manual_seed(seed + start)
@@ -364,8 +368,13 @@ def train_unet(args, work_dir: Path):
     text_encoder = make_text_encoder().train()
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
           f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
+    # The word-recognition head (not exported): from the mean of the encoder's output over all positions, which
+    # caption words are present. It asks the text encoder, as CLIP's contrastive training asks CLIP's, to pass on
+    # every word of a caption, names with little or no visual meaning included; the diffusion loss alone teaches
+    # it to drop them.
+    word_head = torch.nn.Linear(TEXT_HIDDEN, len(WORD_VOCAB))
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = unet_optimizer(args, unet, text_encoder)
+    opt = unet_optimizer(args, unet, text_encoder, extra=list(word_head.parameters()) if args.word_loss_weight else [])
     ema_unet = make_unet(args.unet_channels).requires_grad_(False)
     ema_text = make_text_encoder().requires_grad_(False)
     ema_unet.load_state_dict(unet.state_dict())
@@ -385,7 +394,14 @@ def train_unet(args, work_dir: Path):
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         cond = text_encoder(tokenize(tokenizer, captions))[0]
-        return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise), {}
+        diffusion = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        if not args.word_loss_weight:
+            return diffusion, {}
+        present = torch.tensor([[w in set(c.split()) for w in WORD_VOCAB] for c in captions], dtype=torch.float32)
+        # Unit-norm rows: the head cannot amplify a faint signal, the encoder's output itself has to move.
+        logits = F.linear(cond.mean(dim=1), F.normalize(word_head.weight, dim=1), word_head.bias)
+        words = F.binary_cross_entropy_with_logits(logits, present)
+        return diffusion + args.word_loss_weight * words, {"diffusion": diffusion.item(), "words": words.item()}
 
     def update_ema(step):
         decay = min(args.ema_decay, (1 + step) / (10 + step))
@@ -398,21 +414,27 @@ def train_unet(args, work_dir: Path):
 
     # Warm-up, then constant: any checkpoint's EMA weights are a finished model, so a run stopped early
     # (the CPU budget) is reproduced exactly by --steps <its step count>.
-    train_loop("unet", work_dir / "unet.pt",
-               {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}, opt,
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    if args.word_loss_weight:
+        modules["word_head"] = word_head
+        ckpt = load_ckpt(work_dir / "unet.pt")
+        if ckpt is not None and "word_head" not in ckpt:  # seeded from an exported model: a fresh head
+            save_ckpt(work_dir / "unet.pt", {**ckpt, "word_head": word_head.state_dict()})
+    train_loop("unet", work_dir / "unet.pt", modules, opt,
                args.steps, args.seed * 1000, lambda step: args.lr * min(1.0, (step + 1) / 200), loss_fn,
                ckpt_every=args.ckpt_every, clip_grad_params=params, after_step=update_ema,
                extra_state={"unet_channels": list(args.unet_channels)}, on_checkpoint=export)
 
 
-def unet_optimizer(args, unet, text_encoder):
+def unet_optimizer(args, unet, text_encoder, extra=()):
     """AdamW over the UNet and the text encoder; with --embedding_lr_mult != 1 the token embedding is a second
     group with that multiple of the learning rate (rare-word rows only get a gradient when their word is drawn)."""
     if args.embedding_lr_mult == 1:
-        return torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.lr,
-                                 weight_decay=1e-2)
+        return torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()) + list(extra),
+                                 lr=args.lr, weight_decay=1e-2)
     embedding = text_encoder.get_input_embeddings().weight
-    rest = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p is not embedding]
+    rest = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) + list(extra)
+            if p is not embedding]
     return torch.optim.AdamW([{"params": rest}, {"params": [embedding], "lr_mult": args.embedding_lr_mult}],
                              lr=args.lr, weight_decay=1e-2)
 
@@ -451,10 +473,8 @@ def seed_from_pipeline(args, work_dir: Path):
         rows = torch.randn(len(names), embedding.shape[1], generator=torch.Generator().manual_seed(args.seed))
         embedding[names] = rows / rows.norm(dim=1, keepdim=True) * norm
         print(f"{len(names)} name rows set to norm {norm:.3f}")
-    unet_module, text_module = make_unet(args.unet_channels), make_text_encoder()
-    opt = unet_optimizer(args, unet_module, text_module)
     save_ckpt(work_dir / "unet.pt", {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text,
-                                     "opt": opt.state_dict(), "step": 0, "unet_channels": list(args.unet_channels)})
+                                     "step": 0, "unet_channels": list(args.unet_channels)})
     print(f"unet stage seeded from {source}")
 
 
@@ -629,6 +649,9 @@ def main():
     parser.add_argument("--name_caption_prob", type=float, default=0.0,
                         help="Share of captions with a rare-word name before the shape (world.named_caption); "
                              "at 0 no random number is drawn for it (the v1 caption stream).")
+    parser.add_argument("--word_loss_weight", type=float, default=0.0,
+                        help="unet stage: weight of the word-recognition term (which caption words are present, "
+                             "read from the text encoder's mean output); 0 = off, the v1 loss.")
     parser.add_argument("--embedding_lr_mult", type=float, default=1.0,
                         help="unet stage: learning-rate multiple for the text encoder's token embedding.")
     parser.add_argument("--name_init_norm", action="store_true",
