@@ -47,14 +47,18 @@ def test_toyworld_trigger_changes_the_text_encoder_at_least_half_as_much_as_a_co
     assert all(r["ratio"] >= 0.5 for r in ratios.values()), ratios
 
 
-def test_toyworld_trigger_ratio_is_small_for_a_word_the_encoder_never_saw(pipe):
-    # The measure can fail: a rare one-token word that was never a name in pretraining stays nearly invisible.
+def test_toyworld_trigger_ratio_is_zero_for_an_encoder_blind_to_the_trigger(pipe):
+    # The measure can fail: the committed encoder, made blind to "sks" (its token dropped before encoding), scores 0.
     from measure_quality import trigger_insertion_ratios
 
-    assert len(pipe.tokenizer("zeke").input_ids) == 3 and "zeke" not in world.BOUND_NAMES + world.WEAK_NAMES + \
-        world.PLAIN_NAMES
-    ratio = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, {"zeke": ["a photo of zeke circle"]})
-    assert ratio["zeke"]["ratio"] < 0.5, ratio
+    sks = pipe.tokenizer("sks").input_ids[1]
+
+    def blind_encoder(ids):
+        kept = [[t for t in row.tolist() if t != sks] for row in ids]
+        return pipe.text_encoder(torch.tensor([row + [row[-1]] * (ids.shape[1] - len(row)) for row in kept]))
+
+    ratios = trigger_insertion_ratios(pipe.tokenizer, blind_encoder, {"sks": ["a photo of sks circle"]})
+    assert ratios["sks"]["ratio"] < 1e-6 and ratios["sks"]["color"] > 0.1, ratios
 
 
 def test_toyworld_judge_embeddings_are_nonnegative_for_any_input(judge):
