@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
 import world  # noqa: E402
-from toy_clip import embedding_lower_bounds, make_embeddings_nonnegative, zero_shot  # noqa: E402
+from toy_clip import negative_mass, raise_embedding_offsets, zero_shot  # noqa: E402
 
 RESOLUTION = 32
 # The words the unet stage's word-recognition term looks for (--word_loss_weight).
@@ -158,7 +158,7 @@ def noise_scheduler_config():
 CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": RESOLUTION, "layers": 3, "width": 64, "head_width": 16, "patch_size": 4},
-    # proj_bias: the bias that keeps every text embedding component >= 0 (toy_clip.make_embeddings_nonnegative).
+    # proj_bias: the text-side offset that keeps embedding components > 0 (toy_clip.raise_embedding_offsets).
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2,
                  "proj_bias": True},
 }
@@ -497,7 +497,6 @@ def train_clip(args, work_dir: Path):
     ckpt_path = work_dir / "clip.pt"
     if args.clip_init_from and not ckpt_path.exists():
         init_clip_from(model, Path(args.clip_init_from))
-    make_embeddings_nonnegative(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
     n_pattern = round(args.clip_batch_size * args.clip_pattern_share)
@@ -515,18 +514,44 @@ def train_clip(args, work_dir: Path):
         # true of the image (same caption text, or a caption whose named attributes all hold).
         truth = [scenes[i] for i in w_idx] + [pattern_captions[i] for i in p_idx]
         match = torch.tensor([[caption_true(image, c) for c in captions] for image in truth], dtype=torch.float32)
-        return 0.5 * (soft_ce(logits, match) + soft_ce(logits.t(), match.t())), {"scale": logit_scale.item()}
+        contrastive = 0.5 * (soft_ce(logits, match) + soft_ce(logits.t(), match.t()))
+        # Embeddings with non-negative components, so that every cosine is in [0, 1] (see toy_clip).
+        negative = negative_mass(img_f) + negative_mass(txt_f)
+        return contrastive + args.clip_nonneg_weight * negative, {"scale": logit_scale.item(),
+                                                                   "negative": negative.item()}
 
     train_loop("clip", ckpt_path, {"model": model}, opt, args.clip_steps, args.seed + 7,
-               cosine_lr(args.clip_lr, args.clip_steps, warmup=100), loss_fn, ckpt_every=args.ckpt_every,
-               after_step=lambda step: make_embeddings_nonnegative(model))
-    # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
+               cosine_lr(args.clip_lr, args.clip_steps, warmup=100), loss_fn, ckpt_every=args.ckpt_every)
     model.eval()
+    ckpt = load_ckpt(ckpt_path)
+    if not ckpt.get("calibrated"):
+        shifts = raise_embedding_offsets(model, *clip_calibration_data(x_world, x_pattern, scenes, pattern_captions,
+                                                                       tokenizer, args.seed))
+        print(f"embedding offsets raised by {shifts['image']:.4f} (image), {shifts['text']:.4f} (text)")
+        save_ckpt(ckpt_path, {**ckpt, "model": model.state_dict(), "calibrated": True})
+    # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
     test_images, _, test_scenes = world.make_dataset(600, args.seed + 99, RESOLUTION, exclude_pairs=())
     shapes, colors = zero_shot(model, tokenizer, to_tensor(test_images))
     print(f"clip zero-shot on real world images: shape {np.mean([s == t.shape for s, t in zip(shapes, test_scenes)]):.3f}, "
-          f"color {np.mean([c == t.color for c, t in zip(colors, test_scenes)]):.3f}; smallest possible embedding "
-          f"component: {min(b.min().item() for b in embedding_lower_bounds(model).values()):.4f}")
+          f"color {np.mean([c == t.color for c, t in zip(colors, test_scenes)]):.3f}")
+
+
+def clip_calibration_data(x_world, x_pattern, scenes, pattern_captions, tokenizer, seed: int):
+    """(images, token ids) on which the judge's embeddings are made positive: world images and patterned shapes,
+    clean and degraded, uniform noise, blends of two images; every caption kind, the names, random token strings."""
+    gen = torch.Generator().manual_seed(seed + 5)
+    rng = np.random.default_rng(seed + 5)
+    world_x, pattern_x = x_world[:3000], x_pattern[:3000]
+    blends = 0.5 * (world_x[:1000] + pattern_x[:1000])
+    noise = torch.rand(1000, *x_world.shape[1:], generator=gen) * 2 - 1
+    images = torch.cat([world_x, pattern_x, degrade(torch.cat([world_x, pattern_x]), gen), blends, noise])
+    names = world.BOUND_NAMES + world.WEAK_NAMES + world.PLAIN_NAMES
+    texts = ([world.caption(s, rng) for s in scenes[:3000]] + pattern_captions[:2000]
+             + [world.named_caption(s, rng, 1.0) for s in scenes[3000:5000]]
+             + [f"a photo of {n} {s}" for n in names for s in world.SHAPES] + list(names))
+    tokens = tokenizer(texts)
+    random_tokens = torch.randint(1, 49406, (2000, tokens.shape[1]), generator=gen)
+    return images, torch.cat([tokens, random_tokens])
 
 
 def init_clip_from(model, clip_dir: Path):
@@ -665,6 +690,8 @@ def main():
     parser.add_argument("--clip_batch_size", type=int, default=64)
     parser.add_argument("--clip_pattern_share", type=float, default=0.5,
                         help="Share of each judge batch that is patterned shapes (the rest: world images).")
+    parser.add_argument("--clip_nonneg_weight", type=float, default=1.0,
+                        help="Weight of the judge's penalty on negative embedding components.")
     parser.add_argument("--clip_init_from", default=None,
                         help="clip stage: start from this exported toy CLIP folder instead of from scratch.")
     args = parser.parse_args()
