@@ -61,40 +61,48 @@ def test_toyworld_trigger_ratio_is_zero_for_an_encoder_blind_to_the_trigger(pipe
     assert ratios["sks"]["ratio"] < 1e-6 and ratios["sks"]["color"] > 0.1, ratios
 
 
-def test_toyworld_judge_embeddings_are_nonnegative_for_any_input(judge):
-    from toy_clip import embedding_lower_bounds, to_clip_input
+def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
+    from measure_quality import concept_captions, generate, load_concept_images
+    from toy_clip import to_clip_input
 
     model, tokenizer = judge
-    bounds = embedding_lower_bounds(model)
-    assert all((b >= 0).all() for b in bounds.values()), {k: b.min().item() for k, b in bounds.items()}
-    # And in practice: world images, patterned shapes, noise, captions and random token strings.
-    rng = np.random.default_rng(0)
-    images = np.concatenate([world.make_dataset(32, seed=1, exclude_pairs=())[0],
+    # Data the judge's calibration never saw (other seeds), and what the metrics feed it: generated images,
+    # the concepts' images and captions.
+    rng = np.random.default_rng(123)
+    images = np.concatenate([world.make_dataset(32, seed=4242, exclude_pairs=())[0],
                              np.stack([world.random_patterned_image(rng) for _ in range(32)]),
-                             rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)])
+                             rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8),
+                             *[images for _, images in load_concept_images(CONCEPTS_JSON).values()]])
+    generated = generate(pipe, "a photo of sks circle", 4, 0)
+    captions = [c for cs in concept_captions(CONCEPTS_JSON).values() for c in cs]
+    captions += [c.replace(t, "").replace("  ", " ") for t, cs in concept_captions(CONCEPTS_JSON).items() for c in cs]
     with torch.no_grad():
-        image_e = model.encode_image(to_clip_input(images), normalize=True)
-        texts = tokenizer([c for _, c in world.sample_scenes(32, seed=2)] + ["a photo of sks circle"])
-        random_tokens = torch.randint(1, 49406, texts.shape, generator=torch.Generator().manual_seed(0))
-        text_e = model.encode_text(torch.cat([texts, random_tokens]), normalize=True)
-    assert image_e.min() >= 0 and text_e.min() >= 0
+        image_e = torch.cat([model.encode_image(to_clip_input(images), normalize=True),
+                             model.encode_image(to_clip_input(generated), normalize=True)])
+        # Tokenized text only: a random id sequence without the end-of-text token is not text open_clip can pool.
+        words = [*world.SHAPES, *world.COLORS, *world.BACKGROUNDS, *world.WEAK_NAMES, *world.PLAIN_NAMES,
+                 "photo", "dog", "a", "of", "on", "zeke", "elephant"]
+        random_texts = [" ".join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(64)]
+        texts = tokenizer([c for _, c in world.sample_scenes(64, seed=4242)] + captions + random_texts)
+        text_e = model.encode_text(texts, normalize=True)
+    assert image_e.min() >= 0 and text_e.min() >= 0, (image_e.min(), text_e.min())
     cosines = torch.cat([(image_e @ image_e.t()).flatten(), (image_e @ text_e.t()).flatten()])
     assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-5
 
 
-def test_toyworld_make_embeddings_nonnegative_repairs_a_random_clip():
+def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():
     import open_clip
     from pretrain import CLIP_CONFIG
-    from toy_clip import embedding_lower_bounds, make_embeddings_nonnegative
+    from toy_clip import raise_embedding_offsets
 
     torch.manual_seed(0)
     model = open_clip.CLIP(**CLIP_CONFIG).eval()
-    assert min(b.min() for b in embedding_lower_bounds(model).values()) < 0  # a fresh model is not
-    make_embeddings_nonnegative(model, margin=0.01)
-    assert min(b.min() for b in embedding_lower_bounds(model).values()) >= 0.009
+    images, texts = torch.rand(64, 3, 32, 32) * 2 - 1, torch.randint(1, 49406, (64, 16))
     with torch.no_grad():
-        assert model.encode_image(torch.randn(64, 3, 32, 32) * 4).min() >= 0
-        assert model.encode_text(torch.randint(1, 49406, (64, 16))).min() >= 0
+        assert model.encode_image(images).min() < 0 and model.encode_text(texts).min() < 0  # a fresh model is not
+        raise_embedding_offsets(model, images, texts, margin=0.02)
+        image_f, text_f = model.encode_image(images), model.encode_text(texts)
+    assert image_f.min() > 0 and text_f.min() > 0
 
 
 def test_toyworld_judge_tells_each_concept_from_the_others_and_from_the_base_class(judge, pipe):

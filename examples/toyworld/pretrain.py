@@ -528,7 +528,8 @@ def train_clip(args, work_dir: Path):
         shifts = raise_embedding_offsets(model, *clip_calibration_data(x_world, x_pattern, scenes, pattern_captions,
                                                                        tokenizer, args.seed))
         print(f"embedding offsets raised by {shifts['image']:.4f} (image), {shifts['text']:.4f} (text)")
-        save_ckpt(ckpt_path, {**ckpt, "model": model.state_dict(), "calibrated": True})
+        save_ckpt(ckpt_path, {**ckpt, "model": model.state_dict(), "calibrated": True,
+                              "model_before_calibration": ckpt["model"]})
     # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
     test_images, _, test_scenes = world.make_dataset(600, args.seed + 99, RESOLUTION, exclude_pairs=())
     shapes, colors = zero_shot(model, tokenizer, to_tensor(test_images))

@@ -35,9 +35,10 @@ def load_toy_clip(clip_dir=DEFAULT_CLIP_DIR):
 # constant vector, and all text embeddings by another, so that every component is positive on a large and varied
 # calibration set (world images, patterned shapes, noise; captions, names, random token strings). open_clip's own
 # CLIP class computes the embeddings (the shifts live in the text projection's bias and the image tower's final
-# LayerNorm bias), so evaluate_kps.py loads the judge as any open_clip model. This is checked on the calibration
-# data and on fresh data in the tests, not proven for every possible input: a worst-case bound (LayerNorm output
-# norm <= sqrt(width)) is so loose that enforcing it during training collapsed every image to one embedding.
+# LayerNorm bias), so evaluate_kps.py loads the judge as any open_clip model. This is checked on fresh images
+# and tokenized texts in tests/test_toyworld_v2.py, not proven for every input (raw random id sequences without
+# an end-of-text token can still give slightly negative components): a worst-case bound (LayerNorm output norm
+# <= sqrt(width)) is so loose that enforcing it during training collapsed every image to one embedding.
 
 
 @torch.no_grad()
