@@ -5,9 +5,14 @@ Stages (run in this order; each resumes from its last checkpoint in --work_dir i
   vae     AutoencoderKL, 32x32 RGB -> 16x16x4 latents (reconstruction + a small KL term).
   unet    UNet2DConditionModel + CLIPTextModel (real CLIP BPE tokenizer) trained jointly on VAE latents,
           epsilon prediction with SD's noise schedule, 10% empty captions for classifier-free guidance, EMA.
-  clip    A small open_clip model (ViT image tower, text transformer) trained contrastively on the world.
+  clip    A small open_clip model (ViT image tower, text transformer) trained contrastively on the world and on
+          captioned two-color patterned shapes.
   export  Writes the diffusers StableDiffusionPipeline (EMA weights) to --pipeline_dir and the open_clip
           config + weights to --clip_dir.
+
+Every stage runs through one loop, train_loop (resume, step, log, checkpoint). The v2 models (README.md) add
+rare-word names to the unet stage's captions (--name_caption_prob) with a word-recognition term for the text
+encoder (--word_loss_weight), and a non-negative judge (--clip_nonneg_weight, then calibrated offsets).
 
 Shape x color pairs in world.HELD_OUT_PAIRS are never shown to the VAE, UNet or text encoder; the evaluation
 CLIP sees the whole world (it is the judge, not the model under test).
