@@ -9,6 +9,7 @@ real world images, and can write a sample grid PNG.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import world  # noqa: E402
 from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, to_clip_input, zero_shot  # noqa: E402
 
 DEFAULT_PIPELINE_DIR = HERE / "models" / "toy-sd"
+DEFAULT_CONCEPTS_JSON = HERE / "concepts" / "concepts.json"
 
 
 def load_pipeline(path=DEFAULT_PIPELINE_DIR):
@@ -42,6 +44,97 @@ def generate(pipe, prompt: str, n: int, seed: int, steps: int = 25, guidance: fl
     return out.images
 
 
+def concept_captions(concepts_json=DEFAULT_CONCEPTS_JSON):
+    """{trigger: [captions with the trigger]}: each concept's instance prompt and its held-out eval captions."""
+    concepts_json = Path(concepts_json)
+    out = {}
+    for concept in json.loads(concepts_json.read_text()):
+        trigger = concept["trigger_token"]
+        eval_file = concepts_json.parent / "eval" / f"{concept['instance_data_dir']}.jsonl"
+        evals = [json.loads(line)["caption"] for line in eval_file.read_text().splitlines() if line.strip()]
+        out[trigger] = [concept["instance_prompt"], *evals]
+    return out
+
+
+@torch.no_grad()
+def trigger_insertion_ratios(tokenizer, text_encoder, captions_by_trigger) -> dict:
+    """Per trigger: how much inserting it changes the text encoder's output, relative to inserting a color word.
+
+    For each caption with the trigger, y = the caption without it; the change of inserting a word w is
+    ||E(y with w) - E(y)|| / ||E(y)||, E = the encoder's last hidden states over all 77 positions (what the UNet
+    attends to). The color change is the mean over the 6 world colors put where the trigger was. Returns
+    {trigger: {"trigger": mean trigger change, "color": mean color change, "ratio": trigger / color}}.
+    """
+    def encode(texts):
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return text_encoder(ids)[0].flatten(1)
+
+    def change(texts, base):
+        return ((encode(texts) - base).norm(dim=1) / base.norm(dim=1)).mean().item()
+
+    out = {}
+    for trigger, captions in captions_by_trigger.items():
+        trigger_changes, color_changes = [], []
+        for text in captions:
+            words = text.split()
+            at = words.index(trigger)
+            base = encode([" ".join(words[:at] + words[at + 1:])])
+            trigger_changes.append(change([text], base))
+            color_changes.append(change([" ".join(words[:at] + [c] + words[at + 1:]) for c in world.COLORS], base))
+        t, c = float(np.mean(trigger_changes)), float(np.mean(color_changes))
+        out[trigger] = {"trigger": t, "color": c, "ratio": t / c}
+    return out
+
+
+def load_concept_images(concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
+    """{trigger: (class word, uint8 N x 32 x 32 x 3 training images)} of every concept."""
+    from PIL import Image
+
+    concepts_json = Path(concepts_json)
+    out = {}
+    for concept in json.loads(concepts_json.read_text()):
+        folder = concepts_json.parent / concept["instance_data_dir"]
+        images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+        out[concept["trigger_token"]] = (concept["class_word"], images)
+    return out
+
+
+@torch.no_grad()
+def judge_margins(clip_model, pipe, concepts_json=DEFAULT_CONCEPTS_JSON, n_class: int = 16, seed: int = 0) -> dict:
+    """Can the judge tell each subject apart? Per concept (by trigger), mean image-image cosines of its own
+    training images (pairs of distinct images), against every other concept's images (the most similar one) and
+    against the base model's images of its class ("a photo of {class}", n_class images at a fixed seed).
+    margin = own - max(other concept, base class). Returns {trigger: {"own", "other", "base", "margin"}}."""
+    concepts = load_concept_images(concepts_json)
+    embed = {t: clip_model.encode_image(to_clip_input(images), normalize=True) for t, (_, images) in concepts.items()}
+    out = {}
+    for k, (trigger, (class_word, _)) in enumerate(concepts.items()):
+        base = clip_model.encode_image(to_clip_input(generate(pipe, f"a photo of {class_word}", n_class, seed + k)),
+                                       normalize=True)
+        own = embed[trigger] @ embed[trigger].t()
+        n = len(own)
+        own_mean = ((own.sum() - own.diag().sum()) / (n * n - n)).item()
+        other = max((embed[trigger] @ embed[t].t()).mean().item() for t in embed if t != trigger)
+        base_mean = (embed[trigger] @ base.t()).mean().item()
+        out[trigger] = {"own": own_mean, "other": other, "base": base_mean,
+                        "margin": own_mean - max(other, base_mean)}
+    return out
+
+
+def print_trigger_ratios(pipe, concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
+    """Print and return trigger_insertion_ratios on each concept's instance prompt, and on all its captions."""
+    captions = concept_captions(concepts_json)
+    instance = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, {t: c[:1] for t, c in captions.items()})
+    every = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, captions)
+    print("text encoder output change on inserting the trigger / on inserting a color word (same place)")
+    print("trigger  instance prompt                    trigger  color  ratio | all 5 captions: ratio")
+    for trigger, r in instance.items():
+        print(f"{trigger:8s} {captions[trigger][0]:34s} {r['trigger']:.3f}    {r['color']:.3f}  {r['ratio']:.2f}  | "
+              f"{every[trigger]['ratio']:.2f}")
+    return instance
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,8 +147,26 @@ def main():
     parser.add_argument("--held_out_only", action="store_true", help="Skip the seen pairs (faster).")
     parser.add_argument("--grid", default=None, help="Write a sample grid PNG here.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trigger_ratios", action="store_true",
+                        help="Only print, per concept, the text encoder's change on inserting the trigger against "
+                             "inserting a color word (trigger_insertion_ratios), and exit.")
+    parser.add_argument("--judge_margins", action="store_true",
+                        help="Only print, per concept, how much more similar its own images are to each other than "
+                             "to other concepts' or the base model's class images (judge_margins), and exit.")
+    parser.add_argument("--concepts", default=str(DEFAULT_CONCEPTS_JSON),
+                        help="concepts.json for --trigger_ratios and --judge_margins.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.trigger_ratios:
+        print_trigger_ratios(load_pipeline(args.pipeline), args.concepts)
+        return
+    if args.judge_margins:
+        margins = judge_margins(load_toy_clip(args.clip)[0], load_pipeline(args.pipeline), args.concepts)
+        print("judge (toy CLIP) image-image cosines, mean: own images | closest other concept | base model's "
+              "class images | margin")
+        for trigger, m in margins.items():
+            print(f"{trigger:8s} {m['own']:.3f} | {m['other']:.3f} | {m['base']:.3f} | {m['margin']:+.3f}")
+        return
 
     clip_model, clip_tok = load_toy_clip(args.clip)
     real, _, scenes = world.make_dataset(480, seed=12345, exclude_pairs=())

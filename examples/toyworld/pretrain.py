@@ -5,9 +5,14 @@ Stages (run in this order; each resumes from its last checkpoint in --work_dir i
   vae     AutoencoderKL, 32x32 RGB -> 16x16x4 latents (reconstruction + a small KL term).
   unet    UNet2DConditionModel + CLIPTextModel (real CLIP BPE tokenizer) trained jointly on VAE latents,
           epsilon prediction with SD's noise schedule, 10% empty captions for classifier-free guidance, EMA.
-  clip    A small open_clip model (ViT image tower, text transformer) trained contrastively on the world.
+  clip    A small open_clip model (ViT image tower, text transformer) trained contrastively on the world and on
+          captioned two-color patterned shapes.
   export  Writes the diffusers StableDiffusionPipeline (EMA weights) to --pipeline_dir and the open_clip
           config + weights to --clip_dir.
+
+Every stage runs through one loop, train_loop (resume, step, log, checkpoint). The v2 models (README.md) add
+rare-word names to the unet stage's captions (--name_caption_prob) with a word-recognition term for the text
+encoder (--word_loss_weight), and a non-negative judge (--clip_nonneg_weight, then calibrated offsets).
 
 Shape x color pairs in world.HELD_OUT_PAIRS are never shown to the VAE, UNet or text encoder; the evaluation
 CLIP sees the whole world (it is the judge, not the model under test).
@@ -35,9 +40,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
 import world  # noqa: E402
-from toy_clip import zero_shot  # noqa: E402
+from toy_clip import negative_mass, raise_embedding_offsets, zero_shot  # noqa: E402
 
 RESOLUTION = 32
+# The words the unet stage's word-recognition term looks for (--word_loss_weight).
+WORD_VOCAB = (*world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, "photo", "shape",
+              *world.BOUND_NAMES, *world.WEAK_NAMES, *world.PLAIN_NAMES)
 TEXT_HIDDEN = 64
 CLIP_MAX_LENGTH = 77
 
@@ -59,6 +67,22 @@ def world_data(work_dir: Path, n: int, seed: int, exclude_pairs=world.HELD_OUT_P
     rows = [[s.shape, s.color, s.size, s.background, s.cx, s.cy] for s in scenes]
     np.savez(path, images=images, scenes=json.dumps(rows))
     return images, scenes
+
+
+def pattern_data(work_dir: Path, n: int, seed: int):
+    """Two-color patterned shapes (uint8 N x 32 x 32 x 3) and their captions, cached in work_dir.
+
+    The stream is world.random_patterned_sample from seed + 7: the images the v1 decoder stage drew (it cached
+    the images alone, as patterns_{n}_{seed}.npy)."""
+    path = work_dir / f"patterns_captioned_{n}_{seed}.npz"
+    if path.exists():
+        data = np.load(path, allow_pickle=False)
+        return data["images"], json.loads(str(data["captions"]))
+    rng = np.random.default_rng(seed + 7)
+    samples = [world.random_patterned_sample(rng, RESOLUTION) for _ in tqdm(range(n), desc="render patterns")]
+    images, captions = np.stack([s[0] for s in samples]), [s[1] for s in samples]
+    np.savez(path, images=images, captions=json.dumps(captions))
+    return images, captions
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -139,14 +163,16 @@ def noise_scheduler_config():
 CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": RESOLUTION, "layers": 3, "width": 64, "head_width": 16, "patch_size": 4},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    # proj_bias: the text-side offset that keeps embedding components > 0 (toy_clip.raise_embedding_offsets).
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2,
+                 "proj_bias": True},
 }
 CLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                    "resize_mode": "shortest"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the training loop every stage uses
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -160,14 +186,60 @@ def load_ckpt(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
-def resume(ckpt_path: Path, model, opt) -> int:
-    """Load a stage's {"model", "opt", "step"} checkpoint into model and opt if it exists; the step to go on from."""
+def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed: int, lr_at, loss_fn, *,
+               ckpt_every: int, clip_grad_params=None, after_step=None, extra_state=None, on_checkpoint=None):
+    """The training loop of every stage: resume, step, log, checkpoint.
+
+    modules: {checkpoint key: module} saved and resumed with the optimizer ("opt") and the step count ("step").
+    lr_at(step) -> learning rate. loss_fn(gen, rng) -> (loss tensor, {name: float} to show on the progress bar),
+    with gen a torch.Generator and rng a numpy Generator both seeded with seed + the step resumed from (so a
+    resumed run restarts its random streams, and an uninterrupted one is reproducible). after_step(step) runs
+    after each optimizer step (EMA, constraints); on_checkpoint(step) after each checkpoint is written.
+    """
     ckpt = load_ckpt(ckpt_path)
-    if not ckpt:
-        return 0
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    return ckpt["step"]
+    start = 0
+    if ckpt:
+        for key, module in modules.items():
+            module.load_state_dict(ckpt[key])
+        if "opt" in ckpt:  # a checkpoint seeded from an exported model has none: the optimizer starts fresh
+            opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        print(f"{desc}: resumed from step {start}")
+    gen = torch.Generator().manual_seed(seed + start)
+    rng = np.random.default_rng(seed + start)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, mininterval=5)
+    t0, losses = time.time(), []
+    for step in bar:
+        lr = lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        loss, logs = loss_fn(gen, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_params is not None:
+            torch.nn.utils.clip_grad_norm_(clip_grad_params, 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}",
+                            s_per_step=f"{(time.time() - t0) / (step - start + 1):.3f}",
+                            **{k: f"{v:.4g}" for k, v in logs.items()})
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            save_ckpt(ckpt_path, {**{key: module.state_dict() for key, module in modules.items()},
+                                  "opt": opt.state_dict(), "step": step + 1, **(extra_state or {})})
+            print(f"{desc} step {step + 1}: loss(last 500) {np.mean(losses[-500:]):.4f}, "
+                  f"{(time.time() - t0) / (step - start + 1):.3f} s/step", flush=True)
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
+    return start
+
+
+def cosine_lr(base: float, steps: int, warmup: int = 0):
+    """Linear warm-up over `warmup` steps (none at 0), times a cosine decay to 0 over `steps`."""
+    return lambda step: base * min(1.0, (step + 1) / warmup if warmup else 1.0) * 0.5 * (
+        1 + math.cos(math.pi * step / steps))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,33 +251,21 @@ def train_vae(args, work_dir: Path):
     images, _ = world_data(work_dir, args.num_images, args.seed)
     x_all = to_tensor(images)
     torch.manual_seed(args.seed)
-    vae = make_vae()
+    vae = make_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt_path = work_dir / "vae.pt"
-    start = resume(ckpt_path, vae, opt)
-    gen = torch.Generator().manual_seed(args.seed + start)
-    vae.train()
-    bar = tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="vae")
-    t0 = time.time()
-    for step in bar:
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(len(x_all), (args.batch_size,), generator=gen)
-        x = x_all[idx]
+
+    def loss_fn(gen, rng):
+        x = x_all[torch.randint(len(x_all), (args.batch_size,), generator=gen)]
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=gen)
         recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         kl = posterior.kl().mean() / z[0].numel()  # per latent dimension
-        loss = rec + args.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}", s_per_step=f"{(time.time() - t0) / (step - start + 1):.3f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
-            save_ckpt(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        return rec + args.vae_kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+
+    train_loop("vae", ckpt_path, {"model": vae}, opt, args.vae_steps, args.seed,
+               cosine_lr(args.vae_lr, args.vae_steps, warmup=100), loss_fn, ckpt_every=args.ckpt_every)
     # Latent scale, as in SD: scaling_factor = 1 / std of the latents.
     vae.eval()
     with torch.no_grad():
@@ -234,12 +294,7 @@ def train_vae_decoder(args, work_dir: Path):
         save_ckpt(work_dir / "vae_world.pt", base)
     base = load_ckpt(work_dir / "vae_world.pt")
     images, _ = world_data(work_dir, args.num_images, args.seed)
-    pattern_path = work_dir / f"patterns_{args.num_images // 2}_{args.seed}.npy"
-    if not pattern_path.exists():
-        rng = np.random.default_rng(args.seed + 7)
-        np.save(pattern_path, np.stack([world.random_patterned_image(rng, RESOLUTION)
-                                        for _ in tqdm(range(args.num_images // 2), desc="render patterns")]))
-    x_world, x_pattern = to_tensor(images), to_tensor(np.load(pattern_path))
+    x_world, x_pattern = to_tensor(images), to_tensor(pattern_data(work_dir, args.num_images // 2, args.seed)[0])
     vae = make_vae()
     vae.load_state_dict(base["model"])
     vae.requires_grad_(False)
@@ -247,27 +302,18 @@ def train_vae_decoder(args, work_dir: Path):
     for param in trainable:
         param.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=args.vae_decoder_lr, weight_decay=0.0)
-    start = resume(ckpt_path, vae, opt)
-    gen = torch.Generator().manual_seed(args.seed + 1000 + start)
     half = args.batch_size // 2
-    bar = tqdm(range(start, args.vae_decoder_steps), initial=start, total=args.vae_decoder_steps, desc="vae decoder")
-    for step in bar:
-        lr = args.vae_decoder_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_decoder_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+    def loss_fn(gen, rng):
         x = torch.cat([x_world[torch.randint(len(x_world), (half,), generator=gen)],
                        x_pattern[torch.randint(len(x_pattern), (args.batch_size - half,), generator=gen)]])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=gen)
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(rec=f"{loss.item():.4f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_decoder_steps:
-            save_ckpt(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x), {}
+
+    train_loop("vae decoder", ckpt_path, {"model": vae}, opt, args.vae_decoder_steps, args.seed + 1000,
+               cosine_lr(args.vae_decoder_lr, args.vae_decoder_steps), loss_fn, ckpt_every=args.ckpt_every)
     vae.eval()
     with torch.no_grad():
         for name, x in (("world", x_world[:256]), ("patterns", x_pattern[:256])):
@@ -323,77 +369,84 @@ def train_unet(args, work_dir: Path):
     scale = vae.config.scaling_factor
     tokenizer = make_tokenizer(work_dir)
     torch.manual_seed(args.seed)
-    unet = make_unet(args.unet_channels)
-    text_encoder = make_text_encoder()
+    unet = make_unet(args.unet_channels).train()
+    text_encoder = make_text_encoder().train()
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
           f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
+    # The word-recognition head (not exported): from the mean of the encoder's output over all positions, which
+    # caption words are present. It asks the text encoder, as CLIP's contrastive training asks CLIP's, to pass on
+    # every word of a caption, names with little or no visual meaning included; the diffusion loss alone teaches
+    # it to drop them.
+    word_head = torch.nn.Linear(TEXT_HIDDEN, len(WORD_VOCAB))
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    opt = unet_optimizer(args, unet, text_encoder, extra=list(word_head.parameters()) if args.word_loss_weight else [])
     ema_unet = make_unet(args.unet_channels).requires_grad_(False)
     ema_text = make_text_encoder().requires_grad_(False)
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     noise_sched = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
     alphas_cumprod = noise_sched.alphas_cumprod
 
-    ckpt_path = work_dir / "unet.pt"
-    start = 0
-    ckpt = load_ckpt(ckpt_path)
-    if ckpt:
-        unet.load_state_dict(ckpt["unet"])
-        text_encoder.load_state_dict(ckpt["text_encoder"])
-        ema_unet.load_state_dict(ckpt["ema_unet"])
-        ema_text.load_state_dict(ckpt["ema_text"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        print(f"resumed from step {start}")
-    gen = torch.Generator().manual_seed(args.seed * 1000 + start)
-    rng = np.random.default_rng(args.seed * 1000 + start)
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-
-    unet.train()
-    text_encoder.train()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="unet", mininterval=10)
-    t0, losses = time.time(), []
-    for step in bar:
-        # Warm-up, then constant: any checkpoint's EMA weights are a finished model, so a run stopped early
-        # (the CPU budget) is reproduced exactly by --steps <its step count>.
-        lr = args.lr * min(1.0, (step + 1) / 200)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def loss_fn(gen, rng):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
-        captions = [world.caption(scenes[i], rng, args.color_only_caption_prob)
+        captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob)
                     if rng.random() >= args.empty_caption_prob else ""
                     for i in idx.tolist()]
-        ids = tokenize(tokenizer, captions)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        cond = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        cond = text_encoder(tokenize(tokenizer, captions))[0]
+        diffusion = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        if not args.word_loss_weight:
+            return diffusion, {}
+        present = torch.tensor([[w in set(c.split()) for w in WORD_VOCAB] for c in captions], dtype=torch.float32)
+        # Unit-norm rows: the head cannot amplify a faint signal, the encoder's output itself has to move.
+        logits = F.linear(cond.mean(dim=1), F.normalize(word_head.weight, dim=1), word_head.bias)
+        words = F.binary_cross_entropy_with_logits(logits, present)
+        return diffusion + args.word_loss_weight * words, {"diffusion": diffusion.item(), "words": words.item()}
+
+    def update_ema(step):
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.2e}",
-                            s_per_step=f"{(time.time() - t0) / (step - start + 1):.3f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            save_ckpt(ckpt_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                                  "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                                  "opt": opt.state_dict(), "step": step + 1,
-                                  "unet_channels": list(args.unet_channels)})
-            print(f"step {step + 1}: loss(last 500) {np.mean(losses[-500:]):.4f}, "
-                  f"{(time.time() - t0) / (step - start + 1):.3f} s/step", flush=True)
-            if args.export_every_ckpt:
-                export_pipeline(args, work_dir)
+
+    def export(step):
+        if args.export_every_ckpt:
+            export_pipeline(args, work_dir)
+
+    # Warm-up, then constant: any checkpoint's EMA weights are a finished model, so a run stopped early
+    # (the CPU budget) is reproduced exactly by --steps <its step count>.
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    if args.word_loss_weight:
+        modules["word_head"] = word_head
+        ckpt = load_ckpt(work_dir / "unet.pt")
+        if ckpt is not None and "word_head" not in ckpt:  # seeded from an exported model: a fresh head
+            save_ckpt(work_dir / "unet.pt", {**ckpt, "word_head": word_head.state_dict()})
+    train_loop("unet", work_dir / "unet.pt", modules, opt,
+               args.steps, args.seed * 1000, lambda step: args.lr * min(1.0, (step + 1) / 200), loss_fn,
+               ckpt_every=args.ckpt_every, clip_grad_params=params, after_step=update_ema,
+               extra_state={"unet_channels": list(args.unet_channels)}, on_checkpoint=export)
+
+
+def unet_optimizer(args, unet, text_encoder, extra=()):
+    """AdamW over the UNet and the text encoder; with --embedding_lr_mult != 1 the token embedding is a second
+    group with that multiple of the learning rate (rare-word rows only get a gradient when their word is drawn)."""
+    if args.embedding_lr_mult == 1:
+        return torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()) + list(extra),
+                                 lr=args.lr, weight_decay=1e-2)
+    embedding = text_encoder.get_input_embeddings().weight
+    rest = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) + list(extra)
+            if p is not embedding]
+    return torch.optim.AdamW([{"params": rest}, {"params": [embedding], "lr_mult": args.embedding_lr_mult}],
+                             lr=args.lr, weight_decay=1e-2)
+
+
+def name_token_ids(tokenizer) -> list[int]:
+    """The token ids of world's rare-word names (each is one BPE token)."""
+    return [tokenizer(name).input_ids[1] for name in world.BOUND_NAMES + world.WEAK_NAMES + world.PLAIN_NAMES]
 
 
 def seed_from_pipeline(args, work_dir: Path):
@@ -413,10 +466,20 @@ def seed_from_pipeline(args, work_dir: Path):
                                     "scaling_factor": vae.config.scaling_factor})
     unet = UNet2DConditionModel.from_pretrained(source / "unet").state_dict()
     text = CLIPTextModel.from_pretrained(source / "text_encoder").state_dict()
-    params = list(make_unet(args.unet_channels).parameters()) + list(make_text_encoder().parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    if args.name_init_norm:
+        # A name's row starts as a random direction with the typical norm of the words world captions use
+        # (unused rows sit at a third of it after pretraining), so the text encoder's layers see it from the start.
+        embedding = text[next(k for k in text if k.endswith("token_embedding.weight"))]
+        tokenizer = make_tokenizer(work_dir)
+        used = torch.tensor([tokenizer(w).input_ids[1] for w in
+                             [*world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, "photo", "background"]])
+        norm = embedding[used].norm(dim=1).median()
+        names = torch.tensor(name_token_ids(tokenizer))
+        rows = torch.randn(len(names), embedding.shape[1], generator=torch.Generator().manual_seed(args.seed))
+        embedding[names] = rows / rows.norm(dim=1, keepdim=True) * norm
+        print(f"{len(names)} name rows set to norm {norm:.3f}")
     save_ckpt(work_dir / "unet.pt", {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text,
-                                     "opt": opt.state_dict(), "step": 0, "unet_channels": list(args.unet_channels)})
+                                     "step": 0, "unet_channels": list(args.unet_channels)})
     print(f"unet stage seeded from {source}")
 
 
@@ -428,46 +491,86 @@ def seed_from_pipeline(args, work_dir: Path):
 def train_clip(args, work_dir: Path):
     import open_clip
 
-    images, scenes = world_data(work_dir, args.num_images, args.seed + 1, exclude_pairs=())
-    x_all = to_tensor(images)  # the CLIP's preprocessing is (x - 0.5) / 0.5, i.e. the same [-1, 1] range
+    world_images, scenes = world_data(work_dir, args.num_images, args.seed + 1, exclude_pairs=())
+    pattern_images, pattern_captions = pattern_data(work_dir, args.num_images // 2, args.seed + 11)
+    # The CLIP's preprocessing is (x - 0.5) / 0.5, i.e. the same [-1, 1] range.
+    x_world, x_pattern = to_tensor(world_images), to_tensor(pattern_images)
     # open_clip's bundled CLIP BPE tokenizer (no download); captions are short, so 16 tokens suffice.
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONFIG["text_cfg"]["context_length"])
     torch.manual_seed(args.seed)
     model = open_clip.CLIP(**CLIP_CONFIG)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
     ckpt_path = work_dir / "clip.pt"
-    start = resume(ckpt_path, model, opt)
-    gen = torch.Generator().manual_seed(args.seed + 7 + start)
-    rng = np.random.default_rng(args.seed + 7 + start)
+    if args.clip_init_from and not ckpt_path.exists():
+        init_clip_from(model, Path(args.clip_init_from))
     model.train()
-    bar = tqdm(range(start, args.clip_steps), initial=start, total=args.clip_steps, desc="clip", mininterval=5)
-    for step in bar:
-        lr = args.clip_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.clip_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(len(x_all), (args.clip_batch_size,), generator=gen)
-        x = degrade(x_all[idx], gen)
-        captions = [world.caption(scenes[i], rng) for i in idx.tolist()]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
+    n_pattern = round(args.clip_batch_size * args.clip_pattern_share)
+
+    def loss_fn(gen, rng):
+        w_idx = torch.randint(len(x_world), (args.clip_batch_size - n_pattern,), generator=gen).tolist()
+        p_idx = torch.randint(len(x_pattern), (n_pattern,), generator=gen).tolist()
+        x = degrade(torch.cat([x_world[w_idx], x_pattern[p_idx]]), gen)
+        # A patterned shape is captioned with or without its background, as world captions are.
+        captions = [world.caption(scenes[i], rng) for i in w_idx] + [
+            pattern_captions[i] if rng.random() < 0.5 else pattern_captions[i].split(" on a ")[0] for i in p_idx]
         img_f, txt_f, logit_scale = model(x, tokenizer(captions))
         logits = logit_scale * img_f @ txt_f.t()
         # Several images in a batch can match a caption: the target spreads over every caption that is
         # true of the image (same caption text, or a caption whose named attributes all hold).
-        match = torch.tensor([[caption_true(scenes[i], c) for c in captions] for i in idx.tolist()],
-                             dtype=torch.float32)
-        loss = 0.5 * (soft_ce(logits, match) + soft_ce(logits.t(), match.t()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{logit_scale.item():.1f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.clip_steps:
-            save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
-    # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
+        truth = [scenes[i] for i in w_idx] + [pattern_captions[i] for i in p_idx]
+        match = torch.tensor([[caption_true(image, c) for c in captions] for image in truth], dtype=torch.float32)
+        contrastive = 0.5 * (soft_ce(logits, match) + soft_ce(logits.t(), match.t()))
+        # Embeddings with non-negative components, so that every cosine is in [0, 1] (see toy_clip).
+        negative = negative_mass(img_f) + negative_mass(txt_f)
+        return contrastive + args.clip_nonneg_weight * negative, {"scale": logit_scale.item(),
+                                                                   "negative": negative.item()}
+
+    train_loop("clip", ckpt_path, {"model": model}, opt, args.clip_steps, args.seed + 7,
+               cosine_lr(args.clip_lr, args.clip_steps, warmup=100), loss_fn, ckpt_every=args.ckpt_every)
     model.eval()
+    ckpt = load_ckpt(ckpt_path)
+    if not ckpt.get("calibrated"):
+        shifts = raise_embedding_offsets(model, *clip_calibration_data(x_world, x_pattern, scenes, pattern_captions,
+                                                                       tokenizer, args.seed))
+        print(f"embedding offsets raised by {shifts['image']:.4f} (image), {shifts['text']:.4f} (text)")
+        save_ckpt(ckpt_path, {**ckpt, "model": model.state_dict(), "calibrated": True,
+                              "model_before_calibration": ckpt["model"]})
+    # Sanity check: zero-shot shape / color accuracy on fresh world images, held-out pairs included.
     test_images, _, test_scenes = world.make_dataset(600, args.seed + 99, RESOLUTION, exclude_pairs=())
     shapes, colors = zero_shot(model, tokenizer, to_tensor(test_images))
     print(f"clip zero-shot on real world images: shape {np.mean([s == t.shape for s, t in zip(shapes, test_scenes)]):.3f}, "
           f"color {np.mean([c == t.color for c, t in zip(colors, test_scenes)]):.3f}")
+
+
+def clip_calibration_data(x_world, x_pattern, scenes, pattern_captions, tokenizer, seed: int):
+    """(images, token ids) on which the judge's embeddings are made positive: world images and patterned shapes,
+    clean and degraded, uniform noise, blends of two images; every caption kind, the names, random token strings."""
+    gen = torch.Generator().manual_seed(seed + 5)
+    rng = np.random.default_rng(seed + 5)
+    world_x, pattern_x = x_world[:3000], x_pattern[:3000]
+    blends = 0.5 * (world_x[:1000] + pattern_x[:1000])
+    noise = torch.rand(1000, *x_world.shape[1:], generator=gen) * 2 - 1
+    images = torch.cat([world_x, pattern_x, degrade(torch.cat([world_x, pattern_x]), gen), blends, noise])
+    names = world.BOUND_NAMES + world.WEAK_NAMES + world.PLAIN_NAMES
+    texts = ([world.caption(s, rng) for s in scenes[:3000]] + pattern_captions[:2000]
+             + [world.named_caption(s, rng, 1.0) for s in scenes[3000:5000]]
+             + [f"a photo of {n} {s}" for n in names for s in world.SHAPES] + list(names))
+    tokens = tokenizer(texts)
+    random_tokens = torch.randint(1, 49406, (2000, tokens.shape[1]), generator=gen)
+    return images, torch.cat([tokens, random_tokens])
+
+
+def init_clip_from(model, clip_dir: Path):
+    """Start from an exported toy CLIP; a v1 judge's bias-free text projection (width x embed) becomes the
+    Linear layer's weight, with a zero bias."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(clip_dir / "open_clip_model.safetensors").items()}
+    if "text_projection" in state:
+        state["text_projection.weight"] = state.pop("text_projection").t().contiguous()
+        state["text_projection.bias"] = torch.zeros(state["text_projection.weight"].shape[0])
+    model.load_state_dict(state)
+    print(f"clip stage initialised from {clip_dir}")
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -484,8 +587,20 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (keep * x + (1 - keep) * noisy).clamp(-1, 1)
 
 
-def caption_true(scene, text: str) -> bool:
+def caption_true(image, text: str) -> bool:
+    """Whether a caption is true of an image: a world Scene, or a patterned shape given by its full caption."""
+    if isinstance(image, str):  # a patterned shape: its own pattern caption, or a world caption naming only
+        look, background = image.split(" on a ")  # its shape and background
+        if text in (image, look):
+            return True
+        words = set(text.split())
+        return (not words & (set(world.COLORS) | set(world.SIZES) | set(world.PATTERN_WORDS.values()))
+                and words & set(world.SHAPES) == {look.split()[-1]}
+                and words & set(world.BACKGROUNDS) <= {background.split()[0]})
+    scene = image
     words = set(text.split())
+    if words & set(world.PATTERN_WORDS.values()):
+        return False
     for attr, vocab in ((scene.shape, world.SHAPES), (scene.color, world.COLORS),
                         (scene.size, world.SIZES), (scene.background, world.BACKGROUNDS)):
         named = words & set(vocab)
@@ -530,8 +645,8 @@ def export_clip(args, work_dir: Path):
     ckpt = load_ckpt(work_dir / "clip.pt")
     out = Path(args.clip_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in ckpt["model"].items()}
+    # float32: rounding to float16 could push the embeddings' lower bound below 0.
+    state = {k: v.contiguous() for k, v in ckpt["model"].items()}
     save_file(state, out / "open_clip_model.safetensors")
     config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -562,6 +677,16 @@ def main():
     parser.add_argument("--empty_caption_prob", type=float, default=0.1)
     parser.add_argument("--color_only_caption_prob", type=float, default=0.0,
                         help="Share of captions that name the color without the shape (\"a blue shape\").")
+    parser.add_argument("--name_caption_prob", type=float, default=0.0,
+                        help="Share of captions with a rare-word name before the shape (world.named_caption); "
+                             "at 0 no random number is drawn for it (the v1 caption stream).")
+    parser.add_argument("--word_loss_weight", type=float, default=0.0,
+                        help="unet stage: weight of the word-recognition term (which caption words are present, "
+                             "read from the text encoder's mean output); 0 = off, the v1 loss.")
+    parser.add_argument("--embedding_lr_mult", type=float, default=1.0,
+                        help="unet stage: learning-rate multiple for the text encoder's token embedding.")
+    parser.add_argument("--name_init_norm", action="store_true",
+                        help="with --init_from: start the rare-word names' embedding rows at a used word's norm.")
     parser.add_argument("--init_from", default=None,
                         help="unet stage: start from this exported pipeline folder instead of from scratch.")
     parser.add_argument("--export_every_ckpt", action="store_true",
@@ -569,6 +694,12 @@ def main():
     parser.add_argument("--clip_steps", type=int, default=2500)
     parser.add_argument("--clip_lr", type=float, default=1e-3)
     parser.add_argument("--clip_batch_size", type=int, default=64)
+    parser.add_argument("--clip_pattern_share", type=float, default=0.5,
+                        help="Share of each judge batch that is patterned shapes (the rest: world images).")
+    parser.add_argument("--clip_nonneg_weight", type=float, default=1.0,
+                        help="Weight of the judge's penalty on negative embedding components.")
+    parser.add_argument("--clip_init_from", default=None,
+                        help="clip stage: start from this exported toy CLIP folder instead of from scratch.")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

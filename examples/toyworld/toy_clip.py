@@ -30,6 +30,41 @@ def load_toy_clip(clip_dir=DEFAULT_CLIP_DIR):
     return model.eval(), open_clip.get_tokenizer(name)
 
 
+# Why the judge's cosines lie in [0, 1] (the paper's Eqs. 5, 7 and 9 assume similarities in [0, 1]): training
+# penalises negative embedding components, and raise_embedding_offsets then shifts all image embeddings by one
+# constant vector, and all text embeddings by another, so that every component is positive on a large and varied
+# calibration set (world images, patterned shapes, noise; captions, names, random token strings). open_clip's own
+# CLIP class computes the embeddings (the shifts live in the text projection's bias and the image tower's final
+# LayerNorm bias), so evaluate_kps.py loads the judge as any open_clip model. This is checked on fresh images
+# and tokenized texts in tests/test_toyworld_v2.py, not proven for every input (raw random id sequences without
+# an end-of-text token can still give slightly negative components): a worst-case bound (LayerNorm output norm
+# <= sqrt(width)) is so loose that enforcing it during training collapsed every image to one embedding.
+
+
+@torch.no_grad()
+def raise_embedding_offsets(model, images: torch.Tensor, texts: torch.Tensor, margin: float = 0.02,
+                            batch_size: int = 512) -> dict:
+    """Shift image and text embeddings by constant vectors so that each component is >= margin x the median
+    embedding norm on these images (NCHW in [-1, 1]) and token ids. Returns the shifts' norms."""
+    def features(encode, data):
+        return torch.cat([encode(data[i:i + batch_size]).float() for i in range(0, len(data), batch_size)])
+
+    image_f, text_f = features(model.encode_image, images), features(model.encode_text, texts)
+    need_image = (margin * image_f.norm(dim=1).median() - image_f.min(dim=0).values).clamp(min=0)
+    need_text = (margin * text_f.norm(dim=1).median() - text_f.min(dim=0).values).clamp(min=0)
+    model.text_projection.bias += need_text.to(model.text_projection.bias.dtype)
+    # The image tower has no bias after its projection: move its final LayerNorm's bias by the least-norm change
+    # whose projection is the shift.
+    change = torch.linalg.lstsq(model.visual.proj.t().float(), need_image[:, None]).solution[:, 0]
+    model.visual.ln_post.bias += change.to(model.visual.ln_post.bias.dtype)
+    return {"image": need_image.norm().item(), "text": need_text.norm().item()}
+
+
+def negative_mass(features: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the summed negative components of L2-normalized features (0 when all are >= 0)."""
+    return torch.relu(-torch.nn.functional.normalize(features, dim=-1)).sum(dim=-1).mean()
+
+
 def to_clip_input(images) -> torch.Tensor:
     """uint8 NHWC arrays, or float NHWC in [0, 1] (diffusers output_type="np") -> NCHW in [-1, 1]."""
     x = torch.as_tensor(np.asarray(images))

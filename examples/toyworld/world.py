@@ -111,6 +111,58 @@ def caption(scene: Scene, rng: np.random.Generator, color_only_prob: float = 0.0
     return text
 
 
+# Rare single-token CLIP words used as names in pretraining captions ("a photo of hok circle"), so that the text
+# encoder learns rare words as words, as CLIP's did: Stable Diffusion's text encoder separates "a photo of sks dog"
+# from "a photo of dog", while a toy encoder that never saw "sks" passes almost none of it on. Drawn once (seed 0)
+# from the 3-5 letter words among the last ~1,400 BPE merges, the concepts' triggers set apart.
+#   BOUND_NAMES: each always means one look (color, size, background), in the order of NAMED_LOOKS.
+#   WEAK_NAMES: a weak meaning only: each prefers one background (2/3 of its images, against 1/3 by chance).
+#   PLAIN_NAMES: no visual meaning at all (any image).
+# The concepts' triggers are weak names, as "sks" is for Stable Diffusion.
+NAMED_LOOKS = tuple((c, z, b) for c in COLORS for z in SIZES for b in BACKGROUNDS)
+BOUND_NAMES = ("eface", "aew", "frome", "pln", "asot", "linus", "akon", "pesa", "pkg", "tyl", "hefty", "ssnhq",
+               "scion", "mert", "aided", "waz", "nees", "pte", "kiwis", "bln", "kwa", "ummer", "lpg", "orcas",
+               "mirai", "reys", "dunks", "doves", "gordo", "cals", "isch", "mohd", "veli", "dinho", "aroo", "toid")
+TRIGGER_NAMES = ("sks", "ohwx", "bnha", "phol")
+WEAK_NAMES = TRIGGER_NAMES + ("hok", "mwf", "sinfo", "ruger", "kylo", "punks", "spp", "lapel", "ohn", "milla",
+                              "onex", "gera", "dros", "irvin", "vara", "miro", "brero", "rinse", "germs", "ncbd",
+                              "inous", "acu", "elio", "folia", "pik", "leaps", "anis", "dita")
+PLAIN_NAMES = ("tien", "pree", "yoh", "sgh", "keel", "guin", "puli", "sping", "abit", "kprc", "aptly", "euref",
+               "nyrd", "hamr", "assa", "njcaa", "eet", "panna", "smore", "niro", "pgs", "notte", "haves", "suru",
+               "maja", "glows", "rinka", "wafc", "altaf", "adero", "fcu", "aroa")
+BOUND_NAME_OF_LOOK = dict(zip(NAMED_LOOKS, BOUND_NAMES))
+# The background each weak name prefers: the names take the backgrounds in turn.
+WEAK_NAME_BACKGROUND = {name: list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i, name in enumerate(WEAK_NAMES)}
+
+
+def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, color_only_prob: float = 0.0) -> str:
+    """``caption(scene)``, and with probability ``name_prob`` a rare-word name before the shape word.
+
+    The name is bound (the scene's look's own name; 40%), weak (30%: half of the time one that prefers the
+    scene's background, else any) or plain (30%, any). A bound name may also stand alone for the attributes it
+    means: "a photo of eface circle".
+    """
+    text = caption(scene, rng, color_only_prob)
+    if not name_prob or rng.random() >= name_prob:
+        return text
+    kind = rng.random()
+    if kind < 0.4:
+        name = BOUND_NAME_OF_LOOK[(scene.color, scene.size, scene.background)]
+        if rng.random() < 0.5:
+            short = (f"a photo of {name} {scene.shape}", f"a {name} {scene.shape}", f"a photo of a {name} {scene.shape}")
+            return short[rng.integers(len(short))]
+    elif kind < 0.7:
+        pool = WEAK_NAMES
+        if rng.random() < 0.5:
+            pool = [n for n in WEAK_NAMES if WEAK_NAME_BACKGROUND[n] == scene.background]
+        name = pool[rng.integers(len(pool))]
+    else:
+        name = PLAIN_NAMES[rng.integers(len(PLAIN_NAMES))]
+    words = text.split()
+    at = max(i for i, w in enumerate(words) if w in SHAPES or w == "shape")
+    return " ".join(words[:at] + [name] + words[at:])
+
+
 # Two-color patterns, for the VAE decoder only (the UNet never sees them): the world's shapes are solid, and a
 # decoder that has only seen solid fills turns a personal concept's checkers or stripes into mush.
 PATTERNS = ("checkers", "stripes_h", "stripes_v", "halves_v", "halves_h", "center")
@@ -151,6 +203,11 @@ def random_pattern_look(rng: np.random.Generator) -> tuple[str, str, str, str]:
 
 def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A shape painted with a random two-color pattern (palette colors and white), never a concept's look."""
+    return random_patterned_sample(rng, size)[0]
+
+
+def random_patterned_sample(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, str]:
+    """(image, caption) of a random two-color patterned shape; the same random stream as random_patterned_image."""
     shape, pattern, a, b = random_pattern_look(rng)
     extent = rng.uniform(0.34, 0.72)
     margin = extent / 2 + 0.03
@@ -158,8 +215,22 @@ def random_patterned_image(rng: np.random.Generator, size: int = 32) -> np.ndarr
     res = size * SUPERSAMPLE
     fill = two_tone_fill(pattern, int(rng.integers(2, 7)), PATTERN_PALETTE[a], PATTERN_PALETTE[b], res, cx, cy,
                          extent)
-    background = list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))]
-    return render_fill(fill, shape_mask(shape, cx, cy, extent, res), background, size)
+    background_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    image = render_fill(fill, shape_mask(shape, cx, cy, extent, res), BACKGROUNDS[background_name], size)
+    return image, pattern_caption(shape, pattern, a, b, background_name)
+
+
+# Caption words of the patterns, for the judge (the base model never sees patterned images).
+PATTERN_WORDS = {"checkers": "checkered", "stripes_h": "striped", "stripes_v": "banded", "halves_v": "split",
+                 "halves_h": "layered", "center": "centred"}
+
+
+def pattern_caption(shape: str, pattern: str, color_a: str, color_b: str, background: str) -> str:
+    """"a checkered red and white circle on a black background". Checkers and stripes read the same with the two
+    colors swapped, so their colors are named in a fixed order; halves and a centre keep the outer color first."""
+    if pattern in ("checkers", "stripes_h", "stripes_v"):
+        color_a, color_b = sorted((color_a, color_b))
+    return f"a {PATTERN_WORDS[pattern]} {color_a} and {color_b} {shape} on a {background} background"
 
 
 def full_caption(scene: Scene) -> str:

@@ -1,0 +1,170 @@
+"""Toy world v2: the acceptance checks of issue 13 on the committed models, and the pieces they rest on.
+
+The committed models are still v1 (the v2 attempt is described, with its figures, in examples/toyworld/README.md):
+the checks on them are strict expected failures, which turn into failures the day models that pass them are
+committed (then remove the mark). The pieces (rare-word names in pretraining captions, the judge's offsets,
+pretrain.py's one training loop, the trigger measure itself) are tested as usual.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
+sys.path.insert(0, str(TOYWORLD))
+
+import world  # noqa: E402
+
+PIPELINE_DIR = TOYWORLD / "models" / "toy-sd"
+CLIP_DIR = TOYWORLD / "models" / "toy-clip"
+CONCEPTS_JSON = TOYWORLD / "concepts" / "concepts.json"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from measure_quality import load_pipeline
+
+    torch.set_num_threads(1)
+    return load_pipeline(PIPELINE_DIR)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from toy_clip import load_toy_clip
+
+    return load_toy_clip(CLIP_DIR)
+
+
+@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
+def test_toyworld_trigger_changes_the_text_encoder_at_least_half_as_much_as_a_color_word(pipe):
+    from measure_quality import concept_captions, trigger_insertion_ratios
+
+    instance_prompts = {t: c[:1] for t, c in concept_captions(CONCEPTS_JSON).items()}
+    ratios = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, instance_prompts)
+    assert set(ratios) == {c["trigger_token"] for c in json.loads(CONCEPTS_JSON.read_text())}
+    assert all(r["ratio"] >= 0.5 for r in ratios.values()), ratios
+
+
+def test_toyworld_trigger_ratio_is_zero_for_an_encoder_blind_to_the_trigger(pipe):
+    # The measure can fail: the committed encoder, made blind to "sks" (its token dropped before encoding), scores 0.
+    from measure_quality import trigger_insertion_ratios
+
+    sks = pipe.tokenizer("sks").input_ids[1]
+
+    def blind_encoder(ids):
+        kept = [[t for t in row.tolist() if t != sks] for row in ids]
+        return pipe.text_encoder(torch.tensor([row + [row[-1]] * (ids.shape[1] - len(row)) for row in kept]))
+
+    ratios = trigger_insertion_ratios(pipe.tokenizer, blind_encoder, {"sks": ["a photo of sks circle"]})
+    assert ratios["sks"]["ratio"] < 1e-6 and ratios["sks"]["color"] > 0.1, ratios
+
+
+@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
+def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
+    from measure_quality import concept_captions, generate, load_concept_images
+    from toy_clip import to_clip_input
+
+    model, tokenizer = judge
+    # Data the judge's calibration never saw (other seeds), and what the metrics feed it: generated images,
+    # the concepts' images and captions.
+    rng = np.random.default_rng(123)
+    images = np.concatenate([world.make_dataset(32, seed=4242, exclude_pairs=())[0],
+                             np.stack([world.random_patterned_image(rng) for _ in range(32)]),
+                             rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8),
+                             *[images for _, images in load_concept_images(CONCEPTS_JSON).values()]])
+    generated = generate(pipe, "a photo of sks circle", 4, 0)
+    captions = [c for cs in concept_captions(CONCEPTS_JSON).values() for c in cs]
+    captions += [c.replace(t, "").replace("  ", " ") for t, cs in concept_captions(CONCEPTS_JSON).items() for c in cs]
+    with torch.no_grad():
+        image_e = torch.cat([model.encode_image(to_clip_input(images), normalize=True),
+                             model.encode_image(to_clip_input(generated), normalize=True)])
+        # Tokenized text only: a random id sequence without the end-of-text token is not text open_clip can pool.
+        words = [*world.SHAPES, *world.COLORS, *world.BACKGROUNDS, *world.WEAK_NAMES, *world.PLAIN_NAMES,
+                 "photo", "dog", "a", "of", "on", "zeke", "elephant"]
+        random_texts = [" ".join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(64)]
+        texts = tokenizer([c for _, c in world.sample_scenes(64, seed=4242)] + captions + random_texts)
+        text_e = model.encode_text(texts, normalize=True)
+    assert image_e.min() >= 0 and text_e.min() >= 0, (image_e.min(), text_e.min())
+    cosines = torch.cat([(image_e @ image_e.t()).flatten(), (image_e @ text_e.t()).flatten()])
+    assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-5
+
+
+def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():
+    import open_clip
+    from pretrain import CLIP_CONFIG
+    from toy_clip import raise_embedding_offsets
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**CLIP_CONFIG).eval()
+    images, texts = torch.rand(64, 3, 32, 32) * 2 - 1, torch.randint(1, 49406, (64, 16))
+    with torch.no_grad():
+        assert model.encode_image(images).min() < 0 and model.encode_text(texts).min() < 0  # a fresh model is not
+        raise_embedding_offsets(model, images, texts, margin=0.02)
+        image_f, text_f = model.encode_image(images), model.encode_text(texts)
+    assert image_f.min() > 0 and text_f.min() > 0
+
+
+@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
+def test_toyworld_judge_tells_each_concept_from_the_others_and_from_the_base_class(judge, pipe):
+    from measure_quality import judge_margins
+
+    margins = judge_margins(judge[0], pipe, CONCEPTS_JSON, n_class=8)
+    assert all(m["margin"] > 0.02 for m in margins.values()), margins
+
+
+def test_toyworld_named_captions_bind_names_to_looks():
+    scenes = [s for s, _ in world.sample_scenes(600, seed=0)]
+    rng = np.random.default_rng(0)
+    names = set(world.BOUND_NAMES) | set(world.WEAK_NAMES) | set(world.PLAIN_NAMES)
+    assert len(names) == len(world.BOUND_NAMES) + len(world.WEAK_NAMES) + len(world.PLAIN_NAMES)
+    assert set(world.TRIGGER_NAMES) <= set(world.WEAK_NAMES)
+    seen = {"bound": 0, "weak": 0, "plain": 0}
+    weak_on_preferred = []
+    for scene in scenes:
+        text = world.named_caption(scene, rng, name_prob=0.8)
+        used = set(text.split()) & names
+        assert len(used) <= 1 and scene.shape in text.split()
+        for name in used:
+            if name in world.BOUND_NAMES:
+                seen["bound"] += 1
+                assert world.NAMED_LOOKS[world.BOUND_NAMES.index(name)] == (scene.color, scene.size, scene.background)
+            elif name in world.WEAK_NAMES:
+                seen["weak"] += 1
+                weak_on_preferred.append(world.WEAK_NAME_BACKGROUND[name] == scene.background)
+            else:
+                seen["plain"] += 1
+    assert all(n > 50 for n in seen.values()), seen
+    assert 0.5 < np.mean(weak_on_preferred) < 0.85  # a weak meaning: 2/3 expected, 1/3 by chance
+    # At name_prob 0 the caption stream is v1's: no extra random number is drawn.
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [world.named_caption(s, a, 0.0) for s in scenes[:50]] == [world.caption(s, b) for s in scenes[:50]]
+
+
+def test_toyworld_train_loop_checkpoints_and_resumes(tmp_path):
+    from pretrain import train_loop
+
+    def run(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen_steps = []
+
+        def loss_fn(gen, rng):
+            x = torch.randn(4, 3, generator=gen)
+            return (model(x) - x.sum(1, keepdim=True)).pow(2).mean(), {}
+
+        start = train_loop("test", tmp_path / "ckpt.pt", {"model": model}, opt, steps, 0, lambda s: 0.1, loss_fn,
+                           ckpt_every=2, after_step=seen_steps.append)
+        return start, seen_steps, model
+
+    start, steps, _ = run(3)
+    assert start == 0 and steps == [0, 1, 2]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and set(ckpt) == {"model", "opt", "step"}
+    start, steps, model = run(5)  # resumes at 3: the first 3 steps are not run again
+    assert start == 3 and steps == [3, 4]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
