@@ -62,6 +62,9 @@ def test_meter_peak_is_the_maximum_over_time_and_weights_can_be_excluded():
 
 
 BATCH = 2
+# The FLOP counter slows a step down several times: the fixture measures the three configurations the goals are
+# about (lora+prior is exercised by the report test).
+MEASURED = ("lora", "cat-lean", "cat-batched")
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
@@ -73,14 +76,13 @@ def counts(request):
     bench = B.Bench(pipeline, args)
     assert type(bench.family).__name__ == {"sd": "StableDiffusionFamily", "sdxl": "StableDiffusionXLFamily"}[
         request.param]
-    return {name: bench.measure_counts(name, seed=5) for name in B.CONFIGS}
+    return {name: bench.measure_counts(name, seed=5) for name in MEASURED}
 
 
 def test_frozen_pass_seen_by_the_hooks_runs_without_grad_and_without_lora(counts):
     # The denoiser calls of each step, in order: (autograd on, rows). The frozen pass is the one without autograd.
     calls = {name: [(call["grad"], call["rows"]) for call in c["denoiser_calls"]] for name, c in counts.items()}
     assert calls["lora"] == [(True, BATCH)]
-    assert calls["lora+prior"] == [(True, 2 * BATCH)]
     assert calls["cat-lean"] == [(True, BATCH), (True, BATCH), (False, BATCH)]
     assert calls["cat-batched"] == [(True, 2 * BATCH), (False, BATCH)]
     for name in ("cat-lean", "cat-batched"):
@@ -104,7 +106,7 @@ def test_denoiser_flops_sit_on_the_frozen_base_floor(counts):
     # Both CAT modes do the same work; the VAE encode is shared (once per step in every configuration).
     assert counts["cat-lean"]["flops"] == counts["cat-batched"]["flops"]
     vae = {name: c["flops_by_model"]["VAE encode"] for name, c in counts.items()}
-    assert vae["cat-lean"] == vae["cat-batched"] == vae["lora"] == vae["lora+prior"] / 2
+    assert vae["cat-lean"] == vae["cat-batched"] == vae["lora"]
 
 
 def test_memory_held_for_backward_lean_as_lora_batched_twice(counts):
@@ -112,7 +114,6 @@ def test_memory_held_for_backward_lean_as_lora_batched_twice(counts):
     assert saved["lora"] > 0
     assert saved["cat-lean"] / saved["lora"] == pytest.approx(1.0, abs=0.05)  # the goal: lean <= 1.05x LoRA
     assert saved["cat-batched"] / saved["lora"] == pytest.approx(2.0, rel=0.05)
-    assert saved["lora+prior"] / saved["lora"] == pytest.approx(2.0, rel=0.05)
     for name, c in counts.items():
         assert c["saved_left"] == 0, name  # every graph was backwarded and released
 
@@ -136,7 +137,6 @@ def test_real_architectures_build_their_published_parameter_counts(tmp_path, mod
     assert list(unet.block_out_channels) == ([320, 640, 1280, 1280] if model == "sd15" else [320, 640, 1280])
     assert unet.cross_attention_dim == (768 if model == "sd15" else 2048)
     assert models["vae"].config.scaling_factor == (0.18215 if model == "sd15" else 0.13025)
-    assert family.load_tokenizers()["tokenizer"]("a photo of teapot").input_ids[0] == 49406  # real CLIP BPE
 
 
 def table_section(printed: str, first_titles: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -157,7 +157,7 @@ def test_main_prints_a_table_whose_ratios_are_computed_from_the_measurements(tin
     output = tmp_path / "table.md"
     report = B.main(["--model", tiny_sdxl_pipeline, "--resolution", "32", "--batch_size", "1", "--steps", "2",
                      "--warmup", "0", "--rss", "inprocess", "--threads", "1", "--phase_steps", "1",
-                     "--configs", "cat-lean", "--output", str(output)])
+                     "--configs", "lora+prior,cat-lean", "--output", str(output)])
     printed = capsys.readouterr().out
     assert report["table"] in printed
     assert output.read_text(encoding="utf-8") == report["table"]
@@ -165,7 +165,7 @@ def test_main_prints_a_table_whose_ratios_are_computed_from_the_measurements(tin
     results = report["results"]
     lora = results["lora"]
     titles, rows = table_section(printed, "config | step ms (median)")
-    assert list(rows) == ["lora", "cat-lean"]  # lora is always measured: the ratios' reference
+    assert list(rows) == ["lora", "lora+prior", "cat-lean"]  # lora is always measured: the ratios' reference
 
     def ratio_after(cells, title):  # the "x LoRA" cell that follows the column ``title``
         column = titles.index(title) + 1
@@ -187,7 +187,11 @@ def test_main_prints_a_table_whose_ratios_are_computed_from_the_measurements(tin
         # In one process the heap is reused, so LoRA's RSS rise can be 0: then there is no ratio.
         rise_ratio = f"{r['rss_step'] / lora['rss_step']:.2f}x" if lora["rss_step"] else "n/a"
         assert ratio_after(cells, "step RSS rise MiB") == rise_ratio
-    assert rows["cat-lean"][titles.index("denoiser calls (rows, autograd)")] == "1 grad, 1 grad, 1 no grad"
+    calls_column = titles.index("denoiser calls (rows, autograd)")
+    assert rows["cat-lean"][calls_column] == "1 grad, 1 grad, 1 no grad"
+    assert rows["lora+prior"][calls_column] == "2 grad"  # the class rows join the instance rows
+    # Prior preservation doubles the diffusion batch: twice the bytes held for backward.
+    assert results["lora+prior"]["saved_peak"] / lora["saved_peak"] == pytest.approx(2.0, rel=0.05)
     # The measured denoiser FLOP ratio is printed beside both floors.
     titles, flop_rows = table_section(printed, "config | denoiser")
     denoiser = {name: r["flops_by_model"]["denoiser"] for name, r in results.items()}
