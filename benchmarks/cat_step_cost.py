@@ -83,6 +83,7 @@ from typing import Callable
 
 import diffusers
 import torch
+import transformers
 from diffusers import ModelMixin, UNet2DConditionModel
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
@@ -332,9 +333,9 @@ def family_for(model_path: str, args, random_weights: bool = False):
     return with_random_weights(family) if random_weights else family
 
 
-def parameter_counts(models: dict) -> dict:
-    """Parameters of every model (frozen base and LoRA), by pipeline component."""
-    return {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()
+def base_parameter_counts(models: dict) -> dict:
+    """Parameters of the frozen base models by pipeline component (trainable LoRA weights not included)."""
+    return {name: sum(p.numel() for p in model.parameters() if not p.requires_grad) for name, model in models.items()
             if isinstance(model, torch.nn.Module)}
 
 
@@ -399,8 +400,8 @@ class Bench:
         self.model_labels[type(self.denoiser).__name__] = "denoiser"
 
     @property
-    def frozen_models(self) -> list:
-        return [m for name, m in self.models.items() if isinstance(m, torch.nn.Module)]
+    def torch_models(self) -> list:
+        return [model for model in self.models.values() if isinstance(model, torch.nn.Module)]
 
     def optimizer(self, config: str):
         if config not in self.optimizers:
@@ -518,7 +519,7 @@ class Bench:
         """FLOPs, bytes saved for backward at their peak, and the denoiser calls of one step (untimed)."""
         calls, handles = self.watch_denoiser()
         flops = FlopCounterMode(display=False)
-        meter = SavedTensorMeter(exclude=weight_storage_keys(*self.frozen_models))
+        meter = SavedTensorMeter(exclude=weight_storage_keys(*self.torch_models))
         cuda = self.device.type == "cuda"
         if cuda:
             self.synchronize()
@@ -751,7 +752,8 @@ def format_table(results: dict, meta: dict) -> str:
         "",
         f"- Machine: {meta['cpu']} ({meta['cores']} logical CPUs), torch {meta['torch']}, "
         f"{meta['threads']} torch threads, device {meta['device']}",
-        f"- Models ({meta['family']}{', random weights' if meta['random_weights'] else ''}): parameters {parameters}; "
+        f"- Models ({meta['family']}{', random weights' if meta['random_weights'] else ''}): base parameters "
+        f"{parameters}; "
         f"LoRA on {', '.join(meta['adapted'])}: {meta['trainable'] / 1e6:.3f} M trainable",
         f"- Resolution {meta['resolution']}, batch {meta['batch_size']} instance images, LoRA rank {meta['rank']}, "
         f"gradient checkpointing {meta['gradient_checkpointing']}, text-encoder LoRA {meta['train_text_encoder']}, "
@@ -868,6 +870,11 @@ def check_args(args) -> list[str]:
 def main(argv=None) -> dict:
     """Run the benchmark; print (and with --output, save) the table; return the per-configuration results."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Keep the report readable: no per-model dtype warnings or weight-loading progress bars.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     configs = check_args(args)
     if args.threads:
@@ -883,7 +890,7 @@ def main(argv=None) -> dict:
         bench = Bench(model_path, args, random_weights)
         meta = {"model": args.model, "family": type(bench.family).__name__.removeprefix("RandomWeights"),
                 "random_weights": random_weights, "denoiser": bench.family.denoiser,
-                "parameters": {name: count for name, count in parameter_counts(bench.models).items()},
+                "parameters": base_parameter_counts(bench.models),
                 "adapted": T.adapted_components(bench.family, args.train_text_encoder),
                 "trainable": sum(p.numel() for p in bench.trainable)}
         results = {name: {} for name in configs}
