@@ -75,6 +75,7 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -364,6 +365,17 @@ def make_batches(resolution: int, batch_size: int) -> dict:
             True: T.collate_examples([prior[i] for i in range(batch_size)])}
 
 
+@contextmanager
+def default_dtype(dtype):
+    """torch's default floating dtype set to ``dtype`` inside the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def first_tensor(args: tuple, kwargs: dict):
     return next((value for value in (*args, *kwargs.values()) if torch.is_tensor(value)), None)
 
@@ -379,8 +391,11 @@ class Bench:
         options = Namespace(rank=args.rank, lora_alpha=float(args.rank), train_text_encoder=args.train_text_encoder,
                             gradient_checkpointing=args.gradient_checkpointing)
         torch.manual_seed(0)
+        # Random weights are created directly in the weight dtype: with bf16, SDXL's 14 GB float32 copy never exists.
         # prepare_models reads only the accelerator's device: no Accelerator (and its global state) is needed.
-        self.models = T.prepare_models(options, self.family, SimpleNamespace(device=self.device), self.weight_dtype)
+        with default_dtype(self.weight_dtype if random_weights else torch.get_default_dtype()):
+            self.models = T.prepare_models(options, self.family, SimpleNamespace(device=self.device),
+                                           self.weight_dtype)
         self.denoiser = self.models[self.family.denoiser]
         self.text_encoders = {name: self.models[name] for name in self.family.text_encoders}
         self.encode_prompts = T.PromptEncoder(self.family, self.text_encoders)
