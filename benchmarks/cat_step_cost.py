@@ -49,9 +49,10 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
     a folder    any local diffusers pipeline folder (or hub id) of a family train_cat_lora.py trains
 
 On a GPU, ``--model sd15 --resolution 512`` and ``--model sdxl --resolution 1024 --mixed_precision bf16`` measure
-the real ratios in one command. On a CPU they are slow (building the random SD 1.5 weights alone takes ~25 s,
-SDXL's over a minute; a step of SD 1.5 at 64x64 takes seconds): use a small ``--resolution``, ``--batch_size
-1`` and a few ``--steps``, and read the result as CPU figures.
+the real ratios in one command. On a CPU they are slow (on the project's shared 2-core machine, building the
+random SD 1.5 U-Net took 24 s and one SD 1.5 LoRA step at 64x64, batch 1, most of a minute or more under load):
+use a small ``--resolution``, ``--batch_size 1``, few ``--steps`` and ``--rss off``, and read the result as CPU
+figures.
 
 Adding a family (e.g. Flux, whose denoiser is ``transformer``): everything here goes through ``family.denoiser``,
 ``family.text_encoders`` and the training script's step, so a new family needs only a ``MODELS`` entry that
