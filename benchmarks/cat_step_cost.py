@@ -1,43 +1,67 @@
 #!/usr/bin/env python
 """What one CAT training step costs next to a plain LoRA step: time, FLOPs and memory, side by side.
 
-Eq. 3 of CAT (arXiv 2404.07554, §2.2) needs per step an adapted U-Net forward on y_T and one on y (both with
-gradient) and a frozen forward on y (no gradient). This script runs ``train_cat_lora.training_step`` for
+Eq. 3 of CAT (arXiv 2404.07554, §2.2) needs per step an adapted denoiser forward on y_T and one on y (both with
+gradient) and a frozen forward on y (no gradient). This script prepares the models with the training script's
+own code (``model_family``, ``prepare_models``, ``PromptEncoder``) and runs ``train_cat_lora.training_step`` for
 
     lora          the plain LoRA objective (cat_alpha 0)
     lora+prior    plain LoRA with DreamBooth prior preservation (the diffusion batch doubles)
     cat-lean      CAT, diffusion term backwarded before the CAT passes (``--cat_mode lean``)
-    cat-batched   CAT, both adapted passes in one U-Net call (``--cat_mode batched``)
+    cat-batched   CAT, both adapted passes in one denoiser call (``--cat_mode batched``)
 
 on the same batch and seeds and reports, per configuration and as a ratio to ``lora``:
 
-- step time: the full optimizer step users pay (VAE encode, text encode, U-Nets, backward, gradient clipping,
-  AdamW, zero_grad); median over ``--steps`` rounds after ``--warmup``. The configurations run interleaved,
-  round by round with the same seed per round, and the time ratio is the median of the per-round ratios, so
-  load from other processes on a shared machine hits all configurations alike.
-- FLOPs per step (``torch.utils.flop_counter``, forward and backward).
+- step time: the full optimizer step users pay (VAE encode, text encode, denoiser passes, backward, gradient
+  clipping, AdamW, zero_grad); median over ``--steps`` rounds after ``--warmup``. The configurations run
+  interleaved, round by round with the same seed per round, and the time ratio is the median of the per-round
+  ratios, so load from other processes on a shared machine hits all configurations alike.
+- FLOPs per step (``torch.utils.flop_counter``, forward and backward), in total and by model.
 - bytes saved for backward at their peak, counted exactly with ``torch.autograd.graph.saved_tensors_hooks``
   (storage bytes, deduplicated by storage, frozen weights excluded); on CUDA also ``max_memory_allocated``.
 - process peak RSS and the step's RSS increment over the RSS after setup, each configuration in a fresh
   subprocess by default (``--rss subprocess``) so that peaks do not mix.
-- how many U-Net passes ran the LoRA branch, and how many LoRA-layer calls happened inside the frozen pass
-  (must be 0: with adapters disabled peft skips the low-rank matmuls).
+- the denoiser calls of a step, seen by forward hooks on the denoiser (not by replacing any function of the
+  training script): whether autograd was on (``torch.is_grad_enabled()``; the frozen pass is the call without
+  it), how many rows, and how many LoRA-layer calls ran inside each (the frozen pass must run none: with
+  adapters disabled peft skips the low-rank matmuls).
 
-It also prints the U-Net FLOP ratio to LoRA that the FLOP counter measured next to two floors, from counting
-U-Net work per step (a LoRA step: one adapted forward and its backward; prior preservation: the same on twice
-the batch; CAT: two adapted forwards with their backwards and one frozen forward):
+It also prints the denoiser FLOP ratio to LoRA that the FLOP counter measured next to two floors, from counting
+denoiser work per step (a LoRA step: one adapted forward and its backward; prior preservation: the same on
+twice the batch; CAT: two adapted forwards with their backwards and one frozen forward):
 
 - forward 1, backward 2 (the issue's counting, right when the base weights get gradients): LoRA 3, CAT 7,
   floor 7/3 = 2.33x;
 - frozen base, backward 1 (a LoRA backward computes input gradients only, about one forward; the LoRA weight
   gradients are negligible): LoRA 2, CAT 5, floor 5/2 = 2.50x. This is the floor for LoRA training.
 
-Example: ``python benchmarks/cat_step_cost.py --model toy --resolution 32 --steps 20 --output table.md``.
-``--model`` is ``tiny`` (the tests' tiny pipeline, built into a temporary folder), ``small`` (the same with a
-(64, 128, 128) U-Net), ``toy`` (the committed toy-world base model, examples/toyworld/models/toy-sd: U-Net
-(32, 64, 64), trained on 32x32 images, so use ``--resolution 32``), a local diffusers Stable Diffusion folder,
-or a hub id. ``--mixed_precision bf16`` runs the frozen base in bfloat16 with float32 LoRA weights under
-autocast, as ``train_cat_lora.py --mixed_precision bf16`` does.
+``--model``:
+
+    tiny        the tests' tiny SD 1.x pipeline (tests/tiny_pipeline.py), built into a temporary folder
+    small       tiny with a (64, 128, 128) U-Net
+    tiny-sdxl   the tests' tiny SDXL pipeline (two CLIP encoders of different widths)
+    toy         the committed toy-world base model, examples/toyworld/models/toy-sd (32x32 images)
+    sd15        the real Stable Diffusion 1.5 architecture (U-Net 859.5 M parameters, CLIP ViT-L/14 text
+                encoder, VAE) built from its configs with random weights: nothing is downloaded, and speed and
+                memory do not depend on the weights. Latents are 1/8 of --resolution; use a multiple of 64.
+    sdxl        the real SDXL base 1.0 architecture (U-Net 2.567 B, CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, VAE),
+                the same way. About 14 GB of float32 weights (7 GB with --mixed_precision bf16).
+    a folder    any local diffusers pipeline folder (or hub id) of a family train_cat_lora.py trains
+
+On a GPU, ``--model sd15 --resolution 512`` and ``--model sdxl --resolution 1024 --mixed_precision bf16`` measure
+the real ratios in one command. On a CPU they are slow (on the project's shared 2-core machine, building the
+random SD 1.5 U-Net took 24 s and one SD 1.5 LoRA step at 64x64, batch 1, most of a minute or more under load):
+use a small ``--resolution``, ``--batch_size 1``, few ``--steps`` and ``--rss off``, and read the result as CPU
+figures.
+
+Adding a family (e.g. Flux, whose denoiser is ``transformer``): everything here goes through ``family.denoiser``,
+``family.text_encoders`` and the training script's step, so a new family needs only a ``MODELS`` entry that
+builds its pipeline folder (a tiny one like ``tiny-sdxl``, or a config-only folder like ``sd15`` for the real
+architecture with random weights).
+
+Example: ``python benchmarks/cat_step_cost.py --model tiny-sdxl --resolution 32 --steps 20 --output table.md``.
+``--mixed_precision bf16`` runs the frozen base in bfloat16 with float32 LoRA weights under autocast, as
+``train_cat_lora.py --mixed_precision bf16`` does.
 """
 
 import argparse
@@ -45,16 +69,35 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from argparse import Namespace
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import diffusers
+import torch
+import transformers
+from diffusers import ModelMixin, UNet2DConditionModel
+from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import train_cat_lora as T  # noqa: E402
+from tiny_pipeline import build_clip_tokenizer, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 TOY_MODEL = ROOT / "examples" / "toyworld" / "models" / "toy-sd"
 
@@ -65,26 +108,462 @@ CONFIGS = {
     "cat-batched": {"cat_alpha": 1.0, "cat_mode": "batched", "prior": False},
 }
 MIB = 1024 * 1024
-PHASES = ["VAE encode", "text encode", "U-Net fwd (grad)", "U-Net fwd (frozen)", "backward", "clip + AdamW"]
-MODEL_LABELS = {"UNet2DConditionModel": "U-Net", "CLIPTextModel": "text encoder"}
+PHASES = ["VAE encode", "text encode", "denoiser fwd (grad)", "denoiser fwd (frozen)", "backward", "clip + AdamW"]
 
-# U-Net work per step, in passes over the instance batch: (adapted passes with gradient, frozen passes).
-# Prior preservation runs the adapted U-Net on twice the batch: 2 passes' worth.
-UNET_PASSES = {"lora": (1, 0), "lora+prior": (2, 0), "cat-lean": (2, 1), "cat-batched": (2, 1)}
+# Denoiser work per step, in passes over the instance batch: (adapted passes with gradient, frozen passes).
+# Prior preservation runs the adapted denoiser on twice the batch: 2 passes' worth.
+DENOISER_PASSES = {"lora": (1, 0), "lora+prior": (2, 0), "cat-lean": (2, 1), "cat-batched": (2, 1)}
 # Cost of a backward in forwards: 2 when the base weights get gradients (the issue's counting), 1 with a frozen
 # base (a LoRA backward computes input gradients only).
 BACKWARD_UNITS = {"issue": 2, "frozen base": 1}
 
 
-def unet_units(config: str, backward_units: int) -> int:
-    """U-Net work of one step of ``config``, counting a forward as 1 and a backward as ``backward_units``."""
-    adapted, frozen = UNET_PASSES[config]
+def denoiser_units(config: str, backward_units: int) -> int:
+    """Denoiser work of one step of ``config``, counting a forward as 1 and a backward as ``backward_units``."""
+    adapted, frozen = DENOISER_PASSES[config]
     return adapted * (1 + backward_units) + frozen
 
 
-def unet_floor_ratio(config: str, backward_units: int) -> float:
-    """The U-Net work of ``config`` over a plain LoRA step's: 7/3 for CAT with backward 2, 5/2 with backward 1."""
-    return unet_units(config, backward_units) / unet_units("lora", backward_units)
+def denoiser_floor_ratio(config: str, backward_units: int) -> float:
+    """The denoiser work of ``config`` over a plain LoRA step's: 7/3 for CAT with backward 2, 5/2 with 1."""
+    return denoiser_units(config, backward_units) / denoiser_units("lora", backward_units)
+
+
+def fail(message: str):
+    """Bad input: one line naming the flag, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real architectures, as configs (built with random weights: nothing is downloaded)
+#
+# Sources: the original training configs, converted the way diffusers converts them
+# (diffusers/loaders/single_file_utils.py: create_unet_diffusers_config_from_ldm, 0.42.1):
+# - SD 1.5: CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (the config of the v1 checkpoints):
+#   model_channels 320, channel_mult [1, 2, 4, 4], attention_resolutions [4, 2, 1], num_res_blocks 2, num_heads 8,
+#   transformer_depth 1, context_dim 768; VAE ch 128, ch_mult [1, 2, 4, 4], num_res_blocks 2, z_channels 4;
+#   scale_factor 0.18215; betas 0.00085-0.012 over 1000 steps; text encoder FrozenCLIPEmbedder = OpenAI CLIP
+#   ViT-L/14's text tower.
+# - SDXL base 1.0: Stability-AI/generative-models configs/inference/sd_xl_base.yaml: model_channels 320,
+#   channel_mult [1, 2, 4], attention_resolutions [4, 2], num_head_channels 64, use_linear_in_transformer,
+#   transformer_depth [1, 2, 10], context_dim 2048, adm_in_channels 2816 (= 1280 pooled + 6 x 256 size/crop
+#   embeddings); VAE as SD 1.5's, scale_factor 0.13025; text encoders CLIP ViT-L/14 and OpenCLIP ViT-bigG-14.
+# - Text towers: open_clip's model_configs ViT-L-14.json (width 768, heads 12, layers 12, embed 768) and
+#   ViT-bigG-14.json (width 1280, heads 20, layers 32, embed 1280), MLP ratio 4; OpenAI CLIP uses QuickGELU.
+# Parameter counts these give (checked by tests/test_cat_step_cost.py on the meta device): SD 1.5 U-Net
+# 859,520,964; SDXL U-Net 2,567,463,684; VAE 83,653,863; CLIP ViT-L/14 text 123,060,480; bigG text with
+# projection 694,659,840.
+# ---------------------------------------------------------------------------------------------------------
+
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "prediction_type": "epsilon", "steps_offset": 1}
+
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,  # diffusers' name for the number of heads (num_heads 8)
+    "cross_attention_dim": 768,
+}
+
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [5, 10, 20],  # heads: channels / 64
+    "use_linear_projection": True,
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,  # 768 (CLIP-L) + 1280 (bigG) penultimate hidden states, concatenated
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+
+def sd_vae(sample_size: int, scaling_factor: float) -> dict:
+    return {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": sample_size,
+            "scaling_factor": scaling_factor}
+
+
+def clip_text(width: int, heads: int, layers: int, activation: str) -> dict:
+    return {"vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": width, "intermediate_size": 4 * width,
+            "num_attention_heads": heads, "num_hidden_layers": layers, "projection_dim": width,
+            "hidden_act": activation, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
+
+CLIP_VIT_L_TEXT = clip_text(768, 12, 12, "quick_gelu")
+OPENCLIP_BIGG_TEXT = clip_text(1280, 20, 32, "gelu")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A pipeline as configs: what ``write_config_pipeline`` turns into a folder without weights."""
+
+    pipeline_class: str
+    scheduler_class: str
+    diffusers_models: dict  # component -> (class name, config)
+    text_encoders: dict  # component -> (transformers class name, CLIPTextConfig kwargs)
+
+
+ARCHITECTURES = {
+    "sd15": Architecture(
+        "StableDiffusionPipeline", "PNDMScheduler",
+        {"unet": ("UNet2DConditionModel", SD15_UNET), "vae": ("AutoencoderKL", sd_vae(512, 0.18215))},
+        {"text_encoder": ("CLIPTextModel", CLIP_VIT_L_TEXT)}),
+    "sdxl": Architecture(
+        "StableDiffusionXLPipeline", "EulerDiscreteScheduler",
+        {"unet": ("UNet2DConditionModel", SDXL_UNET), "vae": ("AutoencoderKL", sd_vae(1024, 0.13025))},
+        {"text_encoder": ("CLIPTextModel", CLIP_VIT_L_TEXT),
+         "text_encoder_2": ("CLIPTextModelWithProjection", OPENCLIP_BIGG_TEXT)}),
+}
+
+
+def write_config_pipeline(architecture: Architecture, out_dir: Path) -> str:
+    """A pipeline folder with configs, tokenizers and a scheduler but no weights (see ``RandomWeights``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": architecture.pipeline_class, "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", architecture.scheduler_class]}
+    for component, (class_name, config) in architecture.diffusers_models.items():
+        (out_dir / component).mkdir(exist_ok=True)
+        (out_dir / component / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=1))
+        index[component] = ["diffusers", class_name]
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_source")
+    for number, (component, (class_name, config)) in enumerate(architecture.text_encoders.items()):
+        CLIPTextConfig(**config).save_pretrained(out_dir / component)
+        index[component] = ["transformers", class_name]
+        tokenizer_name = "tokenizer" if number == 0 else f"tokenizer_{number + 1}"
+        tokenizer.save_pretrained(out_dir / tokenizer_name)
+        index[tokenizer_name] = ["transformers", "CLIPTokenizer"]
+    shutil.rmtree(out_dir / "_tokenizer_source")
+    scheduler_class = getattr(diffusers, architecture.scheduler_class)
+    scheduler_class.from_config(SD_BETAS).save_config(out_dir / "scheduler")
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=1))
+    return str(out_dir)
+
+
+class RandomWeights:
+    """Mixin for a model family: build its denoiser, text encoders and VAE from the configs of the pipeline folder
+    (the classes named in ``model_index.json``), with the models' own random initialisation, instead of loading
+    weights. Generic over families: it only reads ``denoiser`` and ``text_encoders``."""
+
+    def random_model(self, component: str):
+        folder = Path(self.config.pretrained_model_name_or_path)
+        library, class_name = json.loads((folder / "model_index.json").read_text())[component]
+        model_class = getattr(import_module(library), class_name)
+        if issubclass(model_class, ModelMixin):
+            return model_class.from_config(model_class.load_config(folder / component))
+        return model_class(model_class.config_class.from_pretrained(folder / component))
+
+    def load_text_encoders(self) -> dict:
+        return {name: self.random_model(name) for name in self.text_encoders}
+
+    def load_denoiser(self):
+        return self.random_model(self.denoiser)
+
+    def load_vae(self):
+        return self.random_model("vae")
+
+
+def with_random_weights(family):
+    """The same family, building its models with random weights (see ``RandomWeights``)."""
+    family_class = type(family)
+    random_class = type(f"RandomWeights{family_class.__name__}", (RandomWeights, family_class), {})
+    return random_class(family.config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model choices
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_small_pipeline(out_dir: Path) -> str:
+    """The tiny pipeline with a wider U-Net: block_out_channels (64, 128, 128), cross-attention 32."""
+    path = Path(build_tiny_pipeline(out_dir))
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    return str(path)
+
+
+def committed_toy_model(_scratch: Path) -> str:
+    if not (TOY_MODEL / "model_index.json").is_file():
+        fail(f"--model toy: {TOY_MODEL} has no model_index.json")
+    return str(TOY_MODEL)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    build: Callable[[Path], str]  # scratch folder -> pipeline folder
+    random_weights: bool = False  # the folder holds configs only: build the models with random weights
+
+
+MODELS = {
+    "tiny": ModelChoice(lambda scratch: build_tiny_pipeline(scratch / "tiny-sd")),
+    "small": ModelChoice(lambda scratch: build_small_pipeline(scratch / "small-sd")),
+    "tiny-sdxl": ModelChoice(lambda scratch: build_tiny_sdxl_pipeline(scratch / "tiny-sdxl")),
+    "toy": ModelChoice(committed_toy_model),
+    "sd15": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sd15"], scratch / "sd15"), True),
+    "sdxl": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sdxl"], scratch / "sdxl"), True),
+}
+
+
+def resolve_model(model: str, scratch: Path) -> tuple[str, bool]:
+    """(pipeline folder or hub id, random weights?) for ``--model``: a named choice is built into ``scratch``."""
+    if model in MODELS:
+        return MODELS[model].build(scratch), MODELS[model].random_weights
+    return model, False
+
+
+def family_for(model_path: str, args, random_weights: bool = False):
+    """The training script's family object for the pipeline at ``model_path`` (bad input: exit 2)."""
+    options = Namespace(pretrained_model_name_or_path=model_path, revision=args.revision, variant=args.variant,
+                        resolution=args.resolution)
+    try:
+        family = T.model_family(options)
+    except T.InputError as error:
+        fail(str(error).replace("--pretrained_model_name_or_path", "--model", 1))
+    return with_random_weights(family) if random_weights else family
+
+
+def base_parameter_counts(models: dict) -> dict:
+    """Parameters of the frozen base models by pipeline component (trainable LoRA weights not included)."""
+    return {name: sum(p.numel() for p in model.parameters() if not p.requires_grad) for name, model in models.items()
+            if isinstance(model, torch.nn.Module)}
+
+
+def synthetic_image(index: int, size: int, subject: bool):
+    """A deterministic RGB picture: a red 'teapot' for the subject, grey boxes for the class."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    s, shift = size / 48, index % 5
+    if subject:
+        draw.ellipse([(6 + shift) * s, 10 * s, (36 + shift) * s, 40 * s], fill=(200, 30, 30))
+        draw.rectangle([(16 + shift) * s, 20 * s, (24 + shift) * s, 28 * s], fill="white")
+    else:
+        draw.rectangle([(8 + shift) * s, 8 * s, (38 + shift) * s, 38 * s], fill=(90 + 20 * shift, 90, 90))
+    return image
+
+
+def make_batches(resolution: int, batch_size: int) -> dict:
+    """One instance batch and the same with class rows (prior preservation), through the script's data path."""
+    instance = [T.Example(synthetic_image(i, resolution, True), "a photo of sks teapot", "a photo of teapot",
+                          f"instance-{i}") for i in range(batch_size)]
+    classes = [T.Example(synthetic_image(i, resolution, False), "a photo of teapot", "a photo of teapot",
+                         f"class-{i}") for i in range(batch_size)]
+    plain = T.make_dataset(instance, [], resolution, True, False, 0)
+    prior = T.make_dataset(instance, classes, resolution, True, False, 0)
+    return {False: T.collate_examples([plain[i] for i in range(batch_size)]),
+            True: T.collate_examples([prior[i] for i in range(batch_size)])}
+
+
+@contextmanager
+def default_dtype(dtype):
+    """torch's default floating dtype set to ``dtype`` inside the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def first_tensor(args: tuple, kwargs: dict):
+    return next((value for value in (*args, *kwargs.values()) if torch.is_tensor(value)), None)
+
+
+class Bench:
+    """The training script's models with LoRA adapters, the two batches, and one AdamW per configuration."""
+
+    def __init__(self, model_path: str, args, random_weights: bool = False):
+        self.args, self.device = args, torch.device(args.device)
+        self.family = family_for(model_path, args, random_weights)
+        # As train_cat_lora.py: the frozen base in the mixed-precision dtype, the LoRA weights in float32.
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
+        options = Namespace(rank=args.rank, lora_alpha=float(args.rank), train_text_encoder=args.train_text_encoder,
+                            gradient_checkpointing=args.gradient_checkpointing)
+        torch.manual_seed(0)
+        # Random weights are created directly in the weight dtype: with bf16, SDXL's 14 GB float32 copy never exists.
+        # prepare_models reads only the accelerator's device: no Accelerator (and its global state) is needed.
+        with default_dtype(self.weight_dtype if random_weights else torch.get_default_dtype()):
+            self.models = T.prepare_models(options, self.family, SimpleNamespace(device=self.device),
+                                           self.weight_dtype)
+        self.denoiser = self.models[self.family.denoiser]
+        self.text_encoders = {name: self.models[name] for name in self.family.text_encoders}
+        self.encode_prompts = T.PromptEncoder(self.family, self.text_encoders)
+        adapted = [self.models[name] for name in T.adapted_components(self.family, args.train_text_encoder)]
+        for model in adapted:
+            model.train()
+        self.trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
+        # Give the adapters non-zero up-projections, as after some training (at step 0 they are zero).
+        with torch.no_grad():
+            for p in self.trainable:
+                p.normal_(0, 0.02)
+        self.batches = make_batches(args.resolution, args.batch_size)
+        self.optimizers = {}
+        self.lora_layers = [m for name, m in self.denoiser.named_modules() if name.endswith("lora_A.default")]
+        # FLOP-counter names of top-level modules (their class names) -> the model they belong to.
+        self.model_labels = {type(model).__name__: "text encoders" for model in self.text_encoders.values()}
+        self.model_labels[type(self.denoiser).__name__] = "denoiser"
+
+    @property
+    def torch_models(self) -> list:
+        return [model for model in self.models.values() if isinstance(model, torch.nn.Module)]
+
+    def optimizer(self, config: str):
+        if config not in self.optimizers:
+            self.optimizers[config] = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=1e-2)
+        return self.optimizers[config]
+
+    def step(self, config: str, seed: int, backward=None, on_optimizer=None) -> dict:
+        """One full optimizer step of ``config`` with the global seed ``seed``."""
+        spec = CONFIGS[config]
+        step_config = T.StepConfig(cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"],
+                                   prior_loss_weight=1.0 if spec["prior"] else 0.0, weight_dtype=self.weight_dtype)
+        torch.manual_seed(seed)
+        # bf16: autocast around the step, as accelerate does around the prepared models' forward.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
+            losses = T.training_step(self.batches[spec["prior"]], self.family, self.models, self.encode_prompts,
+                                     step_config, backward or (lambda loss: loss.backward()))
+        start = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        optimizer = self.optimizer(config)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_optimizer is not None:
+            self.synchronize()
+            on_optimizer(time.perf_counter() - start)
+        return losses
+
+    def phase_times(self, config: str, seed: int) -> dict:
+        """Wall time of one step split by phase: VAE encode, text encode, denoiser forward with and without
+        gradient, backward, clip + AdamW, and the rest (loss arithmetic, noise, Python glue)."""
+        spent = dict.fromkeys(PHASES, 0.0)
+        started = {}
+
+        def phase_of(module):
+            if module is self.denoiser:
+                return "denoiser fwd (grad)" if torch.is_grad_enabled() else "denoiser fwd (frozen)"
+            return "VAE encode" if module in self.vae_encode_modules else "text encode"
+
+        def pre(module, *_):
+            self.synchronize()
+            started[id(module)] = time.perf_counter()
+
+        def post(module, *_):
+            self.synchronize()
+            spent[phase_of(module)] += time.perf_counter() - started.pop(id(module))
+
+        def backward(loss):
+            self.synchronize()
+            start = time.perf_counter()
+            loss.backward()
+            self.synchronize()
+            spent["backward"] += time.perf_counter() - start
+
+        def on_optimizer(elapsed):
+            spent["clip + AdamW"] += elapsed
+
+        modules = [self.denoiser, *self.text_encoders.values(), *self.vae_encode_modules]
+        hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        try:
+            self.synchronize()
+            start = time.perf_counter()
+            self.step(config, seed, backward=backward, on_optimizer=on_optimizer)
+            self.synchronize()
+            total = time.perf_counter() - start
+        finally:
+            for hook in hooks:
+                hook.remove()
+        spent["other"] = total - sum(spent.values())
+        spent["total"] = total
+        return spent
+
+    @property
+    def vae_encode_modules(self) -> list:
+        vae = self.models["vae"]
+        return [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed_step(self, config: str, seed: int) -> float:
+        self.synchronize()
+        start = time.perf_counter()
+        self.step(config, seed)
+        self.synchronize()
+        return time.perf_counter() - start
+
+    def watch_denoiser(self) -> tuple[list, list]:
+        """Forward hooks on the denoiser and on its LoRA layers.
+
+        Returns (calls, handles): ``calls`` gets one record per top-level denoiser call: autograd on or off
+        (``torch.is_grad_enabled()`` as the call starts: the frozen pass is the call made without it), the rows
+        of its first tensor input, and the LoRA-layer calls that ran inside it. LoRA calls outside a denoiser
+        call (gradient-checkpointing recomputation during backward) are not attributed to any pass.
+        """
+        calls, open_calls = [], []
+
+        def before(module, args, kwargs):
+            rows = first_tensor(args, kwargs)
+            open_calls.append({"grad": torch.is_grad_enabled(), "rows": None if rows is None else rows.shape[0],
+                               "lora_calls": 0})
+
+        def after(module, args, kwargs, output):
+            calls.append(open_calls.pop())
+
+        def lora_call(module, inputs):
+            if open_calls:
+                open_calls[-1]["lora_calls"] += 1
+
+        handles = [self.denoiser.register_forward_pre_hook(before, with_kwargs=True),
+                   self.denoiser.register_forward_hook(after, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(lora_call) for layer in self.lora_layers]
+        return calls, handles
+
+    def measure_counts(self, config: str, seed: int) -> dict:
+        """FLOPs, bytes saved for backward at their peak, and the denoiser calls of one step (untimed)."""
+        calls, handles = self.watch_denoiser()
+        flops = FlopCounterMode(display=False)
+        meter = SavedTensorMeter(exclude=weight_storage_keys(*self.torch_models))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_base = torch.cuda.memory_allocated()
+        try:
+            # One step under both counters (one step of a real architecture on a CPU takes long): the FLOP
+            # counter holds no tensor, and the meter's hooks run no counted operation.
+            with flops, meter:
+                self.step(config, seed)
+        finally:
+            for handle in handles:
+                handle.remove()
+        denoiser_calls = list(calls)
+        by_model = {}
+        for name, counts in flops.get_flop_counts().items():
+            if name != "Global" and "." not in name:  # top-level modules: the models, and the VAE encoder's parts
+                label = self.model_labels.get(name, "VAE encode")
+                by_model[label] = by_model.get(label, 0) + sum(counts.values())
+        frozen = [call for call in denoiser_calls if not call["grad"]]
+        result = {"flops": flops.get_total_flops(), "flops_by_model": by_model, "saved_peak": meter.peak,
+                  "saved_left": meter.current, "denoiser_calls": denoiser_calls,
+                  "lora_passes": sum(1 for call in denoiser_calls if call["lora_calls"]),
+                  "frozen_passes": len(frozen), "lora_calls_in_frozen": sum(call["lora_calls"] for call in frozen)}
+        if cuda:
+            self.synchronize()
+            result["cuda_peak"] = torch.cuda.max_memory_allocated() - cuda_base
+        return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,8 +643,6 @@ class SavedTensorMeter:
             del self.live[key]
 
     def __enter__(self):
-        import torch
-
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -185,270 +662,12 @@ def weight_storage_keys(*models) -> set:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Models and data
-# ---------------------------------------------------------------------------------------------------------
-
-
-def build_small_pipeline(out_dir) -> str:
-    """The tiny pipeline with a wider U-Net: block_out_channels (64, 128, 128), cross-attention 32."""
-    from diffusers import UNet2DConditionModel
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_pipeline import build_tiny_pipeline
-
-    path = Path(build_tiny_pipeline(out_dir))
-    import torch
-
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-    )
-    unet.save_pretrained(path / "unet", safe_serialization=True)
-    return str(path)
-
-
-def resolve_model(model: str, scratch: Path) -> str:
-    """``tiny``/``small``: build into ``scratch``; ``toy``: the committed toy-world model; otherwise a local
-    folder or hub id, returned as is."""
-    if model == "toy":
-        if not (TOY_MODEL / "model_index.json").is_file():
-            raise SystemExit(f"--model toy: {TOY_MODEL} has no model_index.json")
-        return str(TOY_MODEL)
-    if model == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_pipeline import build_tiny_pipeline
-
-        return build_tiny_pipeline(scratch / "tiny-sd")
-    if model == "small":
-        return build_small_pipeline(scratch / "small-sd")
-    return model
-
-
-def synthetic_image(index: int, size: int, subject: bool):
-    """A deterministic RGB picture: a red 'teapot' for the subject, grey boxes for the class."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    s, shift = size / 48, index % 5
-    if subject:
-        draw.ellipse([(6 + shift) * s, 10 * s, (36 + shift) * s, 40 * s], fill=(200, 30, 30))
-        draw.rectangle([(16 + shift) * s, 20 * s, (24 + shift) * s, 28 * s], fill="white")
-    else:
-        draw.rectangle([(8 + shift) * s, 8 * s, (38 + shift) * s, 38 * s], fill=(90 + 20 * shift, 90, 90))
-    return image
-
-
-def make_batches(tokenizer, resolution: int, batch_size: int) -> dict:
-    """One instance batch and the same with class rows (prior preservation), through the script's data path."""
-    import train_cat_lora as T
-
-    instance = [T.Example(synthetic_image(i, resolution, True), "a photo of sks teapot", "a photo of teapot",
-                          f"instance-{i}") for i in range(batch_size)]
-    classes = [T.Example(synthetic_image(i, resolution, False), "a photo of teapot", "a photo of teapot",
-                         f"class-{i}") for i in range(batch_size)]
-    plain = T.make_dataset(instance, [], tokenizer, resolution, True, False, 0)
-    prior = T.make_dataset(instance, classes, tokenizer, resolution, True, False, 0)
-    return {False: T.collate_examples([plain[i] for i in range(batch_size)]),
-            True: T.collate_examples([prior[i] for i in range(batch_size)])}
-
-
-class Bench:
-    """Models with LoRA adapters, the two batches, and one AdamW per configuration."""
-
-    def __init__(self, model_path: str, args):
-        import torch
-        from argparse import Namespace
-
-        import train_cat_lora as T
-
-        self.args, self.T, self.device = args, T, torch.device(args.device)
-        load = Namespace(pretrained_model_name_or_path=model_path, revision=args.revision, variant=args.variant)
-        tokenizer, self.scheduler, self.text_encoder, self.vae, self.unet = T.load_models(load)
-        # As train_cat_lora.py: the frozen base in the mixed-precision dtype, the LoRA weights in float32.
-        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
-        for model in (self.unet, self.vae, self.text_encoder):
-            if self.weight_dtype == torch.float32:
-                model.to(self.device)  # (a dtype argument would make diffusers warn about float32 modules)
-            else:
-                model.to(self.device, dtype=self.weight_dtype)
-        torch.manual_seed(0)
-        T.add_lora_adapters(self.unet, self.text_encoder, args.rank, float(args.rank), args.train_text_encoder)
-        if self.weight_dtype != torch.float32:
-            from diffusers.training_utils import cast_training_params
-
-            cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
-        if args.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if args.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
-        self.unet.train()
-        if args.train_text_encoder:
-            self.text_encoder.train()
-        self.trainable = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
-        # Give the adapters non-zero up-projections, as after some training (at step 0 they are zero).
-        with torch.no_grad():
-            for p in self.trainable:
-                p.normal_(0, 0.02)
-        self.batches = make_batches(tokenizer, args.resolution, args.batch_size)
-        self.optimizers = {}
-        self.lora_layers = [m for name, m in self.unet.named_modules()
-                            if name.endswith("lora_A.default") or name.endswith("lora_B.default")]
-
-    def optimizer(self, config: str):
-        import torch
-
-        if config not in self.optimizers:
-            self.optimizers[config] = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=1e-2)
-        return self.optimizers[config]
-
-    def step(self, config: str, seed: int, backward=None, on_optimizer=None) -> dict:
-        """One full optimizer step of ``config`` with the global seed ``seed``."""
-        import torch
-
-        spec = CONFIGS[config]
-        torch.manual_seed(seed)
-        # bf16: autocast around the step, as accelerate does around the prepared models' forward.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
-            losses = self.T.training_step(
-                self.batches[spec["prior"]], self.unet, self.text_encoder, self.vae, self.scheduler,
-                cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"],
-                prior_loss_weight=1.0 if spec["prior"] else 0.0, snr_gamma=None, noise_offset=0.0,
-                weight_dtype=self.weight_dtype, backward=backward or (lambda loss: loss.backward()))
-        start = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        optimizer = self.optimizer(config)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_optimizer is not None:
-            self.synchronize()
-            on_optimizer(time.perf_counter() - start)
-        return losses
-
-    def phase_times(self, config: str, seed: int) -> dict:
-        """Wall time of one step split by phase: VAE encode, text encode, U-Net forward with and without
-        gradient, backward, clip + AdamW, and the rest (loss arithmetic, noise, Python glue)."""
-        import torch
-
-        spent = dict.fromkeys(PHASES, 0.0)
-        started = {}
-
-        def phase_of(module):
-            if module is self.unet:
-                return "U-Net fwd (grad)" if torch.is_grad_enabled() else "U-Net fwd (frozen)"
-            return "text encode" if module is self.text_encoder else "VAE encode"
-
-        def pre(module, *_):
-            self.synchronize()
-            started[id(module)] = time.perf_counter()
-
-        def post(module, *_):
-            self.synchronize()
-            spent[phase_of(module)] += time.perf_counter() - started.pop(id(module))
-
-        def backward(loss):
-            self.synchronize()
-            start = time.perf_counter()
-            loss.backward()
-            self.synchronize()
-            spent["backward"] += time.perf_counter() - start
-
-        def on_optimizer(elapsed):
-            spent["clip + AdamW"] += elapsed
-
-        modules = [self.unet, self.text_encoder] + [m for m in (getattr(self.vae, "encoder", None),
-                                                                getattr(self.vae, "quant_conv", None)) if m is not None]
-        hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-        try:
-            self.synchronize()
-            start = time.perf_counter()
-            self.step(config, seed, backward=backward, on_optimizer=on_optimizer)
-            self.synchronize()
-            total = time.perf_counter() - start
-        finally:
-            for hook in hooks:
-                hook.remove()
-        spent["other"] = total - sum(spent.values())
-        spent["total"] = total
-        return spent
-
-    def synchronize(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def timed_step(self, config: str, seed: int) -> float:
-        self.synchronize()
-        start = time.perf_counter()
-        self.step(config, seed)
-        self.synchronize()
-        return time.perf_counter() - start
-
-    def measure_counts(self, config: str, seed: int) -> dict:
-        """Saved-for-backward peak, FLOPs and LoRA-branch calls of one step (untimed)."""
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        T = self.T
-        calls = {"all": 0, "frozen": 0}
-        in_frozen = [False]
-
-        def count(*_):
-            calls["all"] += 1
-            calls["frozen"] += in_frozen[0]
-
-        original_frozen = T.frozen_prediction
-
-        def frozen_prediction(*a, **k):
-            in_frozen[0] = True
-            try:
-                return original_frozen(*a, **k)
-            finally:
-                in_frozen[0] = False
-
-        hooks = [m.register_forward_hook(count) for m in self.lora_layers]
-        T.frozen_prediction = frozen_prediction
-        try:
-            flops = FlopCounterMode(display=False)
-            with flops:
-                self.step(config, seed)
-            meter = SavedTensorMeter(exclude=weight_storage_keys(self.unet, self.text_encoder, self.vae))
-            cuda = self.device.type == "cuda"
-            if cuda:
-                self.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                cuda_base = torch.cuda.memory_allocated()
-            calls_before = dict(calls)
-            with meter:
-                self.step(config, seed)
-            by_model = {}
-            for name, counts in flops.get_flop_counts().items():
-                if name != "Global" and "." not in name:  # top-level modules: the three models and the VAE's parts
-                    label = MODEL_LABELS.get(name, "VAE encode")
-                    by_model[label] = by_model.get(label, 0) + sum(counts.values())
-            result = {"flops": flops.get_total_flops(), "flops_by_model": by_model, "saved_peak": meter.peak, "saved_left": meter.current,
-                      "lora_passes": (calls["all"] - calls_before["all"]) / max(1, len(self.lora_layers)),
-                      "lora_calls_in_frozen": calls["frozen"]}
-            if cuda:
-                self.synchronize()
-                result["cuda_peak"] = torch.cuda.max_memory_allocated() - cuda_base
-            return result
-        finally:
-            T.frozen_prediction = original_frozen
-            for hook in hooks:
-                hook.remove()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Resident memory
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB (None where there is no /proc)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -483,10 +702,12 @@ def rss_of_steps(bench: Bench, config: str, steps: int, seed: int) -> dict:
             "rss_exact": fresh_mark}
 
 
-def rss_in_subprocess(args, model_path: str, config: str, steps: int) -> dict:
+def rss_in_subprocess(args, model_path: str, random_weights: bool, config: str, steps: int) -> dict:
     """Run :func:`rss_of_steps` for ``config`` in a fresh Python so that no other configuration's peak mixes in."""
     command = [sys.executable, str(Path(__file__).resolve()), "--model", model_path, "--_rss_worker", config,
                "--_rss_steps", str(steps), *worker_flags(args)]
+    if random_weights:
+        command.append("--_random_weights")
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"RSS worker for {config} failed:\n{done.stderr[-2000:]}")
@@ -533,30 +754,41 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / MIB:.1f}"
 
 
+def denoiser_calls_cell(calls: list) -> str:
+    """The denoiser calls of a step, in order: rows, and 'grad' or 'no grad' (e.g. '4 grad, 4 grad, 4 no grad')."""
+    return ", ".join(f"{call['rows']} {'grad' if call['grad'] else 'no grad'}" for call in calls)
+
+
 def format_table(results: dict, meta: dict) -> str:
     """The markdown report: a header of run facts, then one row per configuration."""
     base = results["lora"]
+    parameters = ", ".join(f"{name} {count / 1e6:.1f} M" for name, count in meta["parameters"].items())
     lines = [
         f"## CAT step cost: {meta['model']}",
         "",
         f"- Machine: {meta['cpu']} ({meta['cores']} logical CPUs), torch {meta['torch']}, "
         f"{meta['threads']} torch threads, device {meta['device']}",
+        f"- Models ({meta['family']}{', random weights' if meta['random_weights'] else ''}): base parameters "
+        f"{parameters}; "
+        f"LoRA on {', '.join(meta['adapted'])}: {meta['trainable'] / 1e6:.3f} M trainable",
         f"- Resolution {meta['resolution']}, batch {meta['batch_size']} instance images, LoRA rank {meta['rank']}, "
         f"gradient checkpointing {meta['gradient_checkpointing']}, text-encoder LoRA {meta['train_text_encoder']}, "
         f"mixed precision {meta['mixed_precision']}",
-        f"- Time: full optimizer step (VAE encode, text encode, U-Net passes, backward, grad clip, AdamW), "
+        f"- Time: full optimizer step (VAE encode, text encode, denoiser passes, backward, grad clip, AdamW), "
         f"median of {meta['steps']} interleaved rounds after {meta['warmup']} warm-up rounds, same seed per round; "
         f"'x LoRA' is the median of per-round ratios",
-        f"- U-Net floors, CAT / LoRA: {unet_floor_ratio('cat-lean', BACKWARD_UNITS['issue']):.2f}x counting a "
-        f"forward 1 and a backward 2 (issue 5: LoRA {unet_units('lora', 2)}, CAT {unet_units('cat-lean', 2)}); "
-        f"{unet_floor_ratio('cat-lean', BACKWARD_UNITS['frozen base']):.2f}x with the base frozen, where a LoRA "
-        f"backward computes input gradients only, about 1 forward (LoRA {unet_units('lora', 1)}, "
-        f"CAT {unet_units('cat-lean', 1)}). The FLOP table below gives the measured U-Net ratio",
+        f"- Denoiser floors, CAT / LoRA: {denoiser_floor_ratio('cat-lean', BACKWARD_UNITS['issue']):.2f}x counting "
+        f"a forward 1 and a backward 2 (LoRA {denoiser_units('lora', 2)}, CAT {denoiser_units('cat-lean', 2)}); "
+        f"{denoiser_floor_ratio('cat-lean', BACKWARD_UNITS['frozen base']):.2f}x with the base frozen, where a "
+        f"LoRA backward computes input gradients only, about 1 forward (LoRA {denoiser_units('lora', 1)}, "
+        f"CAT {denoiser_units('cat-lean', 1)}). The FLOP table below gives the measured denoiser ratio",
         f"- Saved for backward: exact bytes of tensors autograd holds (saved_tensors_hooks, frozen weights "
         f"excluded), peak within the step; RSS: {meta['rss_method']}",
+        f"- Denoiser calls: seen by forward hooks on the denoiser ({meta['denoiser']}), with autograd on ('grad') or "
+        f"off ('no grad': the frozen pass); LoRA calls counted by hooks on every LoRA layer of the denoiser",
         "",
         "| config | step ms (median) | x LoRA | time IQR ms | GFLOP/step | x LoRA | saved for backward MiB | x LoRA "
-        "| peak RSS MiB | x LoRA | step RSS rise MiB | x LoRA | U-Net passes with LoRA branch "
+        "| peak RSS MiB | x LoRA | step RSS rise MiB | x LoRA | denoiser calls (rows, autograd) "
         "| LoRA calls in frozen pass |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -568,22 +800,23 @@ def format_table(results: dict, meta: dict) -> str:
                f"{r['flops'] / 1e9:.3f}", _ratio(r["flops"], base["flops"]), _mib(r["saved_peak"]),
                _ratio(r["saved_peak"], base["saved_peak"]), _mib(r.get("rss_peak")),
                _ratio(r.get("rss_peak"), base.get("rss_peak")), _mib(r.get("rss_step")),
-               _ratio(r.get("rss_step"), base.get("rss_step")), f"{r['lora_passes']:g}",
+               _ratio(r.get("rss_step"), base.get("rss_step")), denoiser_calls_cell(r["denoiser_calls"]),
                str(r["lora_calls_in_frozen"]) if CONFIGS[name]["cat_alpha"] else "-"]
         if "cuda_peak" in r:
             row += [_mib(r["cuda_peak"]), _ratio(r["cuda_peak"], base["cuda_peak"])]
         lines.append("| " + " | ".join(row) + " |")
-    models = sorted({m for r in results.values() for m in r.get("flops_by_model", {})})
+    models = [m for m in ("denoiser", "VAE encode", "text encoders")
+              if any(m in r.get("flops_by_model", {}) for r in results.values())]
     if models:
-        floors = ["U-Net x LoRA, measured", "floor: fwd 1, bwd 2", "floor: frozen base, bwd 1"]
-        lines += ["", "GFLOP per step by model (forward and backward), the U-Net FLOP ratio to LoRA measured by the "
-                  "FLOP counter, and the two floors of that ratio:", "",
+        floors = ["denoiser x LoRA, measured", "floor: fwd 1, bwd 2", "floor: frozen base, bwd 1"]
+        lines += ["", "GFLOP per step by model (forward and backward), the denoiser FLOP ratio to LoRA measured by "
+                  "the FLOP counter, and the two floors of that ratio:", "",
                   "| config | " + " | ".join(models + floors) + " |", "|---|" + "---|" * (len(models) + len(floors))]
         for name, r in results.items():
             cells = [f"{r['flops_by_model'].get(m, 0) / 1e9:.3f}" for m in models]
-            cells += [_ratio(r["flops_by_model"].get("U-Net"), base["flops_by_model"].get("U-Net")),
-                      f"{unet_floor_ratio(name, BACKWARD_UNITS['issue']):.2f}x",
-                      f"{unet_floor_ratio(name, BACKWARD_UNITS['frozen base']):.2f}x"]
+            cells += [_ratio(r["flops_by_model"].get("denoiser"), base["flops_by_model"].get("denoiser")),
+                      f"{denoiser_floor_ratio(name, BACKWARD_UNITS['issue']):.2f}x",
+                      f"{denoiser_floor_ratio(name, BACKWARD_UNITS['frozen base']):.2f}x"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "phases_ms" in base:
         columns = PHASES + ["other", "total"]
@@ -604,9 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help="'tiny', 'small' (tiny with a (64,128,128) U-Net), 'toy' (the committed "
-                             "examples/toyworld/models/toy-sd, 32x32 images: use --resolution 32), a local diffusers "
-                             "SD folder, or a hub id")
+                        help=f"one of {', '.join(MODELS)} (see the module docstring; sd15 and sdxl are the real "
+                             "architectures with random weights), a local diffusers pipeline folder, or a hub id")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None)
     parser.add_argument("--device", default="cpu")
@@ -618,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
                         help="bf16: frozen base in bfloat16, LoRA weights float32, step under autocast.")
-    parser.add_argument("--train_text_encoder", action="store_true", help="Also put a LoRA on the text encoder.")
+    parser.add_argument("--train_text_encoder", action="store_true", help="Also put a LoRA on the text encoders.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="Comma-separated subset of " + ", ".join(CONFIGS) + " (lora is always included).")
@@ -629,30 +861,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="Also write the markdown table to this file.")
     parser.add_argument("--_rss_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_rss_steps", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_random_weights", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def check_args(args) -> list[str]:
+    """The configurations to run; bad input exits 2 with one line naming the flag."""
+    configs = ["lora"] + [c for c in args.configs.split(",") if c and c != "lora"]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        fail(f"--configs: unknown {', '.join(unknown)} (choose from {', '.join(CONFIGS)})")
+    for flag in ("resolution", "batch_size", "rank", "steps"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.warmup < 0 or args.phase_steps < 0:
+        fail(f"--{'warmup' if args.warmup < 0 else 'phase_steps'} must not be negative")
+    if args.resolution % 8:
+        fail(f"--resolution {args.resolution} is not divisible by 8 (the VAE downsamples by 8)")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be at least 1 (got {args.threads})")
+    return configs
 
 
 def main(argv=None) -> dict:
     """Run the benchmark; print (and with --output, save) the table; return the per-configuration results."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Keep the report readable: no per-model dtype warnings or weight-loading progress bars.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
-    import torch
-
+    configs = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = ["lora"] + [c for c in args.configs.split(",") if c and c != "lora"]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
 
     if args._rss_worker:  # child process of --rss subprocess
-        bench = Bench(args.model, args)
+        bench = Bench(args.model, args, args._random_weights)
         print(json.dumps(rss_of_steps(bench, args._rss_worker, args._rss_steps, seed=1000)))
         return {}
 
     with tempfile.TemporaryDirectory(prefix="cat-step-cost-") as scratch:
-        model_path = resolve_model(args.model, Path(scratch))
-        bench = Bench(model_path, args)
+        model_path, random_weights = resolve_model(args.model, Path(scratch))
+        bench = Bench(model_path, args, random_weights)
+        meta = {"model": args.model, "family": type(bench.family).__name__.removeprefix("RandomWeights"),
+                "random_weights": random_weights, "denoiser": bench.family.denoiser,
+                "parameters": base_parameter_counts(bench.models),
+                "adapted": T.adapted_components(bench.family, args.train_text_encoder),
+                "trainable": sum(p.numel() for p in bench.trainable)}
         results = {name: {} for name in configs}
         for name in configs:
             results[name].update(bench.measure_counts(name, seed=1000))
@@ -684,21 +940,19 @@ def main(argv=None) -> dict:
         elif args.rss == "subprocess":
             del bench
             for name in configs:
-                results[name].update(rss_in_subprocess(args, model_path, name, rss_steps))
-        rss_method = {
+                results[name].update(rss_in_subprocess(args, model_path, random_weights, name, rss_steps))
+        meta["rss_method"] = {
             "subprocess": f"each configuration in a fresh process, {rss_steps} steps; rise = peak (VmHWM) - RSS "
                           "after loading the models",
             "inprocess": f"in this process, peak mark (VmHWM) reset before each configuration's {rss_steps} steps; "
                          "rise = peak - RSS before them",
             "off": "not measured",
         }[args.rss]
-    meta = {"model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": args.device, "resolution": args.resolution,
-            "batch_size": args.batch_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
-            "mixed_precision": args.mixed_precision,
-            "train_text_encoder": args.train_text_encoder, "steps": args.steps, "warmup": args.warmup,
-            "phase_steps": args.phase_steps,
-            "rss_method": rss_method}
+    meta.update(cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
+                device=args.device, resolution=args.resolution, batch_size=args.batch_size, rank=args.rank,
+                gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+                train_text_encoder=args.train_text_encoder, steps=args.steps, warmup=args.warmup,
+                phase_steps=args.phase_steps)
     table = format_table(results, meta)
     print(table)
     if args.output:
