@@ -389,8 +389,10 @@ class Bench:
         self.family = family_for(model_path, args, random_weights)
         # As train_cat_lora.py: the frozen base in the mixed-precision dtype, the LoRA weights in float32.
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
-        options = Namespace(rank=args.rank, lora_alpha=float(args.rank), train_text_encoder=args.train_text_encoder,
-                            gradient_checkpointing=args.gradient_checkpointing)
+        # The training script's own defaults for every option prepare_models reads, with this benchmark's choices.
+        options = T.build_parser().parse_args(["--pretrained_model_name_or_path", model_path])
+        options.rank, options.lora_alpha = args.rank, float(args.rank)
+        options.train_text_encoder, options.gradient_checkpointing = args.train_text_encoder, args.gradient_checkpointing
         torch.manual_seed(0)
         # Random weights are created directly in the weight dtype: with bf16, SDXL's 14 GB float32 copy never exists.
         # prepare_models reads only the accelerator's device: no Accelerator (and its global state) is needed.
