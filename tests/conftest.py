@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline SD and SDXL pipelines, example images, and an in-process training runner."""
+"""Shared fixtures: tiny offline SD, SDXL and Flux.1 pipelines, example images, and an in-process training runner."""
 
 import os
 import sys
@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
+from tiny_pipeline import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 
 TINY_CLIP_CONFIG = {
@@ -56,10 +56,36 @@ def tiny_sdxl_pipeline(tmp_path_factory) -> str:
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory) -> str:
+    """A tiny random Flux.1-dev-like pipeline folder (guidance embedding), built once per test session."""
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline"}
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
 def family_pipeline(request) -> str:
     """A tiny pipeline of each family the script trains: tests using it run once per family."""
-    return request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}[request.param])
+    return request.getfixturevalue(FAMILY_FIXTURES[request.param])
+
+
+def component_class(pipeline: str, component: str) -> type:
+    """The class of a pipeline component, as its ``model_index.json`` names it (e.g. UNet2DConditionModel)."""
+    import importlib
+    import json
+
+    library, name = json.loads((Path(pipeline) / "model_index.json").read_text())[component]
+    return getattr(importlib.import_module(library), name)
+
+
+def denoiser_class(pipeline: str) -> type:
+    """The denoiser's class of a pipeline folder: UNet2DConditionModel, FluxTransformer2DModel, ..."""
+    import train_cat_lora as T
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
+    return component_class(pipeline, family.denoiser)
 
 
 @contextmanager
