@@ -512,7 +512,9 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     where = f"--lora {name}={path}"
     name = re.sub(r"\W", "_", name)  # peft refuses '.' in adapter names (e.g. "alpha0.1"); one is loaded at a time
     try:
-        state_dict, _ = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+        loaded = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+        # SD/SDXL loaders return (state dict, network alphas); Flux's returns the state dict alone.
+        state_dict = loaded[0] if isinstance(loaded, tuple) else loaded
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input
         raise InputError(f"{where}: not a LoRA weights file ({type(error).__name__}: {error})") from None
     in_file = sum(bool(LORA_MATRIX_KEY.search(key)) for key in state_dict)

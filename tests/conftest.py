@@ -123,6 +123,11 @@ def instance_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# T5 tokens of the tiny Flux pipeline's prompts in tests (Flux reads --max_sequence_length, the other families
+# ignore it). At the default 512 the text would be 8x the tiny transformer's 64 image tokens.
+TINY_T5_TOKENS = 16
+
+
 def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int = 4) -> list[str]:
     """A fast command line for the tiny pipeline; ``extra`` flags are appended (later flags win)."""
     return [
@@ -137,6 +142,7 @@ def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int 
         "--learning_rate", "1e-3",
         "--seed", "0",
         "--report_to", "none",
+        "--max_sequence_length", str(TINY_T5_TOKENS),
         *extra,
     ]
 
@@ -170,7 +176,8 @@ def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[s
     """
     import train_cat_lora as T
 
-    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution))
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution,
+                                      max_sequence_length=TINY_T5_TOKENS))
     pipe = family.load_pipeline()
     repeats = 4
     rows = len(prompts) * repeats

@@ -481,7 +481,7 @@ def test_flux_adapters_are_scored_with_the_distilled_guidance_value(tiny_flux_pi
 
     lora = tmp_path / "flux-lora"
     run_train_cat_lora(train_args(tiny_flux_pipeline, instance_dir, lora, "--train_text_encoder",
-                                  "--learning_rate", "1e-2", "--max_sequence_length", "16", steps=3))
+                                  "--learning_rate", "1e-2", steps=3))
     out = tmp_path / "gen"
     seen = []  # the guidance argument of every call of the transformer's timestep + guidance embedding
     handle_hook = torch.nn.modules.module.register_module_forward_pre_hook(
@@ -497,7 +497,8 @@ def test_flux_adapters_are_scored_with_the_distilled_guidance_value(tiny_flux_pi
     finally:
         handle_hook.remove()
     assert list(metrics) == ["cat", "base"]
-    assert seen and all(value == [2.5] * len(value) for value in seen)
+    # The transformer scales the guidance value by 1000 (as it does sigma) before embedding it.
+    assert seen and all(value == [2500.0] * len(value) for value in seen)
     assert len(seen) == 2 * 2 * 2  # 2 adapters x 2 batches (with and without trigger) x 2 steps: one pass per step
     from PIL import Image
 

@@ -8,13 +8,14 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import train_args, watch_forward
+from conftest import TINY_T5_TOKENS, train_args, watch_forward
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import train_cat_lora as T
 
 
 def flux_models(pipeline: str, train_text_encoder: bool = False, **config):
+    config.setdefault("max_sequence_length", TINY_T5_TOKENS)
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32, **config))
     models = family.load_models()
     T.add_lora_adapters(family, models, 4, 4.0, train_text_encoder)
@@ -65,8 +66,7 @@ def test_flux_noisy_input_target_and_prediction_follow_the_flow_matching_recipe(
     # The prediction: 2x2 patches in row-major token order, the timestep as sigma, the guidance value 3.5.
     cond = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})(["a photo of teapot"] * 2)
     seen = {}
-    handle = transformer.time_text_embed.register_forward_pre_hook(
-        lambda module, args: seen.update(timestep=args[0], guidance=args[1]))
+    handle = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
     with torch.no_grad():
         pred = family.predict(transformer, z, cond)
         patches = z["noisy"].reshape(2, 4, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, 16)
@@ -191,7 +191,8 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
     import bitsandbytes as bnb
     from test_train_cat_lora import count_lora_calls, tiny_batch
 
-    family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, resolution=32))
+    family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, resolution=32,
+                                      max_sequence_length=TINY_T5_TOKENS))
     models = family.load_models()
     transformer = family.prepare_quantized(quantize_linear_layers(models["transformer"], options))
     T.add_lora_adapters(family, models, 4, 4.0, False)
@@ -231,8 +232,7 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
 
 
 def test_precomputed_text_embeddings_free_the_text_encoders(tiny_flux_pipeline, instance_dir, tmp_path):
-    args = T.parse_args(train_args(tiny_flux_pipeline, instance_dir, tmp_path / "out", "--pre_compute_text_embeddings",
-                                   "--max_sequence_length", "16"))
+    args = T.parse_args(train_args(tiny_flux_pipeline, instance_dir, tmp_path / "out", "--pre_compute_text_embeddings"))
     family = T.model_family(args)
     models = family.load_models()
     alive = {name: weakref.ref(models[name]) for name in family.text_encoders}
@@ -247,7 +247,7 @@ def test_flux_validation_after_freeing_the_text_encoders(tiny_flux_pipeline, ins
     """Validation reloads the freed text encoders and samples with the pipeline's own flow-matching scheduler."""
     out = tmp_path / "out"
     run_training(train_args(tiny_flux_pipeline, instance_dir, out, "--pre_compute_text_embeddings",
-                            "--max_sequence_length", "16", "--validation_prompt", "a photo of sks teapot",
+                            "--validation_prompt", "a photo of sks teapot",
                             "--num_validation_images", "1", "--num_validation_inference_steps", "2",
                             "--validation_steps", "2", steps=2))
     from PIL import Image

@@ -8,14 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import component_class, denoiser_class, draw_subject, drift_on_trigger_less_prompts, train_args, watch_forward
+from conftest import (
+    TINY_T5_TOKENS,
+    component_class,
+    denoiser_class,
+    draw_subject,
+    drift_on_trigger_less_prompts,
+    train_args,
+    watch_forward,
+)
 from safetensors.torch import load_file
 
 import train_cat_lora as T
 
 
 def tiny_models(pipeline: str, train_text_encoder: bool = False, rank: int = 4, **config):
-    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32, **config))
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
+                                      max_sequence_length=TINY_T5_TOKENS, **config))
     models = family.load_models()
     T.add_lora_adapters(family, models, rank, float(rank), train_text_encoder)
     return family, models
