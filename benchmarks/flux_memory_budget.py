@@ -8,7 +8,7 @@ Nothing here runs on a GPU or on real weights. What is measured, and how:
 2. Bytes per parameter of the quantized base: one linear layer of every distinct real shape is quantized on the
    CPU with bitsandbytes (8-bit LLM.int8 and NF4), and the bytes of its weight and quantization statistics are
    counted. Parameters left unquantized are counted at 4 bytes, as peft's ``prepare_model_for_kbit_training``
-   upcasts them to float32.
+   upcasts them to float32. NF4 as BitsAndBytesConfig's defaults (blocks of 64, no double quantization).
 3. LoRA + AdamW: bytes of the LoRA parameters, their gradients and AdamW's state after one optimizer step on a
    small transformer, per LoRA parameter.
 4. Activations: peak resident memory (ru_maxrss) of one forward + backward of a bf16 transformer with LoRA, minus
@@ -18,15 +18,15 @@ Nothing here runs on a GPU or on real weights. What is measured, and how:
    CPU kernels are not GPU kernels (attention on the CPU uses its own flash kernel; CUDA context, cuBLAS
    workspaces and allocator fragmentation are not included): treat the activation figures as estimates.
 
-Run: ``python benchmarks/flux_memory_budget.py`` (a few minutes on 2 cores; ``--quick`` for a smaller sweep).
+Run: ``python benchmarks/flux_memory_budget.py --json benchmarks/flux_memory_budget.json`` (about 10 minutes on
+2 busy cores; ``--quick`` for a smaller sweep).
 """
 
 import argparse
 import json
+import multiprocessing
 import resource
-import subprocess
 import sys
-from itertools import product
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -40,6 +40,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 from train_cat_lora import FLUX_TRANSFORMER_TARGETS  # noqa: E402
 
 GIB = 2**30
+# Forked children start with the parent's imports done (a fresh interpreter would pay them once per run); the
+# parent runs no torch computation before the sweep, so no thread pool is forked mid-use.
+CONTEXT = multiprocessing.get_context("fork")
 
 
 def flux_config(hidden_heads: int, double: int, single: int) -> dict:
@@ -57,8 +60,8 @@ def parameter_census(rank: int) -> dict:
         model = FluxTransformer2DModel(**FLUX_DEV)
     total = sum(p.numel() for p in model.parameters())
     linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    # diffusers' bitsandbytes loader keeps the output projection in full precision
-    quantized = {name: m for name, m in linear.items() if name != "proj_out"}
+    # diffusers' bitsandbytes loader converts every linear layer unless llm_int8_skip_modules names it
+    quantized = linear
     shapes = {}
     for m in quantized.values():
         shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
@@ -67,6 +70,23 @@ def parameter_census(rank: int) -> dict:
                if any(name == t or name.endswith("." + t) for t in config.target_modules))
     return {"total": total, "quantized_linear": sum(m.weight.numel() for m in quantized.values()),
             "shapes": shapes, "lora": lora}
+
+
+def encoder_census() -> dict:
+    """Parameters of Flux.1-dev's other components (configs as published), built on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                     feed_forward_proj="gated-gelu"))
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)
+    return {name: sum(p.numel() for p in model.parameters()) for name, model in
+            (("t5", t5), ("clip", clip), ("vae", vae))}
 
 
 def quantized_bytes_per_parameter(shape: tuple, kind: str) -> float:
@@ -78,8 +98,10 @@ def quantized_bytes_per_parameter(shape: tuple, kind: str) -> float:
         layer = bnb.nn.Linear8bitLt(in_features, out_features, False, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(in_features, out_features, False, compute_dtype=torch.bfloat16, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # BitsAndBytesConfig's default: no double quantization of the block statistics
+        layer = bnb.nn.Linear4bit(in_features, out_features, False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                  compress_statistics=False)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False)
     layer = layer.to("cpu")  # quantizes
     tensors = [layer.weight.data]
     state = getattr(layer.weight, "quant_state", None)
@@ -152,12 +174,18 @@ def activation_peak(heads: int, double: int, single: int, image_tokens: int, tex
     return after - before
 
 
+def _peak_in_child(config: dict, results) -> None:
+    results.put(activation_peak(**config))
+
+
 def measure_in_child(**config) -> int:
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import flux_memory_budget as b; "
-            f"print(json.dumps(b.activation_peak(**{config!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
-    return int(done.stdout.strip().splitlines()[-1])
+    """``activation_peak`` in a forked child (its own ru_maxrss high-water mark), one child per configuration."""
+    results = CONTEXT.Queue()
+    child = CONTEXT.Process(target=_peak_in_child, args=(config, results))
+    child.start()
+    peak = results.get()
+    child.join()
+    return peak
 
 
 def fit_per_token_per_block(rows: list) -> tuple[float, float, float]:
@@ -168,10 +196,12 @@ def fit_per_token_per_block(rows: list) -> tuple[float, float, float]:
 
 
 def activation_sweep(heads: int, checkpointing: bool, quick: bool) -> dict:
-    blocks = [(1, 1), (3, 1), (1, 3)] if quick else [(1, 1), (3, 1), (1, 3), (3, 3)]
-    tokens = [(1024, 256), (2304, 256)]  # (image, text)
+    # (double blocks, single blocks, image tokens, text tokens): block counts and token counts both vary
+    runs = [(1, 1, 1024, 256), (3, 1, 1024, 256), (1, 3, 1024, 256), (1, 1, 2304, 256), (3, 3, 2304, 256)]
+    if not quick:
+        runs += [(3, 1, 2304, 256), (1, 3, 2304, 256), (3, 3, 1024, 256)]
     rows = []
-    for (double, single), (image, text) in product(blocks, tokens):
+    for double, single, image, text in runs:
         peak = measure_in_child(heads=heads, double=double, single=single, image_tokens=image, text_tokens=text,
                                 checkpointing=checkpointing)
         rows.append((double, single, image + text, peak))
@@ -203,15 +233,8 @@ def main():
     parser.add_argument("--json", default=None, help="also write the measurements to this file")
     args = parser.parse_args()
 
-    census = parameter_census(args.rank)
-    bytes_per_param = {}
-    for kind in ("int8", "nf4"):
-        weighted = sum(count * out * inp * quantized_bytes_per_parameter((out, inp), kind)
-                       for (out, inp), count in census["shapes"].items())
-        bytes_per_param[kind] = weighted / census["quantized_linear"]
-    lora_bytes = lora_optimizer_bytes_per_parameter(args.rank)
     activations, width_ratio = {}, {}
-    for ckpt in (False, True):
+    for ckpt in (False, True):  # first: no torch computation in this process before the forks
         small, large = activation_sweep(4, ckpt, args.quick), activation_sweep(8, ckpt, args.quick)
         activations[ckpt] = large
         # measured growth per doubling of the width, extrapolated (power law) from 512 to 3072
@@ -220,6 +243,14 @@ def main():
         width_ratio[ckpt] = (3072 / large["width"]) ** exponent
         activations[ckpt]["width_exponent"] = exponent
         activations[ckpt]["small"] = small
+    census = parameter_census(args.rank)
+    bytes_per_param = {}
+    for kind in ("int8", "nf4"):
+        weighted = sum(count * out * inp * quantized_bytes_per_parameter((out, inp), kind)
+                       for (out, inp), count in census["shapes"].items())
+        bytes_per_param[kind] = weighted / census["quantized_linear"]
+    lora_bytes = lora_optimizer_bytes_per_parameter(args.rank)
+    encoders = encoder_census()
 
     print(f"Flux.1-dev transformer: {census['total'] / 1e9:.2f} B parameters, "
           f"{census['quantized_linear'] / 1e9:.2f} B in quantizable linear layers; "
@@ -234,6 +265,9 @@ def main():
               f"{fit['per_token_outside'] / 1024:.2f} KiB/token outside the blocks "
               f"(max residual {fit['max_residual_bytes'] / 2**20:.1f} MiB); width exponent "
               f"{fit['width_exponent']:.2f} -> x{width_ratio[ckpt]:.2f} at width 3072")
+    print(f"before caching (bf16): T5-XXL encoder {encoders['t5'] / 1e9:.2f} B parameters = "
+          f"{encoders['t5'] * 2 / GIB:.1f} GiB, CLIP-L {encoders['clip'] * 2 / GIB:.2f} GiB, "
+          f"VAE {encoders['vae'] * 2 / GIB:.2f} GiB; freed after --pre_compute_text_embeddings")
     print()
     print("| resolution | tokens (image + text) | base bf16 | base int8 | base NF4 | LoRA + AdamW | "
           "activations, no checkpointing | activations, checkpointing |")
@@ -247,7 +281,7 @@ def main():
               f"{ckpt['activations'] / GIB:.1f} GiB |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"census": {k: v for k, v in census.items() if k != "shapes"},
+            json.dump({"census": {k: v for k, v in census.items() if k != "shapes"}, "encoders": encoders,
                        "bytes_per_param": bytes_per_param, "lora_bytes_per_param": lora_bytes,
                        "activations": {str(k): v for k, v in activations.items()},
                        "width_ratio": {str(k): v for k, v in width_ratio.items()}}, f, indent=1)
