@@ -1080,7 +1080,7 @@ class FluxFamily(StableDiffusionFamily):
             transformer = FluxTransformer2DModel.from_pretrained(
                 subfolder="transformer", variant=self.config.variant, quantization_config=BitsAndBytesConfig(**options),
                 torch_dtype=weight_dtype, **self.source)
-        except (RuntimeError, ImportError) as error:  # e.g. diffusers' "No GPU found. A GPU is needed for quantization."
+        except (RuntimeError, ImportError) as error:  # e.g. diffusers' "No GPU found. A GPU is needed for ..."
             raise InputError(f"--bnb_quantization_config_path {self.config.bnb_quantization_config_path}: "
                              f"{str(error).strip().splitlines()[0]}") from None
         return self.prepare_quantized(transformer)

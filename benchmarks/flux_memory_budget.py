@@ -162,7 +162,8 @@ def activation_peak(heads: int, double: int, single: int, image_tokens: int, tex
                                                      indexing="ij"), -1).reshape(-1, 3),
                   txt_ids=torch.zeros(text_tokens, 3))
     # Warm up (thread pools, kernel libraries) on 16 + 8 tokens, whose activations are negligible.
-    warm = dict(inputs, hidden_states=inputs["hidden_states"][:, :16], encoder_hidden_states=inputs["encoder_hidden_states"][:, :8],
+    warm = dict(inputs, hidden_states=inputs["hidden_states"][:, :16],
+                encoder_hidden_states=inputs["encoder_hidden_states"][:, :8],
                 img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
                                     -1).reshape(-1, 3), txt_ids=torch.zeros(8, 3))
     model(**warm, return_dict=False)[0].float().pow(2).mean().backward()
