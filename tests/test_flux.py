@@ -172,10 +172,11 @@ def quantize_linear_layers(model, options: dict):
                                         threshold=6.0)
             layer.weight = bnb.nn.Int8Params(module.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
         else:
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, has_bias,
-                                      compute_dtype=torch.float32, quant_type=options["bnb_4bit_quant_type"])
+            # BitsAndBytesConfig's defaults: no double quantization of the block statistics
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, has_bias, compute_dtype=torch.float32,
+                                      quant_type=options["bnb_4bit_quant_type"], compress_statistics=False)
             layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False,
-                                             quant_type=options["bnb_4bit_quant_type"])
+                                             quant_type=options["bnb_4bit_quant_type"], compress_statistics=False)
         if has_bias:
             layer.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
         model.set_submodule(name, layer.to("cpu"))  # moving to a device quantizes the weights
