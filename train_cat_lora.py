@@ -853,12 +853,16 @@ class StableDiffusionFamily:
     kohya_layout = "sd"
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     validation_scheduler = DPMSolverMultistepScheduler
+    loads_quantized = False  # whether --bnb_quantization_config_path applies
 
     def __init__(self, config: FamilyConfig):
         self.config = config
         self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
                        "revision": config.revision}
         self._tokenizers = None
+        if config.bnb_quantization_config_path is not None and not self.loads_quantized:
+            raise InputError(f"--bnb_quantization_config_path: a quantized base is supported for Flux.1 only, not "
+                             f"{self.pipeline_class.__name__}")
 
     # Loading ------------------------------------------------------------------------------------------
     def load_tokenizers(self) -> dict:
@@ -1053,6 +1057,7 @@ class FluxFamily(StableDiffusionFamily):
     kohya_layout = "flux"
     pipeline_kwargs = {}
     validation_scheduler = None  # the pipeline's own flow-matching scheduler
+    loads_quantized = True
 
     def __init__(self, config: FamilyConfig):
         super().__init__(config)
@@ -1063,6 +1068,12 @@ class FluxFamily(StableDiffusionFamily):
         self.quantization = read_quantization_config(config.bnb_quantization_config_path)
 
     # Loading ------------------------------------------------------------------------------------------
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        # T5 reads --max_sequence_length tokens: the caption-length checks measure against that limit.
+        tokenizers["tokenizer_2"].model_max_length = self.config.max_sequence_length
+        return tokenizers
+
     def load_text_encoders(self) -> dict:
         variant = self.config.variant
         return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=variant, **self.source),

@@ -142,6 +142,23 @@ def test_bad_flux_input_is_one_line_and_exit_2(tiny_flux_pipeline, instance_dir,
     assert not (tmp_path / "out").exists()
 
 
+def test_quantization_flag_is_refused_for_other_families(tiny_pipeline, instance_dir, tmp_path, capsys):
+    (tmp_path / "q.json").write_text('{"load_in_8bit": true}')
+    status = T.cli(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--bnb_quantization_config_path",
+                              str(tmp_path / "q.json")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "supported for Flux.1 only, not StableDiffusionPipeline" in err[0]
+
+
+def test_t5_caption_limit_is_max_sequence_length(tiny_flux_pipeline, tmp_path):
+    """A trigger past --max_sequence_length T5 tokens would be cut off: refused, naming the image."""
+    family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, max_sequence_length=8))
+    caption = "a photo of a red teapot on the table with a blue ball and sks"
+    example = T.Example(tmp_path / "0.png", caption, caption, "0.png", "sks")
+    with pytest.raises(T.InputError, match="0.png: the trigger 'sks' falls after the text encoder's 6-token limit"):
+        T.check_caption_lengths(family.load_tokenizers()["tokenizer_2"], [example], {})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only outcome of diffusers' bitsandbytes loader")
 def test_bnb_config_reaches_diffusers_quantized_loader(tiny_flux_pipeline, instance_dir, tmp_path, capsys):
     """--bnb_quantization_config_path builds a BitsAndBytesConfig and loads the transformer with it. diffusers'
