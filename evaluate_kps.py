@@ -181,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--trigger_token", required=True, help="the trigger word, e.g. sks (required)")
 
     gen = parser.add_argument_group("generation (generate mode)")
-    gen.add_argument("--pretrained_model_name_or_path", help="base model: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline (hub id or folder)")
+    gen.add_argument("--pretrained_model_name_or_path", help="base model: a diffusers Stable Diffusion 1.x/2.x, SDXL or Flux.1 pipeline (hub id or folder)")
     gen.add_argument("--revision", default=None)
     gen.add_argument("--variant", default=None)
     gen.add_argument(
@@ -191,7 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--num_images_per_prompt", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0, help="sample j of every adapter uses seed + j")
     gen.add_argument("--num_inference_steps", type=int, default=50)
-    gen.add_argument("--guidance_scale", type=float, default=7.5)
+    gen.add_argument("--guidance_scale", type=float, default=7.5,
+                     help="classifier-free guidance scale; for guidance-distilled Flux.1-dev, the value given to its "
+                          "guidance embedding (3.5 is diffusers' default there)")
     gen.add_argument("--resolution", type=int, default=512, help="height and width, divisible by 8")
     gen.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per CLIP/DINO batch")
     gen.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
@@ -508,7 +510,9 @@ def load_adapter(pipe, name: str, path: Path) -> None:
     where = f"--lora {name}={path}"
     name = re.sub(r"\W", "_", name)  # peft refuses '.' in adapter names (e.g. "alpha0.1"); one is loaded at a time
     try:
-        state_dict, _ = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+        loaded = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+        # SD/SDXL loaders return (state dict, network alphas); Flux's returns the state dict alone.
+        state_dict = loaded[0] if isinstance(loaded, tuple) else loaded
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input
         raise InputError(f"{where}: not a LoRA weights file ({type(error).__name__}: {error})") from None
     in_file = sum(bool(LORA_MATRIX_KEY.search(key)) for key in state_dict)

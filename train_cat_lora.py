@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The CAT-LoRA authors. Licensed under the Apache License, Version 2.0.
-"""Train a LoRA on Stable Diffusion 1.x/2.x or SDXL with Contrastive Adapter Training (CAT).
+"""Train a LoRA on Stable Diffusion 1.x/2.x, SDXL or Flux.1 with Contrastive Adapter Training (CAT).
 
 CAT (Park et al., "Contrastive Adapter Training for Personalized Image Generation", arXiv 2404.07554,
 §2.2 Eq. 3) adds one term to the usual LoRA objective:
@@ -18,6 +18,7 @@ the order the data flows: arguments -> trigger handling -> data -> models -> los
 """
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -45,28 +46,38 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import (
     AutoencoderKL,
+    BitsAndBytesConfig,
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import _collate_lora_metadata, cast_training_params, compute_snr
+from diffusers.training_utils import (
+    _collate_lora_metadata,
+    cast_training_params,
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+    compute_snr,
+)
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from diffusers.utils.state_dict_utils import convert_state_dict
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, upload_folder
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 # --cat_alpha auto: the defaults of the drift budget and of the multiplier's step (see DriftBudget).
 DEFAULT_DRIFT_BUDGET = 0.03  # where the paper's alpha = 1 left the drift in the toy world (benchmarks/drift_budget.py)
@@ -158,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
-                       help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x or SDXL (the "
-                            "family is read from its model_index.json).")
+                       help="Hub id or local folder of a diffusers Stable Diffusion 1.x/2.x, SDXL or Flux.1 "
+                            "pipeline (the family is read from its model_index.json).")
     model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
     model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
     model.add_argument("--tokenizer_name", default=None,
@@ -360,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Flux.1: comma-separated transformer modules to adapt, e.g. 'to_k,to_q,to_v,to_out.0'; "
                              "default: the family's own set.")
     family.add_argument("--upcast_before_saving", action="store_true",
-                        help="Flux.1: cast the trained transformer to float32 before its LoRA weights are saved.")
+                        help="Flux.1: cast the trained transformer to float32 before its LoRA weights are saved "
+                             "(here the LoRA weights are float32 throughout, so they are saved in float32 anyway).")
+    family.add_argument("--bnb_quantization_config_path", default=None,
+                        help="Flux.1: JSON file of bitsandbytes options (e.g. {\"load_in_4bit\": true, "
+                             "\"bnb_4bit_quant_type\": \"nf4\"}) for loading the frozen transformer quantized; the "
+                             "frozen pass reuses it with the adapters disabled. Needs a GPU (diffusers' loader).")
 
     refused = parser.add_argument_group("diffusers flags not supported here",
                                         "Using one stops with one line saying why.")
@@ -1092,6 +1108,15 @@ class FamilyConfig:
     pretrained_vae_model_name_or_path: str | None = None
     tokenizer_name: str | None = None
     tokenizer_max_length: int | None = None
+    # Flux.1
+    max_sequence_length: int = 512
+    guidance_scale: float = 3.5
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    lora_layers: str | None = None
+    bnb_quantization_config_path: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FamilyConfig":
@@ -1117,17 +1142,22 @@ class StableDiffusionFamily:
     tokenizers = ("tokenizer",)
     trainable_text_encoders = ("text_encoder",)  # what --train_text_encoder adapts
     kohya_layout = "sd"
+    diffusers_lora_names = True  # save_lora_weights gets diffusers' names (lora.down/up), as diffusers' SD scripts
     # --train_text_encoder_ti: the text encoders that get the new tokens -> their key in the embeddings file
     # (diffusers' advanced scripts and AUTOMATIC1111/ComfyUI read clip_l for SD's CLIP, clip_g for SDXL's second).
     embedding_file_keys = {"text_encoder": "clip_l"}
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     validation_scheduler = DPMSolverMultistepScheduler
+    loads_quantized = False  # whether --bnb_quantization_config_path applies
 
     def __init__(self, config: FamilyConfig):
         self.config = config
         self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
                        "revision": config.revision}
         self._tokenizers = None
+        if config.bnb_quantization_config_path is not None and not self.loads_quantized:
+            raise InputError(f"--bnb_quantization_config_path: a quantized base is supported for Flux.1 only, not "
+                             f"{self.pipeline_class.__name__}")
 
     # Loading ------------------------------------------------------------------------------------------
     def load_tokenizers(self) -> dict:
@@ -1152,7 +1182,8 @@ class StableDiffusionFamily:
         return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=self.config.variant,
                                                               **self.source)}
 
-    def load_denoiser(self):
+    def load_denoiser(self, weight_dtype=torch.float32):
+        # Loaded in float32 and cast by prepare_models; only a quantized base needs the dtype at load time.
         return UNet2DConditionModel.from_pretrained(subfolder="unet", variant=self.config.variant, **self.source)
 
     def load_vae(self):
@@ -1161,9 +1192,14 @@ class StableDiffusionFamily:
     def load_noise_scheduler(self):
         return DDPMScheduler.from_pretrained(subfolder="scheduler", **self.source)
 
-    def load_models(self) -> dict:
-        """The frozen base model, keyed by pipeline component name, plus ``noise_scheduler``."""
-        models = {**self.load_text_encoders(), "vae": self.load_vae(), self.denoiser: self.load_denoiser()}
+    def load_models(self, weight_dtype=torch.float32) -> dict:
+        """The frozen base model, keyed by pipeline component name, plus ``noise_scheduler``.
+
+        The denoiser loads first: it is the component most likely to fail (a quantization config), and the
+        failure should come before gigabytes of text encoders are read.
+        """
+        denoiser = self.load_denoiser(weight_dtype)
+        models = {**self.load_text_encoders(), "vae": self.load_vae(), self.denoiser: denoiser}
         for model in models.values():
             model.requires_grad_(False)
         return {**models, "noise_scheduler": self.load_noise_scheduler()}
@@ -1302,9 +1338,164 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                     return_dict=False)[0]
 
 
+# diffusers' train_dreambooth_lora_flux.py default: attention (image and text streams) and feed-forward layers.
+FLUX_TRANSFORMER_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                            "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                            "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+def read_quantization_config(path: str | None) -> dict | None:
+    """--bnb_quantization_config_path: the JSON options of ``BitsAndBytesConfig``, checked before any model loads."""
+    if path is None:
+        return None
+    flag = f"--bnb_quantization_config_path {path}"
+    try:
+        options = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise InputError(f"{flag}: cannot read it ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{flag}: not valid JSON ({error})") from None
+    if not isinstance(options, dict) or not (options.get("load_in_8bit") or options.get("load_in_4bit")):
+        raise InputError(f"{flag}: expected a JSON object with \"load_in_8bit\": true or \"load_in_4bit\": true")
+    try:
+        BitsAndBytesConfig(**options)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{flag}: {str(error).splitlines()[0]}") from None
+    return options
+
+
+class FluxFamily(StableDiffusionFamily):
+    """Flux.1 as diffusers' ``train_dreambooth_lora_flux.py``: the CLIP pooled embedding and the T5 sequence,
+    2x2-packed latents with their position ids, the rectified-flow target ``noise - latents`` with SD3's
+    timestep densities and loss weights, and the guidance embedding of the guidance-distilled dev model."""
+
+    pipeline_class = FluxPipeline
+    denoiser = "transformer"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    trainable_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen (as diffusers)
+    kohya_layout = "flux"
+    # Flux's loader reads peft's names (lora_A/B); diffusers' renaming would make it miss the attention layers.
+    diffusers_lora_names = False
+    pipeline_kwargs = {}
+    validation_scheduler = None  # the pipeline's own flow-matching scheduler
+    loads_quantized = True
+
+    def __init__(self, config: FamilyConfig):
+        super().__init__(config)
+        for flag, value in (("--snr_gamma", config.snr_gamma), ("--noise_offset", config.noise_offset or None)):
+            if value is not None:
+                raise InputError(f"{flag} is for Stable Diffusion's noise schedules; Flux's flow matching uses "
+                                 "--weighting_scheme")
+        self.quantization = read_quantization_config(config.bnb_quantization_config_path)
+
+    # Loading ------------------------------------------------------------------------------------------
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        # T5 reads --max_sequence_length tokens: the caption-length checks measure against that limit.
+        tokenizers["tokenizer_2"].model_max_length = self.config.max_sequence_length
+        return tokenizers
+
+    def load_text_encoders(self) -> dict:
+        variant = self.config.variant
+        return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=variant, **self.source),
+                "text_encoder_2": T5EncoderModel.from_pretrained(subfolder="text_encoder_2", variant=variant,
+                                                                 **self.source)}
+
+    def load_denoiser(self, weight_dtype=torch.float32):
+        if self.quantization is None:
+            return FluxTransformer2DModel.from_pretrained(subfolder="transformer", variant=self.config.variant,
+                                                          **self.source)
+        options = dict(self.quantization)
+        if options.get("load_in_4bit"):
+            options["bnb_4bit_compute_dtype"] = weight_dtype  # as diffusers' Flux scripts
+        try:
+            transformer = FluxTransformer2DModel.from_pretrained(
+                subfolder="transformer", variant=self.config.variant, quantization_config=BitsAndBytesConfig(**options),
+                torch_dtype=weight_dtype, **self.source)
+        except (RuntimeError, ImportError) as error:  # e.g. diffusers' "No GPU found. A GPU is needed for ..."
+            raise InputError(f"--bnb_quantization_config_path {self.config.bnb_quantization_config_path}: "
+                             f"{str(error).strip().splitlines()[0]}") from None
+        return self.prepare_quantized(transformer)
+
+    @staticmethod
+    def prepare_quantized(transformer):
+        """peft's preparation of a k-bit base (frozen, non-quantized parameters upcast), as diffusers does."""
+        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+
+    def load_noise_scheduler(self):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(subfolder="scheduler", **self.source)
+
+    def lora_targets(self, component: str) -> list[str]:
+        if component != self.denoiser:
+            return CLIP_ATTENTION_TARGETS
+        if self.config.lora_layers:
+            return [layer.strip() for layer in self.config.lora_layers.split(",") if layer.strip()]
+        return FLUX_TRANSFORMER_TARGETS
+
+    # Conditioning, noisy input, prediction -------------------------------------------------------------
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        """CLIP's pooled output and T5's last hidden states of the same prompts (both read the same y)."""
+        tokenizers = self.load_tokenizers()
+        clip, t5 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
+        clip_ids = tokenize(tokenizers["tokenizer"], prompts).to(device_of(clip))
+        t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.config.max_sequence_length).to(device_of(t5))
+        return {"encoder_hidden_states": t5(t5_ids, return_dict=False)[0],
+                "pooled_projections": clip(clip_ids, output_hidden_states=False).pooler_output}
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+        if images.shape[1] == 3:
+            latent_dist = vae.encode(images).latent_dist
+        else:  # --cache_latents: the VAE posterior's parameters
+            latent_dist = DiagonalGaussianDistribution(images)
+        latents = latent_dist.sample(generator=generators)
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(weight_dtype)
+
+    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
+        """Rectified flow: z_t = (1 - sigma) x + sigma noise, target noise - x; latents stay unpacked here
+        (``predict`` packs them), so the target, the loss and the CAT term compare images, not token orders.
+
+        As for SD, each row draws its latent sample, noise and timestep density from its own generator.
+        """
+        config, device = self.config, vae.device
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
+        latents = self.encode_latents(batch, vae, generators, weight_dtype)
+        noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
+        u = torch.cat([compute_density_for_timestep_sampling(
+            weighting_scheme=config.weighting_scheme, batch_size=1, logit_mean=config.logit_mean,
+            logit_std=config.logit_std, mode_scale=config.mode_scale, device=device, generator=g) for g in generators])
+        indices = (u * noise_scheduler.config.num_train_timesteps).long().cpu()
+        timesteps = noise_scheduler.timesteps[indices].to(device)
+        sigmas = noise_scheduler.sigmas[indices].to(device, dtype=latents.dtype)
+        sigmas_ = sigmas.reshape(-1, 1, 1, 1)
+        return {"noisy": (1.0 - sigmas_) * latents + sigmas_ * noise, "timesteps": timesteps,
+                "target": noise - latents,
+                "loss_weights": compute_loss_weighting_for_sd3(weighting_scheme=config.weighting_scheme, sigmas=sigmas)}
+
+    def predict(self, transformer, z: dict, cond: dict):
+        """Pack z_t into 2x2 patches with their image ids, run the transformer, unpack to the latents' shape."""
+        noisy = z["noisy"]
+        batch_size, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, batch_size, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, noisy.device,
+                                                           noisy.dtype)
+        prompt = cond["encoder_hidden_states"]
+        text_ids = torch.zeros(prompt.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None
+        if getattr(transformer, "module", transformer).config.guidance_embeds:
+            guidance = torch.full((batch_size,), self.config.guidance_scale, device=noisy.device)
+        pred = transformer(hidden_states=packed, timestep=z["timesteps"] / 1000, guidance=guidance,
+                           pooled_projections=cond["pooled_projections"], encoder_hidden_states=prompt,
+                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        # In latent units: a scale factor of 1 makes _unpack_latents return the latents' own height and width.
+        return FluxPipeline._unpack_latents(pred, height, width, 1)
+
+
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionFamily,
     "StableDiffusionXLPipeline": StableDiffusionXLFamily,
+    "FluxPipeline": FluxFamily,
 }
 
 
@@ -1798,7 +1989,8 @@ def lora_state_dicts(accelerator, family, models: dict, train_text_encoder: bool
                      ) -> dict:
     """Keyword arguments for the family pipeline's ``save_lora_weights``: layers and their peft metadata."""
     peft_states = peft_state_dicts(accelerator, family, models, train_text_encoder, train_denoiser)
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_states.items()}
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) if family.diffusers_lora_names else state
+              for name, state in peft_states.items()}
     unwrapped = {name: accelerator.unwrap_model(models[name]) for name in peft_states}
     return {**layers, **_collate_lora_metadata(unwrapped)}
 
@@ -2088,9 +2280,11 @@ def run_validation(accelerator, args: argparse.Namespace, family, models: dict, 
     with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
     if new_tokens is not None:
         with_trigger = new_tokens.expand(with_trigger)
+    # Text encoders freed after --pre_compute_text_embeddings are absent: the pipeline reloads them.
     components = {name: accelerator.unwrap_model(models[name])
-                  for name in (family.denoiser, "vae", *family.text_encoders)}
+                  for name in (family.denoiser, "vae", *family.text_encoders) if name in models}
     pipeline = family.load_pipeline(**components, **family.load_tokenizers(), dtype=weight_dtype)
+    pipeline.to(accelerator.device)  # a no-op for the components passed in
     if family.validation_scheduler is not None:
         pipeline.scheduler = family.validation_scheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -2642,13 +2836,16 @@ def check_prompts(family, triggers: list[str], instance_examples: list[Example],
 
 def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
                    new_tokens: NewTokenEmbeddings | None = None) -> dict:
-    """Step 3: the frozen base model in ``weight_dtype`` with trainable float32 LoRA adapters attached (and, for
-    pivotal tuning, the new token rows)."""
-    models = family.load_models()
+    """Step 3: the frozen base model in ``weight_dtype`` (a quantized Flux base only moves) with trainable float32
+    LoRA adapters attached (and, for pivotal tuning, the new token rows)."""
+    models = family.load_models(weight_dtype)
     for name, model in models.items():
-        if name != "noise_scheduler":
-            dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
-            model.to(accelerator.device, dtype=dtype)
+        if name == "noise_scheduler":
+            continue
+        if getattr(model, "is_quantized", False):  # a quantized base cannot be cast; it only moves
+            model.to(accelerator.device)
+        else:
+            model.to(accelerator.device, dtype=family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype)
     if new_tokens is not None:
         new_tokens.add_to_text_encoders(family, models)
     lora = adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0)
@@ -2680,6 +2877,14 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
         text_encoders = {name: models[name] for name in family.text_encoders}
         cached_prompts = CachedPromptEncoder(PromptEncoder(family, text_encoders), prompts)
+        # Nothing reads the text encoders after this (validation reloads them): let them leave memory (T5-XXL
+        # alone is ~9.5 GB in bf16).
+        del text_encoders
+        for name in family.text_encoders:
+            del models[name]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     dataset = make_dataset(instance_examples * args.repeats, class_examples, args.resolution, args.center_crop,
                            args.random_flip, seed, latent_cache, args.image_interpolation_mode)
     sampler = EpochShuffleSampler(len(dataset), seed)

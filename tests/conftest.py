@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline SD and SDXL pipelines, example images, and an in-process training runner."""
+"""Shared fixtures: tiny offline SD, SDXL and Flux.1 pipelines, example images, and an in-process training runner."""
 
 import os
 import sys
@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
+from tiny_pipeline import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 # Tiny models run faster on one thread (thread start-up dominates their small matrices), several times faster
 # when other jobs share the cores; subprocess tests pass OMP_NUM_THREADS=1 for the same reason.
@@ -60,10 +60,36 @@ def tiny_sdxl_pipeline(tmp_path_factory) -> str:
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory) -> str:
+    """A tiny random Flux.1-dev-like pipeline folder (guidance embedding), built once per test session."""
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline"}
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
 def family_pipeline(request) -> str:
     """A tiny pipeline of each family the script trains: tests using it run once per family."""
-    return request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}[request.param])
+    return request.getfixturevalue(FAMILY_FIXTURES[request.param])
+
+
+def component_class(pipeline: str, component: str) -> type:
+    """The class of a pipeline component, as its ``model_index.json`` names it (e.g. UNet2DConditionModel)."""
+    import importlib
+    import json
+
+    library, name = json.loads((Path(pipeline) / "model_index.json").read_text())[component]
+    return getattr(importlib.import_module(library), name)
+
+
+def denoiser_class(pipeline: str) -> type:
+    """The denoiser's class of a pipeline folder: UNet2DConditionModel, FluxTransformer2DModel, ..."""
+    import train_cat_lora as T
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
+    return component_class(pipeline, family.denoiser)
 
 
 @contextmanager
@@ -101,6 +127,11 @@ def instance_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# T5 tokens of the tiny Flux pipeline's prompts in tests (Flux reads --max_sequence_length, the other families
+# ignore it). At the default 512 the text would be 8x the tiny transformer's 64 image tokens.
+TINY_T5_TOKENS = 16
+
+
 def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int = 4) -> list[str]:
     """A fast command line for the tiny pipeline; ``extra`` flags are appended (later flags win)."""
     return [
@@ -115,6 +146,7 @@ def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int 
         "--learning_rate", "1e-3",
         "--seed", "0",
         "--report_to", "none",
+        "--max_sequence_length", str(TINY_T5_TOKENS),
         *extra,
     ]
 
@@ -148,7 +180,8 @@ def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[s
     """
     import train_cat_lora as T
 
-    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution))
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution,
+                                      max_sequence_length=TINY_T5_TOKENS))
     pipe = family.load_pipeline()
     repeats = 4
     rows = len(prompts) * repeats

@@ -463,6 +463,42 @@ def test_sdxl_adapters_are_scored_on_one_base_pipeline(monkeypatch, tiny_sdxl_pi
     assert np.abs(first["cat"] - first["base"]).mean() > 0.1  # the SDXL LoRA was applied
 
 
+def test_flux_adapters_are_scored_with_the_distilled_guidance_value(tiny_flux_pipeline, instance_dir, eval_data_dir,
+                                                                   tiny_clip, tiny_dino, tmp_path):
+    """A Flux LoRA (transformer and CLIP layers) scored beside the base model: --guidance_scale reaches the
+    transformer's guidance embedding as the value itself (Flux.1-dev is guidance-distilled: no second pass)."""
+    from conftest import run_train_cat_lora, train_args
+    from diffusers.models.embeddings import CombinedTimestepGuidanceTextProjEmbeddings
+
+    lora = tmp_path / "flux-lora"
+    run_train_cat_lora(train_args(tiny_flux_pipeline, instance_dir, lora, "--train_text_encoder",
+                                  "--learning_rate", "1e-2", steps=3))
+    out = tmp_path / "gen"
+    seen = []  # the guidance argument of every call of the transformer's timestep + guidance embedding
+    handle_hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[1].tolist())
+        if isinstance(module, CombinedTimestepGuidanceTextProjEmbeddings) else None)
+    try:
+        metrics = ek.main([
+            "--pretrained_model_name_or_path", str(tiny_flux_pipeline), "--eval_data_dir", str(eval_data_dir),
+            "--trigger_token", TRIGGER, "--lora", f"cat={lora}", "--lora", "base=none", "--num_images_per_prompt",
+            "1", "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "2.5", "--batch_size", "2",
+            "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+        ])
+    finally:
+        handle_hook.remove()
+    assert list(metrics) == ["cat", "base"]
+    # The transformer scales the guidance value by 1000 (as it does sigma) before embedding it.
+    assert seen and all(value == [2500.0] * len(value) for value in seen)
+    assert len(seen) == 2 * 2 * 2  # 2 adapters x 2 batches (with and without trigger) x 2 steps: one pass per step
+    from PIL import Image
+
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    first = {p["adapter"]: np.asarray(Image.open(out / p["with_trigger"]), dtype=np.float32)
+             for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
+    assert np.abs(first["cat"] - first["base"]).mean() > 0.1  # the Flux LoRA was applied
+
+
 def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
     pipe = ek.load_pipeline(T.model_family(Namespace(pretrained_model_name_or_path=str(tiny_pipeline))))
     ek.load_adapter(pipe, "a", loras["a"] / "pytorch_lora_weights.safetensors")

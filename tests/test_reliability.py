@@ -30,7 +30,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(family_pipeline, instance_dir, tmp_path,
                                                                           run_training):
-    from diffusers import UNet2DConditionModel
+    from conftest import denoiser_class
 
     common = ("--random_flip", "--checkpointing_steps", "100", "--train_text_encoder")
     run_training(train_args(family_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
@@ -42,7 +42,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(family_
         if len(calls) == 7:  # 3 denoiser passes per CAT step: the first pass of the third optimizer step
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with watch_forward(UNet2DConditionModel, signal_in_third_step), pytest.raises(T.TrainingInterrupted) as stopped:
+    with watch_forward(denoiser_class(family_pipeline), signal_in_third_step), pytest.raises(T.TrainingInterrupted) as stopped:
         run_training(train_args(family_pipeline, instance_dir, tmp_path / "cut", *common, steps=6))
     assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
     assert [p.name for p in T.checkpoint_folders(tmp_path / "cut")] == ["checkpoint-3"]

@@ -1,11 +1,14 @@
-"""Build complete, tiny Stable Diffusion 1.x and SDXL pipeline directories offline.
+"""Build complete, tiny Stable Diffusion 1.x, SDXL and Flux.1 pipeline directories offline.
 
 The result loads with ``StableDiffusionPipeline.from_pretrained(path)`` exactly like a hub model, but its
 weights are random and small, so tests and the README demo run on a CPU with no model hub. The tokenizer
 is the real CLIP BPE tokenizer: its vocabulary and merges are derived from ``bpe_simple_vocab_16e6.txt.gz``,
 the file open_clip_torch ships inside its package.
 
-Run as a script to write one: ``python tests/tiny_pipeline.py OUT_DIR [--family sdxl]``.
+Flux's T5 tokenizer is a small Unigram model built with the ``tokenizers`` library (the only kind that survives
+transformers 5's save and reload of ``T5Tokenizer``).
+
+Run as a script to write one: ``python tests/tiny_pipeline.py OUT_DIR [--family sdxl|flux]``.
 """
 
 import argparse
@@ -195,14 +198,85 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0):
     return str(out_dir)
 
 
+# Words of the test captions get one piece each; anything else falls back to single characters.
+T5_WORDS = ("a photo of sks teapot dog cat on the table in red blue green with and an image picture "
+            "toy sitting ball").split()
+
+
+def build_t5_tokenizer(max_length: int = 512):
+    """A small T5 tokenizer (Unigram, ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no ``<extra_id_*>`` tokens)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + word, -2.0) for word in T5_WORDS]
+    pieces += [(char, -5.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, extra_ids=0, eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>", model_max_length=max_length)
+
+
+def build_tiny_flux_pipeline(out_dir, seed: int = 0):
+    """Create and save a tiny random Flux.1-dev-like pipeline at ``out_dir``; return the path as a string.
+
+    The transformer has one double-stream and one single-stream block and the guidance embedding (as
+    Flux.1-dev). T5 (width 48) and CLIP (width 32) have different widths, so a mix-up of the sequence and the
+    pooled embedding fails on shape. The VAE has two blocks (scale factor 2) and 4 latent channels, with a
+    shift and a scale as Flux's; the scheduler has Flux.1-dev's flow-matching settings.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    t5_width, clip_width, latent_channels = 48, 32, 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=clip_width,
+        guidance_embeds=True, axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=clip_width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=32, hidden_act="gelu", bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407))
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(out_dir / "_tokenizer_src" / name)
+    os.rmdir(out_dir / "_tokenizer_src")
+    return str(out_dir)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
-    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd")
+    parser.add_argument("--family", choices=["sd", "sdxl", "flux"], default="sd")
     cli = parser.parse_args()
-    if cli.family == "sdxl":
+    if cli.family == "flux":
+        print(build_tiny_flux_pipeline(cli.output_dir, cli.seed))
+    elif cli.family == "sdxl":
         print(build_tiny_sdxl_pipeline(cli.output_dir, cli.seed))
     else:
         print(build_tiny_pipeline(cli.output_dir, cli.seed, cli.prediction_type))
