@@ -40,6 +40,7 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
     tiny        the tests' tiny SD 1.x pipeline (tests/tiny_pipeline.py), built into a temporary folder
     small       tiny with a (64, 128, 128) U-Net
     tiny-sdxl   the tests' tiny SDXL pipeline (two CLIP encoders of different widths)
+    tiny-flux   the tests' tiny Flux.1 pipeline (one double- and one single-stream block, CLIP and a tiny T5)
     toy         the committed toy-world base model, examples/toyworld/models/toy-sd (32x32 images)
     sd15        the real Stable Diffusion 1.5 architecture (U-Net 859.5 M parameters, CLIP ViT-L/14 text
                 encoder, VAE) built from its configs with random weights: nothing is downloaded, and speed and
@@ -97,7 +98,12 @@ for _path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 import train_cat_lora as T  # noqa: E402
-from tiny_pipeline import build_clip_tokenizer, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
+from tiny_pipeline import (  # noqa: E402
+    build_clip_tokenizer,
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 TOY_MODEL = ROOT / "examples" / "toyworld" / "models" / "toy-sd"
 
@@ -262,7 +268,7 @@ class RandomWeights:
     def load_text_encoders(self) -> dict:
         return {name: self.random_model(name) for name in self.text_encoders}
 
-    def load_denoiser(self):
+    def load_denoiser(self, weight_dtype=None):
         return self.random_model(self.denoiser)
 
     def load_vae(self):
@@ -311,6 +317,7 @@ MODELS = {
     "tiny": ModelChoice(lambda scratch: build_tiny_pipeline(scratch / "tiny-sd")),
     "small": ModelChoice(lambda scratch: build_small_pipeline(scratch / "small-sd")),
     "tiny-sdxl": ModelChoice(lambda scratch: build_tiny_sdxl_pipeline(scratch / "tiny-sdxl")),
+    "tiny-flux": ModelChoice(lambda scratch: build_tiny_flux_pipeline(scratch / "tiny-flux")),
     "toy": ModelChoice(committed_toy_model),
     "sd15": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sd15"], scratch / "sd15"), True),
     "sdxl": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sdxl"], scratch / "sdxl"), True),
@@ -327,7 +334,7 @@ def resolve_model(model: str, scratch: Path) -> tuple[str, bool]:
 def family_for(model_path: str, args, random_weights: bool = False):
     """The training script's family object for the pipeline at ``model_path`` (bad input: exit 2)."""
     options = Namespace(pretrained_model_name_or_path=model_path, revision=args.revision, variant=args.variant,
-                        resolution=args.resolution)
+                        resolution=args.resolution, max_sequence_length=args.max_sequence_length)
     try:
         family = T.model_family(options)
     except T.InputError as error:
@@ -847,6 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=4, help="Instance images per step (prior adds as many).")
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--max_sequence_length", type=int, default=16,
+                        help="Flux: T5 prompt tokens (the tiny Flux's T5 reads 16; Flux.1-dev trains with 512).")
     parser.add_argument("--steps", type=int, default=20, help="Timed rounds (each runs every configuration once).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed rounds first.")
     parser.add_argument("--gradient_checkpointing", action="store_true")

@@ -67,15 +67,16 @@ BATCH = 2
 MEASURED = ("lora", "cat-lean", "cat-batched")
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "flux"])
 def counts(request):
-    """{config: measure_counts} of one step of every configuration, on tiny SD and on tiny SDXL."""
-    pipeline = request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}[request.param])
+    """{config: measure_counts} of one step of every configuration, on tiny SD, SDXL and Flux.1."""
+    pipeline = request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline",
+                                        "flux": "tiny_flux_pipeline"}[request.param])
     torch.set_num_threads(1)
     args = B.build_parser().parse_args(["--resolution", "32", "--batch_size", str(BATCH)])
     bench = B.Bench(pipeline, args)
-    assert type(bench.family).__name__ == {"sd": "StableDiffusionFamily", "sdxl": "StableDiffusionXLFamily"}[
-        request.param]
+    assert type(bench.family).__name__ == {"sd": "StableDiffusionFamily", "sdxl": "StableDiffusionXLFamily",
+                                           "flux": "FluxFamily"}[request.param]
     return {name: bench.measure_counts(name, seed=5) for name in MEASURED}
 
 
