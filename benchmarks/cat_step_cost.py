@@ -41,6 +41,9 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
     small       tiny with a (64, 128, 128) U-Net
     tiny-sdxl   the tests' tiny SDXL pipeline (two CLIP encoders of different widths)
     tiny-flux   the tests' tiny Flux.1 pipeline (one double- and one single-stream block, CLIP and a tiny T5)
+    flux-dev    the real Flux.1-dev architecture (transformer 11.9 B parameters, T5-XXL encoder 4.8 B, CLIP-L,
+                16-channel VAE) from its configs with random weights; needs a GPU with room for it (bf16: about
+                33 GB for the random weights alone; run with --mixed_precision bf16 --max_sequence_length 512)
     toy         the committed toy-world base model, examples/toyworld/models/toy-sd (32x32 images)
     sd15        the real Stable Diffusion 1.5 architecture (U-Net 859.5 M parameters, CLIP ViT-L/14 text
                 encoder, VAE) built from its configs with random weights: nothing is downloaded, and speed and
@@ -90,7 +93,7 @@ import transformers
 from diffusers import ModelMixin, UNet2DConditionModel
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig
+from transformers import CLIPTextConfig, T5Config
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "tests"):
@@ -98,8 +101,10 @@ for _path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 import train_cat_lora as T  # noqa: E402
+from flux_memory_budget import FLUX_DEV  # noqa: E402
 from tiny_pipeline import (  # noqa: E402
     build_clip_tokenizer,
+    build_t5_tokenizer,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
     build_tiny_sdxl_pipeline,
@@ -252,6 +257,43 @@ def write_config_pipeline(architecture: Architecture, out_dir: Path) -> str:
     return str(out_dir)
 
 
+# Flux.1-dev as published (black-forest-labs/FLUX.1-dev's component configs): the transformer of
+# benchmarks/flux_memory_budget.py, T5-XXL v1.1's encoder, CLIP ViT-L/14's text tower, the 16-channel VAE, and the
+# flow-matching scheduler with resolution-dependent shift. The T5 tokenizer is a small offline one (ids < 32128):
+# speed and memory do not depend on the vocabulary's words.
+FLUX_DEV_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2,
+                "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+                "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 1024,
+                "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+                "use_post_quant_conv": False}
+T5_XXL_ENCODER = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
+                  "num_heads": 64, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False}
+FLUX_DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                      "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def write_flux_dev_pipeline(out_dir: Path) -> str:
+    """Flux.1-dev as a folder of configs and tokenizers, without weights (see ``RandomWeights``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for component, class_name, config in (("transformer", "FluxTransformer2DModel", FLUX_DEV),
+                                          ("vae", "AutoencoderKL", FLUX_DEV_VAE)):
+        (out_dir / component).mkdir(exist_ok=True)
+        (out_dir / component / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=1))
+    CLIPTextConfig(**CLIP_VIT_L_TEXT).save_pretrained(out_dir / "text_encoder")
+    T5Config(**T5_XXL_ENCODER).save_pretrained(out_dir / "text_encoder_2")
+    build_clip_tokenizer(out_dir / "_tokenizer_source").save_pretrained(out_dir / "tokenizer")
+    shutil.rmtree(out_dir / "_tokenizer_source")
+    build_t5_tokenizer(max_length=512).save_pretrained(out_dir / "tokenizer_2")
+    diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER).save_config(out_dir / "scheduler")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"]}
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=1))
+    return str(out_dir)
+
+
 class RandomWeights:
     """Mixin for a model family: build its denoiser, text encoders and VAE from the configs of the pipeline folder
     (the classes named in ``model_index.json``), with the models' own random initialisation, instead of loading
@@ -321,6 +363,7 @@ MODELS = {
     "toy": ModelChoice(committed_toy_model),
     "sd15": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sd15"], scratch / "sd15"), True),
     "sdxl": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sdxl"], scratch / "sdxl"), True),
+    "flux-dev": ModelChoice(lambda scratch: write_flux_dev_pipeline(scratch / "flux-dev"), True),
 }
 
 

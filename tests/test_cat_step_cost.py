@@ -140,6 +140,22 @@ def test_real_architectures_build_their_published_parameter_counts(tmp_path, mod
     assert models["vae"].config.scaling_factor == (0.18215 if model == "sd15" else 0.13025)
 
 
+def test_the_real_flux_dev_architecture_builds_its_published_parameter_counts(tmp_path):
+    """Flux.1-dev from its configs (random weights, nothing downloaded): 11.9 B transformer, T5-XXL encoder."""
+    path, random_weights = B.resolve_model("flux-dev", tmp_path)
+    assert random_weights
+    args = B.build_parser().parse_args(["--model", "flux-dev", "--max_sequence_length", "512"])
+    family = B.family_for(path, args, random_weights)
+    assert type(family).__name__ == "RandomWeightsFluxFamily" and family.denoiser == "transformer"
+    with torch.device("meta"):
+        models = family.load_models()
+    assert B.base_parameter_counts(models) == {"transformer": 11_901_408_320, "text_encoder": 123_060_480,
+                                               "text_encoder_2": 4_762_310_656, "vae": 83_819_683}
+    transformer = models["transformer"].config
+    assert (transformer.num_layers, transformer.num_single_layers, transformer.guidance_embeds) == (19, 38, True)
+    assert models["vae"].config.latent_channels == 16
+
+
 def table_section(printed: str, first_titles: str) -> tuple[list[str], dict[str, list[str]]]:
     """The markdown table of ``printed`` whose header starts with ``| first_titles``: (titles, {config: cells})."""
     lines = printed.splitlines()
