@@ -870,6 +870,20 @@ def format_table(results: dict, meta: dict) -> str:
                       f"{denoiser_floor_ratio(name, BACKWARD_UNITS['issue']):.2f}x",
                       f"{denoiser_floor_ratio(name, BACKWARD_UNITS['frozen base']):.2f}x"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cat_lean = results.get("cat-lean")
+    if cat_lean is not None and "time_ratio" in cat_lean:
+        # A --cat_every N run is N - 1 plain LoRA steps (the alpha = 0 path: one denoiser pass) and one CAT step, so
+        # its cost per step follows from the two measured steps above; the FLOP floor is 1 + 1.5 / N.
+        lines += ["", "--cat_every N (lean): cost per optimizer step, averaged over the N steps of a cycle, from the "
+                  "measured lora and cat-lean steps:", "",
+                  "| N | time x LoRA | denoiser FLOPs x LoRA | floor: frozen base |", "|---|---|---|---|"]
+        denoiser_ratio = None
+        if cat_lean.get("flops_by_model", {}).get("denoiser") and base.get("flops_by_model", {}).get("denoiser"):
+            denoiser_ratio = cat_lean["flops_by_model"]["denoiser"] / base["flops_by_model"]["denoiser"]
+        for every in (1, 2, 4):
+            flops = "n/a" if denoiser_ratio is None else f"{(every - 1 + denoiser_ratio) / every:.2f}x"
+            lines.append(f"| {every} | {(every - 1 + cat_lean['time_ratio']) / every:.2f}x | {flops} | "
+                         f"{1 + 1.5 / every:.2f}x |")
     if "phases_ms" in base:
         columns = PHASES + ["other", "total"]
         lines += ["", f"Where the time goes: ms per step by phase (median over {meta['phase_steps']} separate "

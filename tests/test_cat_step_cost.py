@@ -217,6 +217,14 @@ def test_main_prints_a_table_whose_ratios_are_computed_from_the_measurements(tin
         assert row["denoiser x LoRA, measured"] == f"{denoiser[name] / denoiser['lora']:.2f}x"
         assert row["floor: fwd 1, bwd 2"] == f"{B.denoiser_floor_ratio(name, 2):.2f}x"
         assert row["floor: frozen base, bwd 1"] == f"{B.denoiser_floor_ratio(name, 1):.2f}x"
+    # --cat_every N: N - 1 LoRA steps and one CAT step per cycle, from the measured ratios; the floor 1 + 1.5/N.
+    titles, every_rows = table_section(printed, "N | time x LoRA")
+    time_ratio, flop_ratio = results["cat-lean"]["time_ratio"], denoiser["cat-lean"] / denoiser["lora"]
+    for every in (1, 2, 4):
+        row = dict(zip(titles, every_rows[str(every)]))
+        assert row["time x LoRA"] == f"{(every - 1 + time_ratio) / every:.2f}x"
+        assert row["denoiser FLOPs x LoRA"] == f"{(every - 1 + flop_ratio) / every:.2f}x"
+        assert row["floor: frozen base"] == f"{1 + 1.5 / every:.2f}x"
     phases = results["cat-lean"]["phases_ms"]
     assert phases["denoiser fwd (frozen)"] > 0 and results["lora"]["phases_ms"]["denoiser fwd (frozen)"] == 0
     assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"])

@@ -374,7 +374,8 @@ def test_readme_lists_every_flag_as_accepted_family_or_refused():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("### Everything else you know from"):readme.index("### Outputs")]
     accepted = set(re.findall(r"--\w+", section[section.index("Accepted with"):section.index("plus this script")]))
-    family = set(re.findall(r"--\w+", section[section.index("Parsed with diffusers"):section.index("Refused, each")]))
+    family_part = section[section.index("for the SDXL and Flux.1 families"):section.index("Refused, each")]
+    family = set(re.findall(r"--\w+", family_part[:family_part.index("and this script's")]))
     refused = set(re.findall(r"^\| `(--\w+)`", section, flags=re.M))
     assert (family - {"--help"}, refused) == (FAMILY, REFUSED)
     assert accepted == set(ALL_FLAGS) - FAMILY - REFUSED - {"--pretrained_model_name_or_path", "--instance_data_dir",
