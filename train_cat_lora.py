@@ -162,8 +162,16 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, like every other bad input
+    here; its default prints the whole usage first, about 90 lines with this many flags."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train a LoRA with Contrastive Adapter Training (CAT, arXiv 2404.07554, Eq. 3).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -1232,7 +1240,9 @@ class StableDiffusionFamily:
             latent_dist = vae.encode(images).latent_dist
         else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
             latent_dist = DiagonalGaussianDistribution(images)
-        return (latent_dist.sample(generator=generators) * vae.config.scaling_factor).to(weight_dtype)
+        latents = latent_dist.sample(generator=generators)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # Flux's VAE has one; SD's and SDXL's do not
+        return ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
 
     def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
         """z_t, t, the target and the per-sample loss weights: what every term of Eq. 3 shares.
@@ -1442,15 +1452,6 @@ class FluxFamily(StableDiffusionFamily):
         t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.config.max_sequence_length).to(device_of(t5))
         return {"encoder_hidden_states": t5(t5_ids, return_dict=False)[0],
                 "pooled_projections": clip(clip_ids, output_hidden_states=False).pooler_output}
-
-    def encode_latents(self, batch, vae, generators, weight_dtype):
-        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
-        if images.shape[1] == 3:
-            latent_dist = vae.encode(images).latent_dist
-        else:  # --cache_latents: the VAE posterior's parameters
-            latent_dist = DiagonalGaussianDistribution(images)
-        latents = latent_dist.sample(generator=generators)
-        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(weight_dtype)
 
     def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
         """Rectified flow: z_t = (1 - sigma) x + sigma noise, target noise - x; latents stay unpacked here

@@ -163,11 +163,11 @@ def test_each_concept_has_its_own_multiplier(tiny_pipeline, instance_dir, tmp_pa
 def test_bad_budget_flags_are_one_line_errors(tiny_pipeline, instance_dir, tmp_path, flags, message, capsys):
     try:
         code = T.cli(train_args(tiny_pipeline, instance_dir, tmp_path / "out", *flags))
-    except SystemExit as exit_:  # argparse's own errors (a value of the wrong type)
+    except SystemExit as exit_:  # argparse's own error, for a value of the wrong type
         code = exit_.code
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
 
 

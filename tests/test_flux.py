@@ -207,7 +207,7 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
     script prepares a quantized base, LoRA on top; one CAT step trains the adapter, the frozen pass runs the
     same quantized layers with no LoRA branch, and the quantized weights do not change."""
     import bitsandbytes as bnb
-    from test_train_cat_lora import count_lora_calls, tiny_batch
+    from test_train_cat_lora import record_lora_calls, tiny_batch
 
     family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, resolution=32,
                                       max_sequence_length=TINY_T5_TOKENS))
@@ -219,7 +219,7 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
     assert len(quantized) > 10
     wrapped = [m for m in transformer.modules() if getattr(m, "base_layer", None) in quantized]
     assert len(wrapped) > 10  # peft put its LoRA layers around the quantized ones
-    lora = count_lora_calls(transformer)
+    lora = record_lora_calls(transformer)  # autograd on or off at each LoRA call
     weights_before = {id(m): m.weight.data.clone() for m in quantized}
     calls = []  # (grad enabled, quantized layer id) for every quantized layer call
     optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
@@ -240,7 +240,7 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
     assert torch.isfinite(losses["loss"]) and losses["diffusion"] > 0
     assert [grad for grad, _, _ in marks] == [True, True, False]  # lean: y_T, y, then the frozen pass
     _, lora_at_frozen, calls_at_frozen = marks[-1]
-    assert len(lora) == lora_at_frozen  # the frozen pass ran no LoRA branch ...
+    assert len(lora) == lora_at_frozen and all(lora)  # the frozen pass ran no LoRA branch ...
     frozen_layers = {layer for _, layer in calls[calls_at_frozen:]}
     adapted_layers = {layer for grad, layer in calls[:calls_at_frozen] if grad}
     assert frozen_layers == adapted_layers == {id(m) for m in quantized}  # ... but the same quantized layers
