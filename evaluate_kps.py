@@ -848,3 +848,9 @@ if __name__ == "__main__":
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # Under several processes, close the process group before the interpreter exits: left to interpreter
+        # teardown, a process that finished early was seen aborting ("terminate called without an active
+        # exception", SIGABRT) and failing the whole launch.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
