@@ -83,6 +83,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file as load_safetensors
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
@@ -98,6 +99,7 @@ from train_cat_lora import (  # one definition of the trigger rule and of the me
     load_clip,
     load_image_caption_pairs,
     model_family,
+    replace_trigger,
     resolve_clip_choice,
     strip_trigger,
     use_cpu_processes,
@@ -349,8 +351,21 @@ def load_pairs(pairs_file: Path, trigger: str) -> list[Sample]:
     return sorted(samples, key=lambda s: order.index(s.adapter))
 
 
-def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
-    """``--lora NAME=PATH`` values as {name: weights file or None for the base model}, in the given order."""
+@dataclass(frozen=True)
+class AdapterFiles:
+    """What one ``--lora`` names: LoRA weights, and the new-token embeddings of pivotal tuning or textual inversion
+    (train_cat_lora.py --train_text_encoder_ti writes ``<folder>_emb.safetensors``; with --train_transformer_frac 0
+    there is no LoRA file at all)."""
+
+    lora: Path | None
+    embeddings: Path | None = None
+
+    def __str__(self) -> str:
+        return " + ".join(str(path) for path in (self.lora, self.embeddings) if path is not None)
+
+
+def parse_lora_specs(specs: list[str]) -> dict[str, AdapterFiles | None]:
+    """``--lora NAME=PATH`` values as {name: its files, or None for the base model}, in the given order."""
     adapters = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -365,12 +380,18 @@ def parse_lora_specs(specs: list[str]) -> dict[str, Path | None]:
             continue
         path = Path(path)
         if path.is_dir():
-            if not (path / LORA_WEIGHT_NAME).is_file():
-                raise InputError(f"--lora {spec}: {path} has no {LORA_WEIGHT_NAME}")
-            path = path / LORA_WEIGHT_NAME
-        elif not path.is_file():
+            lora, embeddings = path / LORA_WEIGHT_NAME, path / f"{path.resolve().name}_emb.safetensors"
+            files = AdapterFiles(lora if lora.is_file() else None, embeddings if embeddings.is_file() else None)
+            if files.lora is None and files.embeddings is None:
+                raise InputError(f"--lora {spec}: {path} has no {LORA_WEIGHT_NAME} (nor {embeddings.name})")
+            if files.embeddings is not None and len(list((path / "embeddings").glob("*.safetensors"))) > 1:
+                raise InputError(f"--lora {spec}: {embeddings.name} holds several --token_abstraction's tokens; "
+                                 "evaluate one concept's embeddings at a time")
+            adapters[name] = files
+        elif path.is_file():
+            adapters[name] = AdapterFiles(path)
+        else:
             raise InputError(f"--lora {spec}: {path} not found")
-        adapters[name] = path
     return adapters
 
 
@@ -500,7 +521,50 @@ def load_pipeline(family, mixed_precision: str = "no", device="cpu"):
     return pipe.to(device)
 
 
-def load_adapter(pipe, name: str, path: Path) -> None:
+def load_adapter(pipe, family, name: str, files: AdapterFiles) -> list[str]:
+    """Apply an adapter's LoRA and embeddings to ``pipe``; returns the new tokens (none without embeddings)."""
+    if files.lora is not None:
+        load_lora(pipe, name, files.lora)
+    if files.embeddings is None:
+        return []
+    return load_embeddings(pipe, family, name, files.embeddings)
+
+
+def unload_adapter(pipe, family, files: AdapterFiles, tokens: list[str]) -> None:
+    if files.lora is not None:
+        pipe.unload_lora_weights()
+    for encoder_name in family.embedding_file_keys if tokens else ():
+        tokenizer_name = family.tokenizers[family.text_encoders.index(encoder_name)]
+        pipe.unload_textual_inversion(tokens=tokens, tokenizer=getattr(pipe, tokenizer_name),
+                                      text_encoder=getattr(pipe, encoder_name))
+
+
+def load_embeddings(pipe, family, name: str, path: Path) -> list[str]:
+    """Add the new tokens <s0><s1>... of ``path`` (diffusers' pivotal-tuning file: one key per text encoder) to the
+    pipeline's tokenizers and text encoders, as the model card's lines do; returns the tokens."""
+    where = f"--lora {name}: {path}"
+    try:
+        state_dict = load_safetensors(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input
+        raise InputError(f"{where}: not an embeddings file ({type(error).__name__}: {error})") from None
+    keys = getattr(family, "embedding_file_keys", {})
+    missing = [key for key in keys.values() if key not in state_dict]
+    if not keys or missing:
+        raise InputError(f"{where}: expected the keys {sorted(keys.values())} of this model family, found "
+                         f"{sorted(state_dict)}")
+    tokens = [f"<s{i}>" for i in range(len(next(iter(state_dict.values()))))]
+    for encoder_name, key in keys.items():
+        tokenizer_name = family.tokenizers[family.text_encoders.index(encoder_name)]
+        encoder = getattr(pipe, encoder_name)
+        if state_dict[key].shape != (len(tokens), encoder.get_input_embeddings().weight.shape[1]):
+            raise InputError(f"{where}: {key} has shape {tuple(state_dict[key].shape)}, {encoder_name} needs "
+                             f"({len(tokens)}, {encoder.get_input_embeddings().weight.shape[1]})")
+        pipe.load_textual_inversion(state_dict[key], token=tokens, text_encoder=encoder,
+                                    tokenizer=getattr(pipe, tokenizer_name))
+    return tokens
+
+
+def load_lora(pipe, name: str, path: Path) -> None:
     """Apply the LoRA at ``path`` to ``pipe`` as adapter ``name``; InputError if it does not fit the model.
 
     Fitting means every LoRA matrix in the file lands on a layer of the base model with the right shape
@@ -544,12 +608,11 @@ def load_adapter(pipe, name: str, path: Path) -> None:
         )
 
 
-def check_adapters(pipe, adapters: dict[str, Path | None]) -> None:
+def check_adapters(pipe, family, adapters: dict[str, AdapterFiles | None]) -> None:
     """Load and unload every adapter once before generating, so a bad one fails before any image is drawn."""
-    for name, path in adapters.items():
-        if path is not None:
-            load_adapter(pipe, name, path)
-            pipe.unload_lora_weights()
+    for name, files in adapters.items():
+        if files is not None:
+            unload_adapter(pipe, family, files, load_adapter(pipe, family, name, files))
 
 
 def plan_samples(adapters, items: list[Item], num_images_per_prompt: int, seed: int) -> list[Sample]:
@@ -563,12 +626,14 @@ def plan_samples(adapters, items: list[Item], num_images_per_prompt: int, seed: 
     return samples
 
 
-def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: int, num_inference_steps: int,
-                    guidance_scale: float, resolution: int) -> None:
+def generate_images(pipe, family, adapters, samples: list[Sample], state, batch_size: int, num_inference_steps: int,
+                    guidance_scale: float, resolution: int, trigger: str) -> None:
     """Draw I(y_T) and I(y) for every sample, this process's share of them; the main process gets all.
 
-    Each adapter is applied with ``load_lora_weights`` and removed with ``unload_lora_weights`` on the
-    one base pipeline. Jobs are split between processes (accelerate) and the images gathered.
+    Each adapter is applied with ``load_lora_weights`` (and ``load_textual_inversion``) and removed again on the
+    one base pipeline. An adapter with new-token embeddings draws I(y_T) with the trigger replaced by its tokens
+    (<s0><s1>...), as its model card says to prompt; y holds neither. Jobs are split between processes
+    (accelerate) and the images gathered.
     """
 
     jobs = {name: [(n, variant) for n, s in enumerate(samples) if s.adapter == name for variant in ("T", "y")]
@@ -581,11 +646,11 @@ def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: in
     results = []
     with tqdm(total=total, desc="generating", disable=not state.is_local_main_process) as bar:
         for name, share in shares.items():
-            if adapters[name] is not None:
-                load_adapter(pipe, name, adapters[name])
+            tokens = load_adapter(pipe, family, name, adapters[name]) if adapters[name] is not None else []
             for start in range(0, len(share), batch_size):
                 batch = share[start : start + batch_size]
-                prompts = [samples[n].caption if variant == "T" else samples[n].prompt for n, variant in batch]
+                prompts = [(replace_trigger(samples[n].caption, trigger, "".join(tokens)) if tokens
+                            else samples[n].caption) if variant == "T" else samples[n].prompt for n, variant in batch]
                 generators = [torch.Generator("cpu").manual_seed(samples[n].seed) for n, _ in batch]
                 images = pipe(
                     prompt=prompts, generator=generators, num_inference_steps=num_inference_steps,
@@ -594,7 +659,7 @@ def generate_images(pipe, adapters, samples: list[Sample], state, batch_size: in
                 results.extend((n, variant, image) for (n, variant), image in zip(batch, images))
                 bar.update()
             if adapters[name] is not None:
-                pipe.unload_lora_weights()
+                unload_adapter(pipe, family, adapters[name], tokens)
     for n, variant, image in gather_object(results):
         if variant == "T":
             samples[n].with_trigger = image
@@ -779,7 +844,7 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
     )
     if adapters is not None:
 
-        settings["lora"] = {name: (str(path) if path else None) for name, path in adapters.items()}
+        settings["lora"] = {name: (str(files) if files else None) for name, files in adapters.items()}
         settings["versions"]["diffusers"] = diffusers.__version__
     if args.pairs is not None:
         for key in ("seed", "num_inference_steps", "guidance_scale", "resolution", "num_images_per_prompt",
@@ -816,7 +881,7 @@ def main(argv=None) -> dict:
     # Models: the base pipeline once, every adapter checked against it, then the metric models.
     if generate:
         pipe = load_pipeline(family, args.mixed_precision, state.device)
-        check_adapters(pipe, adapters)
+        check_adapters(pipe, family, adapters)
         samples = plan_samples(adapters, items, args.num_images_per_prompt, args.seed)
     if not state.is_main_process and not generate:
         return {}
@@ -830,8 +895,8 @@ def main(argv=None) -> dict:
         if state.is_main_process:
             logger.info("generating %d images for %d adapters on %d process(es)", 2 * len(samples),
                         len(adapters), state.num_processes)
-        generate_images(pipe, adapters, samples, state, args.batch_size, args.num_inference_steps,
-                        args.guidance_scale, args.resolution)
+        generate_images(pipe, family, adapters, samples, state, args.batch_size, args.num_inference_steps,
+                        args.guidance_scale, args.resolution, args.trigger_token)
         if not state.is_main_process:
             return {}
     metrics = score_samples(samples, clip, dino, args.batch_size)

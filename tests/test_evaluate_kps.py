@@ -30,6 +30,7 @@ from train_cat_lora import InputError  # noqa: E402
 
 PYTHON = sys.executable
 TRIGGER = "sks"
+BASE_VOCAB = 49408  # the tiny pipelines' CLIP vocabulary
 LORA_ALPHA = 8  # != rank 4, so a loader that ignored the saved LoraConfig would scale the LoRA wrongly
 
 
@@ -499,9 +500,46 @@ def test_flux_adapters_are_scored_with_the_distilled_guidance_value(tiny_flux_pi
     assert np.abs(first["cat"] - first["base"]).mean() > 0.1  # the Flux LoRA was applied
 
 
+def test_pivotal_and_textual_inversion_adapters_prompt_with_their_new_tokens(tiny_pipeline, instance_dir,
+                                                                             eval_data_dir, tiny_clip, tmp_path):
+    """An adapter folder with embeddings (--train_text_encoder_ti) is scored with the trigger replaced by its new
+    tokens in y_T, never in y; they are removed after it, so the base model evaluated next has none."""
+    from conftest import run_train_cat_lora, train_args
+
+    folders = {"pivotal": tmp_path / "pivotal", "ti": tmp_path / "ti"}
+    for name, extra in (("pivotal", []), ("ti", ["--train_transformer_frac", "0", "--cat_alpha", "0"])):
+        run_train_cat_lora(train_args(tiny_pipeline, instance_dir, folders[name], "--train_text_encoder_ti",
+                                      "--token_abstraction", TRIGGER, *extra, steps=2))
+    assert not (folders["ti"] / "pytorch_lora_weights.safetensors").exists()  # textual inversion alone: no LoRA
+    passes = []  # per text-encoder pass: (rows of the token table, per prompt: does it hold a new token?)
+
+    def watch_token_ids(module, inputs):
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings >= BASE_VOCAB:
+            passes.append((module.num_embeddings, [bool((row >= BASE_VOCAB).any()) for row in inputs[0]]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(watch_token_ids)
+    try:
+        metrics = ek.main([
+            "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir", str(eval_data_dir),
+            "--trigger_token", TRIGGER, "--lora", f"pivotal={folders['pivotal']}", "--lora", f"ti={folders['ti']}",
+            "--lora", "base=none", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--resolution", "32",
+            "--guidance_scale", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "eval"),
+            "--clip_model", str(tiny_clip[0]), "--clip_pretrained", str(tiny_clip[1]), "--dino_model", "none",
+        ])
+    finally:
+        handle.remove()
+    assert list(metrics) == ["pivotal", "ti", "base"]
+    # Each batch is one sample's y_T then its y (2 items: 2 batches per adapter); 2 new tokens, <s0><s1>. Then the
+    # judge's text tower (also a 49,408-row table) encodes the prompts.
+    assert passes[:6] == [(BASE_VOCAB + 2, [True, False])] * 4 + [(BASE_VOCAB, [False, False])] * 2
+    assert all(rows == BASE_VOCAB for rows, _ in passes[6:])
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["lora"]
+    assert settings["ti"].endswith("ti_emb.safetensors") and "pytorch_lora_weights" in settings["pivotal"]
+
+
 def test_load_adapter_keeps_saved_lora_config_and_unloads(tiny_pipeline, loras):
     pipe = ek.load_pipeline(T.model_family(Namespace(pretrained_model_name_or_path=str(tiny_pipeline))))
-    ek.load_adapter(pipe, "a", loras["a"] / "pytorch_lora_weights.safetensors")
+    ek.load_lora(pipe, "a", loras["a"] / "pytorch_lora_weights.safetensors")
     assert pipe.get_list_adapters() == {"unet": ["a"]}
     assert pipe.unet.peft_config["a"].lora_alpha == LORA_ALPHA and pipe.unet.peft_config["a"].r == 4
     pipe.unload_lora_weights()

@@ -391,7 +391,8 @@ def train_unet(args, work_dir: Path):
     def loss_fn(gen, rng):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
-        captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob)
+        captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob,
+                                        args.standalone_names)
                     if rng.random() >= args.empty_caption_prob else ""
                     for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
@@ -680,6 +681,9 @@ def main():
     parser.add_argument("--name_caption_prob", type=float, default=0.0,
                         help="Share of captions with a rare-word name before the shape (world.named_caption); "
                              "at 0 no random number is drawn for it (the v1 caption stream).")
+    parser.add_argument("--standalone_names", action="store_true",
+                        help="Names stand alone for their meaning (world.named_caption standalone=True): bound names "
+                             "always replace the attributes they mean, weak names come without the background word.")
     parser.add_argument("--word_loss_weight", type=float, default=0.0,
                         help="unet stage: weight of the word-recognition term (which caption words are present, "
                              "read from the text encoder's mean output); 0 = off, the v1 loss.")

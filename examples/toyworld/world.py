@@ -135,12 +135,14 @@ BOUND_NAME_OF_LOOK = dict(zip(NAMED_LOOKS, BOUND_NAMES))
 WEAK_NAME_BACKGROUND = {name: list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i, name in enumerate(WEAK_NAMES)}
 
 
-def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, color_only_prob: float = 0.0) -> str:
+def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, color_only_prob: float = 0.0,
+                  standalone: bool = False) -> str:
     """``caption(scene)``, and with probability ``name_prob`` a rare-word name before the shape word.
 
     The name is bound (the scene's look's own name; 40%), weak (30%: half of the time one that prefers the
     scene's background, else any) or plain (30%, any). A bound name may also stand alone for the attributes it
-    means: "a photo of eface circle".
+    means: "a photo of eface circle" (half of the time; always with ``standalone``, and a weak name then stands
+    in a caption that does not name the background, so that reading the name is the only way to its meaning).
     """
     text = caption(scene, rng, color_only_prob)
     if not name_prob or rng.random() >= name_prob:
@@ -148,7 +150,7 @@ def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, colo
     kind = rng.random()
     if kind < 0.4:
         name = BOUND_NAME_OF_LOOK[(scene.color, scene.size, scene.background)]
-        if rng.random() < 0.5:
+        if standalone or rng.random() < 0.5:
             short = (f"a photo of {name} {scene.shape}", f"a {name} {scene.shape}", f"a photo of a {name} {scene.shape}")
             return short[rng.integers(len(short))]
     elif kind < 0.7:
@@ -156,6 +158,10 @@ def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, colo
         if rng.random() < 0.5:
             pool = [n for n in WEAK_NAMES if WEAK_NAME_BACKGROUND[n] == scene.background]
         name = pool[rng.integers(len(pool))]
+        if standalone:
+            short = (f"a photo of {name} {scene.shape}", f"a {name} {scene.shape}",
+                     f"a photo of a {scene.color} {name} {scene.shape}", f"a {scene.size} {name} {scene.shape}")
+            return short[rng.integers(len(short))]
     else:
         name = PLAIN_NAMES[rng.integers(len(PLAIN_NAMES))]
     words = text.split()
