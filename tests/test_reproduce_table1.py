@@ -38,38 +38,79 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     adapters = out / "adapters" / "sks_circle"
-    names = {f"{method}-seed{seed}" for method in ("lora", "dreambooth", "cat", "alpha0.5") for seed in (0, 1)}
+    methods = ("lora", "dreambooth", "ti", "cat", "pivotal", "pivotal_cat")
+    names = {f"{method}-seed{seed}" for method in (*methods, "alpha0.5") for seed in (0, 1)}
     # alpha 0 and 1 reuse the lora and cat trainings; only alpha 0.5 is trained for the sweep, once per seed.
     assert {p.name for p in adapters.iterdir()} == names
     for folder in adapters.iterdir():
-        assert (folder / "pytorch_lora_weights.safetensors").is_file(), folder
+        weights = folder / "pytorch_lora_weights.safetensors"
+        if folder.name.startswith("ti-"):  # textual inversion: the new tokens' embeddings alone
+            assert not weights.exists() and (folder / f"{folder.name}_emb.safetensors").is_file()
+            continue
         # --train_text_encoder reached the training: text-encoder LoRA weights were saved
-        assert "text_encoder" in (folder / "pytorch_lora_weights.safetensors").read_bytes()[:20000].decode("latin-1")
+        assert "text_encoder" in weights.read_bytes()[:20000].decode("latin-1"), folder
+        assert (folder / f"{folder.name}_emb.safetensors").is_file() == folder.name.startswith("pivotal")
     # DreamBooth's prior preservation generated its class images once, for the class of the concept
     assert len(list((out / "class_images" / "circle").glob("*.png"))) == 24
 
     metrics = json.loads((out / "eval" / "sks_circle" / "metrics.json").read_text())["adapters"]
-    assert set(metrics) == names
+    assert set(metrics) == names | {"base"}
     table = (out / "table1.md").read_text()
     rows = table_rows(table)
+    rates = subject_rates_by_hand(out)
+    assert set(rates) == names | {"base"}
+    for name in names | {"base"}:
+        metrics[name].update(rates[name])
 
     def mean_std(values):
-        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
-    keys = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
-    for method in ("lora", "dreambooth", "cat"):
-        assert rows[method][:6] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
+    keys = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean", "subject_with_trigger", "subject_without_trigger")
+    assert rows["base"][:8] == [mean_std([metrics["base"][k]]) for k in keys]
+    for method in methods:
+        assert rows[method][:8] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
         assert rows[method][-1] == "2"
-    for baseline in ("lora", "dreambooth"):  # paired by seed: mean of the differences, standard error, wins
-        cells = []
-        for key in ("PS_mean", "IS_mean", "KPS_mean"):
-            d = [metrics[f"cat-seed{s}"][key] - metrics[f"{baseline}-seed{s}"][key] for s in (0, 1)]
+    for method, baseline in (("cat", "lora"), ("cat", "dreambooth"), ("cat", "ti"), ("pivotal_cat", "pivotal")):
+        cells = []  # paired by seed: mean of the differences, standard error, wins
+        for key in ("PS_mean", "IS_mean", "KPS_mean", "subject_with_trigger", "subject_without_trigger"):
+            d = [metrics[f"{method}-seed{s}"][key] - metrics[f"{baseline}-seed{s}"][key] for s in (0, 1)]
             cells.append(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)")
-        assert rows[f"cat − {baseline}"] == cells, baseline
+        assert rows[f"{method} − {baseline}"] == cells, (method, baseline)
     for alpha, method in (("0", "lora"), ("0.5", "alpha0.5"), ("1", "cat")):
-        assert rows[alpha][:6] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
+        assert rows[alpha][:8] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout
+
+
+def subject_rates_by_hand(out):
+    """The judge's subject calls recomputed from the saved images: closer to the mean of the concept's training
+    images than to the mean of the base model's images without the trigger."""
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+
+    clip = open_clip.create_model(f"local-dir:{ROOT / 'examples' / 'toyworld' / 'models' / 'toy-clip'}").eval()
+    pairs_file = out / "eval" / "sks_circle" / "pairs.jsonl"
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+
+    def embed(paths):
+        x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32) / 127.5 - 1
+        with torch.no_grad():
+            return torch.nn.functional.normalize(clip.encode_image(torch.tensor(x).permute(0, 3, 1, 2)), dim=1)
+
+    def unit_mean(e):
+        return torch.nn.functional.normalize(e.mean(0), dim=0)
+
+    subject = unit_mean(embed(sorted((ROOT / "examples" / "toyworld" / "concepts" / "sks_circle").glob("*.png"))))
+    base = unit_mean(embed([pairs_file.parent / p["without_trigger"] for p in pairs if p["adapter"] == "base"]))
+    rates = {}
+    for name in {p["adapter"] for p in pairs}:
+        rates[name] = {}
+        for key in ("with_trigger", "without_trigger"):
+            e = embed([pairs_file.parent / p[key] for p in pairs if p["adapter"] == name])
+            rates[name][f"subject_{key}"] = (e @ subject > e @ base).float().mean().item()
+    return rates
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -392,7 +392,7 @@ def train_unet(args, work_dir: Path):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
         captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob,
-                                        args.standalone_names)
+                                        args.standalone_names, args.weak_match_prob, args.weak_name_size)
                     if rng.random() >= args.empty_caption_prob else ""
                     for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
@@ -684,6 +684,10 @@ def main():
     parser.add_argument("--standalone_names", action="store_true",
                         help="Names stand alone for their meaning (world.named_caption standalone=True): bound names "
                              "always replace the attributes they mean, weak names come without the background word.")
+    parser.add_argument("--weak_match_prob", type=float, default=0.5,
+                        help="How often a weak name is one that prefers the scene's background (and size).")
+    parser.add_argument("--weak_name_size", action="store_true",
+                        help="Weak names prefer a size as well as a background (world.WEAK_NAME_SIZE).")
     parser.add_argument("--word_loss_weight", type=float, default=0.0,
                         help="unet stage: weight of the word-recognition term (which caption words are present, "
                              "read from the text encoder's mean output); 0 = off, the v1 loss.")

@@ -5,12 +5,20 @@ For every personal concept in ``concepts/concepts.json`` and every seed (0, 1, 2
 ``train_cat_lora.py`` under identical settings (the paper's Appendix A.2: 600 steps, AdamW with weight decay 0.01; lr 1e-3
 instead of the paper's 1e-4, at which this toy model does not learn the subject in 600 steps):
 
-    lora        plain LoRA                                   --cat_alpha 0
-    dreambooth  LoRA with DreamBooth's prior preservation     --cat_alpha 0 --with_prior_preservation
-    cat         CAT                                          --cat_alpha 1
+    lora         plain LoRA                                   --cat_alpha 0
+    dreambooth   LoRA with DreamBooth's prior preservation     --cat_alpha 0 --with_prior_preservation
+    ti           textual inversion (the trigger's new tokens   --train_text_encoder_ti --train_transformer_frac 0
+                 alone, no LoRA)
+    cat          CAT                                          --cat_alpha 1
+    pivotal      pivotal tuning: new tokens + LoRA             --train_text_encoder_ti --cat_alpha 0
+    pivotal_cat  pivotal tuning with CAT                       --train_text_encoder_ti --cat_alpha 1
 
-then scores every adapter with ``evaluate_kps.py`` and the toy CLIP on prompts that training never used, and
-writes ``table1.md`` (PS, IS, KPS: mean ± std over concepts and seeds). The alpha sweep trains CAT with
+(The Chosen One, the paper's fourth baseline, is a separate SDXL clustering pipeline: not run here.)
+
+then scores every adapter, and the base model, with ``evaluate_kps.py`` and the toy CLIP on prompts that
+training never used, and writes ``table1.md``: PS, IS, KPS (mean ± std over concepts and seeds), the share of
+images that show the subject with the trigger and without it (leakage; ``subject_rates``), and paired
+differences with standard errors. The alpha sweep trains CAT with
 alpha in {0, 0.1, 0.5, 1, 2, 5} on one concept and every seed, and plots KPS and IS against alpha, mean ± std
 over the seeds (``alpha_sweep.png``).
 
@@ -30,11 +38,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+# "{trigger}" stands for the concept's trigger word: pivotal tuning and textual inversion replace it by new tokens.
+PIVOTAL = ["--train_text_encoder_ti", "--token_abstraction", "{trigger}"]
 METHODS = {
     "lora": ["--cat_alpha", "0"],
     "dreambooth": ["--cat_alpha", "0", "--with_prior_preservation", "--num_class_images", "24"],
+    "ti": ["--cat_alpha", "0", *PIVOTAL, "--train_transformer_frac", "0", "--train_text_encoder_ti_frac", "1"],
     "cat": ["--cat_alpha", "1"],
+    "pivotal": ["--cat_alpha", "0", *PIVOTAL],
+    "pivotal_cat": ["--cat_alpha", "1", *PIVOTAL],
 }
+# The paired comparisons the table reports (when both methods ran).
+DIFFERENCES = (("cat", "lora"), ("cat", "dreambooth"), ("cat", "ti"), ("pivotal_cat", "pivotal"))
 # Evaluation prompts, one file per concept (concepts/eval/<dir>.jsonl): captions that training never used
 # ("a photo of <trigger> <class>" is the only training caption), each with a reference image of the subject.
 EVAL_PROMPTS_DIR = "eval"
@@ -58,7 +73,10 @@ def parse_args(argv=None):
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="also train text-encoder LoRA layers (the toy text encoder barely registers a trigger it "
                              "never saw; see README.md)")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.1, 0.5, 1, 2, 5])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="the methods of the table (the sweep trains lora and cat if they are not among them)")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[0, 0.1, 0.5, 1, 2, 5],
+                        help="the alpha sweep (none: --alphas with no value)")
     parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=25)
@@ -89,12 +107,20 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
         # Cached latents (nothing is augmented) and, with a frozen text encoder, cached text embeddings give the
         # same steps as encoding every batch, about twice as fast on this tiny model.
         "--resolution", "32", "--center_crop", "--cache_latents",
-        *(["--train_text_encoder"] if args.train_text_encoder else ["--pre_compute_text_embeddings"]),
+        *text_encoder_flags(args, extra),
         "--train_batch_size", "1", "--rank", str(args.rank),
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--adam_weight_decay", "0.01", "--checkpointing_steps", "100000", "--report_to", "none",
-        "--seed", str(seed), "--output_dir", str(out), *extra,
+        "--seed", str(seed), "--output_dir", str(out), *[flag.format(trigger=concept["trigger_token"]) for flag in extra],
     ]
+
+
+def text_encoder_flags(args, extra: list[str]) -> list[str]:
+    """--train_text_encoder when asked (not with textual inversion alone, which trains no LoRA layer); else, without
+    new tokens, cached text embeddings."""
+    if "--train_text_encoder_ti" in extra:
+        return ["--train_text_encoder"] if args.train_text_encoder and "--train_transformer_frac" not in extra else []
+    return ["--train_text_encoder"] if args.train_text_encoder else ["--pre_compute_text_embeddings"]
 
 
 def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path], out: Path) -> dict:
@@ -107,8 +133,48 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
                "--clip_pretrained", "none", "--dino_model", "none", "--output_dir", str(out)]
     for name, path in adapters.items():
         command += ["--lora", f"{name}={path}"]
-    run(command, out / "evaluate.log")
-    return json.loads((out / "metrics.json").read_text())["adapters"]
+    command += ["--lora", "base=none"]  # the reference for leakage, at the same seeds
+    if not (out / "metrics.json").is_file():
+        run(command, out / "evaluate.log")
+    metrics = json.loads((out / "metrics.json").read_text())["adapters"]
+    rates = subject_rates(out / "pairs.jsonl", concepts_dir / concept["instance_data_dir"], args.clip_dir)
+    return {name: {**scores, **rates[name]} for name, scores in metrics.items()}
+
+
+def subject_rates(pairs_file: Path, instance_dir: Path, clip_dir) -> dict[str, dict]:
+    """Per adapter, the share of its images that show the subject, with the trigger and without it (leakage).
+
+    The judge calls an image the subject when it is closer (cosine) to the mean embedding of the concept's training
+    images than to the mean embedding of the base model's images of the same captions without the trigger
+    (evaluate_kps.py's "base" rows; same seeds).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(HERE))
+    from toy_clip import load_toy_clip, to_clip_input
+
+    model, _ = load_toy_clip(clip_dir)
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+
+    def embed(paths):
+        images = np.stack([np.asarray(Image.open(path).convert("RGB").resize((32, 32))) for path in paths])
+        with torch.no_grad():
+            return model.encode_image(to_clip_input(images), normalize=True)
+
+    def unit_mean(e):
+        return torch.nn.functional.normalize(e.mean(0), dim=0)
+
+    subject = unit_mean(embed(sorted(instance_dir.glob("*.png"))))
+    base = unit_mean(embed([pairs_file.parent / p["without_trigger"] for p in pairs if p["adapter"] == "base"]))
+    rates = {}
+    for name in dict.fromkeys(p["adapter"] for p in pairs):
+        rates[name] = {}
+        for key, column in (("with_trigger", "subject_with_trigger"), ("without_trigger", "subject_without_trigger")):
+            e = embed([pairs_file.parent / p[key] for p in pairs if p["adapter"] == name])
+            rates[name][column] = (e @ subject > e @ base).float().mean().item()
+    return rates
 
 
 def select_concepts(concepts_file: Path, names: list[str] | None, sweep_name: str | None):
@@ -130,6 +196,8 @@ def select_concepts(concepts_file: Path, names: list[str] | None, sweep_name: st
 
 
 SCORE_KEYS = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
+RATE_KEYS = ("subject_with_trigger", "subject_without_trigger")
+TABLE_KEYS = SCORE_KEYS + RATE_KEYS
 
 
 def clamped_counts(scores: list[dict]) -> str:
@@ -162,7 +230,8 @@ def main(argv=None) -> Path:
     jobs = {}  # (concept dir, adapter name) -> (command, output folder)
     for concept in concepts:
         for seed in args.seeds:
-            for method, extra in METHODS.items():
+            for method in args.methods:
+                extra = METHODS[method]
                 folder = out / "adapters" / concept["instance_data_dir"] / f"{method}-seed{seed}"
                 jobs[(concept["instance_data_dir"], f"{method}-seed{seed}")] = (
                     train_command(args, concept, concepts_dir, folder, seed, extra), folder)
@@ -170,7 +239,8 @@ def main(argv=None) -> Path:
     for alpha in args.alphas:
         sweep_names[alpha] = []
         for seed in args.seeds:
-            name = {0.0: f"lora-seed{seed}", 1.0: f"cat-seed{seed}"}.get(alpha)
+            name = {0.0: "lora", 1.0: "cat"}.get(alpha)
+            name = f"{name}-seed{seed}" if name in args.methods else None
             if name is None:
                 name = f"alpha{alpha:g}-seed{seed}"
                 folder = out / "adapters" / sweep["instance_data_dir"] / name
@@ -183,7 +253,7 @@ def main(argv=None) -> Path:
     for (concept_dir, name), job in jobs.items():
         if name.startswith("dreambooth"):
             first_dreambooth.setdefault(concept_dir, job)
-    todo = [job for job in jobs.values() if not (job[1] / "pytorch_lora_weights.safetensors").is_file()]
+    todo = [job for job in jobs.values() if not (job[1] / "README.md").is_file()]  # the model card comes last
     with tqdm(total=len(todo), desc="trainings") as progress:
         for command, folder in first_dreambooth.values():
             if (command, folder) in todo:
@@ -203,25 +273,28 @@ def main(argv=None) -> Path:
 
     # The toy CLIP gives some cosines <= 0, which the harmonic means (Eq. 11) clamp: the arithmetic means
     # beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
-    rows = ["| method | PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | clamped PS/IS/KPS | n adapters |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
+    rows = ["| method | PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | subject with trigger "
+            "| subject without (leak) | clamped PS/IS/KPS | n adapters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method in ["base", *args.methods]:
         scores = [m for per_concept in results.values() for name, m in per_concept.items()
-                  if name.startswith(f"{method}-seed")]
-        rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for key in SCORE_KEYS)
+                  if name == method or name.startswith(f"{method}-seed")]
+        rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
                     + f" | {clamped_counts(scores)} | {len(scores)} |")
-    rows += ["", "CAT minus each baseline, paired by concept and seed: mean ± standard error (CAT higher in k of n "
-             "pairs). Arithmetic means, the robust reading:", "",
-             "| difference | PS mean | IS mean | KPS mean |", "|---|---|---|---|"]
-    rows += [f"| cat − {baseline} | " + " | ".join(paired_difference(results, "cat", baseline, key, args.seeds)
-                                           for key in ("PS_mean", "IS_mean", "KPS_mean")) + " |"
-             for baseline in ("lora", "dreambooth")]
+    pairs = [(a, b) for a, b in DIFFERENCES if a in args.methods and b in args.methods]
+    rows += ["", "Each method minus its baseline, paired by concept and seed: mean ± standard error (the first "
+             "higher in k of n pairs). Arithmetic means, the robust reading:", "",
+             "| difference | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) |",
+             "|---|---|---|---|---|---|"]
+    rows += [f"| {a} − {b} | " + " | ".join(paired_difference(results, a, b, key, args.seeds) for key in
+                                           ("PS_mean", "IS_mean", "KPS_mean", *RATE_KEYS)) + " |" for a, b in pairs]
     sweep_scores = {alpha: [results[sweep["instance_data_dir"]][name] for name in names]
                     for alpha, names in sweep_names.items()}
-    rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (mean ± std over seeds {args.seeds}):", "",
-             "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in SCORE_KEYS)
-             + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
+    if sweep_scores:
+        rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (mean ± std over seeds {args.seeds}):", "",
+                 "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
+                 "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
+                 + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
                 f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}; "
@@ -229,27 +302,35 @@ def main(argv=None) -> Path:
                 f"{args.num_images_per_prompt} images, toy CLIP")
     table.write_text(f"# Table 1 in the toy world\n\n{settings}\n\n" + "\n".join(rows) + "\n")
 
+    if sweep_scores:
+        plot_sweep(sweep_scores, sweep["instance_data_dir"], len(args.seeds), out / "alpha_sweep.png")
+    print(table.read_text())
+    print(f"wrote {table}" + (f" and {out / 'alpha_sweep.png'}" if sweep_scores else ""))
+    return table
+
+
+def plot_sweep(sweep_scores: dict, concept_name: str, n_seeds: int, path: Path) -> None:
+    """KPS, IS and leakage against alpha, mean ± std over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     alphas = sorted(sweep_scores)
-    figure, axis = plt.subplots(figsize=(5, 3.2))
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
     for key, style, label in (("KPS", "o-", "KPS (Eq. 9)"), ("KPS_mean", "o--", "KPS, arithmetic mean"),
-                              ("IS_mean", "s--", "IS, arithmetic mean")):
+                              ("IS_mean", "s--", "IS, arithmetic mean"),
+                              ("subject_without_trigger", "^:", "leak: subject without trigger")):
         values = [[m[key] for m in sweep_scores[a]] for a in alphas]
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         axis.errorbar(alphas, [statistics.mean(v) for v in values], yerr=spread, fmt=style, capsize=3, label=label)
     axis.set_xscale("symlog", linthresh=0.1)
     axis.set_xlabel("CAT alpha")
-    axis.set_title(f"alpha sweep, {sweep['instance_data_dir']}, mean ± std over {len(args.seeds)} seeds")
-    axis.legend()
+    axis.set_title(f"alpha sweep, {concept_name}, mean ± std over {n_seeds} seeds", fontsize=9)
+    axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "alpha_sweep.png", dpi=120)
-    print(table.read_text())
-    print(f"wrote {table} and {out / 'alpha_sweep.png'}")
-    return table
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

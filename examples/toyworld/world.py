@@ -131,18 +131,20 @@ PLAIN_NAMES = ("tien", "pree", "yoh", "sgh", "keel", "guin", "puli", "sping", "a
                "nyrd", "hamr", "assa", "njcaa", "eet", "panna", "smore", "niro", "pgs", "notte", "haves", "suru",
                "maja", "glows", "rinka", "wafc", "altaf", "adero", "fcu", "aroa")
 BOUND_NAME_OF_LOOK = dict(zip(NAMED_LOOKS, BOUND_NAMES))
-# The background each weak name prefers: the names take the backgrounds in turn.
+# The background each weak name prefers: the names take the backgrounds in turn; and (only with weak_size) the size.
 WEAK_NAME_BACKGROUND = {name: list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i, name in enumerate(WEAK_NAMES)}
+WEAK_NAME_SIZE = {name: list(SIZES)[(i // len(BACKGROUNDS)) % len(SIZES)] for i, name in enumerate(WEAK_NAMES)}
 
 
 def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, color_only_prob: float = 0.0,
-                  standalone: bool = False) -> str:
+                  standalone: bool = False, weak_match_prob: float = 0.5, weak_size: bool = False) -> str:
     """``caption(scene)``, and with probability ``name_prob`` a rare-word name before the shape word.
 
-    The name is bound (the scene's look's own name; 40%), weak (30%: half of the time one that prefers the
-    scene's background, else any) or plain (30%, any). A bound name may also stand alone for the attributes it
-    means: "a photo of eface circle" (half of the time; always with ``standalone``, and a weak name then stands
-    in a caption that does not name the background, so that reading the name is the only way to its meaning).
+    The name is bound (the scene's look's own name; 40%), weak (30%: with probability ``weak_match_prob`` one
+    that prefers the scene's background, and with ``weak_size`` its size too, else any) or plain (30%, any). A
+    bound name may also stand alone for the attributes it means: "a photo of eface circle" (half of the time;
+    always with ``standalone``, and a weak name then stands in a caption that names neither background nor size,
+    so that reading the name is the only way to its meaning).
     """
     text = caption(scene, rng, color_only_prob)
     if not name_prob or rng.random() >= name_prob:
@@ -155,12 +157,14 @@ def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, colo
             return short[rng.integers(len(short))]
     elif kind < 0.7:
         pool = WEAK_NAMES
-        if rng.random() < 0.5:
-            pool = [n for n in WEAK_NAMES if WEAK_NAME_BACKGROUND[n] == scene.background]
+        if rng.random() < weak_match_prob:
+            pool = [n for n in WEAK_NAMES if WEAK_NAME_BACKGROUND[n] == scene.background
+                    and (not weak_size or WEAK_NAME_SIZE[n] == scene.size)]
         name = pool[rng.integers(len(pool))]
         if standalone:
             short = (f"a photo of {name} {scene.shape}", f"a {name} {scene.shape}",
-                     f"a photo of a {scene.color} {name} {scene.shape}", f"a {scene.size} {name} {scene.shape}")
+                     f"a photo of a {scene.color} {name} {scene.shape}",
+                     f"a {scene.color} {name} {scene.shape}" if weak_size else f"a {scene.size} {name} {scene.shape}")
             return short[rng.integers(len(short))]
     else:
         name = PLAIN_NAMES[rng.integers(len(PLAIN_NAMES))]
