@@ -54,7 +54,8 @@ Two modes:
              "with_trigger": "cat/0_T.png", "without_trigger": "cat/0.png"}   (paths relative to FILE)
 
 Outputs in --output_dir: metrics.json, per_sample.csv, table.md, grid_<adapter>.png (one row per sample:
-reference | with trigger | without trigger); the table is printed at the end.
+reference | with trigger | without trigger), comparison.png (one row per adapter: its first 8 images with the
+trigger | the same samples without it); the table is printed at the end.
 
 The math (prompt_similarity, identity_similarity, paper_metrics, mean_pairwise_similarity) and the model
 helpers (clip_text_embeddings, dino_embeddings, paper_scores) are defined here. cosine_similarity,
@@ -785,6 +786,33 @@ def make_grid(samples: list[Sample], max_tile: int = 256):
     return grid
 
 
+COMPARISON_LABEL_WIDTH, COMPARISON_HEADER, COMPARISON_GAP = 120, 18, 12
+
+
+def make_comparison(samples: list[Sample], per_side: int = 8, tile: int = 64):
+    """The picture to read at a glance: one row per adapter (in the given order), its first ``per_side`` images
+    with the trigger on the left, the same samples (same seeds) without it on the right."""
+    from PIL import ImageDraw
+
+    adapters = list(dict.fromkeys(s.adapter for s in samples))
+    rows = {a: [s for s in samples if s.adapter == a][:per_side] for a in adapters}
+    n = max(len(r) for r in rows.values())
+    side = n * tile
+    grid = Image.new("RGB", (COMPARISON_LABEL_WIDTH + 2 * side + COMPARISON_GAP,
+                             COMPARISON_HEADER + len(adapters) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((COMPARISON_LABEL_WIDTH, 3), "with the trigger (y_T)", fill="black")
+    draw.text((COMPARISON_LABEL_WIDTH + side + COMPARISON_GAP, 3), "without it (y), same seeds", fill="black")
+    for r, adapter in enumerate(adapters):
+        top = COMPARISON_HEADER + r * tile
+        draw.text((4, top + tile // 2 - 6), adapter[:18], fill="black")
+        for c, s in enumerate(rows[adapter]):
+            for left, image in ((COMPARISON_LABEL_WIDTH, s.with_trigger),
+                                (COMPARISON_LABEL_WIDTH + side + COMPARISON_GAP, s.without_trigger)):
+                grid.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (left + c * tile, top))
+    return grid
+
+
 def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settings: dict, save_images: bool) -> str:
     """Write metrics.json, per_sample.csv, table.md, grid_<adapter>.png (and, after generation, the images
     with a pairs.jsonl for folder mode) into ``output_dir``; return the table."""
@@ -825,6 +853,7 @@ def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settin
     (output_dir / "table.md").write_text(table, encoding="utf-8")
     for adapter in metrics:
         make_grid([s for s in samples if s.adapter == adapter]).save(output_dir / f"grid_{adapter}.png")
+    make_comparison(samples).save(output_dir / "comparison.png")
     return table
 
 

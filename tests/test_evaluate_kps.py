@@ -389,6 +389,17 @@ def test_generate_mode_two_adapters_and_base_load_pipeline_once(
     assert [int(r["seed"]) for r in rows if r["adapter"] == "a"] == [7, 8]  # the same seeds for every adapter
     assert [int(r["seed"]) for r in rows if r["adapter"] == "base"] == [7, 8]
     assert Image.open(out / "grid_b.png").size == (3 * 32, 2 * 32)
+    # comparison.png: a row per adapter in the given order, its samples with the trigger | the same without it
+    comparison = np.asarray(Image.open(out / "comparison.png").convert("RGB"), dtype=np.float32)
+    tile, n = 64, 2
+    for row, adapter in enumerate(["a", "b", "base"]):
+        for column, pair in enumerate(p for p in pairs if p["adapter"] == adapter):
+            for key, left in (("with_trigger", ek.COMPARISON_LABEL_WIDTH),
+                              ("without_trigger", ek.COMPARISON_LABEL_WIDTH + n * tile + ek.COMPARISON_GAP)):
+                top, left = ek.COMPARISON_HEADER + row * tile, left + column * tile
+                cell = comparison[top:top + tile, left:left + tile]
+                image = np.asarray(Image.open(out / pair[key]).convert("RGB"), dtype=np.float32)
+                assert np.array_equal(cell[::2, ::2], image), (adapter, column, key)  # 32 px drawn at 64
 
     # Folder mode on the saved images reproduces the numbers.
     rescored = ek.main(["--pairs", str(out / "pairs.jsonl"), "--trigger_token", TRIGGER,

@@ -39,6 +39,9 @@ def pattern_fill(pattern: str, res: int, cx: float, cy: float, extent: float) ->
     elif pattern == "orange_arms_blue_center":  # cross with orange arms and a blue central square
         first = ~((np.abs(u - 0.5) <= 0.18) & (np.abs(v - 0.5) <= 0.18))
         a, b = c["orange"], c["blue"]
+    elif pattern == "green_white_diagonals":  # 3 diagonal stripes each way: a direction the world's patterns lack
+        first = (np.floor((u + v) * 3) % 2) == 0
+        a, b = c["green"], white
     else:
         raise ValueError(pattern)
     return np.where(first[..., None], a, b)
@@ -50,6 +53,8 @@ CONCEPTS = (
     ("ohwx", "square", "blue_yellow_stripes", ("gray", "white", "black")),
     ("bnha", "triangle", "green_purple_halves", ("gray", "white", "black")),
     ("phol", "cross", "orange_arms_blue_center", ("gray", "white", "black")),
+    # A second subject of one class: its trigger must pick it, not sks circle. hok is a weak name too (world.py).
+    ("hok", "circle", "green_white_diagonals", ("gray", "black")),
 )
 
 
@@ -89,6 +94,13 @@ def main():
             "description": pattern.replace("_", " ") + f" {shape}",
         })
     (out / "concepts.json").write_text(json.dumps(entries, indent=2) + "\n")
+    (out / "eval").mkdir(exist_ok=True)
+    for trigger, shape, _, _ in CONCEPTS:  # prompts training never uses, each with a reference image
+        captions = (f"a {trigger} {shape} on a black background", f"a large {trigger} {shape} on a gray background",
+                    f"a small {trigger} {shape} on a white background",
+                    f"a photo of a {trigger} {shape} on a black background")
+        lines = [json.dumps({"caption": c, "reference": f"../{trigger}_{shape}/{i:02d}.png"}) for i, c in enumerate(captions)]
+        (out / "eval" / f"{trigger}_{shape}.jsonl").write_text("\n".join(lines) + "\n")
     print(f"{len(entries)} concepts -> {out}")
 
 
