@@ -2973,7 +2973,10 @@ def main(argv=None) -> list[Path]:
     if accelerator.is_main_process:
         accelerator.init_trackers("cat-lora", config=tracker_config(args))
     logger.info(f"{family.pipeline_class.__name__}: {len(instance_examples)} images of {len(concepts)} concept(s), "
-                f"triggers {triggers}, CAT alpha {args.cat_alpha} ({args.cat_prompt}), {max_train_steps} steps")
+                f"triggers {triggers}, CAT alpha {args.cat_alpha} ({args.cat_prompt}"
+                + (f", drift budget {args.cat_drift_budget}" if drift_budget else "")
+                + (f", CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
+                + f"), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,

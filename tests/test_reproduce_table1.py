@@ -34,12 +34,13 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     out = tmp_path / "table1"
     result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "1",
                         "--max_train_steps", "2", "--alphas", "0", "0.5", "1", "--num_images_per_prompt", "1",
-                        "--num_inference_steps", "2", "--train_text_encoder")
+                        "--num_inference_steps", "2", "--train_text_encoder", "--budgets", "0.05",
+                        "--cat_every", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     adapters = out / "adapters" / "sks_circle"
     methods = ("lora", "dreambooth", "ti", "cat", "pivotal", "pivotal_cat")
-    names = {f"{method}-seed{seed}" for method in (*methods, "alpha0.5") for seed in (0, 1)}
+    names = {f"{method}-seed{seed}" for method in (*methods, "alpha0.5", "budget0.05", "every2") for seed in (0, 1)}
     # alpha 0 and 1 reuse the lora and cat trainings; only alpha 0.5 is trained for the sweep, once per seed.
     assert {p.name for p in adapters.iterdir()} == names
     for folder in adapters.iterdir():
@@ -78,6 +79,17 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         assert rows[f"{method} − {baseline}"] == cells, (method, baseline)
     for alpha, method in (("0", "lora"), ("0.5", "alpha0.5"), ("1", "cat")):
         assert rows[alpha][:8] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
+    assert rows["budget 0.05"][:8] == [mean_std([metrics[f"budget0.05-seed{s}"][k] for s in (0, 1)]) for k in keys]
+    for adapter in ("budget0.05-seed0", "every2-seed1"):  # the sweeps' own flags reached their trainings
+        log = (adapters / adapter / "train.log").read_text()
+        assert ("drift budget 0.05" if adapter.startswith("budget") else "CAT passes every 2 steps") in log, adapter
+    seconds = [float((adapters / f"every2-seed{s}" / "train_seconds.txt").read_text()) for s in (0, 1)]
+    cat_keys = ("KPS_mean", "IS_mean", "subject_with_trigger", "subject_without_trigger")
+    assert rows["N=2"] == [f"{statistics.mean(seconds):.1f}"] + [
+        mean_std([metrics[f"every2-seed{s}"][k] for s in (0, 1)]) for k in cat_keys]
+    d = [metrics[f"every2-seed{s}"]["IS_mean"] - metrics[f"cat-seed{s}"]["IS_mean"] for s in (0, 1)]
+    assert rows["every2 − cat"][1] == f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)"
+    assert (out / "preservation_identity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout
 

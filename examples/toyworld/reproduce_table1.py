@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,6 +78,12 @@ def parse_args(argv=None):
                         help="the methods of the table (the sweep trains lora and cat if they are not among them)")
     parser.add_argument("--alphas", type=float, nargs="*", default=[0, 0.1, 0.5, 1, 2, 5],
                         help="the alpha sweep (none: --alphas with no value)")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[],
+                        help="also train --cat_alpha auto with each --cat_drift_budget on the sweep concept and seeds, "
+                             "for the budget-against-alpha comparison (preservation_identity.png)")
+    parser.add_argument("--cat_every", type=int, nargs="*", default=[],
+                        help="also train CAT (alpha 1) with each --cat_every N > 1 on every concept and seed, paired "
+                             "against N = 1 (the cat method)")
     parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=25)
@@ -94,6 +101,13 @@ def run(command: list[str], log: Path) -> None:
                                 cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"reproduce_table1: {' '.join(command[:1])} failed; see {log}")
+
+
+def train(command: list[str], folder: Path) -> None:
+    """One training; its wall-clock time goes to train_seconds.txt (the --cat_every comparison reads it)."""
+    start = time.perf_counter()
+    run(command, folder / "train.log")
+    (folder / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
 def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
@@ -227,26 +241,34 @@ def main(argv=None) -> Path:
     concepts_dir = concepts_file.parent
     out = Path(args.output_dir)
 
+    if args.cat_every and "cat" not in args.methods:
+        raise SystemExit("--cat_every: the comparison is paired against the cat method; add cat to --methods")
+    if any(n < 2 for n in args.cat_every):
+        raise SystemExit(f"--cat_every {args.cat_every}: give N >= 2 (N = 1 is the cat method)")
     jobs = {}  # (concept dir, adapter name) -> (command, output folder)
+
+    def add_job(concept: dict, name: str, seed: int, extra: list[str]) -> str:
+        folder = out / "adapters" / concept["instance_data_dir"] / name
+        jobs[(concept["instance_data_dir"], name)] = (train_command(args, concept, concepts_dir, folder, seed, extra),
+                                                      folder)
+        return name
+
     for concept in concepts:
         for seed in args.seeds:
             for method in args.methods:
-                extra = METHODS[method]
-                folder = out / "adapters" / concept["instance_data_dir"] / f"{method}-seed{seed}"
-                jobs[(concept["instance_data_dir"], f"{method}-seed{seed}")] = (
-                    train_command(args, concept, concepts_dir, folder, seed, extra), folder)
+                add_job(concept, f"{method}-seed{seed}", seed, METHODS[method])
+            for n in args.cat_every:
+                add_job(concept, f"every{n}-seed{seed}", seed, ["--cat_alpha", "1", "--cat_every", str(n)])
     sweep_names = {}  # alpha -> adapter names, one per seed; alpha 0 and 1 are the lora and cat runs above
     for alpha in args.alphas:
         sweep_names[alpha] = []
         for seed in args.seeds:
-            name = {0.0: "lora", 1.0: "cat"}.get(alpha)
-            name = f"{name}-seed{seed}" if name in args.methods else None
-            if name is None:
-                name = f"alpha{alpha:g}-seed{seed}"
-                folder = out / "adapters" / sweep["instance_data_dir"] / name
-                jobs[(sweep["instance_data_dir"], name)] = (
-                    train_command(args, sweep, concepts_dir, folder, seed, ["--cat_alpha", f"{alpha:g}"]), folder)
-            sweep_names[alpha].append(name)
+            reused = {0.0: "lora", 1.0: "cat"}.get(alpha)
+            sweep_names[alpha].append(f"{reused}-seed{seed}" if reused in args.methods else
+                                      add_job(sweep, f"alpha{alpha:g}-seed{seed}", seed, ["--cat_alpha", f"{alpha:g}"]))
+    budget_names = {budget: [add_job(sweep, f"budget{budget:g}-seed{seed}", seed,
+                                     ["--cat_alpha", "auto", "--cat_drift_budget", f"{budget:g}"])
+                             for seed in args.seeds] for budget in args.budgets}
 
     # Class images for DreamBooth are generated once per class, before the parallel trainings share them.
     first_dreambooth = {}
@@ -257,11 +279,11 @@ def main(argv=None) -> Path:
     with tqdm(total=len(todo), desc="trainings") as progress:
         for command, folder in first_dreambooth.values():
             if (command, folder) in todo:
-                run(command, folder / "train.log")
+                train(command, folder)
                 todo.remove((command, folder))
                 progress.update(1)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for _ in pool.map(lambda job: run(job[0], job[1] / "train.log"), todo):
+            for _ in pool.map(lambda job: train(*job), todo):
                 progress.update(1)
 
     results = {}
@@ -295,6 +317,39 @@ def main(argv=None) -> Path:
                  "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
         rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
+    if budget_names:
+        budget_scores = {b: [results[sweep["instance_data_dir"]][name] for name in names]
+                         for b, names in budget_names.items()}
+        rows += ["", f"Drift-budget sweep on {sweep['instance_data_dir']} (--cat_alpha auto --cat_drift_budget B; mean ± "
+                 f"std over seeds {args.seeds}):", "",
+                 "| budget | PS | IS | KPS | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
+                 "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| budget {b:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
+                 + f" | {clamped_counts(scores)} |" for b, scores in sorted(budget_scores.items())]
+        plot_preservation_identity(sweep_scores, budget_scores, sweep["instance_data_dir"], len(args.seeds),
+                                   out / "preservation_identity.png")
+    if args.cat_every:
+        seconds = {name: float((folder / "train_seconds.txt").read_text()) for (_, name), (_, folder) in jobs.items()
+                   if (folder / "train_seconds.txt").is_file()}
+
+        def mean_seconds(prefix):
+            values = [t for name, t in seconds.items() if name.startswith(f"{prefix}-seed")]
+            return f"{statistics.mean(values):.1f}" if values else "n/a"
+
+        rows += ["", "--cat_every N (CAT, alpha 1), every concept and seed; training time is wall clock, two trainings "
+                 "sharing the 2 cores:", "",
+                 "| N | seconds per training | KPS mean | IS mean | subject with trigger | subject without (leak) |",
+                 "|---|---|---|---|---|---|"]
+        for n, prefix in [(1, "cat"), *((n, f"every{n}") for n in args.cat_every)]:
+            scores = [m for per_concept in results.values() for name, m in per_concept.items()
+                      if name.startswith(f"{prefix}-seed")]
+            rows.append(f"| N={n} | {mean_seconds(prefix)} | " + " | ".join(
+                mean_std([m[key] for m in scores]) for key in ("KPS_mean", "IS_mean", *RATE_KEYS)) + " |")
+        rows += ["", "Paired against N = 1 (same concept and seed): mean ± standard error (higher in k of n):", "",
+                 "| difference | KPS mean | IS mean | subject with trigger | subject without (leak) |", "|---|---|---|---|---|"]
+        rows += [f"| every{n} − cat | " + " | ".join(paired_difference(results, f"every{n}", "cat", key, args.seeds)
+                                                   for key in ("KPS_mean", "IS_mean", *RATE_KEYS)) + " |"
+                 for n in args.cat_every]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
                 f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}; "
@@ -307,6 +362,35 @@ def main(argv=None) -> Path:
     print(table.read_text())
     print(f"wrote {table}" + (f" and {out / 'alpha_sweep.png'}" if sweep_scores else ""))
     return table
+
+
+def plot_preservation_identity(alpha_scores: dict, budget_scores: dict, concept_name: str, n_seeds: int,
+                               path: Path) -> None:
+    """Identity (IS mean) against preservation (KPS mean), fixed alphas and drift budgets, mean ± std over seeds:
+    at equal preservation, which reaches the higher identity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for scores, style, label in ((alpha_scores, "o-", "fixed alpha"), (budget_scores, "s--", "drift budget")):
+        keys = sorted(scores)
+        x = [[m["KPS_mean"] for m in scores[k]] for k in keys]
+        y = [[m["IS_mean"] for m in scores[k]] for k in keys]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in x], [statistics.stdev(v) if len(v) > 1 else 0.0
+                                                                          for v in y]
+        mx, my = [statistics.mean(v) for v in x], [statistics.mean(v) for v in y]
+        axis.errorbar(mx, my, xerr=std[0], yerr=std[1], fmt=style, capsize=2, label=label)
+        for k, a, b in zip(keys, mx, my):
+            axis.annotate(f"{k:g}", (a, b), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel("KPS, arithmetic mean (preservation)")
+    axis.set_ylabel("IS, arithmetic mean (identity)")
+    axis.set_title(f"{concept_name}: alpha vs drift budget, mean ± std over {n_seeds} seeds", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def plot_sweep(sweep_scores: dict, concept_name: str, n_seeds: int, path: Path) -> None:
