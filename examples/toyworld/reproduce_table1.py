@@ -148,8 +148,9 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
     for name, path in adapters.items():
         command += ["--lora", f"{name}={path}"]
     command += ["--lora", "base=none"]  # the reference for leakage, at the same seeds
-    if not (out / "metrics.json").is_file():
-        run(command, out / "evaluate.log")
+    done = out / "metrics.json"
+    if not done.is_file() or set(json.loads(done.read_text())["adapters"]) != {*adapters, "base"}:
+        run(command, out / "evaluate.log")  # (a rerun over the same adapters reuses the evaluation)
     metrics = json.loads((out / "metrics.json").read_text())["adapters"]
     rates = subject_rates(out / "pairs.jsonl", concepts_dir / concept["instance_data_dir"], args.clip_dir)
     return {name: {**scores, **rates[name]} for name, scores in metrics.items()}
