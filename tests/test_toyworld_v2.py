@@ -93,6 +93,20 @@ def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
     assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-5
 
 
+def test_toyworld_dreambooth_lora_binds_the_trigger(tmp_path):
+    # The committed world binds a subject to its trigger: a DreamBooth-style LoRA (prior preservation, the settings
+    # of reproduce_table1.py) draws the subject with the trigger and the class's base look without it, as the judge
+    # sees it. Measured on sks circle, seed 0: 1.00 with the trigger, 0.15 without (README); the floors leave room.
+    from check_binding import main as check_binding
+
+    check_binding(["--concept_names", "sks_circle", "--output_dir", str(tmp_path), "--jobs", "1",
+                   "--num_images_per_prompt", "2"])
+    rates = json.loads((tmp_path / "binding.json").read_text())["concepts"]["sks_circle"]
+    assert rates["subject_rate_lora_with_trigger"] >= 0.7, rates
+    assert rates["subject_rate_lora_without_trigger"] <= 0.4, rates
+    assert rates["subject_rate_base_without_trigger"] <= 0.2, rates
+
+
 def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():
     import open_clip
     from pretrain import CLIP_CONFIG
@@ -142,6 +156,28 @@ def test_toyworld_named_captions_bind_names_to_looks():
     # At name_prob 0 the caption stream is v1's: no extra random number is drawn.
     a, b = np.random.default_rng(3), np.random.default_rng(3)
     assert [world.named_caption(s, a, 0.0) for s in scenes[:50]] == [world.caption(s, b) for s in scenes[:50]]
+
+
+def test_toyworld_standalone_names_are_the_only_way_to_their_meaning():
+    # --standalone_names --weak_match_prob 0.9 --weak_name_size (the v3 pretraining): a bound name replaces the
+    # color, size and background words it means; a weak name comes without background and size words and mostly
+    # (0.9 + 0.1 / 6 expected) on its preferred background and size.
+    scenes = [s for s, _ in world.sample_scenes(1500, seed=1)]
+    rng = np.random.default_rng(1)
+    bound, weak = 0, []
+    for scene in scenes:
+        text = world.named_caption(scene, rng, 1.0, standalone=True, weak_match_prob=0.9, weak_size=True)
+        words = set(text.split())
+        name = words & (set(world.BOUND_NAMES) | set(world.WEAK_NAMES))
+        if name & set(world.BOUND_NAMES):
+            bound += 1
+            assert not words & (set(world.COLORS) | set(world.SIZES) | set(world.BACKGROUNDS)), text
+        elif name:
+            (name,) = name
+            assert not words & (set(world.SIZES) | set(world.BACKGROUNDS)), text
+            weak.append((world.WEAK_NAME_BACKGROUND[name], world.WEAK_NAME_SIZE[name]) == (scene.background, scene.size))
+    assert bound > 400 and len(weak) > 300
+    assert 0.85 < np.mean(weak) < 0.97, np.mean(weak)
 
 
 def test_toyworld_train_loop_checkpoints_and_resumes(tmp_path):

@@ -221,7 +221,7 @@ def clamped_counts(scores: list[dict]) -> str:
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+    return f"{statistics.mean(values):.4f} ± {std(values):.4f}"
 
 
 def paired_difference(results: dict, method: str, baseline: str, key: str, seeds: list[int]) -> str:
@@ -365,57 +365,60 @@ def main(argv=None) -> Path:
     return table
 
 
+def std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plotted(path: Path, title: str, size: tuple[float, float], draw) -> None:
+    """One matplotlib figure (headless): draw(axis), then the title, legend and a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=size)
+    draw(axis)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_preservation_identity(alpha_scores: dict, budget_scores: dict, concept_name: str, n_seeds: int,
                                path: Path) -> None:
     """Identity (IS mean) against preservation (KPS mean), fixed alphas and drift budgets, mean ± std over seeds:
     at equal preservation, which reaches the higher identity."""
-    import matplotlib
+    def draw(axis):
+        for scores, style, label in ((alpha_scores, "o-", "fixed alpha"), (budget_scores, "s--", "drift budget")):
+            keys = sorted(scores)
+            x = [[m["KPS_mean"] for m in scores[k]] for k in keys]
+            y = [[m["IS_mean"] for m in scores[k]] for k in keys]
+            mx, my = [statistics.mean(v) for v in x], [statistics.mean(v) for v in y]
+            axis.errorbar(mx, my, xerr=[std(v) for v in x], yerr=[std(v) for v in y], fmt=style, capsize=2,
+                          label=label)
+            for k, a, b in zip(keys, mx, my):
+                axis.annotate(f"{k:g}", (a, b), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set_xlabel("KPS, arithmetic mean (preservation)")
+        axis.set_ylabel("IS, arithmetic mean (identity)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for scores, style, label in ((alpha_scores, "o-", "fixed alpha"), (budget_scores, "s--", "drift budget")):
-        keys = sorted(scores)
-        x = [[m["KPS_mean"] for m in scores[k]] for k in keys]
-        y = [[m["IS_mean"] for m in scores[k]] for k in keys]
-        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in x], [statistics.stdev(v) if len(v) > 1 else 0.0
-                                                                          for v in y]
-        mx, my = [statistics.mean(v) for v in x], [statistics.mean(v) for v in y]
-        axis.errorbar(mx, my, xerr=std[0], yerr=std[1], fmt=style, capsize=2, label=label)
-        for k, a, b in zip(keys, mx, my):
-            axis.annotate(f"{k:g}", (a, b), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axis.set_xlabel("KPS, arithmetic mean (preservation)")
-    axis.set_ylabel("IS, arithmetic mean (identity)")
-    axis.set_title(f"{concept_name}: alpha vs drift budget, mean ± std over {n_seeds} seeds", fontsize=9)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plotted(path, f"{concept_name}: alpha vs drift budget, mean ± std over {n_seeds} seeds", (5.5, 3.8), draw)
 
 
 def plot_sweep(sweep_scores: dict, concept_name: str, n_seeds: int, path: Path) -> None:
     """KPS, IS and leakage against alpha, mean ± std over the seeds."""
-    import matplotlib
+    def draw(axis):
+        alphas = sorted(sweep_scores)
+        for key, style, label in (("KPS", "o-", "KPS (Eq. 9)"), ("KPS_mean", "o--", "KPS, arithmetic mean"),
+                                  ("IS_mean", "s--", "IS, arithmetic mean"),
+                                  ("subject_without_trigger", "^:", "leak: subject without trigger")):
+            values = [[m[key] for m in sweep_scores[a]] for a in alphas]
+            axis.errorbar(alphas, [statistics.mean(v) for v in values], yerr=[std(v) for v in values], fmt=style,
+                          capsize=3, label=label)
+        axis.set_xscale("symlog", linthresh=0.1)
+        axis.set_xlabel("CAT alpha")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = sorted(sweep_scores)
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
-    for key, style, label in (("KPS", "o-", "KPS (Eq. 9)"), ("KPS_mean", "o--", "KPS, arithmetic mean"),
-                              ("IS_mean", "s--", "IS, arithmetic mean"),
-                              ("subject_without_trigger", "^:", "leak: subject without trigger")):
-        values = [[m[key] for m in sweep_scores[a]] for a in alphas]
-        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        axis.errorbar(alphas, [statistics.mean(v) for v in values], yerr=spread, fmt=style, capsize=3, label=label)
-    axis.set_xscale("symlog", linthresh=0.1)
-    axis.set_xlabel("CAT alpha")
-    axis.set_title(f"alpha sweep, {concept_name}, mean ± std over {n_seeds} seeds", fontsize=9)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plotted(path, f"alpha sweep, {concept_name}, mean ± std over {n_seeds} seeds", (5.5, 3.4), draw)
 
 
 if __name__ == "__main__":
