@@ -1,9 +1,9 @@
-"""Toy world v2: the acceptance checks of issue 13 on the committed models, and the pieces they rest on.
+"""Toy world v2/v3: the acceptance checks of issue 13 on the committed models, and the pieces they rest on.
 
-The committed models are still v1 (the v2 attempt is described, with its figures, in examples/toyworld/README.md):
-the checks on them are strict expected failures, which turn into failures the day models that pass them are
-committed (then remove the mark). The pieces (rare-word names in pretraining captions, the judge's offsets,
-pretrain.py's one training loop, the trigger measure itself) are tested as usual.
+On the committed models: inserting a trigger changes the text encoder at least half as much as a color word; the
+judge's similarities lie in [0, 1] and it tells each concept from the others and from the base model's class; a
+DreamBooth-style LoRA binds a subject to its trigger. The pieces (rare-word names in pretraining captions, the
+judge's offsets, pretrain.py's one training loop, the trigger measure itself) are tested on their own.
 """
 
 import json
@@ -39,7 +39,6 @@ def judge():
     return load_toy_clip(CLIP_DIR)
 
 
-@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
 def test_toyworld_trigger_changes_the_text_encoder_at_least_half_as_much_as_a_color_word(pipe):
     from measure_quality import concept_captions, trigger_insertion_ratios
 
@@ -63,7 +62,6 @@ def test_toyworld_trigger_ratio_is_zero_for_an_encoder_blind_to_the_trigger(pipe
     assert ratios["sks"]["ratio"] < 1e-6 and ratios["sks"]["color"] > 0.1, ratios
 
 
-@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
 def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
     from measure_quality import concept_captions, generate, load_concept_images
     from toy_clip import to_clip_input
@@ -122,7 +120,6 @@ def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():
     assert image_f.min() > 0 and text_f.min() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="committed models are v1; the v2 attempt is not adopted (toyworld README)")
 def test_toyworld_judge_tells_each_concept_from_the_others_and_from_the_base_class(judge, pipe):
     from measure_quality import judge_margins
 

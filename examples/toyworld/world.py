@@ -180,7 +180,9 @@ PATTERNS = ("checkers", "stripes_h", "stripes_v", "halves_v", "halves_h", "cente
 CONCEPT_LOOKS = {("circle", "checkers", frozenset({"red", "white"})),
                  ("square", "stripes_h", frozenset({"blue", "yellow"})),
                  ("triangle", "halves_v", frozenset({"green", "purple"})),
-                 ("cross", "center", frozenset({"orange", "blue"}))}
+                 ("cross", "center", frozenset({"orange", "blue"})),
+                 # hok circle's diagonals are a pattern PATTERNS lacks: listed for completeness, nothing to exclude
+                 ("circle", "diagonals", frozenset({"green", "white"}))}
 
 
 def two_tone_fill(pattern: str, k: int, color_a, color_b, res: int, cx: float, cy: float, extent: float) -> np.ndarray:
