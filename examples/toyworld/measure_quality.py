@@ -87,6 +87,33 @@ def trigger_insertion_ratios(tokenizer, text_encoder, captions_by_trigger) -> di
     return out
 
 
+SENSITIVITY_WORDS = (*world.TRIGGER_NAMES, "hok", "red", "blue", "large", world.BOUND_NAMES[0], world.PLAIN_NAMES[0])
+
+
+@torch.no_grad()
+def unet_word_sensitivity(pipe, words=SENSITIVITY_WORDS, timesteps=(200, 500, 800), n: int = 16, seed: int = 0) -> dict:
+    """How much the UNet's noise prediction moves when a word is inserted: ||eps(y_w) - eps(y)|| / ||eps(y)|| with
+    y = "a photo of circle", y_w = "a photo of <w> circle", on the same noisy latents (random latents, a fixed seed).
+    A trigger the UNet ignores gives ~0 whatever the text encoder does with it; then no LoRA on the UNet's
+    attention binds a subject to it within a few hundred steps. Returns {timestep: {word: change}}."""
+    def encode(prompt):
+        ids = pipe.tokenizer([prompt] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    latents = torch.randn(shape, generator=generator)
+    out = {}
+    for t in timesteps:
+        steps = torch.full((n,), t)
+        noisy = pipe.scheduler.add_noise(latents, torch.randn(shape, generator=generator), steps)
+        base = pipe.unet(noisy, steps, encoder_hidden_states=encode("a photo of circle")).sample
+        out[t] = {w: ((pipe.unet(noisy, steps, encoder_hidden_states=encode(f"a photo of {w} circle")).sample - base)
+                      .norm() / base.norm()).item() for w in words}
+    return out
+
+
 def load_concept_images(concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
     """{trigger: (class word, uint8 N x 32 x 32 x 3 training images)} of every concept."""
     from PIL import Image
@@ -153,12 +180,22 @@ def main():
     parser.add_argument("--judge_margins", action="store_true",
                         help="Only print, per concept, how much more similar its own images are to each other than "
                              "to other concepts' or the base model's class images (judge_margins), and exit.")
+    parser.add_argument("--word_sensitivity", action="store_true",
+                        help="Only print how much the UNet's prediction moves when a trigger, a color, a size or a "
+                             "name is inserted into \"a photo of circle\" (unet_word_sensitivity), and exit.")
     parser.add_argument("--concepts", default=str(DEFAULT_CONCEPTS_JSON),
                         help="concepts.json for --trigger_ratios and --judge_margins.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.trigger_ratios:
         print_trigger_ratios(load_pipeline(args.pipeline), args.concepts)
+        return
+    if args.word_sensitivity:
+        changes = unet_word_sensitivity(load_pipeline(args.pipeline))
+        print("UNet noise prediction change on inserting a word into \"a photo of circle\" (relative), per timestep")
+        print("t     " + " ".join(f"{w:>6s}" for w in SENSITIVITY_WORDS))
+        for t, row in changes.items():
+            print(f"{t:<5d} " + " ".join(f"{row[w]:6.3f}" for w in SENSITIVITY_WORDS))
         return
     if args.judge_margins:
         margins = judge_margins(load_toy_clip(args.clip)[0], load_pipeline(args.pipeline), args.concepts)
