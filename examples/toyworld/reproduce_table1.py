@@ -29,12 +29,13 @@ Trainings run ``--jobs`` at a time, one torch thread each. Everything is offline
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -103,10 +104,52 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"reproduce_table1: {' '.join(command[:1])} failed; see {log}")
 
 
-def train(command: list[str], folder: Path) -> None:
-    """One training; its wall-clock time goes to train_seconds.txt (the --cat_every comparison reads it)."""
+def start_worker() -> None:
+    """A training worker: one torch thread, offline, train_cat_lora imported once (the imports cost ~10 s, a third
+    of a toy training, when every training is a new process)."""
+    os.environ.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    import train_cat_lora  # noqa: F401
+
+
+def train_in_worker(command: list[str], folder: str) -> int:
+    """Run ``train_cat_lora.py command...`` in this worker process, its output (file descriptors 1 and 2, so
+    progress bars and logs too) in folder/train.log; return its exit status. A fresh accelerate state each time,
+    as for a new process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import train_cat_lora
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(Path(folder) / "train.log", "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+            return train_cat_lora.cli(command[1:])
+        except BaseException:  # noqa: BLE001 - reported through the log and the exit status
+            import traceback
+
+            traceback.print_exc()
+            return 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def train(pool, command: list[str], folder: Path) -> None:
+    """One training in a worker of ``pool``; its wall-clock time goes to train_seconds.txt (the --cat_every
+    comparison reads it); a failure stops everything."""
     start = time.perf_counter()
-    run(command, folder / "train.log")
+    if pool.submit(train_in_worker, command, str(folder)).result() != 0:
+        raise SystemExit(f"reproduce_table1: training failed; see {folder / 'train.log'}")
     (folder / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
@@ -277,22 +320,25 @@ def main(argv=None) -> Path:
         if name.startswith("dreambooth"):
             first_dreambooth.setdefault(concept_dir, job)
     todo = [job for job in jobs.values() if not (job[1] / "README.md").is_file()]  # the model card comes last
-    with tqdm(total=len(todo), desc="trainings") as progress:
+    workers = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
+    with workers, tqdm(total=len(todo), desc="trainings") as progress:
         for command, folder in first_dreambooth.values():
             if (command, folder) in todo:
-                train(command, folder)
+                train(workers, command, folder)
                 todo.remove((command, folder))
                 progress.update(1)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for _ in pool.map(lambda job: train(*job), todo):
+            for _ in pool.map(lambda job: train(workers, *job), todo):
                 progress.update(1)
 
-    results = {}
-    for concept in tqdm(concepts, desc="evaluations"):
+    def evaluate_concept(concept):
         adapters = {name: folder for (concept_dir, name), (_, folder) in jobs.items()
                     if concept_dir == concept["instance_data_dir"]}
-        results[concept["instance_data_dir"]] = evaluate(args, concept, concepts_dir, adapters,
-                                                         out / "eval" / concept["instance_data_dir"])
+        return evaluate(args, concept, concepts_dir, adapters, out / "eval" / concept["instance_data_dir"])
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # one evaluate_kps.py process (one thread) per concept
+        scores = list(tqdm(pool.map(evaluate_concept, concepts), total=len(concepts), desc="evaluations"))
+    results = {concept["instance_data_dir"]: score for concept, score in zip(concepts, scores)}
 
     # The toy CLIP gives some cosines <= 0, which the harmonic means (Eq. 11) clamp: the arithmetic means
     # beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
