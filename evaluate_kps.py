@@ -44,7 +44,9 @@ Two modes:
             --eval_data_dir DIR (images with captions, the formats training accepts: metadata.jsonl with
             file_name/text, a .txt per image, or --instance_prompt for all) or --eval_prompts FILE.jsonl
             (lines {"caption": "a photo of sks teapot", "reference": "ref/0.png"}, paths relative to FILE).
-            PATH is a training output folder (with pytorch_lora_weights.safetensors) or a weights file;
+            PATH is a training output folder (with pytorch_lora_weights.safetensors, and/or the
+            <folder>_emb.safetensors of pivotal tuning or textual inversion: then y_T is prompted with the new
+            tokens <s0><s1>... in place of the trigger, as the adapter's model card says) or a weights file;
             NAME=none evaluates the base model. The base pipeline is loaded once; adapters are swapped.
             Sample j of every adapter uses seed + j for both prompts. Runs under ``accelerate launch``
             (or torchrun) too: generation is split between processes, the main process scores and writes.
@@ -189,7 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--variant", default=None)
     gen.add_argument(
         "--lora", action="append", default=[], metavar="NAME=PATH",
-        help="adapter to evaluate, repeatable; PATH is a training output folder or a weights file, none = base",
+        help="adapter to evaluate, repeatable; PATH is a training output folder (its LoRA weights and, after "
+             "--train_text_encoder_ti, its new-token embeddings: y_T then uses the tokens in place of the trigger) "
+             "or a weights file; none = the base model",
     )
     gen.add_argument("--num_images_per_prompt", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0, help="sample j of every adapter uses seed + j")
