@@ -436,7 +436,7 @@ def plot_preservation_identity(alpha_scores: dict, budget_scores: dict, concept_
     """Identity (IS mean) against preservation (KPS mean), fixed alphas and drift budgets, mean ± std over seeds:
     at equal preservation, which reaches the higher identity."""
     def draw(axis):
-        for scores, style, label in ((alpha_scores, "o-", "fixed alpha"), (budget_scores, "s--", "drift budget")):
+        for scores, style, label in ((alpha_scores, "o", "fixed alpha"), (budget_scores, "s", "drift budget")):
             keys = sorted(scores)
             x = [[m["KPS_mean"] for m in scores[k]] for k in keys]
             y = [[m["IS_mean"] for m in scores[k]] for k in keys]
