@@ -83,6 +83,8 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     for adapter in ("budget0.05-seed0", "every2-seed1"):  # the sweeps' own flags reached their trainings
         log = (adapters / adapter / "train.log").read_text()
         assert ("drift budget 0.05" if adapter.startswith("budget") else "CAT passes every 2 steps") in log, adapter
+    d = [metrics[f"budget0.05-seed{s}"]["KPS_mean"] - metrics[f"cat-seed{s}"]["KPS_mean"] for s in (0, 1)]
+    assert rows["budget0.05 − cat"][0] == f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)"
     seconds = [float((adapters / f"every2-seed{s}" / "train_seconds.txt").read_text()) for s in (0, 1)]
     cat_keys = ("KPS_mean", "IS_mean", "subject_with_trigger", "subject_without_trigger")
     assert rows["N=2"] == [f"{statistics.mean(seconds):.1f}"] + [

@@ -373,6 +373,15 @@ def main(argv=None) -> Path:
                  "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
         rows += [f"| budget {b:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for b, scores in sorted(budget_scores.items())]
+        if "cat" in args.methods:
+            only_sweep = {sweep["instance_data_dir"]: results[sweep["instance_data_dir"]]}
+            rows += ["", f"Each budget minus alpha 1 (cat), paired by seed on {sweep['instance_data_dir']}: mean ± "
+                     "standard error (the budget higher in k of n):", "",
+                     "| difference | KPS mean | IS mean | subject with trigger | subject without (leak) |",
+                     "|---|---|---|---|---|"]
+            rows += [f"| budget{b:g} − cat | " + " | ".join(
+                paired_difference(only_sweep, f"budget{b:g}", "cat", key, args.seeds)
+                for key in ("KPS_mean", "IS_mean", *RATE_KEYS)) + " |" for b in sorted(budget_scores)]
         plot_preservation_identity(sweep_scores, budget_scores, sweep["instance_data_dir"], len(args.seeds),
                                    out / "preservation_identity.png")
     if args.cat_every:
