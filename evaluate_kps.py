@@ -539,7 +539,7 @@ def unload_adapter(pipe, family, files: AdapterFiles, tokens: list[str]) -> None
     if files.lora is not None:
         pipe.unload_lora_weights()
     for encoder_name in family.embedding_file_keys if tokens else ():
-        tokenizer_name = family.tokenizers[family.text_encoders.index(encoder_name)]
+        tokenizer_name = family.tokenizer_of(encoder_name)
         pipe.unload_textual_inversion(tokens=tokens, tokenizer=getattr(pipe, tokenizer_name),
                                       text_encoder=getattr(pipe, encoder_name))
 
@@ -559,7 +559,7 @@ def load_embeddings(pipe, family, name: str, path: Path) -> list[str]:
                          f"{sorted(state_dict)}")
     tokens = [f"<s{i}>" for i in range(len(next(iter(state_dict.values()))))]
     for encoder_name, key in keys.items():
-        tokenizer_name = family.tokenizers[family.text_encoders.index(encoder_name)]
+        tokenizer_name = family.tokenizer_of(encoder_name)
         encoder = getattr(pipe, encoder_name)
         if state_dict[key].shape != (len(tokens), encoder.get_input_embeddings().weight.shape[1]):
             raise InputError(f"{where}: {key} has shape {tuple(state_dict[key].shape)}, {encoder_name} needs "

@@ -1167,6 +1167,10 @@ class StableDiffusionFamily:
             raise InputError(f"--bnb_quantization_config_path: a quantized base is supported for Flux.1 only, not "
                              f"{self.pipeline_class.__name__}")
 
+    def tokenizer_of(self, text_encoder: str) -> str:
+        """The pipeline component name of the tokenizer that feeds ``text_encoder``."""
+        return self.tokenizers[self.text_encoders.index(text_encoder)]
+
     # Loading ------------------------------------------------------------------------------------------
     def load_tokenizers(self) -> dict:
         """The pipeline's tokenizers; --tokenizer_name replaces the first (CLIP) one and --tokenizer_max_length
@@ -1571,7 +1575,7 @@ class NewTokenEmbeddings:
         """Add the new tokens to the family's (cached) tokenizers: enough for the caption checks, no model loaded."""
         tokenizers = family.load_tokenizers()
         for encoder_name in family.embedding_file_keys:
-            tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+            tokenizer = tokenizers[family.tokenizer_of(encoder_name)]
             tokenizer.add_tokens([token for token in self.new_tokens if token not in tokenizer.get_vocab()])
 
     def new_ids(self, tokenizer) -> list[int]:
@@ -1583,7 +1587,7 @@ class NewTokenEmbeddings:
         generator = torch.Generator().manual_seed(self.seed)
         tokenizers = family.load_tokenizers()
         for encoder_name in family.embedding_file_keys:
-            tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+            tokenizer = tokenizers[family.tokenizer_of(encoder_name)]
             encoder = text_encoders[encoder_name]
             rows = encoder.get_input_embeddings().num_embeddings
             if self.new_ids(tokenizer) != list(range(rows, rows + len(self.new_tokens))):
@@ -2741,7 +2745,7 @@ def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbedding
     lines = ["from safetensors.torch import load_file", "",
              f'state_dict = load_file("path/to/this/folder/{diffusers_name}.safetensors")']
     for encoder, key in family.embedding_file_keys.items():
-        tokenizer = family.tokenizers[family.text_encoders.index(encoder)]
+        tokenizer = family.tokenizer_of(encoder)
         lines.append(f'pipe.load_textual_inversion(state_dict["{key}"], token=[{tokens}], '
                      f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
     return lines
@@ -2808,7 +2812,7 @@ def check_no_new_tokens_in_y(family, new_tokens: NewTokenEmbeddings, examples: l
     """CAT's frozen pass must be the base model's: y may hold none of the new tokens (whose rows train)."""
     tokenizers = family.load_tokenizers()
     for encoder_name in family.embedding_file_keys:
-        tokenizer = tokenizers[family.tokenizers[family.text_encoders.index(encoder_name)]]
+        tokenizer = tokenizers[family.tokenizer_of(encoder_name)]
         new_ids = set(new_tokens.new_ids(tokenizer))
         for example in examples:
             if new_ids & set(tokenizer(example.cat_caption).input_ids):

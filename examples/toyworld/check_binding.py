@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from measure_quality import concept_captions, generate, load_concept_images, load_pipeline  # noqa: E402
 from reproduce_table1 import METHODS, run, select_concepts, train_command  # noqa: E402
-from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, to_clip_input  # noqa: E402
+from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, shows_subject, to_clip_input  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,22 +57,17 @@ def without(caption: str, trigger: str) -> str:
 @torch.no_grad()
 def binding_scores(clip_model, references, base, with_trigger, without_trigger) -> dict:
     """Subject rates and cosines from images (float NHWC in [0, 1]; references uint8): see the module doc."""
+    def subject_rate(images):
+        return shows_subject(clip_model, references, base, images).float().mean().item()
+
     def embed(images):
         return clip_model.encode_image(to_clip_input(images), normalize=True)
-
-    subject = torch.nn.functional.normalize(embed(references).mean(0), dim=0)
-    base_e = embed(base)
-    base_look = torch.nn.functional.normalize(base_e.mean(0), dim=0)
-
-    def subject_rate(images):
-        e = embed(images)
-        return (e @ subject > e @ base_look).float().mean().item()
 
     return {"subject_rate_lora_with_trigger": subject_rate(with_trigger),
             "subject_rate_lora_without_trigger": subject_rate(without_trigger),
             "subject_rate_base_without_trigger": subject_rate(base),
             # Same caption and seed, LoRA without the trigger against the base model: 1 = the base look kept.
-            "cosine_lora_without_vs_base_same_seed": (embed(without_trigger) * base_e).sum(1).mean().item()}
+            "cosine_lora_without_vs_base_same_seed": (embed(without_trigger) * embed(base)).sum(1).mean().item()}
 
 
 def main(argv=None):

@@ -124,10 +124,12 @@ def train_in_worker(command: list[str], folder: str) -> int:
     import train_cat_lora
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     with open(Path(folder) / "train.log", "w") as log:
-        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
         try:
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
@@ -139,9 +141,11 @@ def train_in_worker(command: list[str], folder: str) -> int:
             traceback.print_exc()
             return 1
         finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def train(pool, command: list[str], folder: Path) -> None:
@@ -207,31 +211,25 @@ def subject_rates(pairs_file: Path, instance_dir: Path, clip_dir) -> dict[str, d
     (evaluate_kps.py's "base" rows; same seeds).
     """
     import numpy as np
-    import torch
     from PIL import Image
 
     sys.path.insert(0, str(HERE))
-    from toy_clip import load_toy_clip, to_clip_input
+    from toy_clip import load_toy_clip, shows_subject
 
     model, _ = load_toy_clip(clip_dir)
     pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
 
-    def embed(paths):
-        images = np.stack([np.asarray(Image.open(path).convert("RGB").resize((32, 32))) for path in paths])
-        with torch.no_grad():
-            return model.encode_image(to_clip_input(images), normalize=True)
+    def load(paths):
+        return np.stack([np.asarray(Image.open(path).convert("RGB").resize((32, 32))) for path in paths])
 
-    def unit_mean(e):
-        return torch.nn.functional.normalize(e.mean(0), dim=0)
-
-    subject = unit_mean(embed(sorted(instance_dir.glob("*.png"))))
-    base = unit_mean(embed([pairs_file.parent / p["without_trigger"] for p in pairs if p["adapter"] == "base"]))
+    subject = load(sorted(instance_dir.glob("*.png")))
+    base = load([pairs_file.parent / p["without_trigger"] for p in pairs if p["adapter"] == "base"])
     rates = {}
     for name in dict.fromkeys(p["adapter"] for p in pairs):
         rates[name] = {}
         for key, column in (("with_trigger", "subject_with_trigger"), ("without_trigger", "subject_without_trigger")):
-            e = embed([pairs_file.parent / p[key] for p in pairs if p["adapter"] == name])
-            rates[name][column] = (e @ subject > e @ base).float().mean().item()
+            images = load([pairs_file.parent / p[key] for p in pairs if p["adapter"] == name])
+            rates[name][column] = shows_subject(model, subject, base, images).float().mean().item()
     return rates
 
 

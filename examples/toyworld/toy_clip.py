@@ -84,3 +84,15 @@ def zero_shot(model, tokenizer, x: torch.Tensor):
     img = model.encode_image(x, normalize=True)
     best = (img @ txt.t()).argmax(dim=1).tolist()
     return [pairs[b][0] for b in best], [pairs[b][1] for b in best]
+
+
+@torch.no_grad()
+def shows_subject(model, subject_images, base_images, images) -> torch.Tensor:
+    """Per image, whether the judge calls it the subject: closer (cosine) to the mean embedding of the subject's
+    training images than to the mean embedding of the base model's images (of the same captions, without the
+    trigger). Images as uint8 NHWC or float NHWC in [0, 1]. Used by check_binding.py and reproduce_table1.py."""
+    def unit_mean(x):
+        return torch.nn.functional.normalize(model.encode_image(to_clip_input(x), normalize=True).mean(0), dim=0)
+
+    embeddings = model.encode_image(to_clip_input(images), normalize=True)
+    return embeddings @ unit_mean(subject_images) > embeddings @ unit_mean(base_images)

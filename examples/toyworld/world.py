@@ -143,8 +143,8 @@ def named_caption(scene: Scene, rng: np.random.Generator, name_prob: float, colo
     The name is bound (the scene's look's own name; 40%), weak (30%: with probability ``weak_match_prob`` one
     that prefers the scene's background, and with ``weak_size`` its size too, else any) or plain (30%, any). A
     bound name may also stand alone for the attributes it means: "a photo of eface circle" (half of the time;
-    always with ``standalone``, and a weak name then stands in a caption that names neither background nor size,
-    so that reading the name is the only way to its meaning).
+    always with ``standalone``, and a weak name then stands in a caption that names no background, nor, with
+    ``weak_size``, the size, so that reading the name is the only way to its meaning).
     """
     text = caption(scene, rng, color_only_prob)
     if not name_prob or rng.random() >= name_prob:
