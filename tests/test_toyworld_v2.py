@@ -201,3 +201,27 @@ def test_toyworld_train_loop_checkpoints_and_resumes(tmp_path):
     start, steps, model = run(5)  # resumes at 3: the first 3 steps are not run again
     assert start == 3 and steps == [3, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
+
+
+def test_toyworld_mix_in_patterns_replaces_rows_with_captioned_patterned_shapes():
+    from pretrain import mix_in_patterns
+
+    rng = np.random.default_rng(0)
+    looks = [world.random_patterned_sample(rng, 32)[1] for _ in range(6)]
+    patterns = (torch.full((6, 4, 2, 2), 5.0), torch.zeros(6, 4, 2, 2), looks)
+    latents, captions = torch.zeros(64, 4, 2, 2), ["a photo of circle"] * 64
+    rows = mix_in_patterns(latents, captions, patterns, 2.0, 0.3, 0.0, torch.Generator().manual_seed(0),
+                           np.random.default_rng(1))
+    assert 5 < len(rows) < 40
+    replaced = set(rows.tolist())
+    for i, text in enumerate(captions):
+        if i in replaced:  # the pattern's latent (times the scale) and its caption, with or without the background
+            assert torch.all(latents[i] == 10.0) and any(text in (look, look.split(" on a ")[0]) for look in looks)
+            assert text.split()[1] in world.PATTERN_WORDS.values()
+        else:
+            assert torch.all(latents[i] == 0.0) and text == "a photo of circle"
+    assert {c for c in captions if c in looks} and {c for i, c in enumerate(captions) if i in replaced} - set(looks)
+    untouched = ["x"] * 8
+    assert len(mix_in_patterns(torch.zeros(8, 4, 2, 2), untouched, patterns, 1.0, 0.0, 0.0,
+                               torch.Generator().manual_seed(0), np.random.default_rng(0))) == 0
+    assert untouched == ["x"] * 8

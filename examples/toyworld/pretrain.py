@@ -337,28 +337,62 @@ def load_vae(work_dir: Path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def encoded_latents(args, work_dir: Path, vae):
-    """Posterior mean and std of every training image (cached), plus the scenes."""
-    images, scenes = world_data(work_dir, args.num_images, args.seed)
-    path = work_dir / f"latents_{args.num_images}_{args.seed}.pt"
+def encode_cached(vae, images: np.ndarray, path: Path):
+    """Posterior mean and std of every image under the (frozen) VAE encoder, cached at path."""
     if path.exists():
         cached = torch.load(path)
-        return cached["mean"], cached["std"], scenes
+        return cached["mean"], cached["std"]
     x_all = to_tensor(images)
     means, stds = [], []
     with torch.no_grad():
-        for i in tqdm(range(0, len(x_all), 256), desc="encode latents"):
+        for i in tqdm(range(0, len(x_all), 256), desc=f"encode {path.stem}"):
             dist = vae.encode(x_all[i:i + 256]).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
     mean, std = torch.cat(means), torch.cat(stds)
     torch.save({"mean": mean, "std": std}, path)
-    return mean, std, scenes
+    return mean, std
+
+
+def encoded_latents(args, work_dir: Path, vae):
+    """Posterior mean and std of every training image (cached), plus the scenes."""
+    images, scenes = world_data(work_dir, args.num_images, args.seed)
+    return (*encode_cached(vae, images, work_dir / f"latents_{args.num_images}_{args.seed}.pt"), scenes)
+
+
+# The unet stage's patterned shapes come from their own stream: seed + 21 (the decoder's is seed, the judge's
+# seed + 11); world.random_pattern_look never draws a concept's own look.
+UNET_PATTERN_SEED_OFFSET = 21
+
+
+def encoded_pattern_latents(args, work_dir: Path, vae):
+    """Posterior mean and std of the unet stage's patterned shapes (cached), plus their captions."""
+    n, seed = args.num_images // 2, args.seed + UNET_PATTERN_SEED_OFFSET
+    images, captions = pattern_data(work_dir, n, seed)
+    return (*encode_cached(vae, images, work_dir / f"pattern_latents_{n}_{seed}.pt"), captions)
 
 
 def tokenize(tokenizer, captions):
     return tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def mix_in_patterns(latents, captions: list, patterns, scale: float, prob: float, empty_prob: float, gen, rng):
+    """Replace each row of the batch, with probability prob, by a two-color patterned shape (in place).
+
+    patterns = (latent means, latent stds, captions). A replaced row's caption is the pattern's own, the look
+    alone half of the time ("a split green and purple triangle", without " on a ... background"), or empty with
+    empty_prob. So the base model can draw two-tone looks, as SD can draw the kind of look a personal subject
+    has before any fine-tuning; captions that name no pattern keep meaning solid shapes. Returns the rows replaced.
+    """
+    mean, std, texts = patterns
+    rows = (torch.rand(len(captions), generator=gen) < prob).nonzero().flatten()
+    pick = torch.randint(len(mean), (len(rows),), generator=gen)
+    latents[rows] = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=gen)) * scale
+    for row, i in zip(rows.tolist(), pick.tolist()):
+        text = texts[i] if rng.random() < 0.5 else texts[i].split(" on a ")[0]
+        captions[row] = text if rng.random() >= empty_prob else ""
+    return rows
 
 
 def train_unet(args, work_dir: Path):
@@ -388,6 +422,9 @@ def train_unet(args, work_dir: Path):
     noise_sched = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
     alphas_cumprod = noise_sched.alphas_cumprod
 
+    if args.pattern_caption_prob:
+        pat_mean, pat_std, pat_captions = encoded_pattern_latents(args, work_dir, vae)
+
     def loss_fn(gen, rng):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
@@ -395,6 +432,9 @@ def train_unet(args, work_dir: Path):
                                         args.standalone_names, args.weak_match_prob, args.weak_name_size)
                     if rng.random() >= args.empty_caption_prob else ""
                     for i in idx.tolist()]
+        if args.pattern_caption_prob:
+            mix_in_patterns(latents, captions, (pat_mean, pat_std, pat_captions), scale, args.pattern_caption_prob,
+                            args.empty_caption_prob, gen, rng)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -688,6 +728,8 @@ def main():
                         help="How often a weak name is one that prefers the scene's background (and size).")
     parser.add_argument("--weak_name_size", action="store_true",
                         help="Weak names prefer a size as well as a background (world.WEAK_NAME_SIZE).")
+    parser.add_argument("--pattern_caption_prob", type=float, default=0.0,
+                        help="unet stage: share of each batch that is captioned two-color patterned shapes.")
     parser.add_argument("--word_loss_weight", type=float, default=0.0,
                         help="unet stage: weight of the word-recognition term (which caption words are present, "
                              "read from the text encoder's mean output); 0 = off, the v1 loss.")

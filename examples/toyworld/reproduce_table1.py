@@ -169,6 +169,9 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
         # same steps as encoding every batch, about twice as fast on this tiny model.
         "--resolution", "32", "--center_crop", "--cache_latents",
         *text_encoder_flags(args, extra),
+        # One denoiser call for the adapted passes on y_T and y: the same gradients as the default "lean" mode,
+        # and a CAT step about a fifth faster here (calls, not arithmetic, bound this tiny model).
+        "--cat_mode", "batched",
         "--train_batch_size", "1", "--rank", str(args.rank),
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--adam_weight_decay", "0.01", "--checkpointing_steps", "100000", "--report_to", "none",
