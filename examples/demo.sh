@@ -11,16 +11,16 @@ toy=examples/toyworld
 out=outputs/demo
 mkdir -p "$out"
 
-train() {  # train NAME ALPHA: 600 steps at batch 1 (the paper's step count), lr 1e-3 (see toyworld README)
+train() {  # train NAME ALPHA: 400 steps at batch 1, lr 1.5e-3: the settings of the toy world's Table 1 (its README)
   echo "== training $1 (--cat_alpha $2)"
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_cat_lora.py \
     --pretrained_model_name_or_path "$toy/models/toy-sd" \
     --instance_data_dir "$toy/concepts/sks_circle" --instance_prompt "a photo of sks circle" --trigger_token sks \
     --cat_alpha "$2" --resolution 32 --center_crop --cache_latents --pre_compute_text_embeddings \
-    --train_batch_size 1 --max_train_steps 600 --learning_rate 1e-3 --adam_weight_decay 0.01 --rank 4 \
-    --validation_prompt "a photo of sks circle on a black background" --validation_steps 300 \
-    --num_validation_images 8 --checkpointing_steps 300 --seed 0 --output_kohya_format \
+    --train_batch_size 1 --max_train_steps 400 --learning_rate 1.5e-3 --adam_weight_decay 0.01 --rank 4 \
+    --validation_prompt "a photo of sks circle on a black background" --validation_steps 200 \
+    --num_validation_images 8 --checkpointing_steps 200 --seed 0 --output_kohya_format \
     --output_dir "$out/$1"
 }
 train cat-lora 1.0

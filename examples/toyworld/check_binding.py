@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from measure_quality import concept_captions, generate, load_concept_images, load_pipeline  # noqa: E402
 from reproduce_table1 import METHODS, run, select_concepts, train_command  # noqa: E402
+from reproduce_table1 import parse_args as table1_args  # noqa: E402
 from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, shows_subject, to_clip_input  # noqa: E402
 
 
@@ -41,9 +42,10 @@ def parse_args(argv=None):
                         help="instance_data_dir names of the concepts to run (default: all in --concepts)")
     parser.add_argument("--output_dir", default=str(HERE.parents[1] / "outputs" / "toyworld-binding"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_train_steps", type=int, default=600)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=4)
+    table1 = table1_args([])  # the training settings of reproduce_table1.py, so both measure the same adapters
+    parser.add_argument("--max_train_steps", type=int, default=table1.max_train_steps)
+    parser.add_argument("--learning_rate", type=float, default=table1.learning_rate)
+    parser.add_argument("--rank", type=int, default=table1.rank)
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel (one thread each)")
