@@ -1,4 +1,4 @@
-"""Toy world v2/v3: the acceptance checks of issue 13 on the committed models, and the pieces they rest on.
+"""Toy world v2–v4: the acceptance checks of issue 13 on the committed models, and the pieces they rest on.
 
 On the committed models: inserting a trigger changes the text encoder at least half as much as a color word; the
 judge's similarities lie in [0, 1] and it tells each concept from the others and from the base model's class; a
@@ -94,7 +94,7 @@ def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
 def test_toyworld_dreambooth_lora_binds_the_trigger(tmp_path):
     # The committed world binds a subject to its trigger: a DreamBooth-style LoRA (prior preservation, the settings
     # of reproduce_table1.py) draws the subject with the trigger and the class's base look without it, as the judge
-    # sees it. Measured on sks circle, seed 0: 1.00 with the trigger, 0.15 without (README); the floors leave room.
+    # sees it. Measured on sks circle, seed 0 (v4): 1.00 with the trigger, 0.25 without (README); the floors leave room.
     from check_binding import main as check_binding
 
     check_binding(["--concept_names", "sks_circle", "--output_dir", str(tmp_path), "--jobs", "1",

@@ -89,7 +89,7 @@ def parse_args(argv=None):
                              "against N = 1 (the cat method)")
     parser.add_argument("--sweep_concept", default=None, help="instance_data_dir of the sweep concept (default: first)")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
-    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel (one thread each)")
     return parser.parse_args(argv)
@@ -317,21 +317,19 @@ def main(argv=None) -> Path:
                                      ["--cat_alpha", "auto", "--cat_drift_budget", f"{budget:g}"])
                              for seed in args.seeds] for budget in args.budgets}
 
-    # Class images for DreamBooth are generated once per class, before the parallel trainings share them.
+    # Class images for DreamBooth are generated once per class, by the first DreamBooth training of each class (those
+    # run first, in parallel: one per class), before the other trainings share them.
+    class_of = {concept["instance_data_dir"]: concept["class_word"] for concept in concepts}
     first_dreambooth = {}
     for (concept_dir, name), job in jobs.items():
         if name.startswith("dreambooth"):
-            first_dreambooth.setdefault(concept_dir, job)
+            first_dreambooth.setdefault(class_of[concept_dir], job)
     todo = [job for job in jobs.values() if not (job[1] / "README.md").is_file()]  # the model card comes last
+    first = [job for job in first_dreambooth.values() if job in todo]
     workers = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
-    with workers, tqdm(total=len(todo), desc="trainings") as progress:
-        for command, folder in first_dreambooth.values():
-            if (command, folder) in todo:
-                train(workers, command, folder)
-                todo.remove((command, folder))
-                progress.update(1)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for _ in pool.map(lambda job: train(workers, *job), todo):
+    with workers, tqdm(total=len(todo), desc="trainings") as progress, ThreadPoolExecutor(args.jobs) as pool:
+        for batch in (first, [job for job in todo if job not in first]):
+            for _ in pool.map(lambda job: train(workers, *job), batch):
                 progress.update(1)
 
     def evaluate_concept(concept):
