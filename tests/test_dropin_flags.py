@@ -295,6 +295,27 @@ def test_text_encoder_lr_and_decay_make_a_second_parameter_group():
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-4, 1e-2), (1e-4, 1e-3)]
 
 
+def test_fused_adamw_makes_the_same_update_as_the_default_kernel():
+    # The training run asks for torch's fused AdamW on CPU and CUDA (much faster over a LoRA's many small tensors):
+    # the optimizer must say so, and its steps must match the per-tensor implementation.
+    import torch
+
+    args = T.parse_args(MINIMAL + ["--adam_weight_decay", "0.01"])
+    params = {}
+    for fused in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        tensors = [torch.nn.Parameter(torch.randn(4, 8, generator=generator)) for _ in range(3)]
+        optimizer = T.make_optimizer(args, tensors, 1e-2, fused=fused)
+        assert bool(optimizer.defaults["fused"]) == fused
+        for _ in range(5):
+            for p in tensors:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        params[fused] = [p.detach().clone() for p in tensors]
+    for default, fused in zip(params[False], params[True]):
+        torch.testing.assert_close(default, fused, rtol=1e-5, atol=1e-6)
+
+
 def test_prodigy_gets_diffusers_settings_and_one_learning_rate(monkeypatch):
     import torch
 
