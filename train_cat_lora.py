@@ -1960,9 +1960,8 @@ def weight_dtype_for(accelerator):
 
 
 def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float, fused: bool = False):
-    """Prodigy, 8-bit AdamW or torch's AdamW. ``fused``: torch's fused AdamW kernel (CPU and CUDA): the same update in
-    one call per step instead of several per tensor, which a LoRA's hundreds of small tensors make the larger cost
-    on a small model."""
+    """Prodigy, 8-bit AdamW or torch's AdamW. ``fused``: torch's fused AdamW kernel (CPU and CUDA), the same update
+    in one kernel per step instead of several per tensor: a LoRA has hundreds of small tensors."""
 
     if args.optimizer.lower() == "prodigy":
         import prodigyopt  # check_args made sure it is installed

@@ -296,8 +296,8 @@ def test_text_encoder_lr_and_decay_make_a_second_parameter_group():
 
 
 def test_fused_adamw_makes_the_same_update_as_the_default_kernel():
-    # The training run asks for torch's fused AdamW on CPU and CUDA (much faster over a LoRA's many small tensors):
-    # the optimizer must say so, and its steps must match the per-tensor implementation.
+    # make_optimizer(fused=True) (what the training run asks for on CPU and CUDA) must build the fused optimizer, and
+    # its steps must match the per-tensor implementation's.
     import torch
 
     args = T.parse_args(MINIMAL + ["--adam_weight_decay", "0.01"])

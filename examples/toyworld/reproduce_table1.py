@@ -341,8 +341,8 @@ def main(argv=None) -> Path:
         scores = list(tqdm(pool.map(evaluate_concept, concepts), total=len(concepts), desc="evaluations"))
     results = {concept["instance_data_dir"]: score for concept, score in zip(concepts, scores)}
 
-    # The toy CLIP gives some cosines <= 0, which the harmonic means (Eq. 11) clamp: the arithmetic means
-    # beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
+    # Cosines <= 0 (the v1 judge gave some; v2's lie in [0, 1]) would be clamped by the harmonic means (Eq. 11): the
+    # arithmetic means beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
     rows = ["| method | PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | subject with trigger "
             "| subject without (leak) | clamped PS/IS/KPS | n adapters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in ["base", *args.methods]:
