@@ -37,7 +37,7 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
 
 ``--model``:
 
-    tiny        the tests' tiny SD 1.x pipeline (tests/tiny_pipeline.py), built into a temporary folder
+    tiny        the tests' tiny SD 1.x pipeline (examples/tiny_pipeline.py), built into a temporary folder
     small       tiny with a (64, 128, 128) U-Net
     tiny-sdxl   the tests' tiny SDXL pipeline (two CLIP encoders of different widths)
     tiny-flux   the tests' tiny Flux.1 pipeline (one double- and one single-stream block, CLIP and a tiny T5)
@@ -96,7 +96,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, T5Config
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
+for _path in (ROOT, ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

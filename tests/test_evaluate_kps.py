@@ -2,7 +2,7 @@
 
 Everything is offline and tiny: a random open_clip model registered from a config file and saved to a local
 checkpoint, a random transformers ViT as the DINO model, and the tiny random SD 1.x pipeline of
-tests/tiny_pipeline.py with random LoRAs.
+examples/tiny_pipeline.py with random LoRAs.
 """
 
 import csv

@@ -73,7 +73,7 @@ def test_patterned_images_for_the_vae_decoder_are_two_toned_and_never_a_concept(
 
 
 def test_concepts_have_single_token_triggers_and_images(tmp_path):
-    sys.path.insert(0, str(TOYWORLD.parent.parent / "tests"))
+    sys.path.insert(0, str(TOYWORLD.parent))
     from tiny_pipeline import build_clip_tokenizer
     from PIL import Image
 

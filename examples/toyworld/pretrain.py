@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # examples/: tiny_pipeline
 
 import world  # noqa: E402
 from toy_clip import negative_mass, raise_embedding_offsets, zero_shot  # noqa: E402

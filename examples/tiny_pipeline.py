@@ -8,7 +8,7 @@ the file open_clip_torch ships inside its package.
 Flux's T5 tokenizer is a small Unigram model built with the ``tokenizers`` library (the only kind that survives
 transformers 5's save and reload of ``T5Tokenizer``).
 
-Run as a script to write one: ``python tests/tiny_pipeline.py OUT_DIR [--family sdxl|flux]``.
+Run as a script to write one: ``python examples/tiny_pipeline.py OUT_DIR [--family sdxl|flux]``.
 """
 
 import argparse
