@@ -19,6 +19,7 @@ the order the data flows: arguments -> trigger handling -> data -> models -> los
 
 import argparse
 import gc
+import importlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,15 +49,13 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import (
     AutoencoderKL,
     BitsAndBytesConfig,
-    DDPMScheduler,
     DiffusionPipeline,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
-    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -77,7 +77,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+from transformers import AutoTokenizer
 
 # --cat_alpha auto: the defaults of the drift budget and of the multiplier's step (see DriftBudget).
 DEFAULT_DRIFT_BUDGET = 0.03  # where the paper's alpha = 1 left the drift in the toy world (benchmarks/drift_budget.py)
@@ -116,19 +116,12 @@ REFUSED_FLAGS = {
     "--enable_npu_flash_attention": (0, "Ascend NPUs are not supported"),
 }
 
-# Flags of diffusers' SDXL and Flux.1 scripts, parsed here with diffusers' names, types and defaults; each model
-# family gives them their meaning. dest -> the families they apply to.
-FAMILY_FLAGS = {
-    "pretrained_vae_model_name_or_path": ("SDXL",),
-    "max_sequence_length": ("Flux.1",),
-    "guidance_scale": ("Flux.1",),
-    "weighting_scheme": ("Flux.1",),
-    "logit_mean": ("Flux.1",),
-    "logit_std": ("Flux.1",),
-    "mode_scale": ("Flux.1",),
-    "lora_layers": ("Flux.1",),
-    "upcast_before_saving": ("Flux.1",),
-}
+# Flags of diffusers' scripts for one family or a few (SDXL's VAE, the flow-matching families' timestep densities,
+# T5's sequence length, ...), parsed here with diffusers' names, types and defaults. Each family says which it reads
+# (ModelFamily.flags and its objective's); any other is accepted, as diffusers' other scripts accept it, with a
+# warning that it is ignored.
+FAMILY_FLAGS = ("pretrained_vae_model_name_or_path", "max_sequence_length", "guidance_scale", "weighting_scheme",
+                "logit_mean", "logit_std", "mode_scale", "lora_layers", "upcast_before_saving")
 
 # torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
 # which is not imported here to keep --help and bad-input errors fast.
@@ -354,35 +347,46 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--hub_token", default=None)
     logs.add_argument("--hub_model_id", default=None)
 
-    # Names, types and defaults as in diffusers' train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py.
-    family = parser.add_argument_group("SDXL and Flux.1", "Flags of diffusers' SDXL and Flux.1 DreamBooth-LoRA "
-                                       "scripts; each applies to the model families named in its help.")
+    # Names, types and defaults as in diffusers' per-family DreamBooth-LoRA scripts; each help starts with the
+    # families that read the flag (ModelFamily.reads).
+    family = parser.add_argument_group("family flags", "Flags of diffusers' per-family DreamBooth-LoRA scripts; each "
+                                       "applies to the model families named at the start of its help.")
     family.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                        help="SDXL: a VAE (hub id or folder) to use instead of the pipeline's own, e.g. an "
+                        help=f"{family_readers('pretrained_vae_model_name_or_path')}: "
+                             "a VAE (hub id or folder) to use instead of the pipeline's own, e.g. an "
                              "fp16-safe one.")
     family.add_argument("--max_sequence_length", type=int, default=512,
-                        help="Flux.1: token limit of prompts for the T5 text encoder.")
+                        help=f"{family_readers('max_sequence_length')}: "
+                             "token limit of prompts for the T5 text encoder.")
     family.add_argument("--guidance_scale", type=float, default=3.5,
-                        help="Flux.1: guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
+                        help=f"{family_readers('guidance_scale')}: "
+                             "guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
                              "during training.")
     family.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
                         default="none",
-                        help="Flux.1: 'logit_normal' and 'mode' draw timesteps from that density, 'sigma_sqrt' "
+                        help=f"{family_readers('weighting_scheme')}: "
+                             "'logit_normal' and 'mode' draw timesteps from that density, 'sigma_sqrt' "
                              "and 'cosmap' weight the loss per timestep; 'none': uniform timesteps, unweighted.")
     family.add_argument("--logit_mean", type=float, default=0.0,
-                        help="Flux.1: mean of the logit-normal timestep density (--weighting_scheme logit_normal).")
+                        help=f"{family_readers('logit_mean')}: "
+                             "mean of the logit-normal timestep density (--weighting_scheme logit_normal).")
     family.add_argument("--logit_std", type=float, default=1.0,
-                        help="Flux.1: standard deviation of the logit-normal timestep density.")
+                        help=f"{family_readers('logit_std')}: "
+                             "standard deviation of the logit-normal timestep density.")
     family.add_argument("--mode_scale", type=float, default=1.29,
-                        help="Flux.1: scale of the 'mode' timestep density (--weighting_scheme mode).")
+                        help=f"{family_readers('mode_scale')}: "
+                             "scale of the 'mode' timestep density (--weighting_scheme mode).")
     family.add_argument("--lora_layers", default=None,
-                        help="Flux.1: comma-separated transformer modules to adapt, e.g. 'to_k,to_q,to_v,to_out.0'; "
+                        help=f"{family_readers('lora_layers')}: "
+                             "comma-separated transformer modules to adapt, e.g. 'to_k,to_q,to_v,to_out.0'; "
                              "default: the family's own set.")
     family.add_argument("--upcast_before_saving", action="store_true",
-                        help="Flux.1: cast the trained transformer to float32 before its LoRA weights are saved "
+                        help=f"{family_readers('upcast_before_saving')}: "
+                             "cast the trained transformer to float32 before its LoRA weights are saved "
                              "(here the LoRA weights are float32 throughout, so they are saved in float32 anyway).")
     family.add_argument("--bnb_quantization_config_path", default=None,
-                        help="Flux.1: JSON file of bitsandbytes options (e.g. {\"load_in_4bit\": true, "
+                        help=f"{', '.join(f.label for f in FAMILIES.values() if f.loads_quantized)}: "
+                             "JSON file of bitsandbytes options (e.g. {\"load_in_4bit\": true, "
                              "\"bnb_4bit_quant_type\": \"nf4\"}) for loading the frozen transformer quantized; the "
                              "frozen pass reuses it with the adapters disabled. Needs a GPU (diffusers' loader).")
 
@@ -391,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (nargs, reason) in REFUSED_FLAGS.items():
         refused.add_argument(flag, action=RefusedFlag, nargs=nargs, reason=reason)
     return parser
+
+
+def family_readers(dest: str) -> str:
+    """The families that give the family flag ``dest`` a meaning, e.g. "Flux.1, SD3"."""
+    return ", ".join(family.label for family in FAMILIES.values() if family.reads(dest))
 
 
 def alpha_value(text: str):
@@ -1116,7 +1125,7 @@ class FamilyConfig:
     pretrained_vae_model_name_or_path: str | None = None
     tokenizer_name: str | None = None
     tokenizer_max_length: int | None = None
-    # Flux.1
+    # Families with flow matching and long text encoders (Flux.1, SD3, ...): see FAMILY_FLAGS
     max_sequence_length: int = 512
     guidance_scale: float = 3.5
     weighting_scheme: str = "none"
@@ -1140,126 +1149,46 @@ def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> to
                      max_length=max_length or tokenizer.model_max_length).input_ids
 
 
-class StableDiffusionFamily:
-    """SD 1.x/2.x: one CLIP text encoder, a U-Net predicting the noise (or the velocity, SD 2.x 768)."""
+def row_generators(batch, device) -> list:
+    """One generator per row, seeded by the batch's ``noise_seeds``: a sample gets the same latent sample, noise
+    and timestep whatever batch, process or resumed run it lands in."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in batch["noise_seeds"]]
 
-    label = "SD 1.x/2.x"
-    pipeline_class = StableDiffusionPipeline
-    denoiser = "unet"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    trainable_text_encoders = ("text_encoder",)  # what --train_text_encoder adapts
-    kohya_layout = "sd"
-    diffusers_lora_names = True  # save_lora_weights gets diffusers' names (lora.down/up), as diffusers' SD scripts
-    # --train_text_encoder_ti: the text encoders that get the new tokens -> their key in the embeddings file
-    # (diffusers' advanced scripts and AUTOMATIC1111/ComfyUI read clip_l for SD's CLIP, clip_g for SDXL's second).
-    embedding_file_keys = {"text_encoder": "clip_l"}
-    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    validation_scheduler = DPMSolverMultistepScheduler
-    loads_quantized = False  # whether --bnb_quantization_config_path applies
+
+def per_sample(values, like):
+    """(batch,) -> (batch, 1, 1, ...), broadcastable against ``like``."""
+    return values.reshape(-1, *[1] * (like.ndim - 1))
+
+
+# Noise objectives: how clean latents become what every term of Eq. 3 shares (z_t, t, the target, per-sample
+# loss weights). Families hold one as a part (``objective``) instead of inheriting it from another family.
+
+class NoiseObjective(ABC):
+    """The objective's interface; ``flags`` names the FamilyConfig fields among FAMILY_FLAGS that it reads."""
+
+    flags: tuple = ()
+    scheduler_class: type  # the training noise scheduler, built from the pipeline's scheduler config
 
     def __init__(self, config: FamilyConfig):
         self.config = config
-        self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
-                       "revision": config.revision}
-        self._tokenizers = None
-        if config.bnb_quantization_config_path is not None and not self.loads_quantized:
-            raise InputError(f"--bnb_quantization_config_path: a quantized base is supported for Flux.1 only, not "
-                             f"{self.pipeline_class.__name__}")
 
-    def tokenizer_of(self, text_encoder: str) -> str:
-        """The pipeline component name of the tokenizer that feeds ``text_encoder``."""
-        return self.tokenizers[self.text_encoders.index(text_encoder)]
+    @abstractmethod
+    def noisy_latents(self, latents, generators: list, noise_scheduler) -> dict:
+        """``{"noisy", "timesteps", "target", "loss_weights"}``; row i draws only from ``generators[i]``."""
 
-    # Loading ------------------------------------------------------------------------------------------
-    def load_tokenizers(self) -> dict:
-        """The pipeline's tokenizers; --tokenizer_name replaces the first (CLIP) one and --tokenizer_max_length
-        shortens its prompts, as in diffusers' scripts."""
-        if self._tokenizers is None:
-            tokenizers = {name: AutoTokenizer.from_pretrained(subfolder=name, **self.source) for name in self.tokenizers}
-            first = self.tokenizers[0]
-            if self.config.tokenizer_name:
-                tokenizers[first] = AutoTokenizer.from_pretrained(self.config.tokenizer_name,
-                                                                  revision=self.config.revision)
-            max_length = self.config.tokenizer_max_length
-            if max_length is not None:
-                if max_length > tokenizers[first].model_max_length:
-                    raise InputError(f"--tokenizer_max_length {max_length} exceeds the tokenizer's limit of "
-                                     f"{tokenizers[first].model_max_length} tokens")
-                tokenizers[first].model_max_length = max_length
-            self._tokenizers = tokenizers
-        return self._tokenizers
 
-    def load_text_encoders(self) -> dict:
-        return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=self.config.variant,
-                                                              **self.source)}
+class DDPMObjective(NoiseObjective):
+    """Stable Diffusion's discrete schedule: the U-Net predicts the noise (epsilon) or the velocity (v-prediction),
+    as the scheduler's config says; --noise_offset and --snr_gamma (Min-SNR) as in diffusers' SD scripts."""
 
-    def load_denoiser(self, weight_dtype=torch.float32):
-        # Loaded in float32 and cast by prepare_models; only a quantized base needs the dtype at load time.
-        return UNet2DConditionModel.from_pretrained(subfolder="unet", variant=self.config.variant, **self.source)
+    scheduler_class = DDPMScheduler  # whatever the pipeline samples with, as diffusers' SD scripts
 
-    def load_vae(self):
-        return AutoencoderKL.from_pretrained(subfolder="vae", variant=self.config.variant, **self.source)
-
-    def load_noise_scheduler(self):
-        return DDPMScheduler.from_pretrained(subfolder="scheduler", **self.source)
-
-    def load_models(self, weight_dtype=torch.float32) -> dict:
-        """The frozen base model, keyed by pipeline component name, plus ``noise_scheduler``.
-
-        The denoiser loads first: it is the component most likely to fail (a quantization config), and the
-        failure should come before gigabytes of text encoders are read.
-        """
-        denoiser = self.load_denoiser(weight_dtype)
-        models = {**self.load_text_encoders(), "vae": self.load_vae(), self.denoiser: denoiser}
-        for model in models.values():
-            model.requires_grad_(False)
-        return {**models, "noise_scheduler": self.load_noise_scheduler()}
-
-    def vae_dtype(self, weight_dtype):
-        return weight_dtype
-
-    def lora_targets(self, component: str) -> list[str]:
-        return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
-
-    def lora_layers(self, component: str, model) -> list[int] | None:
-        """Which numbered layers of ``component`` get LoRA layers (None: all that match the targets)."""
-        return None
-
-    def load_pipeline(self, **components):
-        """The family's inference pipeline from the base folder, with ``components`` (and ``torch_dtype``) given."""
-        return self.pipeline_class.from_pretrained(
-            variant=self.config.variant, **self.source, **self.pipeline_kwargs, **components)
-
-    # Conditioning, noisy input, prediction -------------------------------------------------------------
-    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
-        """Prompts -> the denoiser's conditioning, every tensor batch-first."""
-        text_encoder = text_encoders["text_encoder"]
-        ids = tokenize(self.load_tokenizers()["tokenizer"], prompts).to(device_of(text_encoder))
-        return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
-
-    def encode_latents(self, batch, vae, generators, weight_dtype):
-        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
-        if images.shape[1] == 3:
-            latent_dist = vae.encode(images).latent_dist
-        else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
-            latent_dist = DiagonalGaussianDistribution(images)
-        latents = latent_dist.sample(generator=generators)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0  # Flux's VAE has one; SD's and SDXL's do not
-        return ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
-
-    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
-        """z_t, t, the target and the per-sample loss weights: what every term of Eq. 3 shares.
-
-        Each row draws from its own generator, seeded by the batch's ``noise_seeds``: a sample gets the same
-        noise and timestep whatever batch, process or resumed run it lands in.
-        """
-        device = vae.device
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
-        latents = self.encode_latents(batch, vae, generators, weight_dtype)
+    def noisy_latents(self, latents, generators: list, noise_scheduler) -> dict:
+        device = latents.device
         noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
         if self.config.noise_offset:
-            offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generators, device=device, dtype=latents.dtype)
+            offset = randn_tensor(latents.shape[:2] + (1,) * (latents.ndim - 2), generator=generators,
+                                  device=device, dtype=latents.dtype)
             noise = noise + self.config.noise_offset * offset
         timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g,
                                              device=device) for g in generators]).long()
@@ -1285,6 +1214,244 @@ class StableDiffusionFamily:
         weights = torch.clamp(snr, max=self.config.snr_gamma)
         return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
 
+
+class FlowMatchingObjective(NoiseObjective):
+    """Rectified flow, as diffusers' Flux.1/SD3/Qwen-Image/Z-Image/FLUX.2 scripts: z_t = (1 - sigma) x + sigma noise,
+    target ``noise - x``, the timestep density of --weighting_scheme and its loss weights (diffusers' training_utils).
+    The returned ``timesteps`` are the scheduler's (sigma x 1000); each family converts them for its denoiser."""
+
+    flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+
+    def __init__(self, config: FamilyConfig):
+        super().__init__(config)
+        for flag, value in (("--snr_gamma", config.snr_gamma), ("--noise_offset", config.noise_offset or None)):
+            if value is not None:
+                raise InputError(f"{flag} is for Stable Diffusion's noise schedules; flow matching uses "
+                                 "--weighting_scheme")
+
+    def noisy_latents(self, latents, generators: list, noise_scheduler) -> dict:
+        config, device = self.config, latents.device
+        noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
+        u = torch.cat([compute_density_for_timestep_sampling(
+            weighting_scheme=config.weighting_scheme, batch_size=1, logit_mean=config.logit_mean,
+            logit_std=config.logit_std, mode_scale=config.mode_scale, device=device, generator=g) for g in generators])
+        indices = (u * noise_scheduler.config.num_train_timesteps).long().cpu()
+        timesteps = noise_scheduler.timesteps[indices].to(device)
+        sigmas = noise_scheduler.sigmas[indices].to(device, dtype=latents.dtype)
+        return {"noisy": (1.0 - per_sample(sigmas, latents)) * latents + per_sample(sigmas, latents) * noise,
+                "timesteps": timesteps, "target": noise - latents,
+                "loss_weights": compute_loss_weighting_for_sd3(weighting_scheme=config.weighting_scheme, sigmas=sigmas)}
+
+
+class ModelFamily(ABC):
+    """What a model family must define: the written interface between a pipeline and the family-agnostic CAT term,
+    training step and loop. A subclass that leaves out a name of ``REQUIRED`` or an abstract method fails when
+    its class statement runs (at import), not after hours of training.
+
+    Data (class attributes):
+      label                    the name users know ("SDXL"), in messages
+      pipeline_class           the diffusers pipeline: loads the base, samples, saves (``save_lora_weights``)
+      denoiser                 its component name ("unet", "transformer")
+      text_encoders, tokenizers  component names, pairwise (tokenizers[i] feeds text_encoders[i])
+      objective_class          a NoiseObjective (DDPM or flow matching)
+      flags                    the FAMILY_FLAGS it reads (its objective's are added)
+      trainable_text_encoders  what --train_text_encoder adapts, as diffusers' script; () refuses the flag
+      embedding_file_keys      pivotal tuning (--train_text_encoder_ti): encoder -> key in the embeddings file
+                               ({}: refused; the new tokens need CLIP-like encoders that read every prompt)
+      kohya_layout             key layout of --output_kohya_format (see kohya_state_dict), or None: refused
+      hub_tag                  the model card's family tag
+    Methods: ``encode_prompts`` (prompts -> conditioning), ``predict`` (z_t, t, conditioning -> the objective's
+    target) and ``lora_targets``; loading, latents and the noisy input have generic defaults to override.
+    """
+
+    REQUIRED = ("label", "pipeline_class", "denoiser", "text_encoders", "tokenizers", "objective_class", "flags",
+                "trainable_text_encoders", "embedding_file_keys", "kohya_layout", "hub_tag")
+    # Optional, with these defaults:
+    diffusers_lora_names = False  # True: save_lora_weights gets diffusers' names (lora.down/up), as diffusers' SD
+    pipeline_kwargs = {}  # extra from_pretrained arguments of the pipeline
+    validation_scheduler = None  # a scheduler class for validation images; None: the pipeline's own
+    loads_quantized = False  # whether --bnb_quantization_config_path applies (diffusers' quantized loader)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.REQUIRED if not hasattr(cls, name)]
+        missing += [name for name in ("encode_prompts", "predict", "lora_targets")
+                    if getattr(getattr(cls, name), "__isabstractmethod__", False)]
+        if missing:
+            raise TypeError(f"model family {cls.__name__} does not define {', '.join(missing)} (see ModelFamily)")
+        if len(cls.text_encoders) != len(cls.tokenizers):
+            raise TypeError(f"model family {cls.__name__}: one tokenizer per text encoder")
+        unknown = set(cls.flags) - set(FAMILY_FLAGS)
+        if unknown:
+            raise TypeError(f"model family {cls.__name__}: flags {sorted(unknown)} are not in FAMILY_FLAGS")
+
+    def __init__(self, config: FamilyConfig):
+        self.config = config
+        self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+                       "revision": config.revision}
+        self._tokenizers = None
+        self.objective = self.objective_class(config)
+        self.quantization = None
+        if config.bnb_quantization_config_path is not None:
+            if not self.loads_quantized:
+                quantized = ", ".join(family.label for family in FAMILIES.values() if family.loads_quantized)
+                raise InputError(f"--bnb_quantization_config_path: a quantized base is supported for {quantized} only, "
+                                 f"not {self.label} ({self.pipeline_class.__name__})")
+            self.quantization = read_quantization_config(config.bnb_quantization_config_path)
+
+    @classmethod
+    def reads(cls, flag: str) -> bool:
+        """Whether this family gives the family flag ``flag`` (a FAMILY_FLAGS dest) a meaning."""
+        return flag in cls.flags or flag in cls.objective_class.flags
+
+    def tokenizer_of(self, text_encoder: str) -> str:
+        """The pipeline component name of the tokenizer that feeds ``text_encoder``."""
+        return self.tokenizers[self.text_encoders.index(text_encoder)]
+
+    # Loading ------------------------------------------------------------------------------------------
+    def load_tokenizers(self) -> dict:
+        """The pipeline's tokenizers; --tokenizer_name replaces the first one and --tokenizer_max_length shortens
+        its prompts, as in diffusers' scripts."""
+        if self._tokenizers is None:
+            tokenizers = {name: AutoTokenizer.from_pretrained(subfolder=name, **self.source) for name in self.tokenizers}
+            first = self.tokenizers[0]
+            if self.config.tokenizer_name:
+                tokenizers[first] = AutoTokenizer.from_pretrained(self.config.tokenizer_name,
+                                                                  revision=self.config.revision)
+            max_length = self.config.tokenizer_max_length
+            if max_length is not None:
+                if max_length > tokenizers[first].model_max_length:
+                    raise InputError(f"--tokenizer_max_length {max_length} exceeds the tokenizer's limit of "
+                                     f"{tokenizers[first].model_max_length} tokens")
+                tokenizers[first].model_max_length = max_length
+            self._tokenizers = tokenizers
+        return self._tokenizers
+
+    def component_class(self, name: str) -> type:
+        """The class of the pipeline component ``name``, as the base's ``model_index.json`` names it."""
+        if not hasattr(self, "_index"):
+            self._index = DiffusionPipeline.load_config(self.config.pretrained_model_name_or_path,
+                                                        revision=self.config.revision)
+        library, class_name = self._index[name]
+        return getattr(importlib.import_module(library), class_name)
+
+    def load_component(self, name: str, **kwargs):
+        return self.component_class(name).from_pretrained(subfolder=name, variant=self.config.variant, **self.source,
+                                                          **kwargs)
+
+    def load_text_encoders(self) -> dict:
+        return {name: self.load_component(name) for name in self.text_encoders}
+
+    def load_denoiser(self, weight_dtype=torch.float32):
+        """The denoiser in float32 (prepare_models casts it), or quantized by diffusers' loader in ``weight_dtype``."""
+        if self.quantization is None:
+            return self.load_component(self.denoiser)
+        options = dict(self.quantization)
+        if options.get("load_in_4bit"):
+            options["bnb_4bit_compute_dtype"] = weight_dtype  # as diffusers' scripts
+        try:
+            denoiser = self.load_component(self.denoiser, quantization_config=BitsAndBytesConfig(**options),
+                                           torch_dtype=weight_dtype)
+        except (RuntimeError, ImportError) as error:  # e.g. diffusers' "No GPU found. A GPU is needed for ..."
+            raise InputError(f"--bnb_quantization_config_path {self.config.bnb_quantization_config_path}: "
+                             f"{str(error).strip().splitlines()[0]}") from None
+        return self.prepare_quantized(denoiser)
+
+    @staticmethod
+    def prepare_quantized(denoiser):
+        """peft's preparation of a k-bit base (frozen, non-quantized parameters upcast), as diffusers does."""
+        return prepare_model_for_kbit_training(denoiser, use_gradient_checkpointing=False)
+
+    def load_vae(self):
+        return self.load_component("vae")
+
+    def load_noise_scheduler(self):
+        return self.objective.scheduler_class.from_pretrained(subfolder="scheduler", **self.source)
+
+    def load_models(self, weight_dtype=torch.float32) -> dict:
+        """The frozen base model, keyed by pipeline component name, plus ``noise_scheduler``.
+
+        The denoiser loads first: it is the component most likely to fail (a quantization config), and the
+        failure should come before gigabytes of text encoders are read.
+        """
+        denoiser = self.load_denoiser(weight_dtype)
+        models = {**self.load_text_encoders(), "vae": self.load_vae(), self.denoiser: denoiser}
+        for model in models.values():
+            model.requires_grad_(False)
+        return {**models, "noise_scheduler": self.load_noise_scheduler()}
+
+    def vae_dtype(self, weight_dtype):
+        return weight_dtype
+
+    def lora_layers(self, component: str, model) -> list[int] | None:
+        """Which numbered layers of ``component`` get LoRA layers (None: all that match the targets)."""
+        return None
+
+    def load_pipeline(self, **components):
+        """The family's inference pipeline from the base folder, with ``components`` (and ``torch_dtype``) given."""
+        return self.pipeline_class.from_pretrained(
+            variant=self.config.variant, **self.source, **self.pipeline_kwargs, **components)
+
+    # Conditioning, noisy input, prediction -------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        """Prompts -> the denoiser's conditioning, every tensor batch-first (rows can be taken and joined)."""
+
+    @abstractmethod
+    def predict(self, denoiser, z: dict, cond: dict):
+        """The denoiser's prediction of ``z["target"]`` for ``z`` (from ``noisy_latents``) and ``cond``."""
+
+    @abstractmethod
+    def lora_targets(self, component: str) -> list[str]:
+        """peft ``target_modules`` of ``component`` (the denoiser or a trainable text encoder)."""
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        """Pixels (or, with --cache_latents, the VAE posterior's parameters) -> normalized latents."""
+        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+        if images.shape[1] == 3:
+            latent_dist = vae.encode(images).latent_dist
+        else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
+            latent_dist = DiagonalGaussianDistribution(images)
+        latents = latent_dist.sample(generator=generators)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # Flux's and SD3's VAEs have one; SD's does not
+        return ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
+
+    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
+        """z_t, t, the target and the per-sample loss weights: what every term of Eq. 3 shares (each row from its
+        own generator, see ``row_generators``). Families add what else a sample conditions on (SDXL's time ids)."""
+        generators = row_generators(batch, vae.device)
+        latents = self.encode_latents(batch, vae, generators, weight_dtype)
+        return self.objective.noisy_latents(latents, generators, noise_scheduler)
+
+
+class StableDiffusionFamily(ModelFamily):
+    """SD 1.x/2.x: one CLIP text encoder, a U-Net predicting the noise (or the velocity, SD 2.x 768)."""
+
+    label = "SD 1.x/2.x"
+    pipeline_class = StableDiffusionPipeline
+    denoiser = "unet"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    objective_class = DDPMObjective
+    flags = ()
+    trainable_text_encoders = ("text_encoder",)
+    # diffusers' advanced scripts and AUTOMATIC1111/ComfyUI read clip_l for SD's CLIP, clip_g for SDXL's second.
+    embedding_file_keys = {"text_encoder": "clip_l"}
+    kohya_layout = "sd"
+    hub_tag = "stable-diffusion"
+    diffusers_lora_names = True
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    validation_scheduler = DPMSolverMultistepScheduler
+
+    def lora_targets(self, component: str) -> list[str]:
+        return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        text_encoder = text_encoders["text_encoder"]
+        ids = tokenize(self.load_tokenizers()["tokenizer"], prompts).to(device_of(text_encoder))
+        return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
+
     def predict(self, unet, z: dict, cond: dict):
         return unet(z["noisy"], z["timesteps"], cond["encoder_hidden_states"], return_dict=False)[0]
 
@@ -1297,15 +1464,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class = StableDiffusionXLPipeline
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
+    flags = ("pretrained_vae_model_name_or_path",)
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
-    kohya_layout = "sdxl"
     embedding_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    kohya_layout = "sdxl"
+    hub_tag = "stable-diffusion-xl"
     pipeline_kwargs = {"add_watermarker": False}
-
-    def load_text_encoders(self) -> dict:
-        return {**super().load_text_encoders(),
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                    subfolder="text_encoder_2", variant=self.config.variant, **self.source)}
 
     def load_vae(self):
         if self.config.pretrained_vae_model_name_or_path is None:
@@ -1378,76 +1542,44 @@ def read_quantization_config(path: str | None) -> dict | None:
     return options
 
 
-class FluxFamily(StableDiffusionFamily):
-    """Flux.1 as diffusers' ``train_dreambooth_lora_flux.py``: the CLIP pooled embedding and the T5 sequence,
-    2x2-packed latents with their position ids, the rectified-flow target ``noise - latents`` with SD3's
-    timestep densities and loss weights, and the guidance embedding of the guidance-distilled dev model."""
+def listed_targets(lora_layers: str | None, default: list[str]) -> list[str]:
+    """--lora_layers "a,b,c" (diffusers' flag of the transformer families), or the family's default."""
+    if lora_layers:
+        return [layer.strip() for layer in lora_layers.split(",") if layer.strip()]
+    return default
 
+
+class FluxFamily(ModelFamily):
+    """Flux.1 as diffusers' ``train_dreambooth_lora_flux.py``: the CLIP pooled embedding and the T5 sequence,
+    2x2-packed latents with their position ids, flow matching, and the guidance embedding of the
+    guidance-distilled dev model."""
+
+    label = "Flux.1"
     pipeline_class = FluxPipeline
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
+    objective_class = FlowMatchingObjective
+    flags = ("max_sequence_length", "guidance_scale", "lora_layers", "upcast_before_saving")
     trainable_text_encoders = ("text_encoder",)  # CLIP; T5 stays frozen (as diffusers)
+    # Pivotal tuning would give CLIP new rows while T5, which carries most of the conditioning, reads the new tokens
+    # as unknown pieces: refused rather than half-done.
+    embedding_file_keys = {}
     kohya_layout = "flux"
-    # Flux's loader reads peft's names (lora_A/B); diffusers' renaming would make it miss the attention layers.
-    diffusers_lora_names = False
-    pipeline_kwargs = {}
-    validation_scheduler = None  # the pipeline's own flow-matching scheduler
+    hub_tag = "flux"
     loads_quantized = True
 
-    def __init__(self, config: FamilyConfig):
-        super().__init__(config)
-        for flag, value in (("--snr_gamma", config.snr_gamma), ("--noise_offset", config.noise_offset or None)):
-            if value is not None:
-                raise InputError(f"{flag} is for Stable Diffusion's noise schedules; Flux's flow matching uses "
-                                 "--weighting_scheme")
-        self.quantization = read_quantization_config(config.bnb_quantization_config_path)
-
-    # Loading ------------------------------------------------------------------------------------------
     def load_tokenizers(self) -> dict:
         tokenizers = super().load_tokenizers()
         # T5 reads --max_sequence_length tokens: the caption-length checks measure against that limit.
         tokenizers["tokenizer_2"].model_max_length = self.config.max_sequence_length
         return tokenizers
 
-    def load_text_encoders(self) -> dict:
-        variant = self.config.variant
-        return {"text_encoder": CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=variant, **self.source),
-                "text_encoder_2": T5EncoderModel.from_pretrained(subfolder="text_encoder_2", variant=variant,
-                                                                 **self.source)}
-
-    def load_denoiser(self, weight_dtype=torch.float32):
-        if self.quantization is None:
-            return FluxTransformer2DModel.from_pretrained(subfolder="transformer", variant=self.config.variant,
-                                                          **self.source)
-        options = dict(self.quantization)
-        if options.get("load_in_4bit"):
-            options["bnb_4bit_compute_dtype"] = weight_dtype  # as diffusers' Flux scripts
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                subfolder="transformer", variant=self.config.variant, quantization_config=BitsAndBytesConfig(**options),
-                torch_dtype=weight_dtype, **self.source)
-        except (RuntimeError, ImportError) as error:  # e.g. diffusers' "No GPU found. A GPU is needed for ..."
-            raise InputError(f"--bnb_quantization_config_path {self.config.bnb_quantization_config_path}: "
-                             f"{str(error).strip().splitlines()[0]}") from None
-        return self.prepare_quantized(transformer)
-
-    @staticmethod
-    def prepare_quantized(transformer):
-        """peft's preparation of a k-bit base (frozen, non-quantized parameters upcast), as diffusers does."""
-        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
-
-    def load_noise_scheduler(self):
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(subfolder="scheduler", **self.source)
-
     def lora_targets(self, component: str) -> list[str]:
         if component != self.denoiser:
             return CLIP_ATTENTION_TARGETS
-        if self.config.lora_layers:
-            return [layer.strip() for layer in self.config.lora_layers.split(",") if layer.strip()]
-        return FLUX_TRANSFORMER_TARGETS
+        return listed_targets(self.config.lora_layers, FLUX_TRANSFORMER_TARGETS)
 
-    # Conditioning, noisy input, prediction -------------------------------------------------------------
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
         """CLIP's pooled output and T5's last hidden states of the same prompts (both read the same y)."""
         tokenizers = self.load_tokenizers()
@@ -1457,29 +1589,11 @@ class FluxFamily(StableDiffusionFamily):
         return {"encoder_hidden_states": t5(t5_ids, return_dict=False)[0],
                 "pooled_projections": clip(clip_ids, output_hidden_states=False).pooler_output}
 
-    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
-        """Rectified flow: z_t = (1 - sigma) x + sigma noise, target noise - x; latents stay unpacked here
-        (``predict`` packs them), so the target, the loss and the CAT term compare images, not token orders.
-
-        As for SD, each row draws its latent sample, noise and timestep density from its own generator.
-        """
-        config, device = self.config, vae.device
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch["noise_seeds"]]
-        latents = self.encode_latents(batch, vae, generators, weight_dtype)
-        noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
-        u = torch.cat([compute_density_for_timestep_sampling(
-            weighting_scheme=config.weighting_scheme, batch_size=1, logit_mean=config.logit_mean,
-            logit_std=config.logit_std, mode_scale=config.mode_scale, device=device, generator=g) for g in generators])
-        indices = (u * noise_scheduler.config.num_train_timesteps).long().cpu()
-        timesteps = noise_scheduler.timesteps[indices].to(device)
-        sigmas = noise_scheduler.sigmas[indices].to(device, dtype=latents.dtype)
-        sigmas_ = sigmas.reshape(-1, 1, 1, 1)
-        return {"noisy": (1.0 - sigmas_) * latents + sigmas_ * noise, "timesteps": timesteps,
-                "target": noise - latents,
-                "loss_weights": compute_loss_weighting_for_sd3(weighting_scheme=config.weighting_scheme, sigmas=sigmas)}
-
     def predict(self, transformer, z: dict, cond: dict):
-        """Pack z_t into 2x2 patches with their image ids, run the transformer, unpack to the latents' shape."""
+        """Pack z_t into 2x2 patches with their image ids, run the transformer, unpack to the latents' shape.
+
+        Latents stay unpacked outside ``predict``, so the target, the loss and the CAT term compare images, not
+        token orders."""
         noisy = z["noisy"]
         batch_size, channels, height, width = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, batch_size, channels, height, width)
@@ -2696,8 +2810,7 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
         base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt or args.validation_prompt,
         model_description="\n".join(lines), inference=True,
     )
-    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}[family.kohya_layout]
-    card = populate_model_card(card, tags=["text-to-image", family_tag, "lora", "diffusers", "cat-lora",
+    card = populate_model_card(card, tags=["text-to-image", family.hub_tag, "lora", "diffusers", "cat-lora",
                                            "template:sd-lora"])
     path = output_dir / "README.md"
     card.save(str(path))
@@ -2785,8 +2898,7 @@ def check_inputs(args: argparse.Namespace):
     family = model_family(args)
     warn_about_family_flags(args, family)
     concepts = load_concepts(args)
-    if args.train_text_encoder_ti and not getattr(family, "embedding_file_keys", None):
-        raise InputError(f"--train_text_encoder_ti is not supported for {family.label} models")
+    check_family_options(args, family)
     if args.train_text_encoder_ti:
         abstractions = [a.lower() for a in token_abstractions(args.token_abstraction)]
         for concept in concepts:
@@ -2826,9 +2938,22 @@ def warn_about_family_flags(args: argparse.Namespace, family) -> None:
     """A flag of another family's diffusers script (e.g. Flux's --guidance_scale on SDXL) is accepted, as it
     would be there, but means nothing here: say so once."""
     defaults = build_parser().parse_args(["--pretrained_model_name_or_path", "-"])
-    for dest, families in FAMILY_FLAGS.items():
-        if family.label not in families and getattr(args, dest) != getattr(defaults, dest):
-            logger.warning(f"--{dest} applies to {' and '.join(families)} models; ignored for {family.label}")
+    for dest in FAMILY_FLAGS:
+        if not family.reads(dest) and getattr(args, dest) != getattr(defaults, dest):
+            logger.warning(f"--{dest} applies to {family_readers(dest)} models; ignored for {family.label}")
+
+
+def check_family_options(args: argparse.Namespace, family) -> None:
+    """What a family does not offer, refused in one line before anything loads."""
+    if args.train_text_encoder and not family.trainable_text_encoders:
+        raise InputError(f"--train_text_encoder is not supported for {family.label}: diffusers' script for it trains "
+                         "no text encoder")
+    if args.train_text_encoder_ti and not family.embedding_file_keys:
+        raise InputError(f"--train_text_encoder_ti is not supported for {family.label}: pivotal tuning needs CLIP text "
+                         "encoders that read every prompt (SD 1.x/2.x, SDXL)")
+    if args.output_kohya_format and family.kohya_layout is None:
+        raise InputError(f"--output_kohya_format: no kohya layout is defined for {family.label}; "
+                         "pytorch_lora_weights.safetensors is diffusers' format, which ComfyUI also loads")
 
 
 def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:

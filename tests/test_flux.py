@@ -147,7 +147,7 @@ def test_quantization_flag_is_refused_for_other_families(tiny_pipeline, instance
     status = T.cli(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--bnb_quantization_config_path",
                               str(tmp_path / "q.json")))
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and "supported for Flux.1 only, not StableDiffusionPipeline" in err[0]
+    assert status == 2 and len(err) == 1 and "is supported for Flux.1" in err[0] and "only, not SD 1.x/2.x (StableDiffusionPipeline)" in err[0]
 
 
 def test_t5_caption_limit_is_max_sequence_length(tiny_flux_pipeline, tmp_path):
