@@ -20,6 +20,7 @@ the order the data flows: arguments -> trigger handling -> data -> models -> los
 import argparse
 import gc
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -53,9 +54,13 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     FluxPipeline,
+    QwenImagePipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -121,7 +126,8 @@ REFUSED_FLAGS = {
 # (ModelFamily.flags and its objective's); any other is accepted, as diffusers' other scripts accept it, with a
 # warning that it is ignored.
 FAMILY_FLAGS = ("pretrained_vae_model_name_or_path", "max_sequence_length", "guidance_scale", "weighting_scheme",
-                "logit_mean", "logit_std", "mode_scale", "lora_layers", "upcast_before_saving")
+                "logit_mean", "logit_std", "mode_scale", "lora_layers", "upcast_before_saving", "precondition_outputs",
+                "lora_blocks", "text_encoder_out_layers")
 
 # torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
 # which is not imported here to keep --help and bad-input errors fast.
@@ -355,9 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{family_readers('pretrained_vae_model_name_or_path')}: "
                              "a VAE (hub id or folder) to use instead of the pipeline's own, e.g. an "
                              "fp16-safe one.")
-    family.add_argument("--max_sequence_length", type=int, default=512,
+    family.add_argument("--max_sequence_length", type=int, default=None,
                         help=f"{family_readers('max_sequence_length')}: "
-                             "token limit of prompts for the T5 text encoder.")
+                             "token limit of prompts for the long text encoder (T5, Qwen, ...); default: the family's "
+                             "diffusers script's (" + ", ".join(f"{f.label} {f.default_max_sequence_length}"
+                                                                for f in FAMILIES.values()
+                                                                if f.default_max_sequence_length) + ").")
     family.add_argument("--guidance_scale", type=float, default=3.5,
                         help=f"{family_readers('guidance_scale')}: "
                              "guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
@@ -384,6 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{family_readers('upcast_before_saving')}: "
                              "cast the trained transformer to float32 before its LoRA weights are saved "
                              "(here the LoRA weights are float32 throughout, so they are saved in float32 anyway).")
+    family.add_argument("--precondition_outputs", type=int, default=1,
+                        help=f"{family_readers('precondition_outputs')}: "
+                             "1: the transformer's output is preconditioned to a prediction of the clean latents "
+                             "(x_t - sigma * output) and trained against them, as diffusers' SD3 script; 0: the "
+                             "flow target noise - latents.")
+    family.add_argument("--lora_blocks", default=None,
+                        help=f"{family_readers('lora_blocks')}: "
+                             "comma-separated transformer block numbers to adapt (e.g. '12,30'); default: all.")
+    family.add_argument("--text_encoder_out_layers", type=int, nargs="+", default=None,
+                        help=f"{family_readers('text_encoder_out_layers')}: "
+                             "the text encoder's hidden layers stacked into the prompt embedding; default: the "
+                             "pipeline's own, which it reads at inference (diffusers' script: 10 20 30).")
     family.add_argument("--bnb_quantization_config_path", default=None,
                         help=f"{', '.join(f.label for f in FAMILIES.values() if f.loads_quantized)}: "
                              "JSON file of bitsandbytes options (e.g. {\"load_in_4bit\": true, "
@@ -1092,7 +1113,7 @@ def prepare_class_examples(args: argparse.Namespace, family, accelerator, weight
         logger.info(f"Generating {missing} class images for prior preservation in {class_dir}")
         for offset in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
             count = min(args.sample_batch_size, missing - offset)
-            images = pipeline([args.class_prompt] * count, height=args.resolution, width=args.resolution,
+            images = pipeline(prompt=[args.class_prompt] * count, height=args.resolution, width=args.resolution,
                               generator=generator).images
             for number, image in enumerate(images):
                 image.save(class_dir / f"class-{start + offset + number:05d}.png")
@@ -1126,13 +1147,16 @@ class FamilyConfig:
     tokenizer_name: str | None = None
     tokenizer_max_length: int | None = None
     # Families with flow matching and long text encoders (Flux.1, SD3, ...): see FAMILY_FLAGS
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None  # None: the family's default_max_sequence_length
     guidance_scale: float = 3.5
     weighting_scheme: str = "none"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
     lora_layers: str | None = None
+    lora_blocks: str | None = None
+    text_encoder_out_layers: tuple | None = None
+    precondition_outputs: int = 1
     bnb_quantization_config_path: str | None = None
 
     @classmethod
@@ -1218,7 +1242,8 @@ class DDPMObjective(NoiseObjective):
 class FlowMatchingObjective(NoiseObjective):
     """Rectified flow, as diffusers' Flux.1/SD3/Qwen-Image/Z-Image/FLUX.2 scripts: z_t = (1 - sigma) x + sigma noise,
     target ``noise - x``, the timestep density of --weighting_scheme and its loss weights (diffusers' training_utils).
-    The returned ``timesteps`` are the scheduler's (sigma x 1000); each family converts them for its denoiser."""
+    The returned ``timesteps`` are the scheduler's (sigma x 1000), with the ``sigmas``; each family converts them for
+    its denoiser."""
 
     flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
     scheduler_class = FlowMatchEulerDiscreteScheduler
@@ -1240,7 +1265,7 @@ class FlowMatchingObjective(NoiseObjective):
         timesteps = noise_scheduler.timesteps[indices].to(device)
         sigmas = noise_scheduler.sigmas[indices].to(device, dtype=latents.dtype)
         return {"noisy": (1.0 - per_sample(sigmas, latents)) * latents + per_sample(sigmas, latents) * noise,
-                "timesteps": timesteps, "target": noise - latents,
+                "timesteps": timesteps, "sigmas": sigmas, "target": noise - latents,
                 "loss_weights": compute_loss_weighting_for_sd3(weighting_scheme=config.weighting_scheme, sigmas=sigmas)}
 
 
@@ -1272,6 +1297,7 @@ class ModelFamily(ABC):
     pipeline_kwargs = {}  # extra from_pretrained arguments of the pipeline
     validation_scheduler = None  # a scheduler class for validation images; None: the pipeline's own
     loads_quantized = False  # whether --bnb_quantization_config_path applies (diffusers' quantized loader)
+    default_max_sequence_length = None  # families with a long text encoder: their diffusers script's default
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -1304,6 +1330,11 @@ class ModelFamily(ABC):
     def reads(cls, flag: str) -> bool:
         """Whether this family gives the family flag ``flag`` (a FAMILY_FLAGS dest) a meaning."""
         return flag in cls.flags or flag in cls.objective_class.flags
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """--max_sequence_length, or the family's default."""
+        return self.config.max_sequence_length or self.default_max_sequence_length
 
     def tokenizer_of(self, text_encoder: str) -> str:
         """The pipeline component name of the tokenizer that feeds ``text_encoder``."""
@@ -1393,6 +1424,12 @@ class ModelFamily(ABC):
         return self.pipeline_class.from_pretrained(
             variant=self.config.variant, **self.source, **self.pipeline_kwargs, **components)
 
+    def text_pipeline(self, text_encoders: dict):
+        """The family's pipeline holding only the text encoders and tokenizers, to reuse its own prompt encoding."""
+        encoders = {name: getattr(model, "module", model) for name, model in text_encoders.items()}
+        return self.pipeline_class(**{name: None for name in (self.denoiser, "vae", "scheduler")}, **encoders,
+                                   **self.load_tokenizers())
+
     # Conditioning, noisy input, prediction -------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
@@ -1403,17 +1440,24 @@ class ModelFamily(ABC):
         """The denoiser's prediction of ``z["target"]`` for ``z`` (from ``noisy_latents``) and ``cond``."""
 
     @abstractmethod
-    def lora_targets(self, component: str) -> list[str]:
-        """peft ``target_modules`` of ``component`` (the denoiser or a trainable text encoder)."""
+    def lora_targets(self, component: str, model) -> list[str]:
+        """peft ``target_modules`` of ``component`` (the denoiser or a trainable text encoder), given its model."""
+
+    @staticmethod
+    def encode_pixels(vae, pixels):
+        """The VAE's posterior of a batch of images (batch, 3, height, width)."""
+        return vae.encode(pixels).latent_dist
+
+    def posterior(self, batch, vae):
+        """The VAE posterior of the batch's images (with --cache_latents, rebuilt from its cached parameters)."""
+        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+        if images.shape[1] == 3:
+            return self.encode_pixels(vae, images)
+        return DiagonalGaussianDistribution(images)  # --cache_latents: the posterior's mean and log-variance
 
     def encode_latents(self, batch, vae, generators, weight_dtype):
         """Pixels (or, with --cache_latents, the VAE posterior's parameters) -> normalized latents."""
-        images = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
-        if images.shape[1] == 3:
-            latent_dist = vae.encode(images).latent_dist
-        else:  # --cache_latents: the batch holds the VAE posterior's parameters (mean and log-variance)
-            latent_dist = DiagonalGaussianDistribution(images)
-        latents = latent_dist.sample(generator=generators)
+        latents = self.posterior(batch, vae).sample(generator=generators)
         shift = getattr(vae.config, "shift_factor", None) or 0.0  # Flux's and SD3's VAEs have one; SD's does not
         return ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
 
@@ -1444,7 +1488,7 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     validation_scheduler = DPMSolverMultistepScheduler
 
-    def lora_targets(self, component: str) -> list[str]:
+    def lora_targets(self, component: str, model=None) -> list[str]:
         return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
 
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
@@ -1568,14 +1612,15 @@ class FluxFamily(ModelFamily):
     kohya_layout = "flux"
     hub_tag = "flux"
     loads_quantized = True
+    default_max_sequence_length = 512
 
     def load_tokenizers(self) -> dict:
         tokenizers = super().load_tokenizers()
         # T5 reads --max_sequence_length tokens: the caption-length checks measure against that limit.
-        tokenizers["tokenizer_2"].model_max_length = self.config.max_sequence_length
+        tokenizers["tokenizer_2"].model_max_length = self.max_sequence_length
         return tokenizers
 
-    def lora_targets(self, component: str) -> list[str]:
+    def lora_targets(self, component: str, model=None) -> list[str]:
         if component != self.denoiser:
             return CLIP_ATTENTION_TARGETS
         return listed_targets(self.config.lora_layers, FLUX_TRANSFORMER_TARGETS)
@@ -1585,7 +1630,7 @@ class FluxFamily(ModelFamily):
         tokenizers = self.load_tokenizers()
         clip, t5 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
         clip_ids = tokenize(tokenizers["tokenizer"], prompts).to(device_of(clip))
-        t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.config.max_sequence_length).to(device_of(t5))
+        t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.max_sequence_length).to(device_of(t5))
         return {"encoder_hidden_states": t5(t5_ids, return_dict=False)[0],
                 "pooled_projections": clip(clip_ids, output_hidden_states=False).pooler_output}
 
@@ -1611,10 +1656,270 @@ class FluxFamily(ModelFamily):
         return FluxPipeline._unpack_latents(pred, height, width, 1)
 
 
+# diffusers' train_dreambooth_lora_sd3.py default: the attention of both streams of the joint blocks.
+SD3_TRANSFORMER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                           "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
+class StableDiffusion3Family(ModelFamily):
+    """SD3 and SD3.5 as diffusers' ``train_dreambooth_lora_sd3.py``: CLIP-L and CLIP-G read at their penultimate
+    layer (concatenated, zero-padded to T5's width, then joined with T5's sequence), their projected pooled
+    embeddings concatenated, an MMDiT on unpacked latents with the scheduler's timesteps (0-1000), flow matching;
+    with --precondition_outputs (diffusers' default) prediction and target are the clean latents."""
+
+    label = "SD3"
+    pipeline_class = StableDiffusion3Pipeline
+    denoiser = "transformer"
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    objective_class = FlowMatchingObjective
+    flags = ("max_sequence_length", "lora_layers", "lora_blocks", "precondition_outputs", "upcast_before_saving")
+    trainable_text_encoders = ("text_encoder", "text_encoder_2")  # the two CLIPs; T5 stays frozen (as diffusers)
+    embedding_file_keys = {}  # T5 reads every prompt too (as Flux.1)
+    kohya_layout = None
+    hub_tag = "sd3"
+    default_max_sequence_length = 77  # diffusers' SD3 script (its pipeline's default is 256)
+
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        tokenizers["tokenizer_3"].model_max_length = self.max_sequence_length
+        return tokenizers
+
+    def lora_targets(self, component: str, model=None) -> list[str]:
+        if component != self.denoiser:
+            return CLIP_ATTENTION_TARGETS
+        targets = listed_targets(self.config.lora_layers, SD3_TRANSFORMER_TARGETS)
+        if self.config.lora_blocks:
+            blocks = [int(block) for block in self.config.lora_blocks.split(",") if block.strip()]
+            targets = [f"transformer_blocks.{block}.{target}" for block in blocks for target in targets]
+        return targets
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        tokenizers = self.load_tokenizers()
+        clip_states, pooled = [], []
+        for tokenizer_name, encoder_name in zip(self.tokenizers[:2], self.text_encoders[:2]):
+            encoder = text_encoders[encoder_name]
+            ids = tokenize(tokenizers[tokenizer_name], prompts).to(device_of(encoder))
+            output = encoder(ids, output_hidden_states=True, return_dict=True)
+            clip_states.append(output.hidden_states[-2])
+            pooled.append(output.text_embeds)
+        t5 = text_encoders["text_encoder_3"]
+        t5_states = t5(tokenize(tokenizers["tokenizer_3"], prompts, self.max_sequence_length).to(device_of(t5)),
+                       return_dict=False)[0]
+        clip_states = torch.cat(clip_states, dim=-1)
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2),
+                "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def noisy_latents(self, batch, vae, noise_scheduler, weight_dtype) -> dict:
+        z = super().noisy_latents(batch, vae, noise_scheduler, weight_dtype)
+        if self.config.precondition_outputs:  # the clean latents: x_t - sigma * (noise - x)
+            z["target"] = z["noisy"] - per_sample(z["sigmas"], z["noisy"]) * z["target"]
+        return z
+
+    def predict(self, transformer, z: dict, cond: dict):
+        output = transformer(hidden_states=z["noisy"], timestep=z["timesteps"],
+                             encoder_hidden_states=cond["encoder_hidden_states"],
+                             pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        if self.config.precondition_outputs:
+            return z["noisy"] - per_sample(z["sigmas"], output) * output
+        return output
+
+
+def pad_rows(rows: list, length: int) -> tuple:
+    """Variable-length (tokens, width) rows -> (batch, length, width) zero-padded, and the (batch, length) mask."""
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
+    for row, (embed, keep) in enumerate(zip(rows, ((r, r.shape[0]) for r in rows))):
+        embeds[row, :keep[1]] = embed
+        mask[row, :keep[1]] = True
+    return embeds, mask
+
+
+# diffusers' Qwen-Image and Z-Image scripts adapt the attention projections only.
+ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class QwenImageFamily(ModelFamily):
+    """Qwen-Image as diffusers' ``train_dreambooth_lora_qwen_image.py``: the pipeline's own prompt encoding (Qwen2.5-VL
+    under its prompt template, the template's tokens dropped, with the attention mask), its video VAE's latents
+    normalized per channel, 2x2-packed for the transformer with their shapes, flow matching with sigma as timestep."""
+
+    label = "Qwen-Image"
+    pipeline_class = QwenImagePipeline
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    objective_class = FlowMatchingObjective
+    flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
+    trainable_text_encoders = ()  # diffusers' script trains no text encoder
+    embedding_file_keys = {}
+    kohya_layout = None
+    hub_tag = "qwen-image"
+    loads_quantized = True
+    default_max_sequence_length = 512
+
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
+        return tokenizers
+
+    def lora_targets(self, component: str, model=None) -> list[str]:
+        return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        # Padded to --max_sequence_length (the pipeline pads to the longest prompt): one shape for every call, so
+        # rows of separate calls can be joined and cached; the mask keeps the padding out of attention.
+        device = device_of(text_encoders["text_encoder"])
+        embeds, mask = self.text_pipeline(text_encoders).encode_prompt(
+            list(prompts), device=device, max_sequence_length=self.max_sequence_length)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        rows = [row[keep.bool()] for row, keep in zip(embeds, mask)]
+        embeds, mask = pad_rows(rows, self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+    @staticmethod
+    def encode_pixels(vae, pixels):
+        return vae.encode(pixels.unsqueeze(2)).latent_dist  # a video VAE: one frame
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        latents = self.posterior(batch, vae).sample(generator=generators)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        return ((latents - mean) / std).to(weight_dtype)
+
+    def predict(self, transformer, z: dict, cond: dict):
+        noisy = z["noisy"]  # (batch, channels, 1 frame, height, width)
+        batch_size, channels, _, height, width = noisy.shape
+        packed = QwenImagePipeline._pack_latents(noisy[:, :, 0], batch_size, channels, height, width)
+        pred = transformer(hidden_states=packed, encoder_hidden_states=cond["encoder_hidden_states"],
+                           encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                           timestep=z["timesteps"] / 1000, img_shapes=[(1, height // 2, width // 2)] * batch_size,
+                           return_dict=False)[0]
+        return QwenImagePipeline._unpack_latents(pred, height, width, 1)  # scale 1: latent units
+
+
+class ZImageFamily(ModelFamily):
+    """Z-Image as diffusers' ``train_dreambooth_lora_z_image.py``: the pipeline's own prompt encoding (Qwen3 under its
+    chat template, penultimate layer, padding removed), the VAE posterior's mode, a transformer that takes lists of
+    images and captions with the time running from noise (0) to clean (1) and predicts the negated flow."""
+
+    label = "Z-Image"
+    pipeline_class = ZImagePipeline
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    objective_class = FlowMatchingObjective
+    flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
+    trainable_text_encoders = ()  # diffusers' script trains no text encoder
+    embedding_file_keys = {}
+    kohya_layout = None
+    hub_tag = "z-image"
+    loads_quantized = True
+    default_max_sequence_length = 512
+
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
+        return tokenizers
+
+    def lora_targets(self, component: str, model=None) -> list[str]:
+        return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        device = device_of(text_encoders["text_encoder"])
+        # A copy: the pipeline writes the templated prompts into the list it is given.
+        rows = self.text_pipeline(text_encoders)._encode_prompt(list(prompts), device=device,
+                                                                max_sequence_length=self.max_sequence_length)
+        embeds, mask = pad_rows(rows, self.max_sequence_length)
+        return {"prompt_embeds": embeds, "prompt_mask": mask}
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        latents = self.posterior(batch, vae).mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
+
+    def predict(self, transformer, z: dict, cond: dict):
+        images = list(z["noisy"].unsqueeze(2).unbind(0))  # (channels, 1 frame, height, width) each
+        captions = [embeds[keep] for embeds, keep in zip(cond["prompt_embeds"], cond["prompt_mask"])]
+        pred = transformer(images, (1000 - z["timesteps"]) / 1000, captions, return_dict=False)[0]
+        return -torch.stack(pred).squeeze(2)
+
+
+class Flux2KleinFamily(ModelFamily):
+    """FLUX.2 [klein] as diffusers' ``train_dreambooth_lora_flux2_klein.py``: the pipeline's own prompt encoding (Qwen3
+    under its chat template, hidden states of --text_encoder_out_layers stacked), the VAE posterior's mode patchified
+    2x2 and normalized by the VAE's batch-norm statistics, packed with 4-D position ids; flow matching with sigma as
+    timestep; the guidance embedding only where the transformer has one."""
+
+    label = "FLUX.2 [klein]"
+    pipeline_class = Flux2KleinPipeline
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    objective_class = FlowMatchingObjective
+    flags = ("max_sequence_length", "guidance_scale", "lora_layers", "upcast_before_saving", "text_encoder_out_layers")
+    trainable_text_encoders = ()  # diffusers' script trains no text encoder
+    embedding_file_keys = {}
+    kohya_layout = None
+    hub_tag = "flux2-klein"
+    loads_quantized = True
+    default_max_sequence_length = 512
+
+    def load_tokenizers(self) -> dict:
+        tokenizers = super().load_tokenizers()
+        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
+        return tokenizers
+
+    def out_layers(self) -> tuple:
+        """--text_encoder_out_layers, or the pipeline's own (diffusers' script defaults to 10, 20, 30, which the
+        pipeline does not read at inference: a LoRA trained on them would be used on other features)."""
+        if self.config.text_encoder_out_layers:
+            return tuple(self.config.text_encoder_out_layers)
+        return inspect.signature(self.pipeline_class.encode_prompt).parameters["text_encoder_out_layers"].default
+
+    def lora_targets(self, component: str, model=None) -> list[str]:
+        # diffusers' default: the image stream's attention in the double blocks, the fused projections in the
+        # single blocks (their ``attn.to_out`` is a Linear; in the double blocks it is a list).
+        single_blocks = len(model.single_transformer_blocks) if model is not None else 0
+        return listed_targets(self.config.lora_layers, ATTENTION_TARGETS + ["to_qkv_mlp_proj"] + [
+            f"single_transformer_blocks.{block}.attn.to_out" for block in range(single_blocks)])
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        encoder = getattr(text_encoders["text_encoder"], "module", text_encoders["text_encoder"])
+        embeds = self.pipeline_class._get_qwen3_prompt_embeds(
+            encoder, self.load_tokenizers()["tokenizer"], list(prompts), device=device_of(encoder),
+            max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers())
+        return {"encoder_hidden_states": embeds}
+
+    def encode_latents(self, batch, vae, generators, weight_dtype):
+        latents = self.pipeline_class._patchify_latents(self.posterior(batch, vae).mode())
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return ((latents - mean) / std).to(weight_dtype)
+
+    def predict(self, transformer, z: dict, cond: dict):
+        noisy, prompt = z["noisy"], cond["encoder_hidden_states"]
+        image_ids = self.pipeline_class._prepare_latent_ids(noisy).to(noisy.device)
+        text_ids = self.pipeline_class._prepare_text_ids(prompt).to(noisy.device)
+        guidance = None
+        if getattr(transformer, "module", transformer).config.guidance_embeds:
+            guidance = torch.full((noisy.shape[0],), self.config.guidance_scale, device=noisy.device)
+        pred = transformer(hidden_states=self.pipeline_class._pack_latents(noisy), encoder_hidden_states=prompt,
+                           timestep=z["timesteps"] / 1000, img_ids=image_ids, txt_ids=text_ids, guidance=guidance,
+                           return_dict=False)[0]
+        return self.pipeline_class._unpack_latents_with_ids(pred[:, :image_ids.shape[1]], image_ids)
+
+
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionFamily,
     "StableDiffusionXLPipeline": StableDiffusionXLFamily,
     "FluxPipeline": FluxFamily,
+    "StableDiffusion3Pipeline": StableDiffusion3Family,
+    "QwenImagePipeline": QwenImageFamily,
+    "ZImagePipeline": ZImageFamily,
+    "Flux2KleinPipeline": Flux2KleinFamily,
 }
 
 
@@ -1765,7 +2070,8 @@ def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_
         where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
         models[component].add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                  init_lora_weights="gaussian",
-                                                 target_modules=family.lora_targets(component), **where))
+                                                 target_modules=family.lora_targets(component, models[component]),
+                                                 **where))
 
 
 class adapters_disabled:
@@ -1834,7 +2140,7 @@ class CachedPromptEncoder:
     frozen = __call__
 
 
-def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_size: int,
+def encode_latent_cache(family, vae, examples: list[Example], resolution: int, batch_size: int,
                         interpolation: str = "lanczos") -> dict:
     """--cache_latents: VAE posterior parameters, original size and crop of every (center-cropped) image."""
     cache = {}
@@ -1845,7 +2151,7 @@ def encode_latent_cache(vae, examples: list[Example], resolution: int, batch_siz
             augmented = [augment(open_rgb_image(e.image, e.name), resolution, True, False, None, interpolation)
                          for e in chunk]
             pixels = torch.stack([pixels for pixels, _, _ in augmented]).to(vae.device, dtype=vae.dtype)
-            parameters = vae.encode(pixels).latent_dist.parameters.cpu()
+            parameters = family.encode_pixels(vae, pixels).parameters.cpu()
             cache.update({e.name: (p, size, crop) for e, p, (_, size, crop) in zip(chunk, parameters, augmented)})
     return cache
 
@@ -2414,7 +2720,7 @@ def run_validation(accelerator, args: argparse.Namespace, family, models: dict, 
         generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
                       for i in range(args.num_validation_images)]
         with torch.no_grad():
-            rows.append(pipeline([prompt] * args.num_validation_images, generator=generators,
+            rows.append(pipeline(prompt=[prompt] * args.num_validation_images, generator=generators,
                                  num_inference_steps=args.num_validation_inference_steps,
                                  height=args.resolution, width=args.resolution).images)
     if clip is not None:
@@ -3002,7 +3308,7 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
     """Step 4: the dataloader (with its sampler) and, when asked, the cached prompt conditioning."""
     latent_cache = None
     if args.cache_latents:
-        latent_cache = encode_latent_cache(models["vae"], instance_examples + class_examples,
+        latent_cache = encode_latent_cache(family, models["vae"], instance_examples + class_examples,
                                            args.resolution, args.train_batch_size, args.image_interpolation_mode)
     cached_prompts = None
     if args.pre_compute_text_embeddings:

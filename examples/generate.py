@@ -39,7 +39,7 @@ def main(argv=None) -> Path:
 
     def draw(prompt):
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-        return pipe([prompt] * args.num_images, generator=generators, num_inference_steps=args.num_inference_steps,
+        return pipe(prompt=[prompt] * args.num_images, generator=generators, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution).images
 
     rows = [draw(without_trigger)]

@@ -16,7 +16,15 @@ sys.path.insert(0, str(ROOT / "examples"))  # tiny_pipeline: tiny pipelines shar
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny_pipeline import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
+from tiny_pipeline import (  # noqa: E402
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_qwenimage_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+    build_tiny_zimage_pipeline,
+)
 
 # Tiny models run faster on one thread (thread start-up dominates their small matrices), several times faster
 # when other jobs share the cores; subprocess tests pass OMP_NUM_THREADS=1 for the same reason.
@@ -67,13 +75,57 @@ def tiny_flux_pipeline(tmp_path_factory) -> str:
     return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
 
 
-FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline"}
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory) -> str:
+    """A tiny random SD3 pipeline folder (CLIP-L, CLIP-G and T5 of different widths)."""
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_pipeline(tmp_path_factory) -> str:
+    """A tiny random Qwen-Image pipeline folder (Qwen2.5-VL text encoder, video VAE)."""
+    return build_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("tiny-qwenimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_pipeline(tmp_path_factory) -> str:
+    """A tiny random Z-Image pipeline folder (Qwen3 text encoder with a chat template)."""
+    return build_tiny_zimage_pipeline(tmp_path_factory.mktemp("tiny-zimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_pipeline(tmp_path_factory) -> str:
+    """A tiny random FLUX.2 [klein] pipeline folder (Qwen3 causal LM text encoder, Flux2 VAE)."""
+    return build_tiny_flux2_klein_pipeline(tmp_path_factory.mktemp("tiny-flux2-klein"))
+
+
+FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline",
+                   "sd3": "tiny_sd3_pipeline", "qwenimage": "tiny_qwenimage_pipeline", "zimage": "tiny_zimage_pipeline",
+                   "flux2_klein": "tiny_flux2_klein_pipeline"}
 
 
 @pytest.fixture(params=list(FAMILY_FIXTURES))
 def family_pipeline(request) -> str:
     """A tiny pipeline of each family the script trains: tests using it run once per family."""
     return request.getfixturevalue(FAMILY_FIXTURES[request.param])
+
+
+def offered(pipeline: str, *flags: str) -> list[str]:
+    """The flags among ``flags`` that the pipeline's family offers (train_cat_lora.check_family_options refuses the
+    others, e.g. --train_text_encoder where diffusers' script trains no text encoder)."""
+    import train_cat_lora as T
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
+    kept = []
+    for flag in flags:
+        try:
+            T.check_family_options(Namespace(train_text_encoder=flag == "--train_text_encoder",
+                                             train_text_encoder_ti=flag == "--train_text_encoder_ti",
+                                             output_kohya_format=flag == "--output_kohya_format"), family)
+            kept.append(flag)
+        except T.InputError:
+            pass
+    return kept
 
 
 def component_class(pipeline: str, component: str) -> type:

@@ -62,7 +62,8 @@ def test_a_family_missing_a_piece_fails_when_its_class_is_defined():
 # A value other than the default for each family flag.
 FLAG_VALUES = {"pretrained_vae_model_name_or_path": "some/vae", "max_sequence_length": "77", "guidance_scale": "1.0",
                "weighting_scheme": "logit_normal", "logit_mean": "0.5", "logit_std": "2.0", "mode_scale": "1.0",
-               "lora_layers": "to_q", "upcast_before_saving": None}
+               "lora_layers": "to_q", "upcast_before_saving": None, "precondition_outputs": "0", "lora_blocks": "0",
+               "text_encoder_out_layers": "1"}
 
 
 @pytest.mark.parametrize("family", FAMILY_CLASSES, ids=lambda family: family.__name__)

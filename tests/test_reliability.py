@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, draw_subject, reset_accelerate_state, train_args, watch_forward
+from conftest import ROOT, draw_subject, offered, reset_accelerate_state, train_args, watch_forward
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,7 +32,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(family_
                                                                           run_training):
     from conftest import denoiser_class
 
-    common = ("--random_flip", "--checkpointing_steps", "100", "--train_text_encoder")
+    common = ("--random_flip", "--checkpointing_steps", "100", *offered(family_pipeline, "--train_text_encoder"))
     run_training(train_args(family_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
 
     calls = []
@@ -285,7 +285,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(family_pipel
     single, double = tmp_path / "single", tmp_path / "double"
     # A large Adam epsilon makes the update proportional to the gradient: float-rounding differences between
     # the two reductions then stay rounding-sized instead of flipping the sign of near-zero updates.
-    common = ["--train_text_encoder", "--learning_rate", "1e-1", "--adam_epsilon", "1", "--checkpointing_steps", "2"]
+    common = [*offered(family_pipeline, "--train_text_encoder"), "--learning_rate", "1e-1", "--adam_epsilon", "1", "--checkpointing_steps", "2"]
     subprocess.run([sys.executable, str(ROOT / "train_cat_lora.py"),
                     *train_args(family_pipeline, instance_dir, single, *common, steps=4)],
                    check=True, env=ENV, capture_output=True)
