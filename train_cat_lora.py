@@ -119,6 +119,24 @@ REFUSED_FLAGS = {
     "--class_labels_conditioning": (None, "it passes class labels to DeepFloyd IF stage II's UNet; the models "
                                           "trained here take no class labels"),
     "--enable_npu_flash_attention": (0, "Ascend NPUs are not supported"),
+    "--do_fp8_training": (0, "float8 training (torchao) is not implemented; use --mixed_precision bf16, or a quantized "
+                             "frozen base with --bnb_quantization_config_path"),
+    "--remote_text_encoder": (0, "prompts are encoded by the local text encoder; this script makes no network calls"),
+    "--fsdp_text_encoder": (0, "FSDP is not supported; --pre_compute_text_embeddings frees the text encoder after "
+                               "encoding instead"),
+    "--offload": (0, "model offloading is not implemented; --cache_latents and --pre_compute_text_embeddings free "
+                     "the VAE's and the text encoders' work from the training steps"),
+    "--use_aspect_ratio_buckets": (0, "aspect-ratio bucketing is not implemented; images are resized and cropped to "
+                                      "--resolution squares"),
+    "--aspect_ratio_buckets": (None, "aspect-ratio bucketing is not implemented; images are resized and cropped to "
+                                     "--resolution squares"),
+    "--caption_dropout": (None, "caption dropout is not implemented"),
+    "--final_validation_prompt": (None, "there is no final inference pass; validation draws --validation_prompt "
+                                        "every --validation_steps"),
+    "--pretrained_tokenizer_4_name_or_path": (None, "it names HiDream's fourth text encoder, which diffusers' "
+                                                    "Qwen-Image script parses and never reads"),
+    "--pretrained_text_encoder_4_name_or_path": (None, "it names HiDream's fourth text encoder, which diffusers' "
+                                                       "Qwen-Image script parses and never reads"),
 }
 
 # Flags of diffusers' scripts for one family or a few (SDXL's VAE, the flow-matching families' timestep densities,
@@ -347,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="open_clip architecture (or model config .json) for --validation_kps.")
     logs.add_argument("--validation_clip_pretrained", default="openai",
                       help="open_clip pretrained tag or local checkpoint file for --validation_kps.")
+    logs.add_argument("--skip_final_inference", action="store_true",
+                      help="Accepted for diffusers' commands: this script runs no final inference pass (validation "
+                           "runs every --validation_steps).")
     logs.add_argument("--output_kohya_format", action="store_true",
                       help="Also write pytorch_lora_weights_kohya.safetensors for AUTOMATIC1111/ComfyUI.")
     logs.add_argument("--push_to_hub", action="store_true")
@@ -372,10 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "guidance value fed to a guidance-distilled transformer (FLUX.1 [dev]) "
                              "during training.")
     family.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
-                        default="none",
+                        default=None,
                         help=f"{family_readers('weighting_scheme')}: "
                              "'logit_normal' and 'mode' draw timesteps from that density, 'sigma_sqrt' "
-                             "and 'cosmap' weight the loss per timestep; 'none': uniform timesteps, unweighted.")
+                             "and 'cosmap' weight the loss per timestep; 'none': uniform timesteps, unweighted. "
+                             "Default: the family's diffusers script's (SD3 logit_normal, the others none).")
     family.add_argument("--logit_mean", type=float, default=0.0,
                         help=f"{family_readers('logit_mean')}: "
                              "mean of the logit-normal timestep density (--weighting_scheme logit_normal).")
@@ -494,8 +516,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise InputError(f"--resume_from_checkpoint: {args.resume_from_checkpoint}: no such checkpoint folder")
-    if args.cache_latents and (args.random_flip or not args.center_crop):
-        raise InputError("--cache_latents needs --center_crop and no --random_flip (cached latents are not re-augmented)")
+    if args.cache_latents and args.random_flip:
+        raise InputError("--cache_latents cannot be used with --random_flip (cached latents are not re-augmented)")
+    if args.cache_latents and not args.center_crop:
+        logger.warning("--cache_latents: each image's latents are cached from its center crop (as with --center_crop)")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         raise InputError("--pre_compute_text_embeddings cannot be used with --train_text_encoder")
     if args.validation_kps and args.validation_prompt is None:
@@ -1149,7 +1173,7 @@ class FamilyConfig:
     # Families with flow matching and long text encoders (Flux.1, SD3, ...): see FAMILY_FLAGS
     max_sequence_length: int | None = None  # None: the family's default_max_sequence_length
     guidance_scale: float = 3.5
-    weighting_scheme: str = "none"
+    weighting_scheme: str | None = None  # None: the family's default_weighting_scheme
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -1298,6 +1322,8 @@ class ModelFamily(ABC):
     validation_scheduler = None  # a scheduler class for validation images; None: the pipeline's own
     loads_quantized = False  # whether --bnb_quantization_config_path applies (diffusers' quantized loader)
     default_max_sequence_length = None  # families with a long text encoder: their diffusers script's default
+    long_tokenizer = None  # the tokenizer that reads --max_sequence_length tokens (T5, Qwen, ...)
+    default_weighting_scheme = "none"  # --weighting_scheme of the family's diffusers script
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -1313,6 +1339,10 @@ class ModelFamily(ABC):
             raise TypeError(f"model family {cls.__name__}: flags {sorted(unknown)} are not in FAMILY_FLAGS")
 
     def __init__(self, config: FamilyConfig):
+        family_defaults = {"max_sequence_length": self.default_max_sequence_length,
+                           "weighting_scheme": self.default_weighting_scheme}
+        config = replace(config, **{name: value for name, value in family_defaults.items()
+                                    if getattr(config, name) is None})
         self.config = config
         self.source = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
                        "revision": config.revision}
@@ -1330,11 +1360,6 @@ class ModelFamily(ABC):
     def reads(cls, flag: str) -> bool:
         """Whether this family gives the family flag ``flag`` (a FAMILY_FLAGS dest) a meaning."""
         return flag in cls.flags or flag in cls.objective_class.flags
-
-    @property
-    def max_sequence_length(self) -> int | None:
-        """--max_sequence_length, or the family's default."""
-        return self.config.max_sequence_length or self.default_max_sequence_length
 
     def tokenizer_of(self, text_encoder: str) -> str:
         """The pipeline component name of the tokenizer that feeds ``text_encoder``."""
@@ -1356,6 +1381,8 @@ class ModelFamily(ABC):
                     raise InputError(f"--tokenizer_max_length {max_length} exceeds the tokenizer's limit of "
                                      f"{tokenizers[first].model_max_length} tokens")
                 tokenizers[first].model_max_length = max_length
+            if self.long_tokenizer is not None:  # the caption-length checks measure against this limit
+                tokenizers[self.long_tokenizer].model_max_length = self.config.max_sequence_length
             self._tokenizers = tokenizers
         return self._tokenizers
 
@@ -1613,12 +1640,7 @@ class FluxFamily(ModelFamily):
     hub_tag = "flux"
     loads_quantized = True
     default_max_sequence_length = 512
-
-    def load_tokenizers(self) -> dict:
-        tokenizers = super().load_tokenizers()
-        # T5 reads --max_sequence_length tokens: the caption-length checks measure against that limit.
-        tokenizers["tokenizer_2"].model_max_length = self.max_sequence_length
-        return tokenizers
+    long_tokenizer = "tokenizer_2"
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         if component != self.denoiser:
@@ -1630,7 +1652,7 @@ class FluxFamily(ModelFamily):
         tokenizers = self.load_tokenizers()
         clip, t5 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
         clip_ids = tokenize(tokenizers["tokenizer"], prompts).to(device_of(clip))
-        t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.max_sequence_length).to(device_of(t5))
+        t5_ids = tokenize(tokenizers["tokenizer_2"], prompts, self.config.max_sequence_length).to(device_of(t5))
         return {"encoder_hidden_states": t5(t5_ids, return_dict=False)[0],
                 "pooled_projections": clip(clip_ids, output_hidden_states=False).pooler_output}
 
@@ -1679,11 +1701,8 @@ class StableDiffusion3Family(ModelFamily):
     kohya_layout = None
     hub_tag = "sd3"
     default_max_sequence_length = 77  # diffusers' SD3 script (its pipeline's default is 256)
-
-    def load_tokenizers(self) -> dict:
-        tokenizers = super().load_tokenizers()
-        tokenizers["tokenizer_3"].model_max_length = self.max_sequence_length
-        return tokenizers
+    long_tokenizer = "tokenizer_3"
+    default_weighting_scheme = "logit_normal"  # diffusers' SD3 script
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         if component != self.denoiser:
@@ -1704,7 +1723,7 @@ class StableDiffusion3Family(ModelFamily):
             clip_states.append(output.hidden_states[-2])
             pooled.append(output.text_embeds)
         t5 = text_encoders["text_encoder_3"]
-        t5_states = t5(tokenize(tokenizers["tokenizer_3"], prompts, self.max_sequence_length).to(device_of(t5)),
+        t5_states = t5(tokenize(tokenizers["tokenizer_3"], prompts, self.config.max_sequence_length).to(device_of(t5)),
                        return_dict=False)[0]
         clip_states = torch.cat(clip_states, dim=-1)
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
@@ -1758,11 +1777,7 @@ class QwenImageFamily(ModelFamily):
     hub_tag = "qwen-image"
     loads_quantized = True
     default_max_sequence_length = 512
-
-    def load_tokenizers(self) -> dict:
-        tokenizers = super().load_tokenizers()
-        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
-        return tokenizers
+    long_tokenizer = "tokenizer"
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
@@ -1772,11 +1787,11 @@ class QwenImageFamily(ModelFamily):
         # rows of separate calls can be joined and cached; the mask keeps the padding out of attention.
         device = device_of(text_encoders["text_encoder"])
         embeds, mask = self.text_pipeline(text_encoders).encode_prompt(
-            list(prompts), device=device, max_sequence_length=self.max_sequence_length)
+            list(prompts), device=device, max_sequence_length=self.config.max_sequence_length)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         rows = [row[keep.bool()] for row, keep in zip(embeds, mask)]
-        embeds, mask = pad_rows(rows, self.max_sequence_length)
+        embeds, mask = pad_rows(rows, self.config.max_sequence_length)
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
     @staticmethod
@@ -1818,11 +1833,7 @@ class ZImageFamily(ModelFamily):
     hub_tag = "z-image"
     loads_quantized = True
     default_max_sequence_length = 512
-
-    def load_tokenizers(self) -> dict:
-        tokenizers = super().load_tokenizers()
-        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
-        return tokenizers
+    long_tokenizer = "tokenizer"
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
@@ -1831,8 +1842,8 @@ class ZImageFamily(ModelFamily):
         device = device_of(text_encoders["text_encoder"])
         # A copy: the pipeline writes the templated prompts into the list it is given.
         rows = self.text_pipeline(text_encoders)._encode_prompt(list(prompts), device=device,
-                                                                max_sequence_length=self.max_sequence_length)
-        embeds, mask = pad_rows(rows, self.max_sequence_length)
+                                                                max_sequence_length=self.config.max_sequence_length)
+        embeds, mask = pad_rows(rows, self.config.max_sequence_length)
         return {"prompt_embeds": embeds, "prompt_mask": mask}
 
     def encode_latents(self, batch, vae, generators, weight_dtype):
@@ -1866,11 +1877,7 @@ class Flux2KleinFamily(ModelFamily):
     hub_tag = "flux2-klein"
     loads_quantized = True
     default_max_sequence_length = 512
-
-    def load_tokenizers(self) -> dict:
-        tokenizers = super().load_tokenizers()
-        tokenizers["tokenizer"].model_max_length = self.max_sequence_length
-        return tokenizers
+    long_tokenizer = "tokenizer"
 
     def out_layers(self) -> tuple:
         """--text_encoder_out_layers, or the pipeline's own (diffusers' script defaults to 10, 20, 30, which the
@@ -1890,7 +1897,7 @@ class Flux2KleinFamily(ModelFamily):
         encoder = getattr(text_encoders["text_encoder"], "module", text_encoders["text_encoder"])
         embeds = self.pipeline_class._get_qwen3_prompt_embeds(
             encoder, self.load_tokenizers()["tokenizer"], list(prompts), device=device_of(encoder),
-            max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers())
+            max_sequence_length=self.config.max_sequence_length, hidden_states_layers=self.out_layers())
         return {"encoder_hidden_states": embeds}
 
     def encode_latents(self, batch, vae, generators, weight_dtype):

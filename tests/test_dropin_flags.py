@@ -22,30 +22,47 @@ from conftest import train_args
 import train_cat_lora as T
 
 DATA = Path(__file__).resolve().parent / "data" / "diffusers_flags"
-SCRIPTS = ["train_dreambooth_lora", "train_dreambooth_lora_sdxl", "train_dreambooth_lora_flux"]
+SCRIPTS = ["train_dreambooth_lora", "train_dreambooth_lora_sdxl", "train_dreambooth_lora_flux",
+           "train_dreambooth_lora_sd3", "train_dreambooth_lora_qwen_image", "train_dreambooth_lora_z_image",
+           "train_dreambooth_lora_flux2", "train_dreambooth_lora_flux2_klein"]
 MINIMAL = ["--pretrained_model_name_or_path", "base-model", "--instance_data_dir", "images",
            "--instance_prompt", "a photo of sks dog", "--trigger_token", "sks"]
 
 # What this script refuses outright: each flag stops the parse with one line saying why.
 REFUSED = {"--do_edm_style_training", "--use_dora", "--text_encoder_use_attention_mask", "--validation_images",
-           "--class_labels_conditioning", "--enable_npu_flash_attention"}
+           "--class_labels_conditioning", "--enable_npu_flash_attention", "--do_fp8_training", "--remote_text_encoder",
+           "--fsdp_text_encoder", "--offload", "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",
+           "--caption_dropout", "--final_validation_prompt", "--pretrained_tokenizer_4_name_or_path",
+           "--pretrained_text_encoder_4_name_or_path"}
 # Accepted, but only usable with an optional package; without it: one line naming the flag.
 NEEDS_PACKAGE = {"--enable_xformers_memory_efficient_attention": "xformers"}
-# Parsed for the SDXL and Flux.1 model families, which give them their meaning.
+# Parsed for the model families that give them their meaning (ModelFamily.flags).
 FAMILY = {"--pretrained_vae_model_name_or_path", "--max_sequence_length", "--guidance_scale", "--weighting_scheme",
-          "--logit_mean", "--logit_std", "--mode_scale", "--lora_layers", "--upcast_before_saving"}
+          "--logit_mean", "--logit_std", "--mode_scale", "--lora_layers", "--upcast_before_saving",
+          "--precondition_outputs", "--lora_blocks", "--text_encoder_out_layers"}
 # A value that makes sense for flags whose value is checked while parsing.
 VALUES = {"--resolution": "64", "--resume_from_checkpoint": "latest", "--optimizer": "AdamW", "--report_to": "none",
           "--lr_scheduler": "constant", "--lora_dropout": "0.1"}
-# Flags that need others to be valid, here as in diffusers (--cache_latents: here only; see the README).
-COMPANIONS = {"--cache_latents": ["--center_crop"],
-              "--with_prior_preservation": ["--class_data_dir", "class-images", "--class_prompt", "a photo of dog"]}
+# Flags that need others to be valid, here as in diffusers.
+COMPANIONS = {"--with_prior_preservation": ["--class_data_dir", "class-images", "--class_prompt", "a photo of dog"]}
 
 # Defaults that differ from diffusers' for a flag with the same meaning, and why. Per script.
 SHARED_DIFFERENCES = {
     "--output_dir": "this script's own output name",
     "--lr_warmup_steps": "0 as in the paper (A.2) and in every LoRA command of diffusers' READMEs",
     "--validation_epochs": "validation defaults to every --validation_steps 100 (one of the two schedules)",
+}
+# Family flags whose default is the family's own: None here, the family's diffusers script's value when it runs.
+FAMILY_DEFAULTS = {
+    "--max_sequence_length": "None: the family's own (Flux.1 512, SD3 77, Qwen-Image, Z-Image and FLUX.2 512)",
+    "--weighting_scheme": "None: the family's own (SD3 logit_normal, the others none)",
+}
+# Against the transformer families' scripts (they share the SDXL script's optimizer defaults).
+TRANSFORMER_DIFFERENCES = {
+    **SHARED_DIFFERENCES,
+    "--adam_weight_decay": "train_dreambooth_lora.py's 1e-2 (the paper's); the transformer scripts use 1e-4",
+    "--text_encoder_lr": "None: --learning_rate, as train_dreambooth_lora.py trains the text encoder",
+    "--adam_weight_decay_text_encoder": "None: --adam_weight_decay, as in train_dreambooth_lora.py",
 }
 DIFFERENT_DEFAULTS = {
     "train_dreambooth_lora": {**SHARED_DIFFERENCES,
@@ -63,7 +80,23 @@ DIFFERENT_DEFAULTS = {
         "--text_encoder_lr": "None: --learning_rate, as train_dreambooth_lora.py trains the text encoder",
         "--adam_weight_decay_text_encoder": "None: --adam_weight_decay, as in train_dreambooth_lora.py",
         "--lora_alpha": "None: the rank, as diffusers' SD and SDXL scripts; Flux's fixed 4 differs from rank > 4",
+        **FAMILY_DEFAULTS,
     },
+    "train_dreambooth_lora_sd3": {**TRANSFORMER_DIFFERENCES, **FAMILY_DEFAULTS},
+    "train_dreambooth_lora_qwen_image": {**SHARED_DIFFERENCES, **FAMILY_DEFAULTS,
+                                         "--adam_weight_decay": TRANSFORMER_DIFFERENCES["--adam_weight_decay"],
+                                         "--lora_alpha": "None: the rank; the Qwen-Image script's fixed 4 differs from "
+                                                         "rank > 4"},
+    "train_dreambooth_lora_z_image": {**TRANSFORMER_DIFFERENCES, **FAMILY_DEFAULTS,
+                                      "--lora_alpha": "None: the rank; the script's fixed 4 differs from rank > 4"},
+    "train_dreambooth_lora_flux2": {**TRANSFORMER_DIFFERENCES, **FAMILY_DEFAULTS,
+                                    "--lora_alpha": "None: the rank; the script's fixed 4 differs from rank > 4",
+                                    "--text_encoder_out_layers": "None: the pipeline's own (10 20 30 for [dev])"},
+    "train_dreambooth_lora_flux2_klein": {
+        **TRANSFORMER_DIFFERENCES, **FAMILY_DEFAULTS,
+        "--lora_alpha": "None: the rank; the script's fixed 4 differs from rank > 4",
+        "--text_encoder_out_layers": "None: the pipeline's own, 9 18 27, which it reads at inference (the script's "
+                                     "10 20 30 would train the LoRA on other features than it is used with)"},
 }
 
 
@@ -96,7 +129,8 @@ def argv_with(row: dict) -> list[str]:
     elif row["choices"]:
         values = [row["choices"][0]]
     else:
-        values = {"int": ["2"], "float": ["0.5"], "bool": ["True"], "str": ["text"], "str+": ["a.png", "b.png"]}[kind]
+        values = {"int": ["2"], "float": ["0.5"], "bool": ["True"], "str": ["text"], "str+": ["a.png", "b.png"],
+                  "int+": ["1", "2"]}[kind]
     return base + COMPANIONS.get(flag, []) + [flag, *values]
 
 
@@ -190,6 +224,13 @@ def test_readme_first_lora_command_parses_with_the_trigger_added(script, monkeyp
         fake = types.ModuleType("prodigyopt")  # stands in for the installed package
         fake.__spec__ = importlib.machinery.ModuleSpec("prodigyopt", None)
         monkeypatch.setitem(sys.modules, "prodigyopt", fake)
+    refused = [word.split("=")[0] for word in argv if word.split("=")[0] in REFUSED]
+    if refused:  # FLUX.2's commands ask for float8 training (and [dev]'s for a remote text encoder)
+        with pytest.raises(T.InputError, match=f"^{refused[0]} is not supported: "):
+            T.parse_args(argv)
+        argv = [word for word in argv if word.split("=")[0] not in REFUSED]
+    assert refused == {"train_dreambooth_lora_flux2": ["--do_fp8_training", "--remote_text_encoder"],
+                       "train_dreambooth_lora_flux2_klein": ["--do_fp8_training"]}.get(script, [])
     args = T.parse_args(argv)
     assert args.trigger_token == "sks" and args.validation_prompt == "A photo of sks dog in a bucket"
     if script == "train_dreambooth_lora":
@@ -398,8 +439,8 @@ def test_readme_lists_every_flag_as_accepted_family_or_refused():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("### Everything else you know from"):readme.index("### Outputs")]
     accepted = set(re.findall(r"--\w+", section[section.index("Accepted with"):section.index("plus this script")]))
-    family_part = section[section.index("for the SDXL and Flux.1 families"):section.index("Refused, each")]
-    family = set(re.findall(r"--\w+", family_part[:family_part.index("and this script's")]))
+    family_part = section[section.index("for the families that read them"):section.index("Refused, each")]
+    family = set(re.findall(r"--\w+", family_part[:family_part.index("Given to a model")]))
     refused = set(re.findall(r"^\| `(--\w+)`", section, flags=re.M))
     assert (family - {"--help"}, refused) == (FAMILY, REFUSED)
     assert accepted == set(ALL_FLAGS) - FAMILY - REFUSED - {"--pretrained_model_name_or_path", "--instance_data_dir",

@@ -40,8 +40,8 @@ def test_cached_prompts_match_the_text_encoders(family_pipeline):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--cache_latents", "--random_flip", "--center_crop"), "--cache_latents needs --center_crop and no --random_flip"),
-    (("--cache_latents",), "--cache_latents needs --center_crop"),
+    (("--cache_latents", "--random_flip", "--center_crop"), "--cache_latents cannot be used with --random_flip"),
+    (("--cache_latents", "--random_flip"), "--cache_latents cannot be used with --random_flip"),
     (("--pre_compute_text_embeddings", "--train_text_encoder"), "cannot be used with --train_text_encoder"),
 ])
 def test_option_conflicts_are_errors(tiny_pipeline, instance_dir, tmp_path, flags, message):
