@@ -102,6 +102,7 @@ from train_cat_lora import (  # one definition of the trigger rule and of the me
     load_clip,
     load_image_caption_pairs,
     model_family,
+    relative_drift,
     replace_trigger,
     resolve_clip_choice,
     strip_trigger,
@@ -503,6 +504,23 @@ def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_
 # ---------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def prediction_drift(family, pipe, lora_dir, batch: dict, prompts: list[str]):
+    """How far a LoRA moves the denoiser's prediction on ``prompts`` (e.g. trigger-less ones), per sample:
+    ``||pred_adapted - pred_base||^2`` (mean over elements) and the same relative to the base prediction's power
+    (``relative_drift``, the unit of --cat_drift_budget), at the noisy latents of ``batch`` (the training step's
+    own conditioning, noisy input and prediction, so it works for every family). The LoRA stays loaded in ``pipe``.
+    """
+    denoiser = getattr(pipe, family.denoiser)
+    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
+    with torch.no_grad():
+        z = family.noisy_latents(batch, pipe.vae, family.load_noise_scheduler(), torch.float32)
+        base = family.predict(denoiser, z, family.encode_prompts(encoders, prompts))
+        pipe.load_lora_weights(lora_dir)
+        adapted = family.predict(denoiser, z, family.encode_prompts(encoders, prompts))
+    squared = (adapted - base).float().pow(2).mean(dim=list(range(1, base.ndim)))
+    return squared, relative_drift(adapted, base)
 
 
 def process_state():

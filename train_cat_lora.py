@@ -55,6 +55,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     FluxPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
@@ -1919,6 +1920,35 @@ class Flux2KleinFamily(ModelFamily):
         return self.pipeline_class._unpack_latents_with_ids(pred[:, :image_ids.shape[1]], image_ids)
 
 
+
+class Flux2Family(Flux2KleinFamily):
+    """FLUX.2 [dev] as diffusers' ``train_dreambooth_lora_flux2.py``: as [klein] but for the text encoder, Mistral 3
+    read through its processor under the pipeline's system message, and the guidance embedding of the
+    guidance-distilled model."""
+
+    label = "FLUX.2 [dev]"
+    pipeline_class = Flux2Pipeline
+    flags = Flux2KleinFamily.flags
+    embedding_file_keys = {}
+    kohya_layout = None
+    hub_tag = "flux2"
+
+    def load_tokenizers(self) -> dict:
+        """The Mistral processor (the pipeline's ``tokenizer``), its tokenizer reading --max_sequence_length tokens."""
+        if self._tokenizers is None:
+            processor = self.component_class("tokenizer").from_pretrained(subfolder="tokenizer", **self.source)
+            processor.tokenizer.model_max_length = self.config.max_sequence_length
+            self._tokenizers = {"tokenizer": processor}
+        return self._tokenizers
+
+    def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
+        encoder = getattr(text_encoders["text_encoder"], "module", text_encoders["text_encoder"])
+        embeds = self.pipeline_class._get_mistral_3_small_prompt_embeds(
+            encoder, self.load_tokenizers()["tokenizer"], list(prompts), device=device_of(encoder),
+            max_sequence_length=self.config.max_sequence_length, hidden_states_layers=self.out_layers())
+        return {"encoder_hidden_states": embeds}
+
+
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionFamily,
     "StableDiffusionXLPipeline": StableDiffusionXLFamily,
@@ -1927,6 +1957,7 @@ FAMILIES = {
     "QwenImagePipeline": QwenImageFamily,
     "ZImagePipeline": ZImageFamily,
     "Flux2KleinPipeline": Flux2KleinFamily,
+    "Flux2Pipeline": Flux2Family,
 }
 
 
@@ -3271,7 +3302,8 @@ def check_family_options(args: argparse.Namespace, family) -> None:
 
 def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:
     """Step 2b: the checks that need only the tokenizers (rare triggers, captions within the length limit)."""
-    tokenizers = family.load_tokenizers()
+    # A processor (FLUX.2 [dev]'s Mistral) holds its text tokenizer.
+    tokenizers = {name: getattr(tokenizer, "tokenizer", tokenizer) for name, tokenizer in family.load_tokenizers().items()}
     warn_about_triggers(tokenizers[family.tokenizers[0]], triggers)
     for name in family.tokenizers:
         check_caption_lengths(tokenizers[name], instance_examples, data_notes)

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import evaluate_kps  # noqa: E402
 import train_cat_lora as T  # noqa: E402
 
 TOY = ROOT / "examples" / "toyworld"
@@ -61,15 +62,7 @@ def drift_on_class_prompts(out: Path, concept: Path, rows: int = 64) -> torch.Te
              "noise_seeds": torch.randint(0, 2**62, (rows,), generator=generator),
              "original_sizes": torch.full((rows, 2), 32), "crops_top_left": torch.zeros(rows, 2)}
     prompts = [CLASS_PROMPTS[i % len(CLASS_PROMPTS)] for i in range(rows)]
-    pipe = family.load_pipeline()
-    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    denoiser = getattr(pipe, family.denoiser)
-    with torch.no_grad():
-        z = family.noisy_latents(batch, pipe.vae, family.load_noise_scheduler(), torch.float32)
-        base = family.predict(denoiser, z, family.encode_prompts(encoders, prompts))
-        pipe.load_lora_weights(out)
-        adapted = family.predict(denoiser, z, family.encode_prompts(encoders, prompts))
-    return T.relative_drift(adapted, base)
+    return evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, prompts)[1]
 
 
 def main() -> None:

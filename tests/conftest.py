@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from tiny_pipeline import (  # noqa: E402
     build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
     build_tiny_qwenimage_pipeline,
@@ -99,9 +100,15 @@ def tiny_flux2_klein_pipeline(tmp_path_factory) -> str:
     return build_tiny_flux2_klein_pipeline(tmp_path_factory.mktemp("tiny-flux2-klein"))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2_pipeline(tmp_path_factory) -> str:
+    """A tiny random FLUX.2 [dev] pipeline folder (Mistral 3 text encoder read through its processor)."""
+    return build_tiny_flux2_pipeline(tmp_path_factory.mktemp("tiny-flux2"))
+
+
 FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline",
                    "sd3": "tiny_sd3_pipeline", "qwenimage": "tiny_qwenimage_pipeline", "zimage": "tiny_zimage_pipeline",
-                   "flux2_klein": "tiny_flux2_klein_pipeline"}
+                   "flux2_klein": "tiny_flux2_klein_pipeline", "flux2": "tiny_flux2_pipeline"}
 
 
 @pytest.fixture(params=list(FAMILY_FIXTURES))
@@ -227,26 +234,18 @@ def run_training():
 
 
 def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[str], resolution: int = 32) -> float:
-    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed noisy latents and timesteps: how far a LoRA moved the model.
-
-    Uses the script's own family code (conditioning, noisy input, prediction), so it works for every family.
-    """
+    """mean ||eps_adapted(y) - eps_base(y)||^2 over fixed noisy latents and timesteps: how far a LoRA moved the model
+    (evaluate_kps.prediction_drift, the family's own conditioning, noisy input and prediction)."""
+    import evaluate_kps
     import train_cat_lora as T
 
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution,
                                       max_sequence_length=TINY_T5_TOKENS))
-    pipe = family.load_pipeline()
     repeats = 4
     rows = len(prompts) * repeats
     generator = torch.Generator().manual_seed(0)
     batch = {"pixel_values": torch.rand(rows, 3, resolution, resolution, generator=generator) * 2 - 1,
              "noise_seeds": torch.randint(0, 2**62, (rows,), generator=generator),
              "original_sizes": torch.full((rows, 2), resolution), "crops_top_left": torch.zeros(rows, 2)}
-    denoiser = getattr(pipe, family.denoiser)
-    text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    with torch.no_grad():
-        z = family.noisy_latents(batch, pipe.vae, family.load_noise_scheduler(), torch.float32)
-        base = family.predict(denoiser, z, family.encode_prompts(text_encoders, prompts * repeats))
-        pipe.load_lora_weights(lora_dir)
-        adapted = family.predict(denoiser, z, family.encode_prompts(text_encoders, prompts * repeats))
-    return ((adapted - base) ** 2).mean().item()
+    squared, _ = evaluate_kps.prediction_drift(family, family.load_pipeline(), lora_dir, batch, prompts * repeats)
+    return squared.mean().item()

@@ -747,3 +747,31 @@ def test_two_processes_give_the_same_metrics_as_one(tiny_pipeline, loras, eval_d
         assert row["seed"] == runs[1][key]["seed"]
         for score in ("s_prompt", "s_id", "s_prev", "dino_id", "dino_pres"):
             assert float(row[score]) == pytest.approx(float(runs[1][key][score]), abs=1e-5), (key, score)
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwenimage", "zimage", "flux2_klein"])
+def test_adapters_of_the_transformer_families_are_scored(family, request, instance_dir, eval_data_dir, tiny_clip,
+                                                         tiny_dino, tmp_path):
+    """A LoRA trained on SD3, Qwen-Image, Z-Image or FLUX.2 [klein] loads into its pipeline and is scored beside the
+    base model; the images with it differ from the base model's."""
+    from conftest import FAMILY_FIXTURES, offered, run_train_cat_lora, train_args
+    from PIL import Image
+
+    pipeline = request.getfixturevalue(FAMILY_FIXTURES[family])
+    lora = tmp_path / "lora"
+    run_train_cat_lora(train_args(pipeline, instance_dir, lora, *offered(pipeline, "--train_text_encoder"),
+                                  "--learning_rate", "1e-2", steps=3))
+    out = tmp_path / "gen"
+    metrics = ek.main([
+        "--pretrained_model_name_or_path", str(pipeline), "--eval_data_dir", str(eval_data_dir),
+        "--trigger_token", TRIGGER, "--lora", f"cat={lora}", "--lora", "base=none", "--num_images_per_prompt", "1",
+        "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "1", "--batch_size", "2",
+        "--output_dir", str(out), *clip_args(tiny_clip, tiny_dino),
+    ])
+    assert list(metrics) == ["cat", "base"]
+    assert all(np.isfinite(value) for scores in metrics.values() for value in scores.values()
+               if isinstance(value, float))
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    first = {p["adapter"]: np.asarray(Image.open(out / p["with_trigger"]), dtype=np.float32)
+             for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
+    assert np.abs(first["cat"] - first["base"]).max() > 0  # the LoRA was applied

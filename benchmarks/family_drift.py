@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""How much CAT lowers the drift of trigger-less predictions, per model family, on the tiny random pipelines.
+
+For each family: the tiny pipeline of ``examples/tiny_pipeline.py``, two adapters trained with the same command
+(``--cat_alpha 0``, plain LoRA, and ``--cat_alpha 1``; ``--train_text_encoder`` where the family offers it) on
+the teapot images of ``examples/sks_teapot``, and
+
+- drift: mean ``||pred_adapted(y) - pred_base(y)||^2`` on trigger-less prompts at fixed noisy latents
+  (``evaluate_kps.prediction_drift``), for each adapter, and their ratio LoRA / CAT;
+- what the base model does with text, at the same noisy latents: how much inserting the trigger moves its
+  prediction (``||pred(y_T) - pred(y)||^2 / ||pred(y)||^2``) and how much another object word does
+  ("teapot" -> "dog"). A model whose prediction hardly depends on the prompt cannot keep y's prediction while
+  moving y_T's: the two terms of Eq. 3 then pull against each other and CAT buys less.
+
+Extra settings (``--variants``) repeat a family with other flags, e.g. Flux.1 without the CLIP LoRA. Run from the
+repository root (about 10-20 s per training on 2 CPU cores):
+
+    python benchmarks/family_drift.py --output_dir outputs/family-drift
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "examples"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import evaluate_kps  # noqa: E402
+import train_cat_lora as T  # noqa: E402
+from tiny_pipeline import BUILDERS  # noqa: E402
+
+IMAGES = ROOT / "examples" / "sks_teapot"
+PROMPTS = ["a photo of teapot", "a teapot"]  # y: the training caption without its trigger, and a shorter one
+TOKENS = 16  # --max_sequence_length of the long text encoders (their prompts here are a few words)
+# family key -> extra flags of each variant (the first, empty, is the protocol itself)
+VARIANTS = {"flux": {"no text-encoder LoRA": ["--no_text_encoder"], "logit-normal timesteps":
+                     ["--weighting_scheme", "logit_normal"]}}
+
+
+def reset_accelerate_state() -> None:
+    """Forget the previous in-process run's accelerate state, so the next run starts like a new process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], steps: int, learning_rate: str) -> Path:
+    if (output_dir / "pytorch_lora_weights.safetensors").is_file():
+        return output_dir  # trained before with these settings
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
+    text_encoder = family.trainable_text_encoders and "--no_text_encoder" not in extra
+    argv = ["--pretrained_model_name_or_path", pipeline, "--instance_data_dir", str(IMAGES),
+            "--instance_prompt", "a photo of sks teapot", "--trigger_token", "sks", "--cat_alpha", cat_alpha,
+            "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
+            "--learning_rate", learning_rate, "--seed", "0", "--report_to", "none", "--max_sequence_length",
+            str(TOKENS), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
+            *(["--train_text_encoder"] if text_encoder else []), *[f for f in extra if f != "--no_text_encoder"]]
+    reset_accelerate_state()
+    T.main(argv)
+    return output_dir
+
+
+def fixed_batch(rows: int, resolution: int = 32) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.rand(rows, 3, resolution, resolution, generator=generator) * 2 - 1,
+            "noise_seeds": torch.randint(0, 2**62, (rows,), generator=generator),
+            "original_sizes": torch.full((rows, 2), resolution), "crops_top_left": torch.zeros(rows, 2)}
+
+
+def text_sensitivity(family, pipe, batch: dict, prompts: list[str], others: list[str]) -> float:
+    """mean ||pred(others) - pred(prompts)||^2 / ||pred(prompts)||^2 of the base model at the batch's z_t."""
+    denoiser = getattr(pipe, family.denoiser)
+    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
+    with torch.no_grad():
+        z = family.noisy_latents(batch, pipe.vae, family.load_noise_scheduler(), torch.float32)
+        reference = family.predict(denoiser, z, family.encode_prompts(encoders, prompts))
+        moved = family.predict(denoiser, z, family.encode_prompts(encoders, others))
+    return T.relative_drift(moved, reference).mean().item()
+
+
+def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str) -> dict:
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
+                                      max_sequence_length=TOKENS, weighting_scheme=None))
+    repeats = 4
+    batch = fixed_batch(len(PROMPTS) * repeats)
+    prompts = PROMPTS * repeats
+    with_trigger = [prompt.replace("teapot", "sks teapot") for prompt in prompts]
+    other_object = [prompt.replace("teapot", "dog") for prompt in prompts]
+    pipe = family.load_pipeline()
+    row = {"family": family.label, "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
+           "object_sensitivity": text_sensitivity(family, pipe, batch, prompts, other_object)}
+    for alpha in ("0", "1"):
+        out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate)
+        squared, relative = evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, prompts)
+        row[f"drift_alpha{alpha}"] = squared.mean().item()
+        row[f"relative_drift_alpha{alpha}"] = relative.mean().item()
+    row["lora_over_cat"] = row["drift_alpha0"] / row["drift_alpha1"]
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="where adapters are kept (reused when present); default: a temporary folder")
+    parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--variants", action="store_true", help="also the extra settings of VARIANTS")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--learning_rate", default="1e-3")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.output_dir or Path(scratch)
+        for key in args.families:
+            pipeline = BUILDERS[key](work / f"tiny-{key}")
+            settings = {"": []}
+            if args.variants:
+                settings.update(VARIANTS.get(key, {}))
+            for name, extra in settings.items():
+                folder = work / f"{key}-{'-'.join(name.split()) or 'protocol'}"
+                row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate)
+                rows.append({**row, "setting": name or "protocol"})
+    print("| family | setting | trigger moves base pred | 'teapot'->'dog' moves base pred | drift LoRA | drift CAT | "
+          "LoRA / CAT |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['family']} | {row['setting']} | {row['trigger_sensitivity']:.2e} | "
+              f"{row['object_sensitivity']:.2e} | {row['drift_alpha0']:.2e} | {row['drift_alpha1']:.2e} | "
+              f"{row['lora_over_cat']:.1f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
