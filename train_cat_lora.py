@@ -1326,8 +1326,11 @@ class ModelFamily(ABC):
     long_tokenizer = None  # the tokenizer that reads --max_sequence_length tokens (T5, Qwen, ...)
     default_weighting_scheme = "none"  # --weighting_scheme of the family's diffusers script
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, partial: bool = False, **kwargs):
+        """``partial=True``: a base that families share pieces through; the check waits for its subclasses."""
         super().__init_subclass__(**kwargs)
+        if partial:
+            return
         missing = [name for name in cls.REQUIRED if not hasattr(cls, name)]
         missing += [name for name in ("encode_prompts", "predict", "lora_targets")
                     if getattr(getattr(cls, name), "__isabstractmethod__", False)]
@@ -1750,9 +1753,9 @@ def pad_rows(rows: list, length: int) -> tuple:
     """Variable-length (tokens, width) rows -> (batch, length, width) zero-padded, and the (batch, length) mask."""
     embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
     mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
-    for row, (embed, keep) in enumerate(zip(rows, ((r, r.shape[0]) for r in rows))):
-        embeds[row, :keep[1]] = embed
-        mask[row, :keep[1]] = True
+    for number, row in enumerate(rows):
+        embeds[number, :len(row)] = row
+        mask[number, :len(row)] = True
     return embeds, mask
 
 
@@ -1760,28 +1763,36 @@ def pad_rows(rows: list, length: int) -> tuple:
 ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-class QwenImageFamily(ModelFamily):
-    """Qwen-Image as diffusers' ``train_dreambooth_lora_qwen_image.py``: the pipeline's own prompt encoding (Qwen2.5-VL
-    under its prompt template, the template's tokens dropped, with the attention mask), its video VAE's latents
-    normalized per channel, 2x2-packed for the transformer with their shapes, flow matching with sigma as timestep."""
+class LanguageModelFamily(ModelFamily, partial=True):
+    """What the families with one language-model text encoder share (Qwen-Image, Z-Image, FLUX.2): flow matching,
+    prompts of up to --max_sequence_length tokens, a quantized base where asked, and, as diffusers' scripts, no
+    text-encoder LoRA, no pivotal tuning (the new tokens would need rows in a large vocabulary read by every
+    prompt) and no kohya layout."""
 
-    label = "Qwen-Image"
-    pipeline_class = QwenImagePipeline
     denoiser = "transformer"
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
     objective_class = FlowMatchingObjective
-    flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
-    trainable_text_encoders = ()  # diffusers' script trains no text encoder
+    trainable_text_encoders = ()
     embedding_file_keys = {}
     kohya_layout = None
-    hub_tag = "qwen-image"
     loads_quantized = True
     default_max_sequence_length = 512
     long_tokenizer = "tokenizer"
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
+
+
+class QwenImageFamily(LanguageModelFamily):
+    """Qwen-Image as diffusers' ``train_dreambooth_lora_qwen_image.py``: the pipeline's own prompt encoding (Qwen2.5-VL
+    under its prompt template, the template's tokens dropped, with the attention mask), its video VAE's latents
+    normalized per channel, 2x2-packed for the transformer with their shapes, flow matching with sigma as timestep."""
+
+    label = "Qwen-Image"
+    pipeline_class = QwenImagePipeline
+    flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
+    hub_tag = "qwen-image"
 
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
         # Padded to --max_sequence_length (the pipeline pads to the longest prompt): one shape for every call, so
@@ -1816,28 +1827,15 @@ class QwenImageFamily(ModelFamily):
         return QwenImagePipeline._unpack_latents(pred, height, width, 1)  # scale 1: latent units
 
 
-class ZImageFamily(ModelFamily):
+class ZImageFamily(LanguageModelFamily):
     """Z-Image as diffusers' ``train_dreambooth_lora_z_image.py``: the pipeline's own prompt encoding (Qwen3 under its
     chat template, penultimate layer, padding removed), the VAE posterior's mode, a transformer that takes lists of
     images and captions with the time running from noise (0) to clean (1) and predicts the negated flow."""
 
     label = "Z-Image"
     pipeline_class = ZImagePipeline
-    denoiser = "transformer"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    objective_class = FlowMatchingObjective
     flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
-    trainable_text_encoders = ()  # diffusers' script trains no text encoder
-    embedding_file_keys = {}
-    kohya_layout = None
     hub_tag = "z-image"
-    loads_quantized = True
-    default_max_sequence_length = 512
-    long_tokenizer = "tokenizer"
-
-    def lora_targets(self, component: str, model=None) -> list[str]:
-        return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
 
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
         device = device_of(text_encoders["text_encoder"])
@@ -1859,7 +1857,7 @@ class ZImageFamily(ModelFamily):
         return -torch.stack(pred).squeeze(2)
 
 
-class Flux2KleinFamily(ModelFamily):
+class Flux2KleinFamily(LanguageModelFamily):
     """FLUX.2 [klein] as diffusers' ``train_dreambooth_lora_flux2_klein.py``: the pipeline's own prompt encoding (Qwen3
     under its chat template, hidden states of --text_encoder_out_layers stacked), the VAE posterior's mode patchified
     2x2 and normalized by the VAE's batch-norm statistics, packed with 4-D position ids; flow matching with sigma as
@@ -1867,18 +1865,8 @@ class Flux2KleinFamily(ModelFamily):
 
     label = "FLUX.2 [klein]"
     pipeline_class = Flux2KleinPipeline
-    denoiser = "transformer"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    objective_class = FlowMatchingObjective
     flags = ("max_sequence_length", "guidance_scale", "lora_layers", "upcast_before_saving", "text_encoder_out_layers")
-    trainable_text_encoders = ()  # diffusers' script trains no text encoder
-    embedding_file_keys = {}
-    kohya_layout = None
     hub_tag = "flux2-klein"
-    loads_quantized = True
-    default_max_sequence_length = 512
-    long_tokenizer = "tokenizer"
 
     def out_layers(self) -> tuple:
         """--text_encoder_out_layers, or the pipeline's own (diffusers' script defaults to 10, 20, 30, which the

@@ -26,6 +26,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "examples"):
@@ -53,7 +54,8 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], steps: int, learning_rate: str) -> Path:
+def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], steps: int, learning_rate: str,
+          seed: int = 0) -> Path:
     if (output_dir / "pytorch_lora_weights.safetensors").is_file():
         return output_dir  # trained before with these settings
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
@@ -61,7 +63,7 @@ def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], ste
     argv = ["--pretrained_model_name_or_path", pipeline, "--instance_data_dir", str(IMAGES),
             "--instance_prompt", "a photo of sks teapot", "--trigger_token", "sks", "--cat_alpha", cat_alpha,
             "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
-            "--learning_rate", learning_rate, "--seed", "0", "--report_to", "none", "--max_sequence_length",
+            "--learning_rate", learning_rate, "--seed", str(seed), "--report_to", "none", "--max_sequence_length",
             str(TOKENS), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
             *(["--train_text_encoder"] if text_encoder else []), *[f for f in extra if f != "--no_text_encoder"]]
     reset_accelerate_state()
@@ -87,7 +89,14 @@ def text_sensitivity(family, pipe, batch: dict, prompts: list[str], others: list
     return T.relative_drift(moved, reference).mean().item()
 
 
-def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str) -> dict:
+def lora_part(lora_dir: Path, component: str) -> dict:
+    """The layers of one pipeline component (``transformer``, ``text_encoder``, ...) of a saved LoRA."""
+    state = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    return {key: value for key, value in state.items() if key.split(".")[0] == component}
+
+
+def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str,
+            seed: int = 0) -> dict:
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
                                       max_sequence_length=TOKENS, weighting_scheme=None))
     repeats = 4
@@ -99,10 +108,18 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
     row = {"family": family.label, "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
            "object_sensitivity": text_sensitivity(family, pipe, batch, prompts, other_object)}
     for alpha in ("0", "1"):
-        out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate)
+        out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate, seed)
         squared, relative = evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, prompts)
         row[f"drift_alpha{alpha}"] = squared.mean().item()
         row[f"relative_drift_alpha{alpha}"] = relative.mean().item()
+        trained = {name.split(".")[0] for name in load_file(out / "pytorch_lora_weights.safetensors")}
+        if len(trained) > 1:  # which part of the adapter moves the trigger-less predictions
+            for part in (family.denoiser, "text_encoders"):
+                state = {}
+                for component in ([part] if part == family.denoiser else sorted(trained - {family.denoiser})):
+                    state.update(lora_part(out, component))
+                squared, _ = evaluate_kps.prediction_drift(family, family.load_pipeline(), state, batch, prompts)
+                row[f"drift_alpha{alpha}_{part}_only"] = squared.mean().item()
     row["lora_over_cat"] = row["drift_alpha0"] / row["drift_alpha1"]
     return row
 
@@ -115,6 +132,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", action="store_true", help="also the extra settings of VARIANTS")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--learning_rate", default="1e-3")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -127,16 +145,24 @@ def main(argv=None) -> list[dict]:
             if args.variants:
                 settings.update(VARIANTS.get(key, {}))
             for name, extra in settings.items():
-                folder = work / f"{key}-{'-'.join(name.split()) or 'protocol'}"
-                row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate)
-                rows.append({**row, "setting": name or "protocol"})
-    print("| family | setting | trigger moves base pred | 'teapot'->'dog' moves base pred | drift LoRA | drift CAT | "
-          "LoRA / CAT |")
-    print("|---|---|---|---|---|---|---|")
+                for seed in args.seeds:
+                    folder = work / f"{key}-{'-'.join(name.split()) or 'protocol'}" / f"seed{seed}"
+                    row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate, seed)
+                    rows.append({**row, "setting": name or "protocol", "seed": seed})
+    print("| family | setting | seed | trigger moves base pred | 'teapot'->'dog' moves base pred | drift LoRA | "
+          "drift CAT | LoRA / CAT | LoRA: denoiser part / text-encoder part | CAT: denoiser part / text-encoder part |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def parts(row, alpha):
+        denoiser = next((v for k, v in row.items() if k.startswith(f"drift_alpha{alpha}_") and "text" not in k), None)
+        if denoiser is None:
+            return "-"
+        return f"{denoiser:.2e} / {row[f'drift_alpha{alpha}_text_encoders_only']:.2e}"
+
     for row in rows:
-        print(f"| {row['family']} | {row['setting']} | {row['trigger_sensitivity']:.2e} | "
+        print(f"| {row['family']} | {row['setting']} | {row['seed']} | {row['trigger_sensitivity']:.2e} | "
               f"{row['object_sensitivity']:.2e} | {row['drift_alpha0']:.2e} | {row['drift_alpha1']:.2e} | "
-              f"{row['lora_over_cat']:.1f}x |")
+              f"{row['lora_over_cat']:.1f}x | {parts(row, 0)} | {parts(row, 1)} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows
