@@ -96,7 +96,7 @@ def lora_part(lora_dir: Path, component: str) -> dict:
 
 
 def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str,
-            seed: int = 0) -> dict:
+            seed: int = 0, cat_alpha: str = "1") -> dict:
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
                                       max_sequence_length=TOKENS, weighting_scheme=None))
     repeats = 4
@@ -107,9 +107,10 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
     pipe = family.load_pipeline()
     row = {"family": family.label, "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
            "object_sensitivity": text_sensitivity(family, pipe, batch, prompts, other_object)}
-    for alpha in ("0", "1"):
+    for alpha in ("0", cat_alpha):
         out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate, seed)
         squared, relative = evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, prompts)
+        alpha = "0" if alpha == "0" else "1"  # the row's names: LoRA (0) and CAT (1)
         row[f"drift_alpha{alpha}"] = squared.mean().item()
         row[f"relative_drift_alpha{alpha}"] = relative.mean().item()
         trained = {name.split(".")[0] for name in load_file(out / "pytorch_lora_weights.safetensors")}
@@ -121,6 +122,7 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
                 squared, _ = evaluate_kps.prediction_drift(family, family.load_pipeline(), state, batch, prompts)
                 row[f"drift_alpha{alpha}_{part}_only"] = squared.mean().item()
     row["lora_over_cat"] = row["drift_alpha0"] / row["drift_alpha1"]
+    row["cat_alpha"] = cat_alpha
     return row
 
 
@@ -133,6 +135,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--learning_rate", default="1e-3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--cat_alpha", default="1", help="--cat_alpha of the CAT adapter")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -147,7 +150,7 @@ def main(argv=None) -> list[dict]:
             for name, extra in settings.items():
                 for seed in args.seeds:
                     folder = work / f"{key}-{'-'.join(name.split()) or 'protocol'}" / f"seed{seed}"
-                    row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate, seed)
+                    row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate, seed, args.cat_alpha)
                     rows.append({**row, "setting": name or "protocol", "seed": seed})
     print("| family | setting | seed | trigger moves base pred | 'teapot'->'dog' moves base pred | drift LoRA | "
           "drift CAT | LoRA / CAT | LoRA: denoiser part / text-encoder part | CAT: denoiser part / text-encoder part |")
@@ -160,7 +163,8 @@ def main(argv=None) -> list[dict]:
         return f"{denoiser:.2e} / {row[f'drift_alpha{alpha}_text_encoders_only']:.2e}"
 
     for row in rows:
-        print(f"| {row['family']} | {row['setting']} | {row['seed']} | {row['trigger_sensitivity']:.2e} | "
+        print(f"| {row['family']} | {row['setting']}{'' if row['cat_alpha'] == '1' else ', CAT alpha ' + row['cat_alpha']}"
+              f" | {row['seed']} | {row['trigger_sensitivity']:.2e} | "
               f"{row['object_sensitivity']:.2e} | {row['drift_alpha0']:.2e} | {row['drift_alpha1']:.2e} | "
               f"{row['lora_over_cat']:.1f}x | {parts(row, 0)} | {parts(row, 1)} |")
     if args.json:
