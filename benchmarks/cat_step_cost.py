@@ -691,7 +691,8 @@ class Bench:
             result["cuda_peak_total"] = torch.cuda.max_memory_allocated()
             result["cuda_other_optimizers"] = sum(
                 value.untyped_storage().nbytes() for name, optimizer in self.optimizers.items() if name != config
-                for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value))
+                for state in optimizer.state.values() for value in state.values()
+                if torch.is_tensor(value) and value.device.type == "cuda")
         return result
 
 
@@ -1043,6 +1044,14 @@ def check_args(args) -> list[str]:
     return configs
 
 
+def quiet_logging() -> None:
+    """Keep the report readable: no per-model dtype warnings or weight-loading progress bars."""
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def make_bench(model_path: str, args, random_weights: bool = False) -> Bench:
     """``Bench``, with the training script's refusals (e.g. the quantized loader without a GPU) as one line, exit 2."""
     try:
@@ -1084,11 +1093,7 @@ def measure(bench: Bench, configs: list[str], steps: int, warmup: int, phase_ste
 def main(argv=None) -> dict:
     """Run the benchmark; print (and with --output, save) the table; return the per-configuration results."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Keep the report readable: no per-model dtype warnings or weight-loading progress bars.
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_logging()
     args = build_parser().parse_args(argv)
     configs = check_args(args)
     if args.threads:
