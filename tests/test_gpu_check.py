@@ -73,6 +73,8 @@ def test_smoke_runs_every_item_on_the_cpu_and_writes_json_and_markdown(tmp_path)
                 every * 1e3 / ((every - 1) * lora["time_ms"] + lean["time_ms"]))
         assert f"## {name}\n" in markdown and f"| {name} | {rows['lora']['steps_per_s']:.2f} |" in markdown
         assert len(item_lines(done.stdout, name)) == 1
+        if name.endswith("-gc") and name[:-3] in measured:  # checkpointing switched on the same build
+            assert rows["lora"]["saved_bytes"] < measured[name[:-3]]["summary"]["lora"]["saved_bytes"]
     for number, name in enumerate(plan, 1):
         assert re.search(rf"^\| {number} \| {re.escape(name)} \| {re.escape(report['items'][name]['status'])} \|",
                          markdown, re.M), name
