@@ -717,9 +717,10 @@ def format_markdown(report: dict) -> str:
               f"- {machine_line(machine)}",
               f"- Each item: {subject} prepared and stepped by train_cat_lora.py's own code (cat_step_cost.Bench, "
               "training_step); bf16 base, float32 LoRA under autocast, batch 1; steps/s = 1 / median step time "
-              "over interleaved timed rounds (full optimizer step); peak = torch.cuda.max_memory_allocated over one step (weights, AdamW state, activations; the other "
-              "configurations' AdamW state subtracted; the CUDA context, ~0.5 GiB, is not in it); --cat_every N is "
-              "derived from the measured lora and cat-lean steps", ""]
+              "over interleaved timed rounds (full optimizer step); peak = torch.cuda.max_memory_allocated over one "
+              "step (weights, AdamW state, activations; the other configurations' AdamW state subtracted; the CUDA "
+              "context, ~0.5 GiB, is not in it); --cat_every N is derived from the measured lora and cat-lean steps",
+              ""]
     lines += ["| # | item | status | seconds | estimated s | note |", "|---|---|---|---|---|---|"]
     for number, planned in enumerate(report["plan"], 1):
         record = report["items"].get(planned["name"], {"status": "not run yet"})

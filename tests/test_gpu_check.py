@@ -73,8 +73,13 @@ def test_smoke_runs_every_item_on_the_cpu_and_writes_json_and_markdown(tmp_path)
                 every * 1e3 / ((every - 1) * lora["time_ms"] + lean["time_ms"]))
         assert f"## {name}\n" in markdown and f"| {name} | {rows['lora']['steps_per_s']:.2f} |" in markdown
         assert len(item_lines(done.stdout, name)) == 1
-        if name.endswith("-gc") and name[:-3] in measured:  # checkpointing switched on the same build
-            assert rows["lora"]["saved_bytes"] < measured[name[:-3]]["summary"]["lora"]["saved_bytes"]
+    # One model build per model: its second item (the other checkpointing setting) reuses the first's.
+    for first, second in zip(plan, plan[1:]):
+        if second in measured and first in measured and second.removesuffix("-gc") == first.removesuffix("-gc"):
+            assert "build" in measured[first] and "build" not in measured[second]
+            gc_on, gc_off = (second, first) if second.endswith("-gc") else (first, second)
+            held = {name: measured[name]["summary"]["lora"]["saved_bytes"] for name in (gc_on, gc_off)}
+            assert held[gc_on] < held[gc_off]  # checkpointing was switched on that build
     for number, name in enumerate(plan, 1):
         assert re.search(rf"^\| {number} \| {re.escape(name)} \| {re.escape(report['items'][name]['status'])} \|",
                          markdown, re.M), name
@@ -153,8 +158,8 @@ def test_a_crashing_item_prints_one_line_and_the_rest_goes_on(tmp_path, capsys, 
 
 def test_an_item_over_its_time_is_stopped_and_its_worker_killed(tmp_path, monkeypatch):
     pid_file = tmp_path / "pid"
-    monkeypatch.setattr(G, "worker_command", lambda: [
-        sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"])
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(G, "worker_command", lambda: [sys.executable, "-c", hang])
     (tmp_path / "logs").mkdir()
     run = G.Run(Namespace(budget_s=3.0, smoke=True), G.ASSUMED["cpu"], tmp_path, time.monotonic())
     item = G.Item(name="hang", kind="measure", what="", model="tiny", build_key="tiny")
@@ -284,3 +289,25 @@ def test_without_a_gpu_the_gpu_run_and_the_cuda_tests_refuse_in_one_line(tmp_pat
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda",
                            str(ROOT / "tests" / "test_trigger.py")], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 4 and "--device cuda: torch" in done.stderr and "sees no CUDA device" in done.stderr
+
+
+def test_device_cuda_runs_the_any_device_tests_and_skips_the_others(tmp_path):
+    """pytest --device cuda, with torch told a GPU is there (a plugin loaded before conftest.py): the any_device
+    tests are the family-generic ones gpu_check.sh runs, once per family, and every other test is skipped."""
+    (tmp_path / "pretend_cuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    pytest_cuda = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pretend_cuda", "--device",
+                   "cuda"]
+    collected = subprocess.run(pytest_cuda + ["--collect-only", "-m", "any_device", *G.DEVICE_TESTS],
+                               capture_output=True, text=True, cwd=ROOT, env=env)
+    tests = {line.split("[")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert tests == {"tests/test_train_cat_lora.py::test_alpha_zero_run_is_exactly_plain_lora",
+                     "tests/test_train_cat_lora.py::test_lean_and_batched_modes_give_the_same_gradients",
+                     "tests/test_reliability.py::test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical"}
+    from conftest import FAMILY_FIXTURES
+
+    assert sum("::" in line for line in collected.stdout.splitlines()) == 5 * len(FAMILY_FIXTURES)
+    others = subprocess.run(pytest_cuda + ["-rs", str(ROOT / "tests" / "test_trigger.py")], capture_output=True,
+                            text=True, cwd=ROOT, env=env)
+    assert others.returncode == 0 and " passed" not in others.stdout
+    assert "skipped" in others.stdout and "written for the CPU: run it with --device cpu" in others.stdout
