@@ -790,10 +790,17 @@ def describe_machine() -> dict:
         except PackageNotFoundError:
             machine[name] = "not installed"
     if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        machine.update(device=f"cuda:0 {properties.name}", gpu_memory_gib=properties.total_memory / GIB,
-                       capability=f"{properties.major}.{properties.minor}", gpus=torch.cuda.device_count(),
-                       cudnn=torch.backends.cudnn.version())
+        # Asked in a child process: a CUDA context here would hold GPU memory the items need for the whole run.
+        query = ("import json, torch; p = torch.cuda.get_device_properties(0); print(json.dumps({'name': p.name, "
+                 "'memory': p.total_memory, 'capability': f'{p.major}.{p.minor}', 'gpus': torch.cuda.device_count(), "
+                 "'cudnn': torch.backends.cudnn.version()}))")
+        try:
+            found = json.loads(subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
+                                              timeout=120).stdout.strip().splitlines()[-1])
+            machine.update(device=f"cuda:0 {found['name']}", gpu_memory_gib=found["memory"] / GIB,
+                           capability=found["capability"], gpus=found["gpus"], cudnn=found["cudnn"])
+        except (OSError, subprocess.TimeoutExpired, IndexError, ValueError, KeyError):
+            machine["device"] = "cuda (its properties could not be read)"
         try:
             machine["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
@@ -876,7 +883,7 @@ def main(argv=None) -> int:
     import cat_step_cost
 
     cat_step_cost.quiet_logging()
-    if not (args.smoke or args.dry_run) and not machine.get("gpu_memory_gib"):
+    if not (args.smoke or args.dry_run) and not machine["device"].startswith("cuda"):
         fail("no CUDA device visible to torch: run with --smoke on a CPU, or --dry_run to see the GPU plan")
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     out = Path(args.out) if args.out else None

@@ -13,7 +13,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 python="${PYTHON:-python3}"
-if ! "$python" -c 'import torch, diffusers, transformers, peft, accelerate, pytest' 2>/dev/null; then
+needs='import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("torch", "diffusers", "transformers", "peft", "accelerate", "pytest")))'
+if ! "$python" -c "$needs" 2>/dev/null; then
   source "$root/examples/venv.sh"
   python=python
 fi
