@@ -81,7 +81,7 @@ QUANTIZED_RANK = 16  # the README's Flux.1 24 GB recipe
 SMOKE_RESOLUTION = 32
 ROUNDS = {"cuda": (1, 3), "cpu": (1, 2)}  # (warm-up, timed) rounds per item
 DEVICE_TESTS = ("tests/test_train_cat_lora.py", "tests/test_reliability.py")
-SMOKE_TESTS = "[sd] or [sd-"  # the smoke runs the any_device tests of the first family only
+SMOKE_TESTS = "[sd] or [sd-"  # the smoke runs the any_device tests of one family (its family_pipeline id)
 # Assumed, not measured (they only order and budget the work; see the module docstring). GPU rates are for one
 # large data-centre card; the CPU ones were set from smoke runs on the project's 2-core machine.
 ASSUMED = {
@@ -108,15 +108,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description="One command for a GPU lent for a few minutes: the real architectures' CAT cost and "
+                                "the device-aware tests on the GPU, within a time budget (see the module docstring).")
     parser.add_argument("--out", default=None,
                         help="Folder for gpu_check.json, gpu_check.md and logs/ (default: gpu-check-<time> here).")
-    parser.add_argument("--budget_s", default="420", help="Seconds for the whole run; what would not fit is skipped.")
+    parser.add_argument("--budget_s", default="420", help="Seconds for the whole run (default 420); what would not fit is skipped.")
     parser.add_argument("--smoke", action="store_true", help="Run on the CPU with tiny models (checks the script).")
     parser.add_argument("--dry_run", action="store_true", help="Print the plan with estimated times; run nothing.")
     parser.add_argument("--only", default=None, help="Comma-separated item names of the plan to run (others: not run).")
     parser.add_argument("--assumed_tflops", type=float, default=None,
-                        help="Sustained bf16 TFLOP/s assumed by the time estimates (default: ASSUMED).")
+                        help="Sustained TFLOP/s the time estimates assume (default: ASSUMED's, 100 on a GPU).")
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
