@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the device-aware tests on the GPU, within a time budget (see the module docstring).")
     parser.add_argument("--out", default=None,
                         help="Folder for gpu_check.json, gpu_check.md and logs/ (default: gpu-check-<time> here).")
-    parser.add_argument("--budget_s", default="420", help="Seconds for the whole run (default 420); what would not fit is skipped.")
+    parser.add_argument("--budget_s", default="420",
+                        help="Seconds for the whole run (default 420); what would not fit is skipped.")
     parser.add_argument("--smoke", action="store_true", help="Run on the CPU with tiny models (checks the script).")
     parser.add_argument("--dry_run", action="store_true", help="Print the plan with estimated times; run nothing.")
     parser.add_argument("--only", default=None, help="Comma-separated item names of the plan to run (others: not run).")
@@ -364,7 +365,6 @@ class Worker:
     def __init__(self, log_path: Path):
         self.log = open(log_path, "a", encoding="utf-8")
         self.log_path = log_path
-        self.build_key = None
         self.process = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, cwd=ROOT, env=offline_env(),
                                         start_new_session=True)
