@@ -63,12 +63,19 @@ Adding a family (e.g. Flux, whose denoiser is ``transformer``): everything here 
 builds its pipeline folder (a tiny one like ``tiny-sdxl``, or a config-only folder like ``sd15`` for the real
 architecture with random weights).
 
+Flux.1's 24 GB recipe: ``--bnb_quantization_config_path nf4.json`` loads the base transformer through diffusers'
+quantized loader as train_cat_lora.py does (a GPU is needed; with ``--model flux-dev`` the random weights are
+saved into the temporary pipeline folder first, about 24 GB of disk), and ``--pre_compute_text_embeddings``
+encodes the prompts once and drops the text encoders (T5-XXL). ``benchmarks/gpu_check.sh`` runs the real
+architectures this way on a GPU, within a time budget.
+
 Example: ``python benchmarks/cat_step_cost.py --model tiny-sdxl --resolution 32 --steps 20 --output table.md``.
 ``--mixed_precision bf16`` runs the frozen base in bfloat16 with float32 LoRA weights under autocast, as
 ``train_cat_lora.py --mixed_precision bf16`` does.
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -81,7 +88,7 @@ import tempfile
 import time
 from argparse import Namespace
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import import_module
 from pathlib import Path
 from types import SimpleNamespace
@@ -297,21 +304,55 @@ def write_flux_dev_pipeline(out_dir: Path) -> str:
 class RandomWeights:
     """Mixin for a model family: build its denoiser, text encoders and VAE from the configs of the pipeline folder
     (the classes named in ``model_index.json``), with the models' own random initialisation, instead of loading
-    weights. Generic over families: it only reads ``denoiser`` and ``text_encoders``."""
+    weights. Generic over families: it only reads ``denoiser`` and ``text_encoders``.
+
+    ``init_device``: where the random weights are created (``Bench`` sets its device: on a GPU, initialising
+    billions of parameters there takes seconds, on the CPU minutes); the CPU when the device has no room.
+
+    A quantized base (``--bnb_quantization_config_path``, Flux.1): diffusers' quantized loader reads weights from
+    disk only, so the random denoiser is saved into the pipeline folder once (a later Bench on the same folder
+    reuses it) and loaded through the family's own ``load_denoiser``, as train_cat_lora.py loads it.
+    """
+
+    init_device = None
+    SAVED_MARK = ".random-weights-saved"
 
     def random_model(self, component: str):
         folder = Path(self.config.pretrained_model_name_or_path)
         library, class_name = json.loads((folder / "model_index.json").read_text())[component]
         model_class = getattr(import_module(library), class_name)
-        if issubclass(model_class, ModelMixin):
-            return model_class.from_config(model_class.load_config(folder / component))
-        return model_class(model_class.config_class.from_pretrained(folder / component))
+
+        def build():
+            if issubclass(model_class, ModelMixin):
+                return model_class.from_config(model_class.load_config(folder / component))
+            return model_class(model_class.config_class.from_pretrained(folder / component))
+
+        if self.init_device is None or torch.device(self.init_device).type == "cpu":
+            return build()
+        try:
+            with torch.device(self.init_device):
+                return build()
+        except torch.OutOfMemoryError:  # no room on the device: build on the CPU (prepare_models moves it)
+            gc.collect()
+            torch.cuda.empty_cache()
+            return build()
 
     def load_text_encoders(self) -> dict:
         return {name: self.random_model(name) for name in self.text_encoders}
 
     def load_denoiser(self, weight_dtype=None):
-        return self.random_model(self.denoiser)
+        if getattr(self, "quantization", None) is None:
+            return self.random_model(self.denoiser)
+        folder = Path(self.config.pretrained_model_name_or_path) / self.denoiser
+        if not (folder / self.SAVED_MARK).exists():
+            model = self.random_model(self.denoiser)
+            model.save_pretrained(folder, safe_serialization=True)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            (folder / self.SAVED_MARK).touch()  # written last: a save cut short is redone
+        return super().load_denoiser(weight_dtype)
 
     def load_vae(self):
         return self.random_model("vae")
@@ -377,7 +418,8 @@ def resolve_model(model: str, scratch: Path) -> tuple[str, bool]:
 def family_for(model_path: str, args, random_weights: bool = False):
     """The training script's family object for the pipeline at ``model_path`` (bad input: exit 2)."""
     options = Namespace(pretrained_model_name_or_path=model_path, revision=args.revision, variant=args.variant,
-                        resolution=args.resolution, max_sequence_length=args.max_sequence_length)
+                        resolution=args.resolution, max_sequence_length=args.max_sequence_length,
+                        bnb_quantization_config_path=getattr(args, "bnb_quantization_config_path", None))
     try:
         family = T.model_family(options)
     except T.InputError as error:
@@ -437,6 +479,8 @@ class Bench:
     def __init__(self, model_path: str, args, random_weights: bool = False):
         self.args, self.device = args, torch.device(args.device)
         self.family = family_for(model_path, args, random_weights)
+        if random_weights:
+            self.family.init_device = self.device
         # As train_cat_lora.py: the frozen base in the mixed-precision dtype, the LoRA weights in float32.
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
         # The training script's own defaults for every option prepare_models reads, with this benchmark's choices.
@@ -461,11 +505,38 @@ class Bench:
             for p in self.trainable:
                 p.normal_(0, 0.02)
         self.batches = make_batches(args.resolution, args.batch_size)
+        if getattr(args, "pre_compute_text_embeddings", False):
+            # As train_cat_lora.py --pre_compute_text_embeddings: every prompt encoded once by the frozen text
+            # encoders, which then leave memory (T5-XXL alone is ~9.5 GB in bf16).
+            prompts = [p for batch in self.batches.values() for p in batch["prompts"] + batch["cat_prompts"]]
+            self.encode_prompts = T.CachedPromptEncoder(self.encode_prompts, prompts)
+            for name in self.family.text_encoders:
+                del self.models[name]
+            self.text_encoders = {}
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         self.optimizers = {}
         self.lora_layers = [m for name, m in self.denoiser.named_modules() if name.endswith("lora_A.default")]
         # FLOP-counter names of top-level modules (their class names) -> the model they belong to.
         self.model_labels = {type(model).__name__: "text encoders" for model in self.text_encoders.values()}
         self.model_labels[type(self.denoiser).__name__] = "denoiser"
+
+    def set_resolution(self, resolution: int) -> None:
+        """Train on ``resolution`` from now on: new batches (same prompts), and the family's configured size."""
+        self.args.resolution = resolution
+        self.family.config = replace(self.family.config, resolution=resolution)
+        self.batches = make_batches(resolution, self.args.batch_size)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn gradient checkpointing on or off on the adapted models, as prepare_models turns it on."""
+        self.args.gradient_checkpointing = enabled
+        for name in T.adapted_components(self.family, self.args.train_text_encoder):
+            model = self.models[name]
+            if name == self.family.denoiser:
+                model.enable_gradient_checkpointing() if enabled else model.disable_gradient_checkpointing()
+            else:
+                model.gradient_checkpointing_enable() if enabled else model.gradient_checkpointing_disable()
 
     @property
     def torch_models(self) -> list:
@@ -615,6 +686,13 @@ class Bench:
         if cuda:
             self.synchronize()
             result["cuda_peak"] = torch.cuda.max_memory_allocated() - cuda_base
+            # The whole process's peak (weights, optimizer state, activations: what a card must hold, the CUDA
+            # context aside), and the bytes of the other configurations' AdamW state in it (a training run has one).
+            result["cuda_peak_total"] = torch.cuda.max_memory_allocated()
+            result["cuda_other_optimizers"] = sum(
+                value.untyped_storage().nbytes() for name, optimizer in self.optimizers.items() if name != config
+                for state in optimizer.state.values() for value in state.values()
+                if torch.is_tensor(value) and value.device.type == "cuda")
         return result
 
 
@@ -768,7 +846,8 @@ def rss_in_subprocess(args, model_path: str, random_weights: bool, config: str, 
 
 def worker_flags(args) -> list[str]:
     flags = ["--device", args.device, "--resolution", str(args.resolution), "--batch_size", str(args.batch_size),
-             "--rank", str(args.rank), "--mixed_precision", args.mixed_precision]
+             "--rank", str(args.rank), "--mixed_precision", args.mixed_precision,
+             "--max_sequence_length", str(args.max_sequence_length)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
     for name in ("revision", "variant"):
@@ -778,6 +857,10 @@ def worker_flags(args) -> list[str]:
         flags.append("--gradient_checkpointing")
     if args.train_text_encoder:
         flags.append("--train_text_encoder")
+    if args.pre_compute_text_embeddings:
+        flags.append("--pre_compute_text_embeddings")
+    if args.bnb_quantization_config_path:
+        flags += ["--bnb_quantization_config_path", args.bnb_quantization_config_path]
     return flags
 
 
@@ -825,7 +908,9 @@ def format_table(results: dict, meta: dict) -> str:
         f"LoRA on {', '.join(meta['adapted'])}: {meta['trainable'] / 1e6:.3f} M trainable",
         f"- Resolution {meta['resolution']}, batch {meta['batch_size']} instance images, LoRA rank {meta['rank']}, "
         f"gradient checkpointing {meta['gradient_checkpointing']}, text-encoder LoRA {meta['train_text_encoder']}, "
-        f"mixed precision {meta['mixed_precision']}",
+        f"mixed precision {meta['mixed_precision']}"
+        + (f", base quantized ({meta['quantization']})" if meta.get("quantization") else "")
+        + (", text embeddings pre-computed (text encoders dropped)" if meta.get("pre_compute_text_embeddings") else ""),
         f"- Time: full optimizer step (VAE encode, text encode, denoiser passes, backward, grad clip, AdamW), "
         f"median of {meta['steps']} interleaved rounds after {meta['warmup']} warm-up rounds, same seed per round; "
         f"'x LoRA' is the median of per-round ratios",
@@ -919,6 +1004,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
                         help="bf16: frozen base in bfloat16, LoRA weights float32, step under autocast.")
     parser.add_argument("--train_text_encoder", action="store_true", help="Also put a LoRA on the text encoders.")
+    parser.add_argument("--bnb_quantization_config_path", default=None,
+                        help="As train_cat_lora.py (Flux.1): the base transformer loaded quantized by diffusers' "
+                             "bitsandbytes loader (needs a GPU; with a real architecture, the random weights are "
+                             "saved into the temporary pipeline folder first).")
+    parser.add_argument("--pre_compute_text_embeddings", action="store_true",
+                        help="As train_cat_lora.py: encode the prompts once, then drop the text encoders.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="Comma-separated subset of " + ", ".join(CONFIGS) + " (lora is always included).")
@@ -948,59 +1039,81 @@ def check_args(args) -> list[str]:
         fail(f"--resolution {args.resolution} is not divisible by 8 (the VAE downsamples by 8)")
     if args.threads is not None and args.threads < 1:
         fail(f"--threads must be at least 1 (got {args.threads})")
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        fail("--pre_compute_text_embeddings: the text encoders are dropped, so --train_text_encoder cannot adapt them")
     return configs
+
+
+def quiet_logging() -> None:
+    """Keep the report readable: no per-model dtype warnings or weight-loading progress bars."""
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def make_bench(model_path: str, args, random_weights: bool = False) -> Bench:
+    """``Bench``, with the training script's refusals (e.g. the quantized loader without a GPU) as one line, exit 2."""
+    try:
+        return Bench(model_path, args, random_weights)
+    except T.InputError as error:
+        fail(str(error))
+
+
+def measure(bench: Bench, configs: list[str], steps: int, warmup: int, phase_steps: int) -> dict:
+    """{config: results} on ``bench``: one counted step per configuration (FLOPs, saved bytes, denoiser calls, CUDA
+    peak), then ``warmup`` + ``steps`` interleaved timed rounds, then ``phase_steps`` instrumented steps."""
+    results = {name: {} for name in configs}
+    for name in configs:
+        results[name].update(bench.measure_counts(name, seed=1000))
+    times = {name: [] for name in configs}
+    for round_number in range(warmup + steps):
+        # Rotate the order each round so no configuration always runs first (cache, allocator, load).
+        shift = round_number % len(configs)
+        for name in configs[shift:] + configs[:shift]:
+            elapsed = bench.timed_step(name, seed=2000 + round_number)
+            if round_number >= warmup:
+                times[name].append(elapsed)
+    for name in configs:
+        ratios = [t / b for t, b in zip(times[name], times["lora"])]
+        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else times[name] * 3
+        results[name].update(time_ms=statistics.median(times[name]) * 1e3, time_ratio=statistics.median(ratios),
+                             time_q1_ms=q[0] * 1e3, time_q3_ms=q[-1] * 1e3, times_ms=[t * 1e3 for t in times[name]])
+    if phase_steps > 0:
+        runs = {name: [] for name in configs}
+        for round_number in range(phase_steps):
+            for name in configs:
+                runs[name].append(bench.phase_times(name, seed=4000 + round_number))
+        for name in configs:
+            results[name]["phases_ms"] = {key: statistics.median(run[key] for run in runs[name]) * 1e3
+                                          for key in runs[name][0]}
+    return results
 
 
 def main(argv=None) -> dict:
     """Run the benchmark; print (and with --output, save) the table; return the per-configuration results."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Keep the report readable: no per-model dtype warnings or weight-loading progress bars.
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_logging()
     args = build_parser().parse_args(argv)
     configs = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args._rss_worker:  # child process of --rss subprocess
-        bench = Bench(args.model, args, args._random_weights)
+        bench = make_bench(args.model, args, args._random_weights)
         print(json.dumps(rss_of_steps(bench, args._rss_worker, args._rss_steps, seed=1000)))
         return {}
 
     with tempfile.TemporaryDirectory(prefix="cat-step-cost-") as scratch:
         model_path, random_weights = resolve_model(args.model, Path(scratch))
-        bench = Bench(model_path, args, random_weights)
+        bench = make_bench(model_path, args, random_weights)
         meta = {"model": args.model, "family": type(bench.family).__name__.removeprefix("RandomWeights"),
                 "random_weights": random_weights, "denoiser": bench.family.denoiser,
                 "parameters": base_parameter_counts(bench.models),
                 "adapted": T.adapted_components(bench.family, args.train_text_encoder),
-                "trainable": sum(p.numel() for p in bench.trainable)}
-        results = {name: {} for name in configs}
-        for name in configs:
-            results[name].update(bench.measure_counts(name, seed=1000))
-        times = {name: [] for name in configs}
-        for round_number in range(args.warmup + args.steps):
-            # Rotate the order each round so no configuration always runs first (cache, allocator, load).
-            shift = round_number % len(configs)
-            for name in configs[shift:] + configs[:shift]:
-                elapsed = bench.timed_step(name, seed=2000 + round_number)
-                if round_number >= args.warmup:
-                    times[name].append(elapsed)
-        for name in configs:
-            ratios = [t / b for t, b in zip(times[name], times["lora"])]
-            q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else times[name] * 3
-            results[name].update(time_ms=statistics.median(times[name]) * 1e3, time_ratio=statistics.median(ratios),
-                                 time_q1_ms=q[0] * 1e3, time_q3_ms=q[-1] * 1e3, times_ms=[t * 1e3 for t in times[name]])
-        if args.phase_steps > 0:
-            runs = {name: [] for name in configs}
-            for round_number in range(args.phase_steps):
-                for name in configs:
-                    runs[name].append(bench.phase_times(name, seed=4000 + round_number))
-            for name in configs:
-                results[name]["phases_ms"] = {key: statistics.median(run[key] for run in runs[name]) * 1e3
-                                              for key in runs[name][0]}
+                "trainable": sum(p.numel() for p in bench.trainable),
+                "quantization": getattr(bench.family, "quantization", None)}
+        results = measure(bench, configs, args.steps, args.warmup, args.phase_steps)
         rss_steps = max(2, min(args.steps, 3))
         if args.rss == "inprocess":
             for name in configs:
@@ -1020,6 +1133,7 @@ def main(argv=None) -> dict:
                 device=args.device, resolution=args.resolution, batch_size=args.batch_size, rank=args.rank,
                 gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
                 train_text_encoder=args.train_text_encoder, steps=args.steps, warmup=args.warmup,
+                pre_compute_text_embeddings=args.pre_compute_text_embeddings,
                 phase_steps=args.phase_steps)
     table = format_table(results, meta)
     print(table)

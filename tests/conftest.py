@@ -32,6 +32,55 @@ from tiny_pipeline import (  # noqa: E402
 torch.set_num_threads(1)
 
 
+# --device cuda (or CAT_TEST_DEVICE=cuda): the tests marked ``any_device`` run their models on the GPU (tests that
+# train through ``run_training`` get the device from accelerate, as the script does); every other test is written
+# for the CPU and is skipped. The default, cpu, changes nothing on a machine without a GPU; where one is present it
+# keeps the training runs on the CPU (ACCELERATE_USE_CPU). benchmarks/gpu_check.sh runs the cuda set.
+#
+# On a GPU, bit-exactness holds between two runs of the same computation only with deterministic kernels:
+# --device cuda turns on torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8, which cuBLAS
+# needs for it, set before CUDA starts) and turns off TF32, so α = 0 ≡ plain LoRA and the resume after SIGTERM stay
+# bit-exact checks. Lean ≡ batched compares different batch shapes, whose kernels reduce in different orders: that
+# test has a tolerance on cuda (see it).
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default=os.environ.get("CAT_TEST_DEVICE", "cpu"),
+                     help="Run the tests marked any_device on this device (others are skipped on cuda).")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "any_device: the test runs on --device cuda too")
+    device = config.getoption("--device")
+    if device not in ("cpu", "cuda"):  # argparse does not check a default (CAT_TEST_DEVICE)
+        raise pytest.UsageError(f"--device / CAT_TEST_DEVICE: expected cpu or cuda, got {device!r}")
+    os.environ["CAT_TEST_DEVICE"] = device  # also for the subprocesses tests start
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    elif torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        skip = pytest.mark.skip(reason="written for the CPU: run it with --device cpu")
+        for item in items:
+            if item.get_closest_marker("any_device") is None:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the tests marked any_device (--device)."""
+    return torch.device(os.environ.get("CAT_TEST_DEVICE", "cpu"))
+
+
 TINY_CLIP_CONFIG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

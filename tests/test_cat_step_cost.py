@@ -261,3 +261,32 @@ def test_toy_model_alias_and_bf16_halve_the_bytes_saved_for_backward():
     assert dtypes["bf16"] == ({torch.bfloat16}, {torch.float32})  # frozen base in bf16, LoRA weights float32
     # Activations are saved in bfloat16 (2 bytes instead of 4); a few float32 tensors (losses, norms) remain.
     assert 0.4 * saved["no"] < saved["bf16"] < 0.7 * saved["no"]
+
+
+def test_pre_computed_text_embeddings_drop_the_text_encoders(tiny_flux_pipeline):
+    """--pre_compute_text_embeddings (the Flux.1 24 GB recipe of benchmarks/gpu_check.sh): the prompts are encoded
+    once, the text encoders leave the bench, and a step runs no text encoder (the frozen pass still no LoRA)."""
+    args = B.build_parser().parse_args(["--resolution", "32", "--batch_size", "1", "--pre_compute_text_embeddings"])
+    bench = B.Bench(tiny_flux_pipeline, args)
+    assert bench.text_encoders == {} and not set(bench.family.text_encoders) & set(bench.models)
+    counts = bench.measure_counts("cat-lean", seed=1)
+    assert "text encoders" not in counts["flops_by_model"] and counts["flops_by_model"]["denoiser"] > 0
+    assert counts["lora_calls_in_frozen"] == 0 and counts["saved_left"] == 0
+    with pytest.raises(SystemExit):
+        B.check_args(B.build_parser().parse_args(["--pre_compute_text_embeddings", "--train_text_encoder"]))
+
+
+def test_bench_changes_resolution_and_checkpointing_in_place(tiny_pipeline):
+    """gpu_check.py measures several resolutions and both checkpointing settings on one model build."""
+    args = B.build_parser().parse_args(["--resolution", "32", "--batch_size", "1"])
+    bench = B.Bench(tiny_pipeline, args)
+    plain = bench.measure_counts("lora", seed=1)
+    bench.set_gradient_checkpointing(True)
+    assert bench.denoiser.is_gradient_checkpointing
+    checkpointed = bench.measure_counts("lora", seed=1)
+    assert checkpointed["saved_peak"] < plain["saved_peak"] and checkpointed["flops"] > plain["flops"]
+    bench.set_gradient_checkpointing(False)
+    bench.set_resolution(64)
+    assert bench.batches[False]["pixel_values"].shape[-1] == 64 and bench.family.config.resolution == 64
+    larger = bench.measure_counts("lora", seed=1)
+    assert larger["flops_by_model"]["denoiser"] > 3 * plain["flops_by_model"]["denoiser"]
