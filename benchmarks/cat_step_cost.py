@@ -41,6 +41,8 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
     small       tiny with a (64, 128, 128) U-Net
     tiny-sdxl   the tests' tiny SDXL pipeline (two CLIP encoders of different widths)
     tiny-flux   the tests' tiny Flux.1 pipeline (one double- and one single-stream block, CLIP and a tiny T5)
+    tiny-sd3, tiny-qwenimage, tiny-zimage, tiny-flux2-klein, tiny-flux2
+                the tests' tiny SD3, Qwen-Image, Z-Image, FLUX.2 [klein] and FLUX.2 [dev] pipelines
     flux-dev    the real Flux.1-dev architecture (transformer 11.9 B parameters, T5-XXL encoder 4.8 B, CLIP-L,
                 16-channel VAE) from its configs with random weights; needs a GPU with room for it (bf16: about
                 33 GB for the random weights alone; run with --mixed_precision bf16 --max_sequence_length 512)
@@ -110,6 +112,7 @@ for _path in (ROOT, ROOT / "examples"):
 import train_cat_lora as T  # noqa: E402
 from flux_memory_budget import FLUX_DEV  # noqa: E402
 from tiny_pipeline import (  # noqa: E402
+    BUILDERS,
     build_clip_tokenizer,
     build_t5_tokenizer,
     build_tiny_flux_pipeline,
@@ -401,6 +404,9 @@ MODELS = {
     "small": ModelChoice(lambda scratch: build_small_pipeline(scratch / "small-sd")),
     "tiny-sdxl": ModelChoice(lambda scratch: build_tiny_sdxl_pipeline(scratch / "tiny-sdxl")),
     "tiny-flux": ModelChoice(lambda scratch: build_tiny_flux_pipeline(scratch / "tiny-flux")),
+    # The newer families' tiny pipelines (examples/tiny_pipeline.py), as the tests build them.
+    **{f"tiny-{key.replace('_', '-')}": ModelChoice(lambda scratch, key=key: BUILDERS[key](scratch / f"tiny-{key}"))
+       for key in ("sd3", "qwenimage", "zimage", "flux2_klein", "flux2")},
     "toy": ModelChoice(committed_toy_model),
     "sd15": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sd15"], scratch / "sd15"), True),
     "sdxl": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sdxl"], scratch / "sdxl"), True),
