@@ -64,6 +64,8 @@ from diffusers import (
     ZImagePipeline,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input as flux2_format_input
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     _collate_lora_metadata,
@@ -971,9 +973,10 @@ def warn_about_triggers(tokenizer, triggers: list[str]) -> None:
                            "it means everywhere. Prefer a rare token such as 'sks'")
 
 
-def check_caption_lengths(tokenizer, examples: list[Example], notes: dict) -> None:
-    """Note captions longer than the text encoder's limit; refuse one whose trigger would be cut off."""
-    limit = tokenizer.model_max_length - 2  # room for the start and end tokens
+def check_caption_lengths(tokenizer, examples: list[Example], notes: dict, limit: int | None = None) -> None:
+    """Note captions longer than the text encoder's limit (``limit`` caption tokens; default: the tokenizer's less a
+    start and an end token); refuse one whose trigger would be cut off."""
+    limit = limit or tokenizer.model_max_length - 2
     for example in examples:
         ids = tokenizer(example.caption, add_special_tokens=False).input_ids
         if len(ids) <= limit:
@@ -1390,6 +1393,12 @@ class ModelFamily(ABC):
             self._tokenizers = tokenizers
         return self._tokenizers
 
+    def caption_token_limit(self, tokenizer_name: str) -> int:
+        """How many caption tokens the text encoder fed by ``tokenizer_name`` reads: the tokenizer's limit less the
+        tokens the family puts around a caption (CLIP and T5: a start and an end token)."""
+        tokenizer = self.load_tokenizers()[tokenizer_name]
+        return getattr(tokenizer, "tokenizer", tokenizer).model_max_length - 2
+
     def component_class(self, name: str) -> type:
         """The class of the pipeline component ``name``, as the base's ``model_index.json`` names it."""
         if not hasattr(self, "_index"):
@@ -1783,6 +1792,21 @@ class LanguageModelFamily(ModelFamily, partial=True):
     def lora_targets(self, component: str, model=None) -> list[str]:
         return listed_targets(self.config.lora_layers, ATTENTION_TARGETS)
 
+    @abstractmethod
+    def template_tokens(self) -> int:
+        """How many of the --max_sequence_length tokens the pipeline's prompt template takes (an empty caption's)."""
+
+    def caption_token_limit(self, tokenizer_name: str) -> int:
+        tokenizer = self.load_tokenizers()[tokenizer_name]
+        return getattr(tokenizer, "tokenizer", tokenizer).model_max_length - self.template_tokens()
+
+    def chat_template_tokens(self, **template_options) -> int:
+        """The length of the pipeline's chat template around an empty user message."""
+        tokenizer = self.load_tokenizers()["tokenizer"]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                             add_generation_prompt=True, **template_options)
+        return len(tokenizer(text).input_ids)
+
 
 class QwenImageFamily(LanguageModelFamily):
     """Qwen-Image as diffusers' ``train_dreambooth_lora_qwen_image.py``: the pipeline's own prompt encoding (Qwen2.5-VL
@@ -1793,6 +1817,12 @@ class QwenImageFamily(LanguageModelFamily):
     pipeline_class = QwenImagePipeline
     flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
     hub_tag = "qwen-image"
+
+    def template_tokens(self) -> int:
+        # The pipeline drops the template's system part after encoding; the rest stays in the sequence.
+        pipeline = self.text_pipeline({"text_encoder": None})
+        template = self.load_tokenizers()["tokenizer"](pipeline.prompt_template_encode.format("")).input_ids
+        return len(template) - pipeline.prompt_template_encode_start_idx
 
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
         # Padded to --max_sequence_length (the pipeline pads to the longest prompt): one shape for every call, so
@@ -1837,6 +1867,9 @@ class ZImageFamily(LanguageModelFamily):
     flags = ("max_sequence_length", "lora_layers", "upcast_before_saving")
     hub_tag = "z-image"
 
+    def template_tokens(self) -> int:
+        return self.chat_template_tokens(enable_thinking=True)  # as ZImagePipeline._encode_prompt
+
     def encode_prompts(self, text_encoders: dict, prompts: list[str]) -> dict:
         device = device_of(text_encoders["text_encoder"])
         # A copy: the pipeline writes the templated prompts into the list it is given.
@@ -1867,6 +1900,9 @@ class Flux2KleinFamily(LanguageModelFamily):
     pipeline_class = Flux2KleinPipeline
     flags = ("max_sequence_length", "guidance_scale", "lora_layers", "upcast_before_saving", "text_encoder_out_layers")
     hub_tag = "flux2-klein"
+
+    def template_tokens(self) -> int:
+        return self.chat_template_tokens(enable_thinking=False)  # as Flux2KleinPipeline._get_qwen3_prompt_embeds
 
     def out_layers(self) -> tuple:
         """--text_encoder_out_layers, or the pipeline's own (diffusers' script defaults to 10, 20, 30, which the
@@ -1920,6 +1956,13 @@ class Flux2Family(Flux2KleinFamily):
     embedding_file_keys = {}
     kohya_layout = None
     hub_tag = "flux2"
+
+    def template_tokens(self) -> int:
+        # The system message and the chat template around an empty caption, as the pipeline formats a prompt.
+        messages = flux2_format_input(prompts=[""], system_message=FLUX2_SYSTEM_MESSAGE)
+        inputs = self.load_tokenizers()["tokenizer"].apply_chat_template(messages, add_generation_prompt=False,
+                                                                         tokenize=True, return_dict=True)
+        return len(inputs["input_ids"][0])
 
     def load_tokenizers(self) -> dict:
         """The Mistral processor (the pipeline's ``tokenizer``), its tokenizer reading --max_sequence_length tokens."""
@@ -3294,7 +3337,12 @@ def check_prompts(family, triggers: list[str], instance_examples: list[Example],
     tokenizers = {name: getattr(tokenizer, "tokenizer", tokenizer) for name, tokenizer in family.load_tokenizers().items()}
     warn_about_triggers(tokenizers[family.tokenizers[0]], triggers)
     for name in family.tokenizers:
-        check_caption_lengths(tokenizers[name], instance_examples, data_notes)
+        limit = family.caption_token_limit(name)
+        if limit < 1:  # e.g. a short --max_sequence_length under FLUX.2 [dev]'s system message
+            raise InputError(f"--max_sequence_length {family.config.max_sequence_length}: {family.label}'s prompt "
+                             f"template takes {tokenizers[name].model_max_length - limit} of those tokens and leaves "
+                             "none for the caption")
+        check_caption_lengths(tokenizers[name], instance_examples, data_notes, limit)
     for line in summarize_notes(data_notes):
         logger.warning(line)
 

@@ -35,11 +35,10 @@ for _path in (ROOT, ROOT / "examples"):
 
 import evaluate_kps  # noqa: E402
 import train_cat_lora as T  # noqa: E402
-from tiny_pipeline import BUILDERS  # noqa: E402
+from tiny_pipeline import BUILDERS, tiny_sequence_length  # noqa: E402
 
 IMAGES = ROOT / "examples" / "sks_teapot"
 PROMPTS = ["a photo of teapot", "a teapot"]  # y: the training caption without its trigger, and a shorter one
-TOKENS = 16  # --max_sequence_length of the long text encoders (their prompts here are a few words)
 # family key -> extra flags of each variant (the first, empty, is the protocol itself)
 VARIANTS = {"flux": {"no text-encoder LoRA": ["--no_text_encoder"], "logit-normal timesteps":
                      ["--weighting_scheme", "logit_normal"]}}
@@ -64,7 +63,7 @@ def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], ste
             "--instance_prompt", "a photo of sks teapot", "--trigger_token", "sks", "--cat_alpha", cat_alpha,
             "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
             "--learning_rate", learning_rate, "--seed", str(seed), "--report_to", "none", "--max_sequence_length",
-            str(TOKENS), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
+            str(tiny_sequence_length(family)), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
             *(["--train_text_encoder"] if text_encoder else []), *[f for f in extra if f != "--no_text_encoder"]]
     reset_accelerate_state()
     T.main(argv)
@@ -97,8 +96,9 @@ def lora_part(lora_dir: Path, component: str) -> dict:
 
 def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str,
             seed: int = 0, cat_alpha: str = "1") -> dict:
+    family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32))
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
-                                      max_sequence_length=TOKENS, weighting_scheme=None))
+                                      max_sequence_length=tiny_sequence_length(family)))
     repeats = 4
     batch = fixed_batch(len(PROMPTS) * repeats)
     prompts = PROMPTS * repeats

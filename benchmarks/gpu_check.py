@@ -205,16 +205,18 @@ class LatentShapeVAE:
         return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator=None: latents))
 
 
-def count_flops(B, name: str, path: str, resolution: int, sequence: int) -> dict:
+def count_flops(B, name: str, path: str, resolution: int, sequence: int, device: str = "meta") -> dict:
     """Forward FLOPs of the denoiser, the VAE encode and the text encoders for one image and prompt at
-    ``resolution`` (torch's FLOP counter on the meta device: no memory, no weights), and the base parameters."""
+    ``resolution`` (torch's FLOP counter on the meta device: no memory, no weights), and the base parameters.
+    ``device="cpu"`` counts with random weights instead: for tiny models whose code reads a tensor's value
+    (``Tensor.item()``, which the meta device refuses: the language-model families' prompt encoding)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     args = B.build_parser().parse_args(["--model", name, "--resolution", str(resolution),
                                         "--max_sequence_length", str(sequence)])
     family = B.family_for(path, args, random_weights=True)
-    with torch.device("meta"):
+    with torch.device(device):
         models = family.load_models()
 
     def counted(run):
@@ -225,11 +227,11 @@ def count_flops(B, name: str, path: str, resolution: int, sequence: int) -> dict
     text, cond = counted(lambda: family.encode_prompts({n: models[n] for n in family.text_encoders},
                                                        ["a photo of sks teapot"]))
     vae = models["vae"]
-    encode, _ = counted(lambda: vae.encode(torch.zeros(1, 3, resolution, resolution, device="meta")))
+    encode, _ = counted(lambda: family.encode_pixels(vae, torch.zeros(1, 3, resolution, resolution, device=device)))
     batch = B.make_batches(resolution, 1)[False]
     scheduler = family.load_noise_scheduler()  # on the CPU: its tables index the CPU timesteps
-    z = family.noisy_latents(batch, LatentShapeVAE(vae), scheduler, torch.float32)
-    z = {key: value.to("meta") if torch.is_tensor(value) else value for key, value in z.items()}
+    z = family.noisy_latents(batch, LatentShapeVAE(vae) if device == "meta" else vae, scheduler, torch.float32)
+    z = {key: value.to(device) if torch.is_tensor(value) else value for key, value in z.items()}
     denoiser, _ = counted(lambda: family.predict(models[family.denoiser], z, cond))
     parameters = B.base_parameter_counts(models)
     return {"denoiser": denoiser, "vae": encode, "text": text, "parameters": sum(parameters.values()),
@@ -254,7 +256,8 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
     resolutions = (SMOKE_RESOLUTION,) if smoke else RESOLUTIONS.get(name, (native,))
     first = quantized or native >= 1024
     script = T.build_parser()
-    sequence = (B.build_parser() if smoke else script).get_default("max_sequence_length")
+    # The script's default is the family's own (None); the FLOP count and cat_step_cost need a number.
+    sequence = (B.build_parser() if smoke else script).get_default("max_sequence_length") or 512
     warmup, steps = ROUNDS[device]
     base = ["--model", name, "--device", device, "--batch_size", "1", "--mixed_precision", "bf16",
             "--max_sequence_length", str(sequence), "--steps", str(steps), "--warmup", str(warmup), "--rss", "off",
@@ -270,7 +273,12 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
             for resolution in resolutions:
                 key = (name, resolution)
                 if key not in flop_cache:
-                    flop_cache[key] = count_flops(B, name, path, resolution, sequence)
+                    try:
+                        flop_cache[key] = count_flops(B, name, path, resolution, sequence)
+                    except RuntimeError:
+                        if not smoke:  # a real architecture's weights cannot be built just to count
+                            raise
+                        flop_cache[key] = count_flops(B, name, path, resolution, sequence, device="cpu")
                 counts = flop_cache[key]
                 flops = {c: step_flops(B, counts, c, checkpointing, nf4) for c in CONFIGS}
                 seconds = {c: f / (assumed["tflops"] * 1e12) * (assumed["nf4_slowdown"] if nf4 else 1.0)

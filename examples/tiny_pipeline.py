@@ -683,6 +683,18 @@ def build_tiny_flux2_pipeline(out_dir, seed: int = 0):
     return _save_pipeline(pipe, out_dir)
 
 
+# Caption tokens the tiny pipelines read in tests and benchmarks: --max_sequence_length is this plus what the
+# family's prompt template takes (FLUX.2 [dev]'s system message alone is 31 tokens). At the default 512 the text
+# would be 8x the tiny transformers' 64 image tokens.
+CAPTION_TOKENS = 16
+
+
+def tiny_sequence_length(family) -> int:
+    """--max_sequence_length for a tiny pipeline of ``family`` (a train_cat_lora family object)."""
+    template = getattr(family, "template_tokens", None)
+    return CAPTION_TOKENS + (template() if template else 0)
+
+
 BUILDERS = {
     "sd": build_tiny_pipeline,
     "sdxl": build_tiny_sdxl_pipeline,

@@ -25,6 +25,7 @@ from tiny_pipeline import (  # noqa: E402
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
     build_tiny_zimage_pipeline,
+    tiny_sequence_length,
 )
 
 # Tiny models run faster on one thread (thread start-up dominates their small matrices), several times faster
@@ -236,9 +237,11 @@ def instance_dir(tmp_path_factory) -> Path:
     return folder
 
 
-# T5 tokens of the tiny Flux pipeline's prompts in tests (Flux reads --max_sequence_length, the other families
-# ignore it). At the default 512 the text would be 8x the tiny transformer's 64 image tokens.
-TINY_T5_TOKENS = 16
+def sequence_length(pipeline: str) -> int:
+    """--max_sequence_length of the tiny pipeline's prompts in tests (tiny_pipeline.tiny_sequence_length)."""
+    import train_cat_lora as T
+
+    return tiny_sequence_length(T.model_family(Namespace(pretrained_model_name_or_path=pipeline)))
 
 
 def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int = 4) -> list[str]:
@@ -255,7 +258,7 @@ def train_args(pipeline: str, data: Path, output: Path, *extra: str, steps: int 
         "--learning_rate", "1e-3",
         "--seed", "0",
         "--report_to", "none",
-        "--max_sequence_length", str(TINY_T5_TOKENS),
+        "--max_sequence_length", str(sequence_length(pipeline)),
         *extra,
     ]
 
@@ -289,7 +292,7 @@ def drift_on_trigger_less_prompts(pipeline: str, lora_dir: Path, prompts: list[s
     import train_cat_lora as T
 
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=resolution,
-                                      max_sequence_length=TINY_T5_TOKENS))
+                                      max_sequence_length=sequence_length(pipeline)))
     repeats = 4
     rows = len(prompts) * repeats
     generator = torch.Generator().manual_seed(0)

@@ -8,14 +8,14 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import TINY_T5_TOKENS, train_args, watch_forward
+from conftest import sequence_length, train_args, watch_forward
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import train_cat_lora as T
 
 
 def flux_models(pipeline: str, train_text_encoder: bool = False, **config):
-    config.setdefault("max_sequence_length", TINY_T5_TOKENS)
+    config.setdefault("max_sequence_length", sequence_length(pipeline))
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32, **config))
     models = family.load_models()
     T.add_lora_adapters(family, models, 4, 4.0, train_text_encoder)
@@ -210,7 +210,7 @@ def test_a_step_trains_on_a_quantized_base_and_the_frozen_pass_reuses_it(tiny_fl
     from test_train_cat_lora import record_lora_calls, tiny_batch
 
     family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, resolution=32,
-                                      max_sequence_length=TINY_T5_TOKENS))
+                                      max_sequence_length=sequence_length(tiny_flux_pipeline)))
     models = family.load_models()
     transformer = family.prepare_quantized(quantize_linear_layers(models["transformer"], options))
     T.add_lora_adapters(family, models, 4, 4.0, False)

@@ -53,7 +53,7 @@ def test_smoke_runs_every_item_on_the_cpu_and_writes_json_and_markdown(tmp_path)
     # The NF4 base runs into the quantized loader's refusal on the CPU: one line, expected; the items of that build
     # are skipped, and everything after it still runs.
     refused = [name for name, r in report["items"].items() if r["status"] == "refused on the CPU (expected)"]
-    assert refused == ["tiny-flux-nf4-32-gc"]
+    assert "tiny-flux-nf4-32-gc" in refused and all(name.endswith("-nf4-32-gc") for name in refused)
     assert "--bnb_quantization_config_path" in report["items"]["tiny-flux-nf4-32-gc"]["message"]
     assert report["items"]["tiny-flux-nf4-32"]["status"] == "skipped"
     assert len(item_lines(done.stdout, "tiny-flux-nf4-32-gc")) == 1

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from client_key_maps import comfy_clip_key_map, comfy_load, comfy_unet_config, comfy_unet_key_map
 from conftest import (
-    TINY_T5_TOKENS,
     component_class,
     denoiser_class,
-    offered,
     draw_subject,
     drift_on_trigger_less_prompts,
+    offered,
+    sequence_length,
     train_args,
     watch_forward,
 )
@@ -26,7 +26,7 @@ import train_cat_lora as T
 
 def tiny_models(pipeline: str, train_text_encoder: bool = False, rank: int = 4, device="cpu", **config):
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
-                                      max_sequence_length=TINY_T5_TOKENS, **config))
+                                      max_sequence_length=sequence_length(pipeline), **config))
     models = family.load_models()
     for model in models.values():
         if isinstance(model, torch.nn.Module):

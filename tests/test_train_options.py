@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_T5_TOKENS, train_args
+from conftest import sequence_length, train_args
 from safetensors.torch import load_file
 
 import train_cat_lora as T
@@ -28,7 +28,7 @@ def test_cached_latents_and_text_embeddings_train_the_same_adapter(family_pipeli
 def test_cached_prompts_match_the_text_encoders(family_pipeline):
     from argparse import Namespace
 
-    family = T.model_family(Namespace(pretrained_model_name_or_path=family_pipeline, max_sequence_length=TINY_T5_TOKENS))
+    family = T.model_family(Namespace(pretrained_model_name_or_path=family_pipeline, max_sequence_length=sequence_length(family_pipeline)))
     models = family.load_models()
     encoder = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
     prompts = ["a photo of sks teapot", "a photo of teapot"]
