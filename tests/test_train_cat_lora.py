@@ -268,7 +268,8 @@ def test_training_leaves_base_weights_bit_identical(family_pipeline, instance_di
         return type(module).__name__, getattr(module.config, "hidden_size", None)
 
     def keep_adapted_models(module):
-        trained.setdefault(model_key(module), module)
+        if lora_parameters(module):  # the adapted models (not, e.g., a base model a pipeline builds)
+            trained.setdefault(model_key(module), module)
 
     with watch_forward(tuple(classes.values()), keep_adapted_models):
         run_training(train_args(family_pipeline, instance_dir, tmp_path / "out",
@@ -276,7 +277,8 @@ def test_training_leaves_base_weights_bit_identical(family_pipeline, instance_di
     bases = {model_key(model): model for model in (
         component_class(family_pipeline, name).from_pretrained(family_pipeline, subfolder=name)
         for name in T.adapted_components(family, True))}
-    assert bases.keys() == trained.keys() and len(bases) == len(T.adapted_components(family, True))
+    # (trained may also hold a model nested in another: transformers 5's CLIPTextModelWithProjection runs one)
+    assert set(bases) <= set(trained) and len(bases) == len(T.adapted_components(family, True))
     for name, base in bases.items():
         assert lora_parameters(trained[name]), name  # the model that ran in training carried adapters
         trained_state = {k.replace(".base_layer", ""): v for k, v in trained[name].state_dict().items()
