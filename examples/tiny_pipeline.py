@@ -531,32 +531,15 @@ def build_tiny_zimage_pipeline(out_dir, seed: int = 0):
     return _save_pipeline(pipe, out_dir)
 
 
-def build_tiny_flux2_klein_pipeline(out_dir, seed: int = 0):
-    """Create and save a tiny random FLUX.2 [klein] pipeline at ``out_dir``; return the path as a string.
+def _tiny_flux2_parts(text_width: int, latent_channels: int, guidance_embeds: bool) -> tuple:
+    """The transformer, VAE and scheduler that FLUX.2 [klein] and [dev] share (the text encoders differ); the
+    transformer reads three stacked hidden layers of the text encoder."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    Text encoder: ``Qwen3ForCausalLM`` of width 32 with 28 layers, because the pipeline stacks the hidden states
-    9, 18 and 27 (``text_encoder_out_layers`` default) into a 3 x 32 = 96-wide sequence (joint_attention_dim 96;
-    Klein 4B's Qwen3-4B gives 3 x 2560); the prompt goes through the chat template with ``enable_thinking=False``.
-    The transformer has one double- and one single-stream block, no guidance embedding (as Klein). The VAE is
-    FLUX.2's (``AutoencoderKLFlux2``, 32 latent channels, a batch norm over 2x2-patchified latents) with two
-    blocks: ``vae_scale_factor`` 2, a 32x32 image is a 16x16x32 latent, patchified to 8x8x128 (in_channels 128).
-    """
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    text_width, latent_channels = 32, 32
-    tokenizer = build_qwen_tokenizer(chat_template=True)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=28,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=3 * text_width, timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     )
     vae = AutoencoderKLFlux2(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -567,6 +550,31 @@ def build_tiny_flux2_klein_pipeline(out_dir, seed: int = 0):
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
     )
+    return transformer, vae, scheduler
+
+
+def build_tiny_flux2_klein_pipeline(out_dir, seed: int = 0):
+    """Create and save a tiny random FLUX.2 [klein] pipeline at ``out_dir``; return the path as a string.
+
+    Text encoder: ``Qwen3ForCausalLM`` of width 32 with 28 layers, because the pipeline stacks the hidden states
+    9, 18 and 27 (``text_encoder_out_layers`` default) into a 3 x 32 = 96-wide sequence (joint_attention_dim 96;
+    Klein 4B's Qwen3-4B gives 3 x 2560); the prompt goes through the chat template with ``enable_thinking=False``.
+    The transformer has one double- and one single-stream block, no guidance embedding (as Klein). The VAE is
+    FLUX.2's (``AutoencoderKLFlux2``, 32 latent channels, a batch norm over 2x2-patchified latents) with two
+    blocks: ``vae_scale_factor`` 2, a 32x32 image is a 16x16x32 latent, patchified to 8x8x128 (in_channels 128).
+    """
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    text_width, latent_channels = 32, 32
+    tokenizer = build_qwen_tokenizer(chat_template=True)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    transformer, vae, scheduler = _tiny_flux2_parts(text_width, latent_channels, guidance_embeds=False)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
     return _save_pipeline(pipe, out_dir)
@@ -646,7 +654,7 @@ def build_tiny_flux2_pipeline(out_dir, seed: int = 0):
     "a photo of sks teapot"). Transformer, VAE and scheduler as ``build_tiny_flux2_klein_pipeline``'s, except
     the guidance embedding (FLUX.2 [dev] is guidance-distilled).
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     out_dir = Path(out_dir)
@@ -664,20 +672,7 @@ def build_tiny_flux2_pipeline(out_dir, seed: int = 0):
                            num_attention_heads=2, head_dim=8, image_size=image_size, patch_size=patch_size),
         image_token_index=token_id("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
     )).eval()
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * text_width, timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
-    )
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
-    )
+    transformer, vae, scheduler = _tiny_flux2_parts(text_width, latent_channels, guidance_embeds=True)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor,
                          transformer=transformer)
     return _save_pipeline(pipe, out_dir)
