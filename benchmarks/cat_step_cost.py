@@ -52,6 +52,13 @@ twice the batch; CAT: two adapted forwards with their backwards and one frozen f
                 memory do not depend on the weights. Latents are 1/8 of --resolution; use a multiple of 64.
     sdxl        the real SDXL base 1.0 architecture (U-Net 2.567 B, CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, VAE),
                 the same way. About 14 GB of float32 weights (7 GB with --mixed_precision bf16).
+    sd35-medium, sd35-large, qwen-image, z-image, flux2-klein-4b, flux2-dev
+                the newer families' real architectures (``SPECS``: every component's published config, its source
+                cited next to it), the same way: SD3.5 medium (transformer 2.24 B) and large (8.06 B) with CLIP-L,
+                bigG and T5-XXL; Qwen-Image (20.4 B, Qwen2.5-VL-7B text encoder 8.29 B); Z-Image (6.15 B, Qwen3-4B);
+                FLUX.2 [klein] 4B (3.88 B, Qwen3-4B) and [dev] (32.2 B, Mistral Small 3.x 24.0 B). Too large for
+                this machine's memory; ``benchmarks/meta_cost.py`` counts their parameters, FLOPs and saved bytes on
+                the meta device, and ``benchmarks/gpu_check.sh`` runs them on a GPU.
     a folder    any local diffusers pipeline folder (or hub id) of a family train_cat_lora.py trains
 
 On a GPU, ``--model sd15 --resolution 512`` and ``--model sdxl --resolution 1024 --mixed_precision bf16`` measure
@@ -90,7 +97,7 @@ import tempfile
 import time
 from argparse import Namespace
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,6 +121,8 @@ from flux_memory_budget import FLUX_DEV  # noqa: E402
 from tiny_pipeline import (  # noqa: E402
     BUILDERS,
     build_clip_tokenizer,
+    build_mistral_processor,
+    build_qwen_tokenizer,
     build_t5_tokenizer,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
@@ -304,6 +313,292 @@ def write_flux_dev_pipeline(out_dir: Path) -> str:
     return str(out_dir)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The newer families' real architectures: SD3.5, Qwen-Image, Z-Image, FLUX.2 [klein] and [dev]
+#
+# Every value below is that of the component's published hub config (``<repo>/<component>/config.json``, or the
+# scheduler's ``scheduler_config.json``); the comment next to each config says where it was read. Without access to
+# the hub, the configs were read from public copies: repositories duplicated from the official ones, or pipelines
+# saved from them (their ``_name_or_path`` names the official snapshot), cross-checked where diffusers' conversion
+# scripts or model defaults state the same dimensions (diffusers 0.42.1). Values a config leaves out are the
+# classes' defaults, as when the hub's config is loaded. The tokenizers are small offline ones (ids below each
+# vocabulary's size, see examples/tiny_pipeline.py): only their token counts reach the models' shapes.
+# ---------------------------------------------------------------------------------------------------------
+
+def clip_tokenizer_padding_with_bang(source: Path):
+    """SD3's second CLIP tokenizer (OpenCLIP bigG's): the CLIP vocabulary, padding with "!" (id 0)."""
+    from transformers import CLIPTokenizer
+
+    build_clip_tokenizer(source)
+    return CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt"), pad_token="!", model_max_length=77)
+
+
+TOKENIZER_BUILDERS = {
+    "clip": build_clip_tokenizer,
+    "clip-bang": clip_tokenizer_padding_with_bang,
+    "t5": lambda source: build_t5_tokenizer(max_length=512),
+    "qwen": lambda source: build_qwen_tokenizer(chat_template=False),  # Qwen2.5-VL's, under Qwen-Image's template
+    "qwen-chat": lambda source: build_qwen_tokenizer(chat_template=True),  # Qwen3's chat template
+    "mistral": lambda source: build_mistral_processor(),  # FLUX.2 [dev]'s PixtralProcessor
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline of any family as configs: what ``write_spec_pipeline`` turns into a folder without weights."""
+
+    pipeline_class: str
+    models: dict  # component -> (library, class name, config): diffusers models and transformers text encoders
+    tokenizers: dict  # component -> a key of TOKENIZER_BUILDERS
+    scheduler: dict  # FlowMatchEulerDiscreteScheduler's config
+    extra: dict = field(default_factory=dict)  # other model_index.json entries (FLUX.2 [klein]: is_distilled)
+
+
+def write_spec_pipeline(spec: PipelineSpec, out_dir: Path) -> str:
+    """A pipeline folder with configs, tokenizers and a scheduler but no weights (see ``RandomWeights``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": spec.pipeline_class, "_diffusers_version": diffusers.__version__, **spec.extra,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    for component, (library, class_name, config) in spec.models.items():
+        if library == "diffusers":
+            (out_dir / component).mkdir(exist_ok=True)
+            (out_dir / component / "config.json").write_text(
+                json.dumps({"_class_name": class_name, **config}, indent=1))
+        else:
+            getattr(transformers, class_name).config_class(**config).save_pretrained(out_dir / component)
+        index[component] = [library, class_name]
+    for component, kind in spec.tokenizers.items():
+        source = out_dir / f"_{component}_source"
+        tokenizer = TOKENIZER_BUILDERS[kind](source)
+        tokenizer.save_pretrained(out_dir / component)
+        shutil.rmtree(source, ignore_errors=True)
+        index[component] = ["transformers", type(tokenizer).__name__]
+    diffusers.FlowMatchEulerDiscreteScheduler.from_config(spec.scheduler).save_config(out_dir / "scheduler")
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=1))
+    return str(out_dir)
+
+
+# Stable Diffusion 3.5 (stabilityai/stable-diffusion-3.5-medium and -large; the repositories are gated, their files
+# were read from copies):
+# - medium transformer:
+#   https://huggingface.co/frankjoshua/stable-diffusion-3.5-medium/blame/b8c39704c0c57074d3d5e942f48c5972be19cab5/transformer/config.json
+#   (a copy of the official "SD3.5 Medium Public Release" commit 94b13cc); the same values in
+#   https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blob/afb7aebc8f5fe41e8700e7b173bd28daf7a56fa7/transformer/config.json
+#   (_name_or_path: the official snapshot b940f670). MMDiT-X: dual attention in blocks 0-12, RMS QK norm.
+SD35_MEDIUM_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+# - large transformer: https://huggingface.co/frankjoshua/stable-diffusion-3.5-large/blob/main/transformer/config.json
+#   (a copy of the official "SD3.5 Large Public Release" commit 4c4df3f): 38 blocks of 38 heads, no dual attention.
+SD35_LARGE_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+    "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096, "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm",
+}
+# - VAE (medium and large alike):
+#   https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blame/12d3330e1fee7529a7a1134c2b0869ffcc57dd7d/vae/config.json
+#   (_name_or_path: the official medium snapshot b940f670) and
+#   https://huggingface.co/ariG23498/sd-3.5-merged/blame/main/vae/config.json
+#   (_name_or_path: the official large snapshot ceddf0a7): Flux.1's VAE layout with SD3's scale and shift.
+SD35_VAE = {**FLUX_DEV_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# - text encoders (the same three in medium and large): CLIP-L with projection,
+#   https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blob/f0df68cf79542fe766c03b5755bce69d135f34ef/text_encoder/config.json;
+#   OpenCLIP bigG with projection,
+#   https://huggingface.co/Kolyadual/MicroMacro-GenImage-v1-medium/blob/main/text_encoder_2/config.json
+#   (both _name_or_path: the official medium snapshot b940f670; large:
+#   https://huggingface.co/ariG23498/sd-3.5-merged/blob/main/text_encoder_2/config.json);
+#   T5-XXL v1.1's encoder,
+#   https://huggingface.co/yandex/stable-diffusion-3.5-medium-alchemist/blob/main/text_encoder_3/config.json
+#   (_name_or_path: the official medium snapshot; the values of T5_XXL_ENCODER above).
+SD35_CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+               "num_hidden_layers": 12, "max_position_embeddings": 77, "projection_dim": 768,
+               "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
+               "pad_token_id": 1}
+SD35_CLIP_G = {**SD35_CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+               "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"}
+# - scheduler:
+#   https://huggingface.co/frankjoshua/stable-diffusion-3.5-medium/blob/9e00742220210d11327d9ecb970f8b0b2b69fb7d/scheduler/scheduler_config.json
+SD35_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def sd35_spec(transformer: dict) -> PipelineSpec:
+    return PipelineSpec(
+        "StableDiffusion3Pipeline",
+        {"transformer": ("diffusers", "SD3Transformer2DModel", transformer),
+         "vae": ("diffusers", "AutoencoderKL", SD35_VAE),
+         "text_encoder": ("transformers", "CLIPTextModelWithProjection", SD35_CLIP_L),
+         "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", SD35_CLIP_G),
+         "text_encoder_3": ("transformers", "T5EncoderModel", T5_XXL_ENCODER)},
+        {"tokenizer": "clip", "tokenizer_2": "clip-bang", "tokenizer_3": "t5"}, SD35_SCHEDULER)
+
+
+# Qwen-Image (Qwen/Qwen-Image):
+# - transformer: Qwen-Image's transformer/config.json as copied in
+#   https://huggingface.co/callgg/qi-decoder/blob/main/transformer/config.json
+#   and https://huggingface.co/craftcore/image/blob/main/transformer/config.json; the same values are the defaults
+#   of diffusers' QwenImageTransformer2DModel (
+#   https://huggingface.co/docs/diffusers/api/models/qwenimage_transformer2d).
+QWEN_IMAGE_TRANSFORMER = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
+                          "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+                          "guidance_embeds": False, "axes_dims_rope": [16, 56, 56]}
+# - VAE: https://huggingface.co/wavespeed/Qwen-Image-e4m3/blob/refs%2Fpr%2F2/vae/config.json (_name_or_path: the
+#   official snapshot 9e31a1d4): Wan 2.1's causal 3-D VAE (
+#   https://huggingface.co/diffusers/Wan2.1-VAE/blob/main/config.json
+#   has the same values), 16 channels, normalized per channel.
+QWEN_IMAGE_VAE = {
+    "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+    "temperal_downsample": [False, True, True], "dropout": 0.0,
+    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                    1.6382, 1.1253, 2.8251, 1.916],
+}
+# - text encoder: Qwen2.5-VL-7B-Instruct, https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/blame/main/config.json
+#   (Qwen-Image's text_encoder/config.json is it re-saved:
+#   https://huggingface.co/hfpox/qfn/blob/main/text_encoder/config.json,
+#   _name_or_path the official Qwen-Image snapshot 75e0b4be); the vision tower's tokens_per_second and
+#   temporal_patch_size, cut off in that view, from the same file's copy
+#   https://huggingface.co/Icey444/Ground-R1_orig_1050/blob/main/config.json.
+#   Written in transformers 5's nested form (text_config, vision_config).
+QWEN25_VL_7B = {
+    "text_config": {
+        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "default",
+                                                                         "mrope_section": [16, 24, 24]},
+        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28, "attention_dropout": 0.0,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645},
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_channels": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "tie_word_embeddings": False,
+}
+# - scheduler: Qwen-Image's scheduler_config.json as copied in https://huggingface.co/FireRedTeam/FireRed-Image-Edit-1.0
+#   (a Qwen-Image-Edit fine-tune:
+#   https://huggingface.co/devsquad8338/FireRed-Image-Edit-1.0/blob/main/scheduler/scheduler_config.json);
+#   the constants of https://docs.rs/crate/mold-ai-inference/0.2.0/source/src/qwen_image/sampling.rs, read from
+#   Qwen-Image's, are the same. (Training draws its timesteps by --weighting_scheme: this only sets the table.)
+QWEN_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                        "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
+                        "shift_terminal": 0.02, "time_shift_type": "exponential"}
+QWEN_IMAGE = PipelineSpec(
+    "QwenImagePipeline",
+    {"transformer": ("diffusers", "QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER),
+     "vae": ("diffusers", "AutoencoderKLQwenImage", QWEN_IMAGE_VAE),
+     "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration", QWEN25_VL_7B)},
+    {"tokenizer": "qwen"}, QWEN_IMAGE_SCHEDULER)
+
+# Z-Image (Tongyi-MAI/Z-Image-Turbo; Tongyi-MAI/Z-Image has the same architecture):
+# - transformer: https://huggingface.co/srcphag/Z-Image-Turbo/blob/main/transformer/config.json, the official file as
+#   added in https://huggingface.co/rootlocalghost/Z-Image-Turbo/commit/ecfd2134ca2e8fb171e635158972414f5f53ac0d
+#   (and https://huggingface.co/TheCodingBug/Z-Image-Turbo-int8/blob/main/transformer/config.json, _name_or_path
+#   Tongyi-MAI/Z-Image-Turbo): 30 main and 2 + 2 refiner blocks of width 3840.
+Z_IMAGE_TRANSFORMER = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+                       "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+                       "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+                       "axes_lens": [1536, 512, 512]}
+# - VAE: Flux.1's (FLUX_DEV_VAE), as
+#   https://huggingface.co/hsuwill000/Z-Image-Turbo-ov/blob/main/vae_decoder/config.json
+#   (_name_or_path: the official snapshot 0e36c2b3) shows.
+# - text encoder: Qwen3-4B loaded as Qwen3Model (model_index.json:
+#   https://huggingface.co/trialwayneforfun/Z-Image-Turbo/blob/main/model_index.json,
+#   duplicated from Tongyi-MAI/Z-Image-Turbo), its config
+#   https://huggingface.co/smartdigitalnetworks/Z-Image-Turbo/blob/main/text_encoder/config.json
+#   (duplicated from Tongyi-MAI/Z-Image-Turbo), the same as Qwen/Qwen3-4B's.
+QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+            "max_position_embeddings": 40960, "max_window_layers": 36, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+            "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
+            "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645}
+# - scheduler: https://huggingface.co/TensorStack/Z-Image-Turbo-ts/blob/main/scheduler/scheduler_config.json (shift 3,
+#   no dynamic shift).
+Z_IMAGE = PipelineSpec(
+    "ZImagePipeline",
+    {"transformer": ("diffusers", "ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER),
+     "vae": ("diffusers", "AutoencoderKL", FLUX_DEV_VAE),
+     "text_encoder": ("transformers", "Qwen3Model", QWEN3_4B)},
+    {"tokenizer": "qwen-chat"}, {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False})
+
+# FLUX.2 (black-forest-labs/FLUX.2-klein-4B and FLUX.2-dev):
+# - [klein] 4B transformer:
+#   https://huggingface.co/YuCollection/FLUX.2-klein-base-4B-Diffusers/blob/main/transformer/config.json
+#   (the [klein] base 4B: the distilled 4B has the same architecture), the values of diffusers'
+#   scripts/convert_flux2_to_diffusers.py (get_flux2_transformer_config("klein-4b")): 5 double- and 20 single-stream
+#   blocks, joint_attention_dim 7680 = 3 x Qwen3-4B's 2560, no guidance embedding.
+FLUX2_KLEIN_4B_TRANSFORMER = {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20,
+                              "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
+                              "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+                              "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False}
+# - [dev] transformer: diffusers' scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config("flux2-dev")
+#   (model_id black-forest-labs/FLUX.2-dev; guidance_embeds unset there: the class default, True, as FLUX.2 [dev] is
+#   guidance-distilled); the values are also Flux2Transformer2DModel's defaults. No copy of the hub file was found.
+FLUX2_DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48,
+                         "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360,
+                         "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+                         "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True}
+# - VAE ([klein] and [dev] share it): https://huggingface.co/codeShare/Flux-Klein-SDNQ-4bit/blob/main/vae/config.json
+#   (_name_or_path: the official FLUX.2-klein-4B snapshot e7b7dc27) and
+#   https://huggingface.co/kaiyuyue/FLUX.2-dev-vae/blob/main/config.json:
+#   32 latent channels, patchified 2 x 2 and normalized by a batch norm.
+FLUX2_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+             "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
+             "layers_per_block": 2, "act_fn": "silu", "latent_channels": 32, "norm_num_groups": 32,
+             "sample_size": 1024, "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True,
+             "mid_block_add_attention": True, "batch_norm_eps": 1e-4, "batch_norm_momentum": 0.1,
+             "patch_size": [2, 2]}
+# - [klein] 4B text encoder: Qwen3-4B as Qwen3ForCausalLM (model_index.json:
+#   https://huggingface.co/black-forest-labs/FLUX.2-klein-4B/blob/main/model_index.json;
+#   "Qwen3-4B text encoder + tokenizer (as shipped inside FLUX.2-klein-4B)",
+#   https://huggingface.co/moonbox-dev/flux2_klein),
+#   QWEN3_4B above. The [dev] text encoder: Mistral-Small-3.x 24B as Mistral3ForConditionalGeneration, the config of
+#   FLUX.2-dev's text_encoder as written out in
+#   https://github.com/modelscope/DiffSynth-Studio/blob/main/diffsynth/models/flux2_text_encoder.py
+#   (transformers 4.57.1); the same text and vision towers in
+#   https://huggingface.co/DmitriyYurckML/IoV/blob/main/config.json.
+MISTRAL_SMALL_3_24B = {
+    "text_config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
+                    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                    "rope_theta": 1000000000.0, "sliding_window": None, "attention_dropout": 0.0},
+    "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "head_dim": 64, "hidden_act": "silu", "image_size": 1540,
+                      "patch_size": 14, "num_channels": 3, "rope_theta": 10000.0, "attention_dropout": 0.0},
+    "image_token_index": 10, "multimodal_projector_bias": False, "projector_hidden_act": "gelu",
+    "spatial_merge_size": 2, "vision_feature_layer": -1,
+    # The checkpoint has its own lm_head (24.0 B parameters in all); transformers 5 would tie it to the input
+    # embeddings by default (its top-level default is True; the text model's own, which 4.x read, is False).
+    "tie_word_embeddings": False,
+}
+# - scheduler: FLUX.2 [dev]'s,
+#   https://huggingface.co/diffusers/FLUX.2-dev-bnb-4bit/blob/main/scheduler/scheduler_config.json
+#   (Hugging Face's own copy of black-forest-labs/FLUX.2-dev). [klein]'s own scheduler_config.json was not found: the
+#   [klein] folder uses [dev]'s. (Training draws its timesteps by --weighting_scheme: the table does not change
+#   FLOPs, bytes or parameters.)
+FLUX2_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                   "time_shift_type": "exponential"}
+FLUX2_KLEIN_4B = PipelineSpec(
+    "Flux2KleinPipeline",
+    {"transformer": ("diffusers", "Flux2Transformer2DModel", FLUX2_KLEIN_4B_TRANSFORMER),
+     "vae": ("diffusers", "AutoencoderKLFlux2", FLUX2_VAE),
+     "text_encoder": ("transformers", "Qwen3ForCausalLM", QWEN3_4B)},
+    {"tokenizer": "qwen-chat"}, FLUX2_SCHEDULER, extra={"is_distilled": True})
+FLUX2_DEV = PipelineSpec(
+    "Flux2Pipeline",
+    {"transformer": ("diffusers", "Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER),
+     "vae": ("diffusers", "AutoencoderKLFlux2", FLUX2_VAE),
+     "text_encoder": ("transformers", "Mistral3ForConditionalGeneration", MISTRAL_SMALL_3_24B)},
+    {"tokenizer": "mistral"}, FLUX2_SCHEDULER)
+
+SPECS = {"sd35-medium": sd35_spec(SD35_MEDIUM_TRANSFORMER), "sd35-large": sd35_spec(SD35_LARGE_TRANSFORMER),
+         "qwen-image": QWEN_IMAGE, "z-image": Z_IMAGE, "flux2-klein-4b": FLUX2_KLEIN_4B, "flux2-dev": FLUX2_DEV}
+
+
 class RandomWeights:
     """Mixin for a model family: build its denoiser, text encoders and VAE from the configs of the pipeline folder
     (the classes named in ``model_index.json``), with the models' own random initialisation, instead of loading
@@ -411,6 +706,9 @@ MODELS = {
     "sd15": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sd15"], scratch / "sd15"), True),
     "sdxl": ModelChoice(lambda scratch: write_config_pipeline(ARCHITECTURES["sdxl"], scratch / "sdxl"), True),
     "flux-dev": ModelChoice(lambda scratch: write_flux_dev_pipeline(scratch / "flux-dev"), True),
+    # The newer families' real architectures (SPECS: SD3.5 medium and large, Qwen-Image, Z-Image, FLUX.2).
+    **{name: ModelChoice(lambda scratch, name=name: write_spec_pipeline(SPECS[name], scratch / name), True)
+       for name in SPECS},
 }
 
 
@@ -559,8 +857,10 @@ class Bench:
         step_config = T.StepConfig(cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"],
                                    prior_loss_weight=1.0 if spec["prior"] else 0.0, weight_dtype=self.weight_dtype)
         torch.manual_seed(seed)
-        # bf16: autocast around the step, as accelerate does around the prepared models' forward.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
+        # bf16: autocast around the step, as accelerate does around the prepared models' forward. The meta device
+        # (benchmarks/meta_cost.py) has no autocast: the CPU's is named, which leaves meta tensors as they are.
+        device_type = "cpu" if self.device.type == "meta" else self.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
             losses = T.training_step(self.batches[spec["prior"]], self.family, self.models, self.encode_prompts,
                                      step_config, backward or (lambda loss: loss.backward()))
         start = time.perf_counter()
@@ -741,7 +1041,10 @@ class SavedTensorMeter:
     @staticmethod
     def storage_key(tensor):
         storage = tensor.untyped_storage()
-        return (str(tensor.device), storage.data_ptr()), storage.nbytes()
+        # Meta storages (benchmarks/meta_cost.py) have no data: their data pointers are all 0, so the storage
+        # object's own address tells them apart (views share it; a held storage is not freed, so not reused).
+        address = storage._cdata if tensor.device.type == "meta" else storage.data_ptr()
+        return (str(tensor.device), address), storage.nbytes()
 
     def reset_peak(self) -> None:
         self.peak = self.current
@@ -994,8 +1297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help=f"one of {', '.join(MODELS)} (see the module docstring; sd15 and sdxl are the real "
-                             "architectures with random weights), a local diffusers pipeline folder, or a hub id")
+                        help=f"one of {', '.join(MODELS)} (see the module docstring; sd15 and the names after it "
+                             "are the real architectures with random weights), a local diffusers pipeline folder, or "
+                             "a hub id")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None)
     parser.add_argument("--device", default="cpu")

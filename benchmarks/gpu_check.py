@@ -17,11 +17,14 @@ The work, in order of value (``--dry_run`` prints it with an estimated time per 
 3. Per real architecture of ``cat_step_cost.MODELS`` (built from its published configs with random weights: nothing
    downloads; speed and memory do not depend on the weights), whose family is in ``train_cat_lora.FAMILIES`` (a
    family added there with a config in ``MODELS`` joins the plan; one without is listed as not measured): bf16
-   (frozen base bf16, LoRA float32 under autocast), batch 1, at the VAE's native resolution (Flux.1-dev at 512 and
-   1024), gradient checkpointing in the setting a 24 GB card needs first (on at 1024 px and for a quantized base),
-   then the other. A family that ``loads_quantized`` (Flux.1) runs the README's 24 GB recipe: the base transformer
-   NF4 through diffusers' quantized loader, as train_cat_lora.py loads it (the random weights are saved to a
-   temporary folder first, ~24 GB of disk for Flux.1-dev), text embeddings pre-computed (T5-XXL dropped), rank 16.
+   (frozen base bf16, LoRA float32 under autocast), batch 1, at the VAE's native resolution or ``RESOLUTIONS``'
+   (Flux.1-dev at 512 and 1024; SD3.5, Qwen-Image, Z-Image and FLUX.2 at 1024), gradient checkpointing in the
+   setting a 24 GB card needs first (on at 1024 px and for a quantized base), then the other, prompts of the
+   family's default length. A family that ``loads_quantized`` (Flux.1, Qwen-Image, Z-Image, FLUX.2) runs the
+   README's 24 GB recipe: the base transformer NF4 through diffusers' quantized loader, as train_cat_lora.py loads
+   it (the random weights are saved to a temporary folder first, ~24 GB of disk for Flux.1-dev, ~64 GB for FLUX.2
+   [dev]), text embeddings pre-computed (the text encoders dropped), rank 16. The largest (Qwen-Image, FLUX.2
+   [dev]) need a card larger than 24 GB and do not fit the default budget: they are listed, with estimates.
    Each item runs ``cat_step_cost.measure`` on one ``cat_step_cost.Bench`` (the training script's model preparation
    and ``training_step``) for lora, cat-lean and cat-batched and reports: steps per second (median of interleaved
    timed rounds), ``torch.cuda.max_memory_allocated`` over one step (weights, AdamW state, activations; the other
@@ -37,7 +40,9 @@ item, so a run cut short keeps what it measured. Exit status 0 when every item r
 budget, ran out of memory (a finding) or was refused as expected; 1 when an item failed or timed out; 2 on bad input.
 
 Estimates (never presented as measurements): a step's FLOPs are counted by torch's FLOP counter on the meta device
-(the denoiser's forward, the VAE encode and the text encoders, for one image at the item's resolution) and combined
+(the denoiser's forward, the VAE encode and the text encoders, for one image at the item's resolution; the meta
+tensors get the values the code reads, a GPU's attention kernels and the family's noise from
+``benchmarks/meta_cost.py``) and combined
 as ``cat_step_cost`` counts a step's denoiser work (frozen base: LoRA 2 forwards' worth, CAT 5; plus one forward per
 adapted pass with gradient checkpointing); seconds = FLOPs / an assumed sustained throughput (``--assumed_tflops``)
 + an assumed overhead per step; the setup (start, building the random weights, saving and loading the NF4 base) and
@@ -76,7 +81,10 @@ CARD_BYTES = 24 * GIB  # the card the README's recipes are sized for
 CONFIGS = ("lora", "cat-lean", "cat-batched")
 CAT_EVERY = (2, 4)
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-RESOLUTIONS = {"flux-dev": (512, 1024)}  # real architectures measured at other than their VAE's native resolution
+# Real architectures measured at other than their VAE's native resolution (Qwen-Image's VAE config names none): the
+# resolutions their families train at.
+RESOLUTIONS = {"flux-dev": (512, 1024), "sd35-medium": (1024,), "sd35-large": (1024,), "qwen-image": (1024,),
+               "z-image": (1024,), "flux2-klein-4b": (1024,), "flux2-dev": (1024,)}
 QUANTIZED_RANK = 16  # the README's Flux.1 24 GB recipe
 SMOKE_RESOLUTION = 32
 ROUNDS = {"cuda": (1, 3), "cpu": (1, 2)}  # (warm-up, timed) rounds per item
@@ -186,53 +194,37 @@ def tests_item(smoke: bool, device: str, assumed: dict, families: int, xml: str 
                 estimate_run_s=assumed["tests_start_s"] + assumed["tests_per_family_s"] * counted)
 
 
-class LatentShapeVAE:
-    """A stand-in VAE for ``family.noisy_latents`` when counting FLOPs on the meta device: zero latents of the real
-    VAE's shape, on the CPU (the family draws noise and timesteps from generators, which the meta device lacks)."""
-
-    def __init__(self, vae):
-        import torch
-
-        self.config, self.device, self.dtype = vae.config, torch.device("cpu"), torch.float32
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    def encode(self, images):
-        import torch
-        from types import SimpleNamespace
-
-        rows, _, height, width = images.shape
-        latents = torch.zeros(rows, self.config.latent_channels, height // self.factor, width // self.factor)
-        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator=None: latents))
-
-
-def count_flops(B, name: str, path: str, resolution: int, sequence: int, device: str = "meta") -> dict:
+def count_flops(B, name: str, path: str, resolution: int, sequence: int | None) -> dict:
     """Forward FLOPs of the denoiser, the VAE encode and the text encoders for one image and prompt at
-    ``resolution`` (torch's FLOP counter on the meta device: no memory, no weights), and the base parameters.
-    ``device="cpu"`` counts with random weights instead: for tiny models whose code reads a tensor's value
-    (``Tensor.item()``, which the meta device refuses: the language-model families' prompt encoding)."""
+    ``resolution`` (torch's FLOP counter on the meta device: no memory, no weights; benchmarks/meta_cost.py gives the
+    meta tensors the values the code reads, a GPU's attention kernels and the family's noise), and the base
+    parameters. ``sequence``: the long text encoder's prompt tokens (None: the family's default)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    args = B.build_parser().parse_args(["--model", name, "--resolution", str(resolution),
-                                        "--max_sequence_length", str(sequence)])
+    import meta_cost as M
+
+    args = B.build_parser().parse_args(["--model", name, "--resolution", str(resolution)])
+    args.max_sequence_length = sequence
     family = B.family_for(path, args, random_weights=True)
-    with torch.device(device):
-        models = family.load_models()
 
     def counted(run):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             output = run()
         return counter.get_total_flops(), output
 
-    text, cond = counted(lambda: family.encode_prompts({n: models[n] for n in family.text_encoders},
-                                                       ["a photo of sks teapot"]))
-    vae = models["vae"]
-    encode, _ = counted(lambda: family.encode_pixels(vae, torch.zeros(1, 3, resolution, resolution, device=device)))
-    batch = B.make_batches(resolution, 1)[False]
-    scheduler = family.load_noise_scheduler()  # on the CPU: its tables index the CPU timesteps
-    z = family.noisy_latents(batch, LatentShapeVAE(vae) if device == "meta" else vae, scheduler, torch.float32)
-    z = {key: value.to(device) if torch.is_tensor(value) else value for key, value in z.items()}
-    denoiser, _ = counted(lambda: family.predict(models[family.denoiser], z, cond))
+    with M.meta_execution():
+        with torch.device("meta"):
+            models = family.load_models()
+        text, cond = counted(lambda: family.encode_prompts({n: models[n] for n in family.text_encoders},
+                                                           ["a photo of sks teapot"]))
+        vae = models["vae"]
+        encode, _ = counted(lambda: family.encode_pixels(vae, torch.zeros(1, 3, resolution, resolution,
+                                                                            device="meta")))
+        batch = B.make_batches(resolution, 1)[False]
+        # The scheduler stays on the CPU: its tables index the CPU timesteps (see meta_cost.MetaLatentVAE).
+        z = M.meta_noisy_latents(family, batch, vae, family.load_noise_scheduler(), torch.float32)
+        denoiser, _ = counted(lambda: family.predict(models[family.denoiser], z, cond))
     parameters = B.base_parameter_counts(models)
     return {"denoiser": denoiser, "vae": encode, "text": text, "parameters": sum(parameters.values()),
             "denoiser_parameters": parameters[family.denoiser]}
@@ -256,12 +248,15 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
     resolutions = (SMOKE_RESOLUTION,) if smoke else RESOLUTIONS.get(name, (native,))
     first = quantized or native >= 1024
     script = T.build_parser()
-    # The script's default is the family's own (None); the FLOP count and cat_step_cost need a number.
-    sequence = (B.build_parser() if smoke else script).get_default("max_sequence_length") or 512
+    # Prompt tokens of the long text encoder: the tiny pipelines' on the CPU; else train_cat_lora.py's default, the
+    # family's (its diffusers script's). Families without a long text encoder do not read it.
+    sequence = (B.build_parser().get_default("max_sequence_length") if smoke else
+                script.get_default("max_sequence_length") or family.default_max_sequence_length)
     warmup, steps = ROUNDS[device]
-    base = ["--model", name, "--device", device, "--batch_size", "1", "--mixed_precision", "bf16",
-            "--max_sequence_length", str(sequence), "--steps", str(steps), "--warmup", str(warmup), "--rss", "off",
-            "--phase_steps", "0", "--configs", ",".join(CONFIGS)] + (["--threads", "1"] if smoke else [])
+    base = ["--model", name, "--device", device, "--batch_size", "1", "--mixed_precision", "bf16"]
+    base += ["--max_sequence_length", str(sequence)] if sequence and family.reads("max_sequence_length") else []
+    base += ["--steps", str(steps), "--warmup", str(warmup), "--rss", "off", "--phase_steps", "0",
+             "--configs", ",".join(CONFIGS)] + (["--threads", "1"] if smoke else [])
     variants = [(False, base + ["--rank", str(script.get_default("rank"))])]
     if quantized:  # the README's 24 GB recipe; on the CPU the quantized loader refuses, so the smoke adds bf16
         recipe = base + ["--rank", str(QUANTIZED_RANK), "--bnb_quantization_config_path", str(nf4_path),
@@ -273,12 +268,7 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
             for resolution in resolutions:
                 key = (name, resolution)
                 if key not in flop_cache:
-                    try:
-                        flop_cache[key] = count_flops(B, name, path, resolution, sequence)
-                    except RuntimeError:
-                        if not smoke:  # a real architecture's weights cannot be built just to count
-                            raise
-                        flop_cache[key] = count_flops(B, name, path, resolution, sequence, device="cpu")
+                    flop_cache[key] = count_flops(B, name, path, resolution, sequence)
                 counts = flop_cache[key]
                 flops = {c: step_flops(B, counts, c, checkpointing, nf4) for c in CONFIGS}
                 seconds = {c: f / (assumed["tflops"] * 1e12) * (assumed["nf4_slowdown"] if nf4 else 1.0)

@@ -156,6 +156,99 @@ def test_the_real_flux_dev_architecture_builds_its_published_parameter_counts(tm
     assert models["vae"].config.latent_channels == 16
 
 
+
+# The newer families' real architectures (cat_step_cost.SPECS): the family train_cat_lora.py recognizes, the
+# parameters of every component as the published configs give them (built on the meta device: no memory, no
+# initialisation), and spot checks of the configs. Cross-checks: Qwen2.5-VL-7B 8.29 B, Qwen3-4B 4.02 B, Mistral Small
+# 3.x 24.0 B, Qwen-Image 20 B, Z-Image 6 B, FLUX.2 [dev] 32 B, SD3.5 large 8 B (SD3.5 medium's "2.5 B" counts its
+# positional-embedding buffer, 384^2 x 1536 values, which is no parameter).
+SD35_TEXT = {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656,
+             "vae": 83_819_683}
+NEW_ARCHITECTURES = {
+    "sd35-medium": ("StableDiffusion3Family", {"transformer": 2_243_171_520, **SD35_TEXT},
+                    {"num_layers": 24, "caption_projection_dim": 1536, "qk_norm": "rms_norm"}),
+    "sd35-large": ("StableDiffusion3Family", {"transformer": 8_056_627_520, **SD35_TEXT},
+                   {"num_layers": 38, "caption_projection_dim": 2432, "qk_norm": "rms_norm"}),
+    "qwen-image": ("QwenImageFamily", {"transformer": 20_430_401_088, "text_encoder": 8_292_166_656,
+                                       "vae": 126_892_531}, {"num_layers": 60, "joint_attention_dim": 3584}),
+    "z-image": ("ZImageFamily", {"transformer": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
+                {"n_layers": 30, "dim": 3840, "cap_feat_dim": 2560}),
+    "flux2-klein-4b": ("Flux2KleinFamily", {"transformer": 3_875_544_576, "text_encoder": 4_022_468_096,
+                                            "vae": 84_046_115},
+                       {"num_layers": 5, "num_single_layers": 20, "joint_attention_dim": 7680,
+                        "guidance_embeds": False}),
+    "flux2-dev": ("Flux2Family", {"transformer": 32_223_281_152, "text_encoder": 24_011_361_280, "vae": 84_046_115},
+                  {"num_layers": 8, "num_single_layers": 48, "joint_attention_dim": 15360, "guidance_embeds": True}),
+}
+
+
+@pytest.mark.parametrize("model", NEW_ARCHITECTURES)
+def test_the_newer_families_real_architectures_are_recognized_and_count_their_published_parameters(tmp_path, model):
+    family_name, expected, denoiser_config = NEW_ARCHITECTURES[model]
+    path, random_weights = B.resolve_model(model, tmp_path)
+    assert random_weights and B.MODELS[model].random_weights  # gpu_check.py plans every such entry
+    args = B.build_parser().parse_args(["--model", model, "--resolution", "1024"])
+    args.max_sequence_length = None  # the family's default, as train_cat_lora.py's
+    assert type(B.family_for(path, args)).__name__ == family_name  # train_cat_lora.model_family on the folder
+    family = B.family_for(path, args, random_weights)
+    with torch.device("meta"):
+        models = family.load_models()
+    assert B.base_parameter_counts(models) == expected
+    assert {p.device.type for model in models.values() if isinstance(model, torch.nn.Module)
+            for p in model.parameters()} == {"meta"}
+    config = models[family.denoiser].config
+    assert {name: getattr(config, name) for name in denoiser_config} == denoiser_config
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwenimage_pipeline", "tiny_zimage_pipeline"])
+def test_a_step_on_the_meta_device_holds_what_a_cpu_step_holds(request, tmp_path, fixture):
+    """benchmarks/meta_cost.py runs the training script's step on meta tensors (the masks' values known, a GPU's
+    attention kernels): on a tiny pipeline it saves the bytes a CPU step saves (to the attention kernels' seeds) and
+    runs the same denoiser passes, with no LoRA call in the frozen one."""
+    import meta_cost as M
+
+    pipeline = request.getfixturevalue(fixture)
+    torch.set_num_threads(1)
+    args = B.build_parser().parse_args(["--resolution", "32", "--batch_size", "1", "--max_sequence_length", "64"])
+    cpu = B.Bench(pipeline, args)
+    meta = M.measure_model(pipeline, tmp_path, ("cat-lean", "cat-batched"), resolution=32, rank=args.rank,
+                           max_sequence_length=64)
+    assert meta["parameters"] == B.base_parameter_counts(cpu.models)
+    for config, counted in meta["results"].items():
+        reference = cpu.measure_counts(config, seed=1000)
+        assert counted["saved_peak"] == pytest.approx(reference["saved_peak"], abs=128), config
+        assert counted["saved_left"] == 0 and counted["lora_calls_in_frozen"] == 0
+        assert [(c["grad"], c["rows"], c["lora_calls"]) for c in counted["denoiser_calls"]] == \
+            [(c["grad"], c["rows"], c["lora_calls"]) for c in reference["denoiser_calls"]]
+        # The CPU's attention kernel has no FLOP formula in torch's counter; the GPU kernels counted here have.
+        assert counted["flops_by_model"]["denoiser"] > reference["flops_by_model"]["denoiser"]
+
+
+def test_meta_cost_prints_the_parameters_and_the_ratios_it_counted(tmp_path, capsys):
+    import meta_cost as M
+
+    output = tmp_path / "meta.md"
+    reports = M.main(["--models", "tiny", "--resolution", "32", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert output.read_text(encoding="utf-8") in printed
+    (report,) = reports
+    assert report["parameters"] == B.base_parameter_counts(B.Bench(B.resolve_model("tiny", tmp_path)[0],
+                                                                  B.build_parser().parse_args([])).models)
+    results = report["results"]
+    assert list(results) == ["lora", "cat-lean", "cat-batched"]
+    denoiser = {name: r["flops_by_model"]["denoiser"] for name, r in results.items()}
+    assert denoiser["cat-lean"] == denoiser["cat-batched"] and 2 < denoiser["cat-lean"] / denoiser["lora"] < 3
+    saved = {name: r["saved_peak"] for name, r in results.items()}
+    assert saved["cat-lean"] / saved["lora"] == pytest.approx(1.0, abs=0.05)
+    assert saved["cat-batched"] / saved["lora"] == pytest.approx(2.0, rel=0.05)
+    titles, rows = table_section(printed, "model | px")
+    row = dict(zip(titles, rows["tiny"]))
+    assert row["denoiser FLOPs cat-lean x LoRA"] == f"{denoiser['cat-lean'] / denoiser['lora']:.2f}x"
+    assert row["all FLOPs cat-lean x LoRA"] == f"{results['cat-lean']['flops'] / results['lora']['flops']:.2f}x"
+    assert row["saved cat-batched x LoRA"] == f"{saved['cat-batched'] / saved['lora']:.2f}x"
+    assert row["LoRA calls in the frozen pass"] == "0, 0"
+    assert f"| {report['parameters']['unet']:,} |" in printed
+
 def table_section(printed: str, first_titles: str) -> tuple[list[str], dict[str, list[str]]]:
     """The markdown table of ``printed`` whose header starts with ``| first_titles``: (titles, {config: cells})."""
     lines = printed.splitlines()

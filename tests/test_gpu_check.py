@@ -99,7 +99,13 @@ def test_dry_run_prints_the_gpu_plan_in_order_of_value_with_labelled_estimates(t
     rows = re.findall(r"^ *(\d+)  (\S+) +(\d+) +(\d+)  (.*)$", printed, re.M)
     names = [row[1] for row in rows]
     assert names == ["tests-cuda", "sd15-512", "sd15-512-gc", "sdxl-1024-gc", "sdxl-1024", "flux-dev-nf4-512-gc",
-                     "flux-dev-nf4-1024-gc", "flux-dev-nf4-512", "flux-dev-nf4-1024"]
+                     "flux-dev-nf4-1024-gc", "flux-dev-nf4-512", "flux-dev-nf4-1024",
+                     # The newer families' real architectures (cat_step_cost.SPECS) join the plan by themselves, at
+                     # RESOLUTIONS' 1024 px; those that load a quantized base (the language-model families) as NF4.
+                     "sd35-medium-1024-gc", "sd35-medium-1024", "sd35-large-1024-gc", "sd35-large-1024",
+                     "qwen-image-nf4-1024-gc", "qwen-image-nf4-1024", "z-image-nf4-1024-gc", "z-image-nf4-1024",
+                     "flux2-klein-4b-nf4-1024-gc", "flux2-klein-4b-nf4-1024", "flux2-dev-nf4-1024-gc",
+                     "flux2-dev-nf4-1024"]
     assert "UnconfiguredFamily: no real-architecture config in cat_step_cost.MODELS: not measured" in printed
     assert "Estimates, not measurements" in printed and "no GPU figure of this project has been measured" in printed
     starts = [int(row[3]) for row in rows]
