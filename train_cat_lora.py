@@ -3272,6 +3272,7 @@ def check_inputs(args: argparse.Namespace):
     ``model_index.json``), the concepts, examples and data notes."""
     family = model_family(args)
     warn_about_family_flags(args, family)
+    warn_about_lora_alpha(args, family)
     concepts = load_concepts(args)
     check_family_options(args, family)
     if args.train_text_encoder_ti:
@@ -3318,6 +3319,17 @@ def warn_about_family_flags(args: argparse.Namespace, family) -> None:
             logger.warning(f"--{dest} applies to {family_readers(dest)} models; ignored for {family.label}")
 
 
+def warn_about_lora_alpha(args: argparse.Namespace, family) -> None:
+    """pytorch_lora_weights.safetensors keeps alpha only in diffusers' metadata; ComfyUI reads the layers without
+    it (as if alpha were the rank), so the LoRA acts there at rank/alpha of its trained strength."""
+    if args.lora_alpha is None or args.lora_alpha == args.rank or args.output_kohya_format:
+        return
+    remedy = ("add --output_kohya_format for a file with alpha" if family.kohya_layout else
+              "keep --lora_alpha at the rank (the default) for ComfyUI")
+    logger.warning(f"--lora_alpha {args.lora_alpha:g} is not --rank {args.rank}: diffusers applies it from the saved "
+                   f"file's metadata, ComfyUI does not (its LoRA strength {args.rank / args.lora_alpha:g} x); {remedy}")
+
+
 def check_family_options(args: argparse.Namespace, family) -> None:
     """What a family does not offer, refused in one line before anything loads."""
     if args.train_text_encoder and not family.trainable_text_encoders:
@@ -3328,7 +3340,7 @@ def check_family_options(args: argparse.Namespace, family) -> None:
                          "encoders that read every prompt (SD 1.x/2.x, SDXL)")
     if args.output_kohya_format and family.kohya_layout is None:
         raise InputError(f"--output_kohya_format: no kohya layout is defined for {family.label}; "
-                         "pytorch_lora_weights.safetensors is diffusers' format, which ComfyUI also loads")
+                         "pytorch_lora_weights.safetensors is diffusers' format (which clients read it: README, ComfyUI)")
 
 
 def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:

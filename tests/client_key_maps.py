@@ -210,22 +210,56 @@ def comfy_flux_key_map(depth: int, depth_single_blocks: int, hidden_size: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (model_lora_keys_unet's SD3 branch with comfy/utils.py mmdit_to_diffusers): ComfyUI holds the MMDiT
+# under its SAI names (joint_blocks.N.x_block / context_block, fused qkv) and reads a diffusers file's
+# transformer.<diffusers name> layers into them; q, k, v land in rows of the fused qkv at ComfyUI's width,
+# 64 x depth (true of SD3 medium, SD3.5 medium and large).
+# ----------------------------------------------------------------------------------------------------------
+
+MMDIT_BLOCK_LAYERS = (("attn.to_out.0", "x_block.attn.proj"), ("attn.to_add_out", "context_block.attn.proj"),
+                      ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+                      ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("ff_context.net.2", "context_block.mlp.fc2"),
+                      ("norm1.linear", "x_block.adaLN_modulation.1"),
+                      ("norm1_context.linear", "context_block.adaLN_modulation.1"))
+
+
+def comfy_sd3_key_map(depth: int) -> dict:
+    """``{LoRA layer name: (MMDiT weight, row range or None)}`` ComfyUI builds for SD3's diffusers-format LoRAs."""
+    key_map, width = {}, 64 * depth
+    for block in range(depth):
+        diffusers, sai = f"transformer.transformer_blocks.{block}", f"diffusion_model.joint_blocks.{block}"
+        for stream, names in (("x_block", ("to_q", "to_k", "to_v")),
+                              ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for part, name in enumerate(names):
+                key_map[f"{diffusers}.attn.{name}"] = (f"{sai}.{stream}.attn.qkv.weight", (part * width, width))
+        for diffusers_name, sai_name in MMDIT_BLOCK_LAYERS:
+            key_map[f"{diffusers}.{diffusers_name}"] = (f"{sai}.{sai_name}.weight", None)
+    return key_map
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Loading (load_lora + the LoRA weight adapter)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def comfy_load(lora: dict, key_map: dict) -> tuple[dict, list]:
-    """What ComfyUI makes of a kohya-style file: ``{target: weight change}`` and the keys it reports as
-    "lora key not loaded". A target is a weight name, or for Flux ``(weight name, row range or None)``."""
+    """What ComfyUI makes of a LoRA file: ``{target: weight change}`` and the keys it reports as "lora key not
+    loaded". A target is a weight name, or for Flux and SD3 ``(weight name, row range or None)``. Layers are read in
+    kohya's ``lora_up``/``lora_down`` form or diffusers' ``lora_B``/``lora_A`` form (comfy/weight_adapter/lora.py,
+    ``diffusers2_lora``); without an ``alpha`` key the change is ``up @ down`` unscaled."""
     loaded, changes = set(), {}
     for name, target in key_map.items():
         alpha = lora.get(f"{name}.alpha")
         if alpha is not None:
             loaded.add(f"{name}.alpha")
-        up, down = lora.get(f"{name}.lora_up.weight"), lora.get(f"{name}.lora_down.weight")
+        for up_key, down_key in ((f"{name}.lora_up.weight", f"{name}.lora_down.weight"),  # kohya
+                                 (f"{name}.lora_B.weight", f"{name}.lora_A.weight")):  # diffusers/peft
+            up, down = lora.get(up_key), lora.get(down_key)
+            if up is not None:
+                break
         if up is None:
             continue
-        loaded.update((f"{name}.lora_up.weight", f"{name}.lora_down.weight"))
+        loaded.update((up_key, down_key))
         rank = down.shape[0]
         scale = alpha.item() / rank if alpha is not None else 1.0
         changes[target] = (up.flatten(1).float() @ down.flatten(1).float()) * scale

@@ -83,6 +83,21 @@ def test_a_family_flag_warns_exactly_where_the_family_ignores_it(family, caplog)
             assert warned[0].endswith(f"ignored for {family.label}")
 
 
+@pytest.mark.parametrize("family", FAMILY_CLASSES, ids=lambda family: family.__name__)
+def test_lora_alpha_other_than_rank_warns_that_comfyui_ignores_it(family, caplog):
+    base = ["--pretrained_model_name_or_path", "-", "--instance_data_dir", "-", "--output_dir", "-",
+            "--instance_prompt", "x", "--trigger_token", "x", "--rank", "4"]
+    for extra, warns in ((["--lora_alpha", "8"], True), (["--lora_alpha", "4"], False), ([], False),
+                         (["--lora_alpha", "8", "--output_kohya_format"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train_cat_lora"):
+            T.warn_about_lora_alpha(T.parse_args(base + extra), family)
+        warned = [r.message for r in caplog.records if r.message.startswith("--lora_alpha")]
+        assert bool(warned) == warns, (extra, warned)
+        if warned:
+            assert "strength 0.5" in warned[0] and ("--output_kohya_format" in warned[0]) == bool(family.kohya_layout)
+
+
 def test_flux_reads_its_own_flags():
     for dest in ("guidance_scale", "weighting_scheme", "max_sequence_length", "lora_layers"):
         assert T.FluxFamily.reads(dest), dest

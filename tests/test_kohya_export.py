@@ -16,6 +16,8 @@ import torch
 from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -89,9 +91,9 @@ def flux_transformer():
                                   pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
 
 
-def add_random_lora(model, targets: list[str]) -> dict:
+def add_random_lora(model, targets: list[str], alpha: float = ALPHA) -> dict:
     """Attach a LoRA with random (not zero-initialised) weights; return its peft state dict."""
-    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets))
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=targets))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -100,10 +102,10 @@ def add_random_lora(model, targets: list[str]) -> dict:
     return get_peft_model_state_dict(model)
 
 
-def with_lora(base: dict, targets: dict) -> tuple[dict, dict]:
+def with_lora(base: dict, targets: dict, alpha: float = ALPHA) -> tuple[dict, dict]:
     """Copies of the ``base`` models with random LoRAs, and their peft state dicts."""
     adapted = {name: copy.deepcopy(model) for name, model in base.items()}
-    return adapted, {name: add_random_lora(adapted[name], targets[name]) for name in adapted}
+    return adapted, {name: add_random_lora(adapted[name], targets[name], alpha) for name in adapted}
 
 
 def sd_models():
@@ -125,6 +127,23 @@ def flux_models(targets: list[str]):
     # with Flux's CLIP-L text encoder, which diffusers' Flux script can train too
     base = {"transformer": flux_transformer(), "text_encoder": clip_text_model(32)}
     return (base, *with_lora(base, {"transformer": targets, "text_encoder": TEXT_TARGETS}))
+
+
+def sd3_transformer():
+    # Two joint blocks, the second context_pre_only as in every SD3; 2 heads x 64 = 128 = 64 x depth, the width
+    # ComfyUI assumes when it splits the fused qkv (true of the released SD3 and SD3.5 models).
+    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                 caption_projection_dim=128, pooled_projection_dim=96, pos_embed_max_size=16).eval()
+
+
+def sd3_models(alpha: float):
+    torch.manual_seed(0)
+    # CLIP-L and CLIP-G, the encoders diffusers' SD3 script (and ours) can train; T5 stays frozen
+    base = {"transformer": sd3_transformer(), "text_encoder": clip_text_model(32, with_projection=True),
+            "text_encoder_2": clip_text_model(64, with_projection=True)}
+    return with_lora(base, {"transformer": T.SD3_TRANSFORMER_TARGETS, "text_encoder": TEXT_TARGETS,
+                            "text_encoder_2": TEXT_TARGETS}, alpha)
 
 
 def peft_weight_changes(model) -> dict:
@@ -279,6 +298,36 @@ def test_flux_kohya_file_uses_bfl_names_and_is_read_whole_by_comfyui(targets):
     assert all(value.item() == ALPHA for key, value in kohya.items() if key.endswith(".alpha"))
     if targets is FLUX_DEFAULT_TARGETS:  # q, k, v of the single blocks fused without proj_mlp
         assert kohya["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * hidden + 4 * hidden, 3 * RANK)
+
+
+@pytest.mark.parametrize("alpha", [RANK, ALPHA], ids=["alpha=rank", "alpha!=rank"])
+def test_sd3_diffusers_file_is_read_whole_by_comfyui(tmp_path, alpha):
+    """SD3 has no kohya layout: ComfyUI reads the diffusers-format file the script writes (transformer.<diffusers
+    name>, lora_A/lora_B). Every key is read, every trained layer lands in its SAI weight (q, k, v in their rows of the
+    fused qkv), and nothing else changes. The file carries alpha only in diffusers' metadata, which ComfyUI does not
+    read: its change is B @ A, right when --lora_alpha is the rank (the default) and off by rank/alpha otherwise,
+    which the script warns about."""
+    adapted, _ = sd3_models(alpha)
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path, **T.lora_state_dicts(
+        accelerator, T.StableDiffusion3Family, adapted, train_text_encoder=True))
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    depth = adapted["transformer"].config.num_layers
+    key_map = {**clients.comfy_sd3_key_map(depth), **clients.comfy_clip_key_map({"clip_l": 2, "clip_g": 2})}
+    changes, not_loaded = clients.comfy_load(saved, key_map)
+    assert not_loaded == [], f"ComfyUI would log 'lora key not loaded' for {not_loaded[:4]}"
+    comfy_scale = RANK / alpha  # ComfyUI's B @ A against peft's B @ A * alpha / rank
+    expected = {clip_weight(slot, layer): change * comfy_scale
+                for slot, component in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))
+                for layer, change in peft_weight_changes(adapted[component]).items()}
+    width = 64 * depth
+    for layer, change in peft_weight_changes(adapted["transformer"]).items():
+        target = clients.comfy_sd3_key_map(depth)[f"transformer.{layer}"]
+        assert target[1] is None or target[1][1] == width == change.shape[0]
+        expected[target] = change * comfy_scale
+    assert sorted(changes, key=str) == sorted(expected, key=str)
+    for target, change in expected.items():
+        torch.testing.assert_close(changes[target], change, rtol=1e-4, atol=1e-6, msg=lambda text: f"{target}: {text}")
 
 
 def test_kohya_state_dict_rejects_what_it_cannot_name():
