@@ -124,9 +124,8 @@ LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\
 # CLIP-I masked: what replaces the background. CatVersion's repository reads images whose background was removed
 # elsewhere (its segmenter and fill are not published); mid-gray is a neutral constant, the same for every image.
 MASK_FILL = (128, 128, 128)
-# The border segmenter: a pixel is subject when some channel differs from the background color by more than this
-# (out of 255): above generation noise, and below half the contrast of every toy-world color against its backgrounds,
-# so an anti-aliased edge pixel counts as subject when about half of it is covered.
+# The border segmenter: a pixel can be subject only when some channel differs from the background color by more than
+# this (out of 255): above generation noise, and below half the contrast of every toy-world color on its backgrounds.
 BORDER_TOLERANCE = 48
 
 
@@ -236,9 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "path relative to the --pairs file with the suffix .png (ref/0.png -> DIR/ref/0.png, "
                             "cat/0_T.jpg -> DIR/cat/0_T.png), the image's size, white (>= 128 in grayscale) = subject")
     masks.add_argument("--segmenter", choices=["border"],
-                       help="compute the masks instead: border = the pixels that differ (by more than "
-                            f"{BORDER_TOLERANCE} in some channel) from the background color, the median of the image's "
-                            "outermost pixels; for solid backgrounds such as the toy world's")
+                       help="compute the masks instead: border = all but the background, the region connected "
+                            "to the image's border of pixels within the tolerance of its color (the median of the "
+                            f"outermost pixels; tolerance: {BORDER_TOLERANCE} in every channel, or 0.4 of the subject's "
+                            "median contrast if larger); for solid backgrounds such as the toy world's")
 
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -410,12 +410,44 @@ def mask_choice(args: argparse.Namespace) -> MaskChoice | None:
 
 
 def border_mask(image, tolerance: int = BORDER_TOLERANCE) -> np.ndarray:
-    """The subject of an image on a solid background: the pixels whose color differs (by more than ``tolerance``
-    in some channel) from the background's, estimated as the median of the image's outermost ring of pixels."""
+    """The subject of an image on a solid background: everything but the background, which is the region of
+    background-colored pixels connected to the image's border.
+
+    The background color is the median of the outermost ring of pixels. A pixel has another color when it differs
+    from it by more than ``tolerance`` in some channel and by more than 0.4 of the subject's median contrast (so an
+    anti-aliased edge pixel counts when about half of it is covered). Pixels enclosed by the subject are subject
+    even when their color is the background's, and so are lines one pixel wide that reach into it from the
+    background (a pixel with subject on both sides): a blend of two subject colors, where they meet, can have the
+    background's color.
+    """
     pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
-    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    background = np.median(ring, axis=0)
-    return np.abs(pixels - background).max(axis=-1) > tolerance
+    ring = np.zeros(pixels.shape[:2], dtype=bool)
+    ring[[0, -1], :] = ring[:, [0, -1]] = True
+    contrast = np.abs(pixels - np.median(pixels[ring], axis=0)).max(axis=-1)
+    colored = contrast > tolerance
+    if colored.any():
+        colored = contrast > max(tolerance, 0.4 * np.median(contrast[colored]))
+    background = ring & ~colored
+    while True:  # flood the background from the border, through pixels of its color
+        grown = grow(background) & ~colored
+        if np.array_equal(grown, background):
+            break
+        background = grown
+    subject = ~background
+    between = np.zeros_like(subject)  # background pixels with subject on both sides, above and below or left and right
+    between[1:-1] |= subject[:-2] & subject[2:]
+    between[:, 1:-1] |= subject[:, :-2] & subject[:, 2:]
+    return subject | between
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` and its 4-connected neighbors (a dilation by one pixel)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
 
 
 def apply_mask(image, mask: np.ndarray):
