@@ -904,7 +904,8 @@ def test_border_segmenter_finds_the_subject_the_toy_world_painted():
 
 
 def test_masked_clip_i_helper_with_the_border_segmenter_is_the_scripts_column(tmp_path, tiny_clip):
-    """The function other scripts call gives the column of --segmenter border."""
+    """The function other scripts call gives the column of --segmenter border; a generated image in which the
+    segmenter finds nothing is scored (as a gray image) and counted."""
     sys.path.insert(0, str(REPO / "examples" / "toyworld"))
     import world
     from PIL import Image
@@ -913,19 +914,23 @@ def test_masked_clip_i_helper_with_the_border_segmenter_is_the_scripts_column(tm
     for n, (shape, color, background) in enumerate([("circle", "red", "gray"), ("square", "blue", "black"),
                                                     ("cross", "green", "white"), ("circle", "red", "black")]):
         images[f"{n}.png"] = Image.fromarray(world.render(world.Scene(shape, color, "large", background, 0.5, 0.5)))
-        images[f"{n}.png"].save(tmp_path / f"{n}.png")
+    images["4.png"] = Image.new("RGB", (32, 32), world.BACKGROUNDS["white"])  # nothing drawn
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    generated = (1, 2, 3, 4)
     lines = [{"adapter": "a", "caption": "a sks circle", "reference": "0.png", "with_trigger": f"{n}.png",
-              "without_trigger": f"{n}.png"} for n in (1, 2, 3)]
+              "without_trigger": f"{n}.png"} for n in generated]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     config, checkpoint = tiny_clip
     metrics = ek.main(["--pairs", str(tmp_path / "pairs.jsonl"), "--trigger_token", TRIGGER, "--segmenter", "border",
                        "--clip_model", str(config), "--clip_pretrained", str(checkpoint), "--dino_model", "none",
                        "--output_dir", str(tmp_path / "out")])
     clip = ek.load_clip(str(config), str(checkpoint), "cpu")
-    helper = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in (1, 2, 3)])
+    helper = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in generated])
     assert metrics["a"]["CLIP-I_masked"] == pytest.approx(helper, abs=1e-6)
-    unmasked = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in (1, 2, 3)],
-                                [np.ones((32, 32), bool)], [np.ones((32, 32), bool)] * 3)
+    assert metrics["a"]["empty_masks"] == 1
+    unmasked = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in generated],
+                                [np.ones((32, 32), bool)], [np.ones((32, 32), bool)] * len(generated))
     assert unmasked == pytest.approx(metrics["a"]["CLIP-I"], abs=1e-5)  # all-subject masks: plain CLIP-I
     assert abs(helper - unmasked) > 1e-3
 
