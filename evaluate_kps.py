@@ -39,7 +39,7 @@ The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffu
           class prompt without the trigger, I(y), and the reference images. Lower = less subject leakage.
   CLIP-I masked   (with --masks or --segmenter) CLIP-I on images whose background is removed, as CatVersion
           (Zhao et al. 2023) evaluates: every pixel outside the subject's mask is set to gray (128, 128, 128),
-          in the references and in I(y_T), so a shared background cannot raise the score. Masks come from
+          in the references and in I(y_T), so that backgrounds do not count. Masks come from
           --masks DIR (files) or --segmenter border (for solid backgrounds, as in the toy world).
 
 Two modes:
@@ -61,7 +61,8 @@ Two modes:
 
 Outputs in --output_dir: metrics.json, per_sample.csv, table.md, grid_<adapter>.png (one row per sample:
 reference | with trigger | without trigger), comparison.png (one row per adapter: its first 8 images with the
-trigger | the same samples without it); the table is printed at the end.
+trigger | the same samples without it), with masks masked_<adapter>.png (masked reference | masked image with the
+trigger); the table is printed at the end.
 
 The math (prompt_similarity, identity_similarity, paper_metrics, mean_pairwise_similarity) and the model
 helpers (clip_text_embeddings, dino_embeddings, paper_scores) are defined here. cosine_similarity,
@@ -934,9 +935,9 @@ def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_si
 
 TABLE_COLUMNS = [
     ("PS (5)", "PS"), ("IS (7)", "IS"), ("KPS (9)", "KPS"), ("PS mean", "PS_mean"), ("IS mean", "IS_mean"),
-    ("KPS mean", "KPS_mean"), ("CLIP-T", "CLIP-T"), ("CLIP-I", "CLIP-I"), ("CLIP-I masked", "CLIP-I_masked"),
-    ("DINO", "DINO"), ("PRES ↓", "PRES"),
+    ("KPS mean", "KPS_mean"), ("CLIP-T", "CLIP-T"), ("CLIP-I", "CLIP-I"), ("DINO", "DINO"), ("PRES ↓", "PRES"),
 ]
+MASKED_COLUMN = ("CLIP-I masked", "CLIP-I_masked")  # after CLIP-I, when the metrics have it
 
 
 CLAMP_MARK = "*"
@@ -949,7 +950,9 @@ def format_table(metrics: dict[str, dict]) -> str:
     footnote under the table gives, per marked cell, how many of the n values were clamped. The CLIP-I masked
     column is there only when the metrics have it (--masks or --segmenter).
     """
-    columns = [(title, key) for title, key in TABLE_COLUMNS if any(key in m for m in metrics.values())]
+    columns = list(TABLE_COLUMNS)
+    if any(MASKED_COLUMN[1] in m for m in metrics.values()):
+        columns.insert(columns.index(("CLIP-I", "CLIP-I")) + 1, MASKED_COLUMN)
     head = "| Method | n | " + " | ".join(title for title, _ in columns) + " | clamped PS/IS/KPS |"
     rule = "|---|---:|" + "---:|" * len(columns) + "---:|"
     rows, notes = [], []
