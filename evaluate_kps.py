@@ -238,8 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     masks.add_argument("--segmenter", choices=["border"],
                        help="compute the masks instead: border = all but the background, the region connected "
                             "to the image's border of pixels within the tolerance of its color (the median of the "
-                            f"outermost pixels; tolerance: {BORDER_TOLERANCE} in every channel, or 0.4 of the subject's "
-                            "median contrast if larger); for solid backgrounds such as the toy world's")
+                            f"outermost pixels; tolerance: {BORDER_TOLERANCE} in every channel, or 0.4 of the "
+                            "subject's median contrast if larger); for solid backgrounds such as the toy world's")
 
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -1000,7 +1000,8 @@ def make_masked_grid(samples: list[Sample], reference_masks: dict[Path, np.ndarr
     grid = Image.new("RGB", (2 * tile, len(samples) * tile), "white")
     for row, s in enumerate(samples):
         with Image.open(s.reference) as reference:
-            images = [apply_mask(reference, reference_masks[s.reference]), apply_mask(s.with_trigger, s.with_trigger_mask)]
+            images = [apply_mask(reference, reference_masks[s.reference]),
+                      apply_mask(s.with_trigger, s.with_trigger_mask)]
         for col, image in enumerate(images):
             grid.paste(image.resize((tile, tile), Image.NEAREST), (col * tile, row * tile))
     return grid

@@ -853,7 +853,8 @@ def test_clip_i_masked_is_the_pairwise_mean_over_masked_images_embedded_by_hand(
         assert metrics[adapter]["empty_masks"] == 0
     document = json.loads((tmp_path / "masked" / "metrics.json").read_text())
     assert document["settings"]["masks"] == str(masks_dir) and document["settings"]["mask_fill"] == [128, 128, 128]
-    header, *rows = [line for line in (tmp_path / "masked" / "table.md").read_text().splitlines() if line.startswith("| ")]
+    table = (tmp_path / "masked" / "table.md").read_text()
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ")]
     column = table_cells(header).index("CLIP-I masked")
     assert table_cells(header)[column - 1] == "CLIP-I"  # beside CLIP-I
     assert table_cells(rows[0])[0] == "a"
@@ -935,7 +936,7 @@ def test_masked_clip_i_helper_with_the_border_segmenter_is_the_scripts_column(tm
     assert abs(helper - unmasked) > 1e-3
 
 
-@pytest.mark.parametrize("problem", ["missing", "size", "empty", "outside", "no_subject", "generate"])
+@pytest.mark.parametrize("problem", ["missing", "size", "empty", "outside", "no_subject", "no_folder", "generate"])
 def test_error_bad_mask_one_line_before_any_model(problem, masked_pairs, tmp_path, run_script):
     """Each bad mask stops with one line naming it, before CLIP is loaded: the CLIP checkpoint given here does not
     exist, so an error about masks shows they were checked first."""
@@ -971,6 +972,9 @@ def test_error_bad_mask_one_line_before_any_model(problem, masked_pairs, tmp_pat
                                                       "with_trigger": "ref.png", "without_trigger": "ref.png"}) + "\n")
         flags = ["--pairs", str(flat / "pairs.jsonl"), "--segmenter", "border"]
         expected = [str(flat / "ref.png"), "finds no subject"]
+    elif problem == "no_folder":
+        flags = ["--pairs", str(pairs), "--masks", str(tmp_path / "no_such_masks")]
+        expected = ["--masks", "no_such_masks", "no such folder"]
     else:  # generated images have no mask files
         flags = ["--eval_data_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path), "--lora",
                  "base=none", "--masks", str(masks)]
