@@ -37,6 +37,10 @@ The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffu
           model's image processor normalizes (ImageNet mean/std) without resizing again.
   PRES    DreamBooth's prior-preservation metric: the pairwise DINO mean between the images drawn from the
           class prompt without the trigger, I(y), and the reference images. Lower = less subject leakage.
+  CLIP-I masked   (with --masks or --segmenter) CLIP-I on images whose background is removed, as CatVersion
+          (Zhao et al. 2023) evaluates: every pixel outside the subject's mask is set to gray (128, 128, 128),
+          in the references and in I(y_T), so that backgrounds do not count. Masks come from
+          --masks DIR (files) or --segmenter border (for solid backgrounds, as in the toy world).
 
 Two modes:
 
@@ -57,7 +61,8 @@ Two modes:
 
 Outputs in --output_dir: metrics.json, per_sample.csv, table.md, grid_<adapter>.png (one row per sample:
 reference | with trigger | without trigger), comparison.png (one row per adapter: its first 8 images with the
-trigger | the same samples without it); the table is printed at the end.
+trigger | the same samples without it), with masks masked_<adapter>.png (masked reference | masked image with the
+trigger); the table is printed at the end.
 
 The math (prompt_similarity, identity_similarity, paper_metrics, mean_pairwise_similarity) and the model
 helpers (clip_text_embeddings, dino_embeddings, paper_scores) are defined here. cosine_similarity,
@@ -80,6 +85,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import diffusers
+import numpy as np
 import open_clip
 import torch
 from accelerate import PartialState
@@ -116,6 +122,12 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Keys of LoRA matrices in the file formats diffusers reads (peft, diffusers, kohya); alphas are not matrices.
 LORA_MATRIX_KEY = re.compile(r"(lora[._](A|B|down|up)|lora_(down|up))(\.[^.]+)?\.weight$")
+# CLIP-I masked: what replaces the background. CatVersion's repository reads images whose background was removed
+# elsewhere (its segmenter and fill are not published); mid-gray is a neutral constant, the same for every image.
+MASK_FILL = (128, 128, 128)
+# The border segmenter: a pixel can be subject only when some channel differs from the background color by more than
+# this (out of 255): above generation noise, and below half the contrast of every toy-world color on its backgrounds.
+BORDER_TOLERANCE = 48
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,6 +229,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "it (256 -> 224 for ViT-S/16), as in DINO's and DreamBooth's evaluation")
     models.add_argument("--device", default=None, help="device for the metric models (default: accelerate's)")
 
+    masks = parser.add_argument_group(
+        "subject masks, for CLIP-I masked (at most one of --masks, --segmenter; without them nothing is masked)")
+    masks.add_argument("--masks", type=Path, metavar="DIR",
+                       help="folder mode: a mask for every reference and with-trigger image of --pairs, at the image's "
+                            "path relative to the --pairs file with the suffix .png (ref/0.png -> DIR/ref/0.png, "
+                            "cat/0_T.jpg -> DIR/cat/0_T.png), the image's size, white (>= 128 in grayscale) = subject")
+    masks.add_argument("--segmenter", choices=["border"],
+                       help="compute the masks instead: border = all but the background, the region connected "
+                            "to the image's border of pixels within the tolerance of its color (the median of the "
+                            f"outermost pixels; tolerance: {BORDER_TOLERANCE} in every channel, or 0.4 of the "
+                            "subject's median contrast if larger); for solid backgrounds such as the toy world's")
+
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -230,6 +254,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("generate mode needs at least one --lora NAME=PATH (NAME=none for the base model)")
     elif args.lora:
         parser.error("--lora is for generate mode; in folder mode the adapter names come from --pairs")
+    if args.masks is not None and args.segmenter is not None:
+        parser.error("give at most one of --masks, --segmenter")
+    if args.masks is not None and args.pairs is None:
+        parser.error("--masks is for folder mode (--pairs): generated images have no mask files; use --segmenter")
     if args.resolution <= 0 or args.resolution % 8:
         parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8")
     for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
@@ -270,6 +298,7 @@ class Sample:
     without_trigger_path: Path | None = None
     seed: int | None = None
     scores: dict = field(default_factory=dict)
+    with_trigger_mask: Any = None  # boolean (height, width) array, True = subject; with --masks or --segmenter
 
 
 def check_caption(caption: str, trigger: str, where: str) -> str:
@@ -355,6 +384,132 @@ def load_pairs(pairs_file: Path, trigger: str) -> list[Sample]:
         ))
     order = list(counts)
     return sorted(samples, key=lambda s: order.index(s.adapter))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subject masks (CLIP-I masked): boolean (height, width) arrays, True = subject
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """Where the subject masks come from: mask files under ``folder``, named after the images' paths relative to
+    ``pairs_file`` (--masks), or a ``segmenter`` (--segmenter)."""
+
+    folder: Path | None = None
+    pairs_file: Path | None = None
+    segmenter: str | None = None
+
+
+def mask_choice(args: argparse.Namespace) -> MaskChoice | None:
+    """The masks the flags ask for; None without --masks and --segmenter (nothing is masked)."""
+    if args.masks is None and args.segmenter is None:
+        return None
+    if args.masks is not None and not args.masks.is_dir():
+        raise InputError(f"--masks {args.masks}: no such folder")
+    return MaskChoice(args.masks, args.pairs, args.segmenter)
+
+
+def border_mask(image, tolerance: int = BORDER_TOLERANCE) -> np.ndarray:
+    """The subject of an image on a solid background: everything but the background, which is the region of
+    background-colored pixels connected to the image's border.
+
+    The background color is the median of the outermost ring of pixels. A pixel has another color when it differs
+    from it by more than ``tolerance`` in some channel and by more than 0.4 of the subject's median contrast (so an
+    anti-aliased edge pixel counts when about half of it is covered). Pixels enclosed by the subject are subject
+    even when their color is the background's, and so are lines one pixel wide that reach into it from the
+    background (a pixel with subject on both sides): a blend of two subject colors, where they meet, can have the
+    background's color.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    ring = np.zeros(pixels.shape[:2], dtype=bool)
+    ring[[0, -1], :] = ring[:, [0, -1]] = True
+    contrast = np.abs(pixels - np.median(pixels[ring], axis=0)).max(axis=-1)
+    colored = contrast > tolerance
+    if colored.any():
+        colored = contrast > max(tolerance, 0.4 * np.median(contrast[colored]))
+    background = ring & ~colored
+    while True:  # flood the background from the border, through pixels of its color
+        grown = grow(background) & ~colored
+        if np.array_equal(grown, background):
+            break
+        background = grown
+    subject = ~background
+    between = np.zeros_like(subject)  # background pixels with subject on both sides, above and below or left and right
+    between[1:-1] |= subject[:-2] & subject[2:]
+    between[:, 1:-1] |= subject[:, :-2] & subject[:, 2:]
+    return subject | between
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` and its 4-connected neighbors (a dilation by one pixel)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
+def apply_mask(image, mask: np.ndarray):
+    """The image with every pixel outside ``mask`` set to MASK_FILL (an RGB PIL image)."""
+    pixels = np.asarray(image.convert("RGB"))
+    return Image.fromarray(np.where(mask[..., None], pixels, np.asarray(MASK_FILL, dtype=np.uint8)))
+
+
+def read_mask_file(choice: MaskChoice, image_path: Path, image_size: tuple[int, int]) -> np.ndarray:
+    """The mask file of ``image_path`` under --masks; InputError if it is missing, unreadable, of another size than
+    the image or empty."""
+    relative = Path(os.path.relpath(image_path, choice.pairs_file.parent))
+    if relative.is_absolute() or ".." in relative.parts:
+        raise InputError(f"--masks {choice.folder}: {image_path} lies outside the folder of --pairs, so it has no "
+                         "mask path (the rule is the image's path relative to the --pairs file)")
+    path = choice.folder / relative.with_suffix(".png")
+    if not path.is_file():
+        raise InputError(f"--masks {choice.folder}: no mask {path} for {image_path}")
+    try:
+        with Image.open(path) as file:
+            mask = np.asarray(file.convert("L")) >= 128
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"--masks: {path} is not a readable image ({error})") from None
+    width, height = image_size
+    if mask.shape != (height, width):
+        raise InputError(f"--masks: {path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} is "
+                         f"{width}x{height}")
+    if not mask.any():
+        raise InputError(f"--masks: {path} is empty (no white pixel), so {image_path} would have no subject")
+    return mask
+
+
+def subject_mask(choice: MaskChoice, image, image_path: Path | None) -> np.ndarray:
+    """The mask of one image, from its file (--masks) or the segmenter."""
+    if choice.segmenter == "border":
+        return border_mask(image)
+    return read_mask_file(choice, image_path, image.size)
+
+
+def mask_references(choice: MaskChoice, references: list[Path]) -> dict[Path, np.ndarray]:
+    """The mask of every reference image; InputError when one has no subject (a reference is the user's input)."""
+    masks = {}
+    for path in dict.fromkeys(references):
+        with Image.open(path) as image:
+            masks[path] = subject_mask(choice, image, path)
+        if not masks[path].any():
+            raise InputError(f"{path}: --segmenter {choice.segmenter} finds no subject in this reference image "
+                             "(every pixel has the background's color)")
+    return masks
+
+
+def mask_generated(choice: MaskChoice, samples: list[Sample]) -> None:
+    """Set ``with_trigger_mask`` of every sample. A generated image in which the segmenter finds no subject keeps
+    its empty mask (it is scored as a plain gray image) and is counted; mask files must not be empty."""
+    for s in samples:
+        s.with_trigger_mask = subject_mask(choice, s.with_trigger, s.with_trigger_path)
+    for adapter in dict.fromkeys(s.adapter for s in samples):
+        empty = sum(not s.with_trigger_mask.any() for s in samples if s.adapter == adapter)
+        if empty:
+            logger.warning("%s: --segmenter %s finds no subject in %d of its images with the trigger; CLIP-I masked "
+                           "scores them as plain gray images", adapter, choice.segmenter, empty)
 
 
 @dataclass(frozen=True)
@@ -499,6 +654,20 @@ def paper_scores(clip: Clip, prompts: list[str], reference_images, with_trigger_
     without_trigger = clip_image_embeddings(clip, without_trigger_images, batch_size)
     metrics = paper_metrics(text, reference, with_trigger, without_trigger)
     return {key: metrics[key] for key in ("PS", "IS", "KPS", "clamped")}
+
+
+def masked_clip_i(clip: Clip, reference_images, generated_images, reference_masks=None, generated_masks=None,
+                  batch_size: int = 16) -> float:
+    """CLIP-I masked: the mean cosine over all pairs (generated, reference) of CLIP embeddings of the images with
+    their background set to MASK_FILL. The masks are boolean (height, width) arrays, one per image (True =
+    subject); None computes them with :func:`border_mask`. The script's column is this function."""
+    if reference_masks is None:
+        reference_masks = [border_mask(image) for image in reference_images]
+    if generated_masks is None:
+        generated_masks = [border_mask(image) for image in generated_images]
+    references = clip_image_embeddings(clip, list(map(apply_mask, reference_images, reference_masks)), batch_size)
+    generated = clip_image_embeddings(clip, list(map(apply_mask, generated_images, generated_masks)), batch_size)
+    return mean_pairwise_similarity(generated, references)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -695,8 +864,13 @@ def generate_images(pipe, family, adapters, samples: list[Sample], state, batch_
 # ---------------------------------------------------------------------------------------------------------
 
 
-def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_size: int) -> dict[str, dict]:
-    """Per-sample similarities (stored in ``sample.scores``) and per-adapter metrics, in adapter order."""
+def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_size: int,
+                  reference_masks: dict[Path, np.ndarray] | None = None) -> dict[str, dict]:
+    """Per-sample similarities (stored in ``sample.scores``) and per-adapter metrics, in adapter order.
+
+    With ``reference_masks`` (and every sample's ``with_trigger_mask``), each adapter also gets CLIP-I masked and
+    the count of its images with the trigger whose mask is empty.
+    """
 
     references = sorted({s.reference for s in samples})
     reference_images = [Image.open(path).convert("RGB") for path in references]
@@ -725,12 +899,19 @@ def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_si
         for warning in caught:
             logger.warning("%s: %s", adapter, warning.message)
         own_refs = sorted({s.reference for s in group})
+        masked = {} if reference_masks is None else {
+            "CLIP-I_masked": masked_clip_i(
+                clip, [reference_images[references.index(r)] for r in own_refs], [s.with_trigger for s in group],
+                [reference_masks[r] for r in own_refs], [s.with_trigger_mask for s in group], batch_size),
+            "empty_masks": sum(not s.with_trigger_mask.any() for s in group),
+        }
         result = {
             "n": len(group),
             "PS": paper["PS"], "IS": paper["IS"], "KPS": paper["KPS"],
             "PS_mean": paper["PS_mean"], "IS_mean": paper["IS_mean"], "KPS_mean": paper["KPS_mean"],
             "CLIP-T": paper["PS_mean"],
             "CLIP-I": mean_pairwise_similarity(wt, torch.stack([clip_ref[r] for r in own_refs])),
+            **masked,
             "DINO": None, "PRES": None,
             "clamped": paper["clamped"],
         }
@@ -756,6 +937,7 @@ TABLE_COLUMNS = [
     ("PS (5)", "PS"), ("IS (7)", "IS"), ("KPS (9)", "KPS"), ("PS mean", "PS_mean"), ("IS mean", "IS_mean"),
     ("KPS mean", "KPS_mean"), ("CLIP-T", "CLIP-T"), ("CLIP-I", "CLIP-I"), ("DINO", "DINO"), ("PRES ↓", "PRES"),
 ]
+MASKED_COLUMN = ("CLIP-I masked", "CLIP-I_masked")  # after CLIP-I, when the metrics have it
 
 
 CLAMP_MARK = "*"
@@ -765,14 +947,18 @@ def format_table(metrics: dict[str, dict]) -> str:
     """Markdown table, one row per adapter, in the style of the paper's Table 1.
 
     A PS, IS or KPS cell whose harmonic mean clamped some values (cosine <= 0) ends with ``*``, and a
-    footnote under the table gives, per marked cell, how many of the n values were clamped.
+    footnote under the table gives, per marked cell, how many of the n values were clamped. The CLIP-I masked
+    column is there only when the metrics have it (--masks or --segmenter).
     """
-    head = "| Method | n | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " | clamped PS/IS/KPS |"
-    rule = "|---|---:|" + "---:|" * len(TABLE_COLUMNS) + "---:|"
+    columns = list(TABLE_COLUMNS)
+    if any(MASKED_COLUMN[1] in m for m in metrics.values()):
+        columns.insert(columns.index(("CLIP-I", "CLIP-I")) + 1, MASKED_COLUMN)
+    head = "| Method | n | " + " | ".join(title for title, _ in columns) + " | clamped PS/IS/KPS |"
+    rule = "|---|---:|" + "---:|" * len(columns) + "---:|"
     rows, notes = [], []
     for adapter, m in metrics.items():
         cells = []
-        for _, key in TABLE_COLUMNS:
+        for _, key in columns:
             if m[key] is None:
                 cells.append("-")
                 continue
@@ -808,6 +994,19 @@ def make_grid(samples: list[Sample], max_tile: int = 256):
     return grid
 
 
+def make_masked_grid(samples: list[Sample], reference_masks: dict[Path, np.ndarray], max_tile: int = 256):
+    """What CLIP-I masked compares, one row per sample: the masked reference | the masked image with the trigger."""
+    tile = min(max_tile, max(samples[0].with_trigger.size))
+    grid = Image.new("RGB", (2 * tile, len(samples) * tile), "white")
+    for row, s in enumerate(samples):
+        with Image.open(s.reference) as reference:
+            images = [apply_mask(reference, reference_masks[s.reference]),
+                      apply_mask(s.with_trigger, s.with_trigger_mask)]
+        for col, image in enumerate(images):
+            grid.paste(image.resize((tile, tile), Image.NEAREST), (col * tile, row * tile))
+    return grid
+
+
 COMPARISON_LABEL_WIDTH, COMPARISON_HEADER, COMPARISON_GAP = 120, 18, 12
 
 
@@ -835,9 +1034,10 @@ def make_comparison(samples: list[Sample], per_side: int = 8, tile: int = 64):
     return grid
 
 
-def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settings: dict, save_images: bool) -> str:
-    """Write metrics.json, per_sample.csv, table.md, grid_<adapter>.png (and, after generation, the images
-    with a pairs.jsonl for folder mode) into ``output_dir``; return the table."""
+def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settings: dict, save_images: bool,
+                  reference_masks: dict[Path, np.ndarray] | None = None) -> str:
+    """Write metrics.json, per_sample.csv, table.md, grid_<adapter>.png (with masks also masked_<adapter>.png; and,
+    after generation, the images with a pairs.jsonl for folder mode) into ``output_dir``; return the table."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if save_images:
         pairs = []
@@ -875,6 +1075,9 @@ def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settin
     (output_dir / "table.md").write_text(table, encoding="utf-8")
     for adapter in metrics:
         make_grid([s for s in samples if s.adapter == adapter]).save(output_dir / f"grid_{adapter}.png")
+        if reference_masks is not None:
+            make_masked_grid([s for s in samples if s.adapter == adapter], reference_masks).save(
+                output_dir / f"masked_{adapter}.png")
     make_comparison(samples).save(output_dir / "comparison.png")
     return table
 
@@ -893,6 +1096,13 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
                             "input size, ImageNet mean/std (the image processor's)"),
         versions={"open_clip": open_clip.__version__, "torch": torch.__version__},
     )
+    if args.masks is None and args.segmenter is None:
+        settings.pop("masks")
+        settings.pop("segmenter")  # unmasked runs write the settings they always did
+    else:
+        settings["mask_fill"] = list(MASK_FILL)
+        if args.segmenter == "border":
+            settings["border_tolerance"] = BORDER_TOLERANCE
     if adapters is not None:
 
         settings["lora"] = {name: (str(files) if files else None) for name, files in adapters.items()}
@@ -923,6 +1133,13 @@ def main(argv=None) -> dict:
     else:
         samples = load_pairs(args.pairs, args.trigger_token)
         adapters = None
+    masks = mask_choice(args)
+    reference_masks = None
+    if masks is not None:  # a bad mask stops here; generated images are segmented once drawn
+        reference_masks = mask_references(masks, [i.reference for i in items] if generate else
+                                          [s.reference for s in samples])
+        if not generate:
+            mask_generated(masks, samples)
     resolve_clip_choice(args.clip_model, args.clip_pretrained)
     family = model_family(args) if generate else None  # SD 1.x/2.x, SDXL, ... from model_index.json; nothing heavy
 
@@ -950,9 +1167,12 @@ def main(argv=None) -> dict:
                         args.guidance_scale, args.resolution, args.trigger_token)
         if not state.is_main_process:
             return {}
-    metrics = score_samples(samples, clip, dino, args.batch_size)
+        if masks is not None:
+            mask_generated(masks, samples)
+    metrics = score_samples(samples, clip, dino, args.batch_size, reference_masks)
     settings = collect_settings(args, clip, adapters)
-    table = write_outputs(args.output_dir, samples, metrics, settings, save_images=generate)
+    table = write_outputs(args.output_dir, samples, metrics, settings, save_images=generate,
+                          reference_masks=reference_masks)
     print(table, end="")
     logger.info("wrote %s", args.output_dir)
     return metrics

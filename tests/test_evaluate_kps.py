@@ -778,3 +778,207 @@ def test_adapters_of_the_transformer_families_are_scored(family, request, instan
     first = {p["adapter"]: np.asarray(Image.open(out / p["with_trigger"]), dtype=np.float32)
              for p in pairs if p["with_trigger"].endswith("0000_00_T.png")}
     assert np.abs(first["cat"] - first["base"]).max() > 0  # the LoRA was applied
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIP-I masked (--masks, --segmenter)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_mask(path: Path, seed: int, size: int) -> np.ndarray:
+    """A random rectangle of white on black (the subject), saved as a PNG; returns it as a boolean array."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    top, left = rng.integers(0, size // 2, size=2)
+    bottom, right = rng.integers(size // 2 + 4, size, size=2)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[top:bottom, left:right] = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return mask
+
+
+@pytest.fixture(scope="session")
+def masked_pairs(tmp_path_factory):
+    """(pairs file, masks folder, {image path relative to the pairs file: mask}): two adapters, two references,
+    one image a JPEG (its mask is still a .png)."""
+    folder = tmp_path_factory.mktemp("masked_pairs")
+    masks_dir = folder / "masks"
+    lines, masks = [], {}
+    for i in range(2):
+        masks[f"ref/{i}.png"] = None
+        for adapter in ("a", "b"):
+            suffix = ".jpg" if (adapter, i) == ("b", 1) else ".png"
+            lines.append({"adapter": adapter, "caption": f"a photo of sks teapot {i}", "reference": f"ref/{i}.png",
+                          "with_trigger": f"{adapter}/{i}_T{suffix}", "without_trigger": f"{adapter}/{i}.png"})
+            masks[f"{adapter}/{i}_T{suffix}"] = None
+            save_image(folder / adapter / f"{i}.png", 700 + i)
+    for seed, relative in enumerate(masks):
+        save_image(folder / relative, 600 + seed, size=40)
+        masks[relative] = save_mask(masks_dir / Path(relative).with_suffix(".png"), seed, 40)
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return pairs, masks_dir, masks
+
+
+def test_clip_i_masked_is_the_pairwise_mean_over_masked_images_embedded_by_hand(masked_pairs, tiny_clip, tmp_path):
+    import open_clip
+    from PIL import Image
+
+    pairs, masks_dir, masks = masked_pairs
+    config, checkpoint = tiny_clip
+    flags = ["--pairs", str(pairs), "--trigger_token", TRIGGER, "--clip_model", str(config),
+             "--clip_pretrained", str(checkpoint), "--dino_model", "none"]
+    metrics = ek.main([*flags, "--masks", str(masks_dir), "--output_dir", str(tmp_path / "masked")])
+
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-kps-clip", pretrained=str(checkpoint))
+    model.eval()
+
+    def embed(relatives):
+        images = []
+        for relative in relatives:
+            pixels = np.asarray(Image.open(pairs.parent / relative).convert("RGB"))
+            masked = np.where(masks[relative][..., None], pixels, np.uint8(128))  # gray outside the subject
+            images.append(preprocess(Image.fromarray(masked)))
+        with torch.no_grad():
+            return unit(model.encode_image(torch.stack(images)).numpy())
+
+    lines = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for adapter in ("a", "b"):
+        group = [line for line in lines if line["adapter"] == adapter]
+        expected = np.mean(embed([line["with_trigger"] for line in group]) @ embed(["ref/0.png", "ref/1.png"]).T)
+        assert metrics[adapter]["CLIP-I_masked"] == pytest.approx(expected, abs=1e-5)
+        assert abs(metrics[adapter]["CLIP-I_masked"] - metrics[adapter]["CLIP-I"]) > 1e-3  # the masks mattered
+        assert metrics[adapter]["empty_masks"] == 0
+    document = json.loads((tmp_path / "masked" / "metrics.json").read_text())
+    assert document["settings"]["masks"] == str(masks_dir) and document["settings"]["mask_fill"] == [128, 128, 128]
+    table = (tmp_path / "masked" / "table.md").read_text()
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ")]
+    column = table_cells(header).index("CLIP-I masked")
+    assert table_cells(header)[column - 1] == "CLIP-I"  # beside CLIP-I
+    assert table_cells(rows[0])[0] == "a"
+    assert float(table_cells(rows[0])[column]) == pytest.approx(metrics["a"]["CLIP-I_masked"], abs=1e-4)
+    assert Image.open(tmp_path / "masked" / "masked_a.png").size == (2 * 40, 2 * 40)
+
+    # Without masks nothing changes: no column, no key, no setting, no picture.
+    plain = ek.main([*flags, "--output_dir", str(tmp_path / "plain")])
+    for adapter in ("a", "b"):
+        assert plain[adapter] == {key: value for key, value in metrics[adapter].items()
+                                  if key not in ("CLIP-I_masked", "empty_masks")}
+    assert "masked" not in (tmp_path / "plain" / "table.md").read_text()
+    settings = json.loads((tmp_path / "plain" / "metrics.json").read_text())["settings"]
+    assert not {"masks", "segmenter", "mask_fill"} & set(settings)
+    assert not list((tmp_path / "plain").glob("masked_*"))
+
+
+def test_border_segmenter_finds_the_subject_the_toy_world_painted():
+    """Every shape x color x background x size of the toy world and every personal concept, painted at random places:
+    the segmented pixels against the painter's own (at least half covered by the shape)."""
+    sys.path.insert(0, str(REPO / "examples" / "toyworld"))
+    import make_concepts
+    import world
+    from PIL import Image
+
+    def painted(shape, cx, cy, extent, size=32):
+        res = size * world.SUPERSAMPLE
+        coverage = world.shape_mask(shape, cx, cy, extent, res).reshape(size, res // size, size, res // size)
+        return coverage.mean(axis=(1, 3)) >= 0.5
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for shape in world.SHAPES:
+        for color in world.COLORS:
+            for background in world.BACKGROUNDS:
+                for size, extent in world.SIZES.items():
+                    cx, cy = rng.uniform(0.35, 0.65, size=2)
+                    image = world.render(world.Scene(shape, color, size, background, cx, cy))
+                    cases.append((f"{size} {color} {shape} on {background}", image, painted(shape, cx, cy, extent)))
+    for trigger, shape, pattern, backgrounds in make_concepts.CONCEPTS:
+        for background in backgrounds:
+            cx, cy = rng.uniform(0.4, 0.6, size=2)
+            image = make_concepts.render_concept(shape, pattern, background, cx, cy, 0.62)
+            cases.append((f"{trigger} {shape} on {background}", image, painted(shape, cx, cy, 0.62)))
+    for name, image, truth in cases:
+        found = ek.border_mask(Image.fromarray(image))
+        assert (found & truth).sum() / (found | truth).sum() >= 0.95, name
+
+
+def test_masked_clip_i_helper_with_the_border_segmenter_is_the_scripts_column(tmp_path, tiny_clip):
+    """The function other scripts call gives the column of --segmenter border; a generated image in which the
+    segmenter finds nothing is scored (as a gray image) and counted."""
+    sys.path.insert(0, str(REPO / "examples" / "toyworld"))
+    import world
+    from PIL import Image
+
+    images = {}
+    for n, (shape, color, background) in enumerate([("circle", "red", "gray"), ("square", "blue", "black"),
+                                                    ("cross", "green", "white"), ("circle", "red", "black")]):
+        images[f"{n}.png"] = Image.fromarray(world.render(world.Scene(shape, color, "large", background, 0.5, 0.5)))
+    images["4.png"] = Image.new("RGB", (32, 32), world.BACKGROUNDS["white"])  # nothing drawn
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    generated = (1, 2, 3, 4)
+    lines = [{"adapter": "a", "caption": "a sks circle", "reference": "0.png", "with_trigger": f"{n}.png",
+              "without_trigger": f"{n}.png"} for n in generated]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config, checkpoint = tiny_clip
+    metrics = ek.main(["--pairs", str(tmp_path / "pairs.jsonl"), "--trigger_token", TRIGGER, "--segmenter", "border",
+                       "--clip_model", str(config), "--clip_pretrained", str(checkpoint), "--dino_model", "none",
+                       "--output_dir", str(tmp_path / "out")])
+    clip = ek.load_clip(str(config), str(checkpoint), "cpu")
+    helper = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in generated])
+    assert metrics["a"]["CLIP-I_masked"] == pytest.approx(helper, abs=1e-6)
+    assert metrics["a"]["empty_masks"] == 1
+    unmasked = ek.masked_clip_i(clip, [images["0.png"]], [images[f"{n}.png"] for n in generated],
+                                [np.ones((32, 32), bool)], [np.ones((32, 32), bool)] * len(generated))
+    assert unmasked == pytest.approx(metrics["a"]["CLIP-I"], abs=1e-5)  # all-subject masks: plain CLIP-I
+    assert abs(helper - unmasked) > 1e-3
+
+
+@pytest.mark.parametrize("problem", ["missing", "size", "empty", "outside", "no_subject", "no_folder", "generate"])
+def test_error_bad_mask_one_line_before_any_model(problem, masked_pairs, tmp_path, run_script):
+    """Each bad mask stops with one line naming it, before CLIP is loaded: the CLIP checkpoint given here does not
+    exist, so an error about masks shows they were checked first."""
+    from PIL import Image
+
+    pairs, masks_dir, _ = masked_pairs
+    masks = tmp_path / "masks"
+    import shutil
+
+    shutil.copytree(masks_dir, masks)
+    flags = ["--pairs", str(pairs), "--masks", str(masks)]
+    if problem == "missing":
+        (masks / "a" / "1_T.png").unlink()
+        expected = ["--masks", "no mask", str(masks / "a" / "1_T.png")]
+    elif problem == "size":
+        Image.new("L", (20, 40), 255).save(masks / "ref" / "0.png")
+        expected = ["--masks", str(masks / "ref" / "0.png"), "20x40", "40x40"]
+    elif problem == "empty":
+        Image.new("L", (40, 40), 0).save(masks / "b" / "0_T.png")
+        expected = ["--masks", str(masks / "b" / "0_T.png"), "empty"]
+    elif problem == "outside":
+        outside = pairs.parent / "sub" / "pairs.jsonl"
+        outside.parent.mkdir(exist_ok=True)
+        outside.write_text(pairs.read_text().replace('"ref/', '"../ref/').replace('"a/', '"../a/')
+                           .replace('"b/', '"../b/'))
+        flags = ["--pairs", str(outside), "--masks", str(masks)]
+        expected = ["--masks", "outside the folder of --pairs"]
+    elif problem == "no_subject":  # a reference in which the segmenter finds nothing is bad input
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(flat / "ref.png")
+        (flat / "pairs.jsonl").write_text(json.dumps({"adapter": "a", "caption": "a sks circle", "reference": "ref.png",
+                                                      "with_trigger": "ref.png", "without_trigger": "ref.png"}) + "\n")
+        flags = ["--pairs", str(flat / "pairs.jsonl"), "--segmenter", "border"]
+        expected = [str(flat / "ref.png"), "finds no subject"]
+    elif problem == "no_folder":
+        flags = ["--pairs", str(pairs), "--masks", str(tmp_path / "no_such_masks")]
+        expected = ["--masks", "no_such_masks", "no such folder"]
+    else:  # generated images have no mask files
+        flags = ["--eval_data_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path), "--lora",
+                 "base=none", "--masks", str(masks)]
+        expected = ["--masks is for folder mode", "--segmenter"]
+    message = run_script([*flags, "--trigger_token", TRIGGER, "--clip_model", "ViT-B-32",
+                          "--clip_pretrained", str(tmp_path / "no_such_clip.pt"), "--dino_model", "none"])
+    assert all(part in message for part in expected), message
