@@ -2272,14 +2272,6 @@ class CatVersion:
             layers[index] = wrapper
         return cls(layers)
 
-    def detach(self, text_encoder) -> None:
-        """Put the original attention layers back (the text encoder becomes the base one again)."""
-        text_encoder = getattr(text_encoder, "module", text_encoder)
-        for parent in list(text_encoder.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, CatVersionAttention):
-                    setattr(parent, name, child.attention)
-
     def parameters(self) -> list:
         return [layer.residual for layer in self.layers.values()]
 
@@ -2322,6 +2314,15 @@ def load_catversion(text_encoder, folder) -> CatVersion:
     catversion = CatVersion.attach(text_encoder, config["tokens"], len(config["layers"]))
     catversion.load_state_dict(state)
     return catversion
+
+
+def unload_catversion(text_encoder) -> None:
+    """Put the original attention layers back (the text encoder becomes the base one again)."""
+    text_encoder = getattr(text_encoder, "module", text_encoder)
+    for parent in list(text_encoder.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, CatVersionAttention):
+                setattr(parent, name, child.attention)
 
 
 def catversion_layers(model) -> list[CatVersionAttention]:
