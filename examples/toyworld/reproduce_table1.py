@@ -441,8 +441,8 @@ def main(argv=None) -> Path:
                    if name.startswith(f"{method}-seed")]
             other = [m for per_concept in leaks.values() for name, m in per_concept.items()
                      if name.startswith(f"{method}-seed")]
-            rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for scores in (own, other)
-                                                       for key in RATE_KEYS) + " |")
+            rows.append(f"| {method}, on / off | " + " | ".join(
+                mean_std([m[key] for m in scores]) for scores in (own, other) for key in RATE_KEYS) + " |")
         if {"catversion", "catversion_cat"} <= set(args.methods):
             rows += ["", "| difference | IS mean | subject, class prompts, on | subject, other-class prompts, on (leak) |",
                      "|---|---|---|---|",
@@ -453,7 +453,9 @@ def main(argv=None) -> Path:
                                               args.seeds)]) + " |"]
     table = out / "table1.md"
     settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
-                f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}; "
+                f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}"
+                + (f" (catversion methods: {args.catversion_steps} steps, lr 1e-2)"
+                   if any(m.startswith("catversion") for m in args.methods) else "") + "; "
                 f"evaluation: the unseen prompts of concepts/eval/ x "
                 f"{args.num_images_per_prompt} images, toy CLIP")
     table.write_text(f"# Table 1 in the toy world\n\n{settings}\n\n" + "\n".join(rows) + "\n")
