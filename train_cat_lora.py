@@ -2203,8 +2203,9 @@ class CatVersionAttention(torch.nn.Module):
     The learned rows live in the projected key/value space (they skip k_proj and v_proj), are split across
     heads like the projected ones, and are the same for every prompt. Every query position attends to them:
     the causal (and padding) mask gains a zero column for them. The authors' code extends CLIP's additive
-    mask with ones there, which adds +1 to each learned key's logit; that reads as a slip (a mask of ones means
-    "keep" in the multiplicative convention), and a learned key can absorb any constant, so we add nothing.
+    mask with ones there, which adds +1 to each learned key's logit (weighting the learned tokens by e before
+    the softmax normalizes); that reads as a slip from the multiplicative "1 = keep" convention, so we add
+    nothing: the attention the paper describes.
     ``enabled = False`` runs the wrapped layer untouched: the base model, bit for bit.
     """
 
