@@ -12,7 +12,7 @@ from argparse import Namespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, component_class, offered, train_args, watch_forward
+from conftest import ROOT, component_class, train_args, watch_forward
 from safetensors.torch import load_file
 
 import train_cat_lora as T
