@@ -3529,7 +3529,8 @@ def warn_about_family_flags(args: argparse.Namespace, family) -> None:
 
 def check_family_options(args: argparse.Namespace, family) -> None:
     """What a family does not offer, refused in one line before anything loads."""
-    if args.adapter == "catversion" and not family.supports_catversion:
+    # (getattr: callers may ask about the other flags with a partial Namespace, tests/conftest.py's offered())
+    if getattr(args, "adapter", "lora") == "catversion" and not family.supports_catversion:
         raise InputError(f"--adapter catversion is supported for SD 1.x/2.x only, not {family.label}: the paper "
                          "defines and runs it on SD 1.5's single CLIP text encoder")
     if args.train_text_encoder and not family.trainable_text_encoders:
