@@ -97,21 +97,25 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
 from train_cat_lora import (  # one definition of the trigger rule and of the metric math, shared with training
+    CATVERSION_WEIGHT_NAME,
     CLAMP_MIN,
     Clip,
     InputError,
+    adapters_disabled,
     clip_image_embeddings,
     contains_trigger,
     cosine_similarity,
     harmonic_mean,
     knowledge_preservation_score,
     load_clip,
+    load_catversion,
     load_image_caption_pairs,
     model_family,
     relative_drift,
     replace_trigger,
     resolve_clip_choice,
     strip_trigger,
+    unload_catversion,
     use_cpu_processes,
 )
 
@@ -520,9 +524,10 @@ class AdapterFiles:
 
     lora: Path | None
     embeddings: Path | None = None
+    catversion: Path | None = None  # a folder with catversion.safetensors (train_cat_lora.py --adapter catversion)
 
     def __str__(self) -> str:
-        return " + ".join(str(path) for path in (self.lora, self.embeddings) if path is not None)
+        return " + ".join(str(path) for path in (self.lora, self.embeddings, self.catversion) if path is not None)
 
 
 def parse_lora_specs(specs: list[str]) -> dict[str, AdapterFiles | None]:
@@ -540,7 +545,9 @@ def parse_lora_specs(specs: list[str]) -> dict[str, AdapterFiles | None]:
             adapters[name] = None
             continue
         path = Path(path)
-        if path.is_dir():
+        if (path / CATVERSION_WEIGHT_NAME).is_file():
+            adapters[name] = AdapterFiles(None, catversion=path)
+        elif path.is_dir():
             lora, embeddings = path / LORA_WEIGHT_NAME, path / f"{path.resolve().name}_emb.safetensors"
             files = AdapterFiles(lora if lora.is_file() else None, embeddings if embeddings.is_file() else None)
             if files.lora is None and files.embeddings is None:
@@ -714,7 +721,12 @@ def load_pipeline(family, mixed_precision: str = "no", device="cpu"):
 
 
 def load_adapter(pipe, family, name: str, files: AdapterFiles) -> list[str]:
-    """Apply an adapter's LoRA and embeddings to ``pipe``; returns the new tokens (none without embeddings)."""
+    """Apply an adapter's LoRA and embeddings (or CatVersion tokens) to ``pipe``; returns the new tokens (none
+    without embeddings)."""
+    if files.catversion is not None:
+        if not family.supports_catversion:
+            raise InputError(f"--lora {name}: a CatVersion adapter needs an SD 1.x/2.x base, not {family.label}")
+        load_catversion(pipe.text_encoder, files.catversion)
     if files.lora is not None:
         load_lora(pipe, name, files.lora)
     if files.embeddings is None:
@@ -723,6 +735,8 @@ def load_adapter(pipe, family, name: str, files: AdapterFiles) -> list[str]:
 
 
 def unload_adapter(pipe, family, files: AdapterFiles, tokens: list[str]) -> None:
+    if files.catversion is not None:
+        unload_catversion(pipe.text_encoder)
     if files.lora is not None:
         pipe.unload_lora_weights()
     for encoder_name in family.embedding_file_keys if tokens else ():
@@ -839,16 +853,23 @@ def generate_images(pipe, family, adapters, samples: list[Sample], state, batch_
     with tqdm(total=total, desc="generating", disable=not state.is_local_main_process) as bar:
         for name, share in shares.items():
             tokens = load_adapter(pipe, family, name, adapters[name]) if adapters[name] is not None else []
+            # A CatVersion adapter has no trigger: I(y_T) is y with the adapter on, I(y) is y with it off.
+            catversion = adapters[name] is not None and adapters[name].catversion is not None
             for start in range(0, len(share), batch_size):
                 batch = share[start : start + batch_size]
-                prompts = [(replace_trigger(samples[n].caption, trigger, "".join(tokens)) if tokens
-                            else samples[n].caption) if variant == "T" else samples[n].prompt for n, variant in batch]
-                generators = [torch.Generator("cpu").manual_seed(samples[n].seed) for n, _ in batch]
-                images = pipe(
-                    prompt=prompts, generator=generators, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, height=resolution, width=resolution,
-                ).images
-                results.extend((n, variant, image) for (n, variant), image in zip(batch, images))
+                for part in ([[job for job in batch if job[1] == v] for v in ("T", "y")] if catversion else [batch]):
+                    if not part:
+                        continue
+                    prompts = [(replace_trigger(samples[n].caption, trigger, "".join(tokens)) if tokens
+                                else samples[n].caption) if variant == "T" and not catversion else samples[n].prompt
+                               for n, variant in part]
+                    generators = [torch.Generator("cpu").manual_seed(samples[n].seed) for n, _ in part]
+                    with adapters_disabled(*(pipe.text_encoder,) if catversion and part[0][1] == "y" else ()):
+                        images = pipe(
+                            prompt=prompts, generator=generators, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, height=resolution, width=resolution,
+                        ).images
+                    results.extend((n, variant, image) for (n, variant), image in zip(part, images))
                 bar.update()
             if adapters[name] is not None:
                 unload_adapter(pipe, family, adapters[name], tokens)

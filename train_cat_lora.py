@@ -86,6 +86,7 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 # --cat_alpha auto: the defaults of the drift budget and of the multiplier's step (see DriftBudget).
 DEFAULT_DRIFT_BUDGET = 0.03  # where the paper's alpha = 1 left the drift in the toy world (benchmarks/drift_budget.py)
@@ -263,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
+
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--adapter", choices=["lora", "catversion"], default="lora",
+                         help="'lora': LoRA layers (peft) on the denoiser; 'catversion': CatVersion (arXiv 2311.14631), "
+                              "learned key/value tokens in the last 3 self-attention layers of the text encoder, "
+                              "nothing else trains (SD 1.x/2.x only).")
+    adapter.add_argument("--catversion_tokens", type=int, default=1,
+                         help="CatVersion: learned key/value tokens per layer (the paper's 1).")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -500,6 +509,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise InputError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
     check_pivotal_args(args)
+    check_catversion_args(args)
     if args.rank <= 0:
         raise InputError(f"--rank must be positive, got {args.rank}")
     if args.lora_alpha is None:
@@ -579,6 +589,31 @@ def check_pivotal_args(args: argparse.Namespace) -> None:
             raise InputError(f"--cat_alpha {args.cat_alpha} has no effect with --train_transformer_frac 0: y holds "
                              "none of the new tokens and no LoRA layer exists, so the CAT term has no gradient; "
                              "pass --cat_alpha 0")
+
+
+# What a CatVersion run cannot use, each with why (LoRA's flags have no LoRA layer to act on).
+CATVERSION_REFUSED = {
+    "rank": "CatVersion has no LoRA layers (its size is --catversion_tokens)",
+    "lora_alpha": "CatVersion has no LoRA layers",
+    "lora_dropout": "CatVersion has no LoRA layers",
+    "lora_layers": "CatVersion has no LoRA layers (it adapts the text encoder's last 3 self-attention layers)",
+    "train_text_encoder": "CatVersion already adapts the text encoder, with its key/value tokens alone",
+    "train_text_encoder_ti": "CatVersion learns no new token embeddings",
+    "output_kohya_format": "kohya's format holds LoRA layers; CatVersion is saved as catversion.safetensors",
+    "pre_compute_text_embeddings": "CatVersion trains inside the text encoder, which must run at every step",
+}
+
+
+def check_catversion_args(args: argparse.Namespace) -> None:
+    """--adapter catversion: the flags that mean nothing for it are refused, one line each."""
+    if args.catversion_tokens <= 0:
+        raise InputError(f"--catversion_tokens must be positive, got {args.catversion_tokens}")
+    if args.adapter != "catversion":
+        return
+    defaults = build_parser().parse_args(["--pretrained_model_name_or_path", "-"])
+    for dest, why in CATVERSION_REFUSED.items():
+        if getattr(args, dest) != getattr(defaults, dest):
+            raise InputError(f"--{dest} cannot be used with --adapter catversion: {why}")
 
 
 def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int) -> bool:
@@ -1328,6 +1363,7 @@ class ModelFamily(ABC):
     default_max_sequence_length = None  # families with a long text encoder: their diffusers script's default
     long_tokenizer = None  # the tokenizer that reads --max_sequence_length tokens (T5, Qwen, ...)
     default_weighting_scheme = "none"  # --weighting_scheme of the family's diffusers script
+    supports_catversion = False  # --adapter catversion: a single CLIP text encoder whose attention it wraps
 
     def __init_subclass__(cls, partial: bool = False, **kwargs):
         """``partial=True``: a base that families share pieces through; the check waits for its subclasses."""
@@ -1527,6 +1563,7 @@ class StableDiffusionFamily(ModelFamily):
     diffusers_lora_names = True
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     validation_scheduler = DPMSolverMultistepScheduler
+    supports_catversion = True
 
     def lora_targets(self, component: str, model=None) -> list[str]:
         return UNET_ATTENTION_TARGETS if component == self.denoiser else CLIP_ATTENTION_TARGETS
@@ -1544,6 +1581,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated, pooled embedding from the second)
     and the size/crop micro-conditioning ``time_ids``, as diffusers' ``train_dreambooth_lora_sdxl.py``."""
 
+    supports_catversion = False  # CatVersion was defined and run on SD 1.5 only
     label = "SDXL"
     pipeline_class = StableDiffusionXLPipeline
     text_encoders = ("text_encoder", "text_encoder_2")
@@ -2020,12 +2058,19 @@ def adapted_components(family, train_text_encoder: bool, train_denoiser: bool = 
                                                              if train_text_encoder else [])
 
 
+def trains_denoiser(args: argparse.Namespace) -> bool:
+    """Whether the denoiser gets LoRA layers: not for textual inversion alone nor for CatVersion."""
+    return args.adapter == "lora" and args.train_transformer_frac > 0
+
+
 def trained_components(family, args: argparse.Namespace) -> list[str]:
-    """The components with trainable parameters: those with LoRA layers, and with --train_text_encoder_ti the text
-    encoders whose embedding tables gain new rows."""
-    names = adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0)
+    """The components with trainable parameters: those with LoRA layers, with --train_text_encoder_ti the text
+    encoders whose embedding tables gain new rows, and with --adapter catversion the text encoder."""
+    names = adapted_components(family, args.train_text_encoder, trains_denoiser(args))
     if args.train_text_encoder_ti:
         names += [name for name in family.embedding_file_keys if name not in names]
+    if args.adapter == "catversion":
+        names += list(family.text_encoders)
     return names
 
 
@@ -2143,29 +2188,177 @@ def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_
                                                  **where))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# CatVersion (Zhao et al., arXiv 2311.14631): the concept as learned key/value tokens in the text encoder
+# ---------------------------------------------------------------------------------------------------------
+
+CATVERSION_WEIGHT_NAME = "catversion.safetensors"
+CATVERSION_CONFIG_NAME = "catversion_config.json"
+CATVERSION_LAYERS = 3  # the last 3 self-attention layers (9-11 of SD 1.5's 12): the paper's "feature-dense" ones
+
+
+class CatVersionAttention(torch.nn.Module):
+    """A CLIP self-attention layer with ``tokens`` learned keys and values concatenated before the prompt's.
+
+    The learned rows live in the projected key/value space (they skip k_proj and v_proj), are split across
+    heads like the projected ones, and are the same for every prompt. Every query position attends to them:
+    the causal (and padding) mask gains a zero column for them. The authors' code extends CLIP's additive
+    mask with ones there, which adds +1 to each learned key's logit (weighting the learned tokens by e before
+    the softmax normalizes); that reads as a slip from the multiplicative "1 = keep" convention, so we add
+    nothing: the attention the paper describes.
+    ``enabled = False`` runs the wrapped layer untouched: the base model, bit for bit.
+    """
+
+    def __init__(self, attention: CLIPAttention, tokens: int = 1, generator: torch.Generator | None = None):
+        super().__init__()
+        self.attention = attention
+        # [0] keys, [1] values; N(0, 1) as the authors' torch.randn
+        self.residual = torch.nn.Parameter(torch.randn(2, tokens, attention.embed_dim, generator=generator))
+        self.enabled = True
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if not self.enabled:
+            return self.attention(hidden_states, attention_mask, **kwargs)
+        attention = self.attention
+        batch, length, _ = hidden_states.shape
+        residual = self.residual.to(hidden_states.dtype).unsqueeze(1).expand(-1, batch, -1, -1)
+
+        def heads(states):  # (batch, length, width) -> (batch, heads, length, head width)
+            return states.reshape(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+        query = heads(attention.q_proj(hidden_states))
+        key = torch.cat([heads(residual[0]), heads(attention.k_proj(hidden_states))], dim=2)
+        value = torch.cat([heads(residual[1]), heads(attention.v_proj(hidden_states))], dim=2)
+        mask = additive_mask(attention_mask, kwargs.get("is_causal", True), length, query)
+        mask = F.pad(mask, (residual.shape[2], 0), value=0.0)  # every query attends to every learned token
+        weights = torch.softmax(query @ key.transpose(-1, -2) * attention.scale + mask, dim=-1, dtype=torch.float32)
+        weights = F.dropout(weights.to(query.dtype), p=attention.dropout, training=attention.training)
+        output = (weights @ value).transpose(1, 2).reshape(batch, length, -1)
+        return attention.out_proj(output), None
+
+
+def additive_mask(attention_mask, is_causal: bool, length: int, like: torch.Tensor) -> torch.Tensor:
+    """transformers' mask for a CLIP attention layer as an additive float mask: None under SDPA (causal when
+    ``is_causal``), a boolean mask (True = attend), or already additive (eager)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(length, length, dtype=torch.bool, device=like.device)
+        attention_mask = attention_mask.tril() if is_causal else attention_mask
+    if attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=like.dtype, device=like.device)
+        attention_mask = additive.masked_fill(~attention_mask, torch.finfo(like.dtype).min)
+    return attention_mask.to(like.dtype)
+
+
+class CatVersion:
+    """The CatVersion adapter of one CLIP text encoder: its wrapped layers, their learned tokens, save and load.
+
+    Registered for checkpointing (``state_dict``/``load_state_dict`` hold the learned tokens alone), so a
+    resumed run restores them exactly.
+    """
+
+    def __init__(self, layers: dict[int, CatVersionAttention]):
+        self.layers = layers  # index of the attention layer in the encoder -> its wrapper
+
+    @classmethod
+    def attach(cls, text_encoder, tokens: int = 1, num_layers: int = CATVERSION_LAYERS, seed: int = 0) -> "CatVersion":
+        """Wrap the last ``num_layers`` self-attention layers of ``text_encoder``, learned tokens from N(0, 1)."""
+        text_encoder = getattr(text_encoder, "module", text_encoder)
+        sites = [(parent, name, child) for parent in text_encoder.modules()
+                 for name, child in parent.named_children() if isinstance(child, CLIPAttention)]
+        generator = torch.Generator().manual_seed(seed)
+        layers = {}
+        for index, (parent, name, attention) in list(enumerate(sites))[-num_layers:]:
+            wrapper = CatVersionAttention(attention, tokens, generator).to(attention.q_proj.weight.device)
+            setattr(parent, name, wrapper)
+            layers[index] = wrapper
+        return cls(layers)
+
+    def parameters(self) -> list:
+        return [layer.residual for layer in self.layers.values()]
+
+    def state_dict(self) -> dict:
+        """``key.<layer>`` and ``value.<layer>``, each (tokens, width), float32."""
+        return {f"{kind}.{index}": layer.residual.detach()[row].float().contiguous().cpu()
+                for index, layer in self.layers.items() for row, kind in enumerate(("key", "value"))}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for index, layer in self.layers.items():
+                for row, kind in enumerate(("key", "value")):
+                    layer.residual[row].copy_(state[f"{kind}.{index}"])
+
+    def save(self, folder: Path, settings: dict) -> list[Path]:
+        """``catversion.safetensors`` and ``catversion_config.json`` (tokens, layers, and ``settings``)."""
+        tokens = next(iter(self.layers.values())).residual.shape[1]
+        config = {"adapter": "catversion", "tokens": tokens, "layers": sorted(self.layers), **settings}
+        save_file(self.state_dict(), str(folder / CATVERSION_WEIGHT_NAME))
+        (folder / CATVERSION_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return [folder / CATVERSION_WEIGHT_NAME, folder / CATVERSION_CONFIG_NAME]
+
+
+def load_catversion(text_encoder, folder) -> CatVersion:
+    """Apply the CatVersion adapter saved in ``folder`` to ``text_encoder`` (adapter on; ``adapters_disabled``
+    turns it off). InputError if the folder holds none or it does not fit this text encoder."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CATVERSION_CONFIG_NAME, folder / CATVERSION_WEIGHT_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise InputError(f"{folder}: no CatVersion adapter ({CATVERSION_WEIGHT_NAME} and {CATVERSION_CONFIG_NAME})")
+    config, state = json.loads(config_path.read_text(encoding="utf-8")), load_file(weights_path)
+    width = text_encoder.config.hidden_size
+    attention_layers = sum(isinstance(m, CLIPAttention) for m in text_encoder.modules())
+    expected = {f"{kind}.{i}" for i in config["layers"] for kind in ("key", "value")}
+    if (set(state) != expected or any(v.shape != (config["tokens"], width) for v in state.values())
+            or max(config["layers"]) != attention_layers - 1):
+        raise InputError(f"{folder}: its CatVersion tokens (layers {config['layers']}, width "
+                         f"{next(iter(state.values())).shape[-1]}) do not fit this text encoder "
+                         f"({attention_layers} layers, width {width})")
+    catversion = CatVersion.attach(text_encoder, config["tokens"], len(config["layers"]))
+    catversion.load_state_dict(state)
+    return catversion
+
+
+def unload_catversion(text_encoder) -> None:
+    """Put the original attention layers back (the text encoder becomes the base one again)."""
+    text_encoder = getattr(text_encoder, "module", text_encoder)
+    for parent in list(text_encoder.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, CatVersionAttention):
+                setattr(parent, name, child.attention)
+
+
+def catversion_layers(model) -> list[CatVersionAttention]:
+    return [m for m in getattr(model, "module", model).modules() if isinstance(m, CatVersionAttention)]
+
+
 class adapters_disabled:
-    """Context manager: run the wrapped models as the frozen base model (peft adapters bypassed).
+    """Context manager: run the wrapped models as the frozen base model (peft adapters bypassed, CatVersion
+    layers off).
 
     With adapters disabled peft's LoRA layers call only their base layer, so the frozen pass computes no
-    low-rank branch at all.
+    low-rank branch at all; a CatVersion layer calls the original attention layer.
     """
 
     def __init__(self, *models):
         # Under several processes the models arrive wrapped (DistributedDataParallel): reach the peft model.
         models = [getattr(model, "module", model) for model in models]
         self.models = [model for model in models if getattr(model, "peft_config", None)]
+        self.catversion = [layer for model in models for layer in catversion_layers(model)]
 
     def __enter__(self):
         for model in self.models:
             model.disable_adapters()
+        for layer in self.catversion:
+            layer.enabled = False
 
     def __exit__(self, *exc):
         for model in self.models:
             model.enable_adapters()
+        for layer in self.catversion:
+            layer.enabled = True
 
 
 def has_adapters(model) -> bool:
-    return bool(getattr(getattr(model, "module", model), "peft_config", None))
+    return bool(getattr(getattr(model, "module", model), "peft_config", None)) or bool(catversion_layers(model))
 
 
 class PromptEncoder:
@@ -2785,10 +2978,14 @@ def run_validation(accelerator, args: argparse.Namespace, family, models: dict, 
         pipeline.scheduler = family.validation_scheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    for prompt in (with_trigger, without_trigger):
+    # A CatVersion adapter changes every prompt: its bottom row is the same prompt with the adapter off.
+    catversion = bool(catversion_layers(pipeline.text_encoder)) if hasattr(pipeline, "text_encoder") else False
+    if catversion:
+        without_trigger = with_trigger
+    for prompt, base in ((with_trigger, False), (without_trigger, catversion)):
         generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
                       for i in range(args.num_validation_images)]
-        with torch.no_grad():
+        with torch.no_grad(), adapters_disabled(*(pipeline.text_encoder,) if base else ()):
             rows.append(pipeline(prompt=[prompt] * args.num_validation_images, generator=generators,
                                  num_inference_steps=args.num_validation_inference_steps,
                                  height=args.resolution, width=args.resolution).images)
@@ -2810,7 +3007,8 @@ def run_validation(accelerator, args: argparse.Namespace, family, models: dict, 
 
             tracker.log({"validation": wandb.Image(grid, caption=f"top: {with_trigger!r}; "
                                                                  f"bottom: {without_trigger!r}")}, step=step)
-    logger.info(f"Validation grid (top: {with_trigger!r}, bottom: {without_trigger!r}): {path}")
+    logger.info(f"Validation grid (top: {with_trigger!r}, bottom: {without_trigger!r}"
+                + (" with the CatVersion adapter off" if catversion else "") + f"): {path}")
     del pipeline
     return path
 
@@ -3154,21 +3352,27 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
         + (f"; CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
         + f"; CAT prompt mode: `{args.cat_prompt}`"
         + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else ""),
-        f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}",
+        (f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}"
+         if args.adapter == "lora" else f"- Adapter: CatVersion, {args.catversion_tokens} learned key/value token(s) "
+         f"in the text encoder's last {CATVERSION_LAYERS} self-attention layers ({CATVERSION_WEIGHT_NAME})"),
         f"- Steps: {steps}; learning rate {args.learning_rate}; batch size {args.train_batch_size}; "
         f"resolution {args.resolution}; prior preservation: {args.with_prior_preservation}",
     ]
     if grid is not None:
         relative = grid.relative_to(output_dir).as_posix()
-        lines += ["", "Last validation (top: with the trigger, bottom: without, same seeds):",
+        bottom = "the adapter off" if args.adapter == "catversion" else "without"
+        lines += ["", f"Last validation (top: with the trigger, bottom: {bottom}, same seeds):",
                   "", f"![validation]({relative})"]
     pipeline = family.pipeline_class.__name__
     lines += ["", "```python", f"from diffusers import {pipeline}", "",
               f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")']
-    if adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0):
+    if adapted_components(family, args.train_text_encoder, trains_denoiser(args)):
         lines += ['pipe.load_lora_weights("path/to/this/folder")']
     if new_tokens is not None:
         lines += embedding_card_lines(output_dir, family, new_tokens)
+    if args.adapter == "catversion":  # train_cat_lora.py must be importable (it is one file)
+        lines += ["from train_cat_lora import load_catversion", "",
+                  'load_catversion(pipe.text_encoder, "path/to/this/folder")  # on; adapters_disabled(...) turns it off']
     lines += ["```"]
     if new_tokens is not None:
         diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
@@ -3242,11 +3446,12 @@ def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbedding
 
 
 def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid,
-                       new_tokens: NewTokenEmbeddings | None = None) -> list[Path]:
+                       new_tokens: NewTokenEmbeddings | None = None, catversion: CatVersion | None = None
+                       ) -> list[Path]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    train_denoiser = args.train_transformer_frac > 0
+    train_denoiser = trains_denoiser(args)
     if adapted_components(family, args.train_text_encoder, train_denoiser):  # none with textual inversion alone
         family.pipeline_class.save_lora_weights(
             output_dir, **lora_state_dicts(accelerator, family, models, args.train_text_encoder, train_denoiser))
@@ -3258,6 +3463,10 @@ def save_final_weights(accelerator, args, family, models: dict, concepts, steps,
                                               denoiser_config.get("layers_per_block", 2)))
     if new_tokens is not None:
         written += save_embeddings(output_dir, family, new_tokens)
+    if catversion is not None:
+        written += catversion.save(output_dir, {
+            "base_model": args.pretrained_model_name_or_path, "class_words": [c.trigger_token for c in concepts],
+            "cat_alpha": args.cat_alpha, "steps": steps})
     written.append(write_model_card(args, family, concepts, steps, grid, new_tokens))
     return written
 
@@ -3332,6 +3541,10 @@ def warn_about_lora_alpha(args: argparse.Namespace, family) -> None:
 
 def check_family_options(args: argparse.Namespace, family) -> None:
     """What a family does not offer, refused in one line before anything loads."""
+    # (getattr: callers may ask about the other flags with a partial Namespace, tests/conftest.py's offered())
+    if getattr(args, "adapter", "lora") == "catversion" and not family.supports_catversion:
+        raise InputError(f"--adapter catversion is supported for SD 1.x/2.x only, not {family.label}: the paper "
+                         "defines and runs it on SD 1.5's single CLIP text encoder")
     if args.train_text_encoder and not family.trainable_text_encoders:
         raise InputError(f"--train_text_encoder is not supported for {family.label}: diffusers' script for it trains "
                          "no text encoder")
@@ -3373,7 +3586,7 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
             model.to(accelerator.device, dtype=family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype)
     if new_tokens is not None:
         new_tokens.add_to_text_encoders(family, models)
-    lora = adapted_components(family, args.train_text_encoder, args.train_transformer_frac > 0)
+    lora = adapted_components(family, args.train_text_encoder, trains_denoiser(args))
     if lora:
         add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout,
                           train_denoiser=family.denoiser in lora)
@@ -3389,6 +3602,13 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
     if weight_dtype != torch.float32:
         cast_training_params([models[name] for name in trained_components(family, args)], dtype=torch.float32)
     return models
+
+
+def attach_catversion(args: argparse.Namespace, family, models: dict, seed: int) -> CatVersion | None:
+    """Step 3b, --adapter catversion: the learned key/value tokens in the frozen text encoder (float32)."""
+    if args.adapter != "catversion":
+        return None
+    return CatVersion.attach(models[family.text_encoders[0]], args.catversion_tokens, seed=seed)
 
 
 def make_dataloader(args: argparse.Namespace, family, models: dict, instance_examples, class_examples, seed: int):
@@ -3465,10 +3685,13 @@ def main(argv=None) -> list[Path]:
         instance_examples = pivotal_examples(new_tokens, instance_examples)
         if args.cat_alpha != 0:
             check_no_new_tokens_in_y(family, new_tokens, instance_examples)
-    # The abstractions are not words whose meaning training overwrites: no rare-trigger advice for them.
-    check_prompts(family, [] if new_tokens else triggers, instance_examples, data_notes)
+    # The abstractions are not words whose meaning training overwrites, and CatVersion's trigger is the class word:
+    # no rare-trigger advice for them.
+    check_prompts(family, [] if new_tokens or args.adapter == "catversion" else triggers, instance_examples,
+                  data_notes)
 
     models = prepare_models(args, family, accelerator, weight_dtype, new_tokens)
+    catversion = attach_catversion(args, family, models, seed)
     class_examples = []
     if args.with_prior_preservation:
         class_examples = prepare_class_examples(args, family, accelerator, weight_dtype)
@@ -3488,9 +3711,11 @@ def main(argv=None) -> list[Path]:
     models.update(zip(to_prepare, prepared))
     # Prompts go through the prepared (possibly DDP-wrapped) text encoders, or the cache.
     encode_prompts = cached_prompts or PromptEncoder(family, {name: models[name] for name in family.text_encoders})
-    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder, args.train_transformer_frac > 0)
+    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder, trains_denoiser(args))
     if new_tokens is not None:
         accelerator.register_for_checkpointing(new_tokens)  # the new rows, saved and restored with every checkpoint
+    if catversion is not None:
+        accelerator.register_for_checkpointing(catversion)  # its learned tokens, likewise
     drift_budget = None
     if args.cat_alpha == "auto":
         drift_budget = DriftBudget(len(concepts), args.cat_drift_budget, args.cat_dual_lr)
@@ -3518,7 +3743,8 @@ def main(argv=None) -> list[Path]:
     accelerator.wait_for_everyone()
     written = []
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, new_tokens)
+        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, new_tokens,
+                                     catversion)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:

@@ -35,16 +35,21 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "1",
                         "--max_train_steps", "2", "--alphas", "0", "0.5", "1", "--num_images_per_prompt", "1",
                         "--num_inference_steps", "2", "--train_text_encoder", "--budgets", "0.05",
-                        "--cat_every", "2")
+                        "--cat_every", "2", "--catversion_steps", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     adapters = out / "adapters" / "sks_circle"
-    methods = ("lora", "dreambooth", "ti", "cat", "pivotal", "pivotal_cat")
+    methods = ("lora", "dreambooth", "ti", "cat", "pivotal", "pivotal_cat", "catversion", "catversion_cat")
     names = {f"{method}-seed{seed}" for method in (*methods, "alpha0.5", "budget0.05", "every2") for seed in (0, 1)}
     # alpha 0 and 1 reuse the lora and cat trainings; only alpha 0.5 is trained for the sweep, once per seed.
     assert {p.name for p in adapters.iterdir()} == names
     for folder in adapters.iterdir():
         weights = folder / "pytorch_lora_weights.safetensors"
+        if folder.name.startswith("catversion"):  # CatVersion: its key/value tokens alone, trained on the class word
+            assert not weights.exists() and (folder / "catversion.safetensors").is_file()
+            assert "triggers ['circle'], CAT alpha " + ("1.0" if "_cat" in folder.name else "0.0") in (
+                folder / "train.log").read_text()
+            continue
         if folder.name.startswith("ti-"):  # textual inversion: the new tokens' embeddings alone
             assert not weights.exists() and (folder / f"{folder.name}_emb.safetensors").is_file()
             continue
@@ -91,6 +96,11 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         mean_std([metrics[f"every2-seed{s}"][k] for s in (0, 1)]) for k in cat_keys]
     d = [metrics[f"every2-seed{s}"]["IS_mean"] - metrics[f"cat-seed{s}"]["IS_mean"] for s in (0, 1)]
     assert rows["every2 − cat"][1] == f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)"
+    # CatVersion's leak: the same judge on another class's unseen prompts (ohwx_square's, trigger stripped)
+    leak = json.loads((out / "eval_other_class" / "sks_circle" / "metrics.json").read_text())["adapters"]
+    assert set(leak) == {f"catversion{c}-seed{s}" for c in ("", "_cat") for s in (0, 1)} | {"base"}
+    assert rows["catversion, on / off"][0] == mean_std([metrics[f"catversion-seed{s}"]["subject_with_trigger"]
+                                                        for s in (0, 1)])
     assert (out / "preservation_identity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout
