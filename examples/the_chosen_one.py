@@ -41,8 +41,8 @@ from evaluate_kps import (  # noqa: E402
     LORA_WEIGHT_NAME, AdapterFiles, dino_embeddings, load_adapter, load_dino, load_pipeline, unload_adapter,
 )
 from train_cat_lora import (  # noqa: E402
-    InputError, check_output_dir, clip_image_embeddings, contains_trigger, load_clip, make_grid, model_family,
-    replace_trigger, resolve_clip_choice, strip_trigger,
+    InputError, OneLineErrorParser, check_output_dir, clip_image_embeddings, contains_trigger, load_clip, make_grid,
+    model_family, replace_trigger, resolve_clip_choice, strip_trigger,
 )
 
 PROGRAM = Path(__file__).name
@@ -105,7 +105,7 @@ def parse_args(argv=None) -> TCOOptions:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0],
+    parser = OneLineErrorParser(prog=PROGRAM, description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = TCOOptions("", "", "")
     parser.add_argument("--pretrained_model_name_or_path", required=True)
@@ -168,6 +168,9 @@ def check_options(options: TCOOptions) -> None:
         raise InputError(f"--prompt {options.prompt!r}: '{{token}}' may appear once")
     if contains_trigger(options.prompt, options.token_abstraction):
         raise InputError(f"--token_abstraction {options.token_abstraction}: already a word of --prompt; choose another")
+    local = options.extractor.removeprefix("local-dir:")
+    if local != options.extractor and not Path(local).is_dir():
+        raise InputError(f"--feature_model {options.extractor}: no such folder")
     if options.features == "clip":
         resolve_clip_choice(options.extractor, options.feature_pretrained, ("--feature_model", "--feature_pretrained"))
     elif options.feature_model and Path(options.feature_model).expanduser().is_absolute() \
@@ -370,12 +373,12 @@ def main(argv=None) -> dict:
     family = model_family(argparse.Namespace(pretrained_model_name_or_path=options.pretrained_model_name_or_path,
                                              resolution=options.resolution))
     check_settings(options)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    features = load_features(options, device)  # a feature model that cannot load fails before anything is written
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SETTINGS_FILE, asdict(options))
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    features = None  # loaded only if an iteration remains to be run
     states = []
     progress = tqdm(range(options.max_iterations + 1), desc="The Chosen One iterations")
     for iteration in progress:
@@ -383,7 +386,6 @@ def main(argv=None) -> dict:
         if state_file.is_file():
             state = json.loads(state_file.read_text())
         else:
-            features = features or load_features(options, device)
             first = states[0]["mean_pairwise_distance"] if states else None
             state = run_iteration(options, family, features, iteration, first, device)
         states.append(state)
