@@ -52,6 +52,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "any_device: the test runs on --device cuda too")
+    config.addinivalue_line("markers", "slow: left out of `bash tests/run.sh` (the 10-minute suite); "
+                                       "`bash tests/run.sh -m ''` runs them too")
     device = config.getoption("--device")
     if device not in ("cpu", "cuda"):  # argparse does not check a default (CAT_TEST_DEVICE)
         raise pytest.UsageError(f"--device / CAT_TEST_DEVICE: expected cpu or cuda, got {device!r}")
@@ -165,6 +167,13 @@ FAMILY_FIXTURES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": 
 def family_pipeline(request) -> str:
     """A tiny pipeline of each family the script trains: tests using it run once per family."""
     return request.getfixturevalue(FAMILY_FIXTURES[request.param])
+
+
+def families_slow_except(*kept: str) -> list:
+    """``family_pipeline`` parameters for a family-agnostic guarantee that is costly per family: the ``kept`` families
+    run in the default suite, the others are marked slow. Use with
+    ``@pytest.mark.parametrize("family_pipeline", families_slow_except("sd", "flux"), indirect=True)``."""
+    return [pytest.param(family, marks=() if family in kept else pytest.mark.slow) for family in FAMILY_FIXTURES]
 
 
 def offered(pipeline: str, *flags: str) -> list[str]:

@@ -36,6 +36,7 @@ def item_lines(printed: str, name: str) -> list[str]:
                                                               line)]
 
 
+@pytest.mark.slow  # the whole smoke, every family's items (about 1 min on 2 cores); the runner's parts are tested below
 def test_smoke_runs_every_item_on_the_cpu_and_writes_json_and_markdown(tmp_path):
     out = tmp_path / "smoke"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(out)],

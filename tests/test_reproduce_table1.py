@@ -6,6 +6,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "1",
                         "--max_train_steps", "2", "--alphas", "0", "0.5", "1", "--num_images_per_prompt", "1",
                         "--num_inference_steps", "2", "--train_text_encoder", "--budgets", "0.05",
-                        "--cat_every", "2", "--catversion_steps", "2")
+                        "--cat_every", "2", "--catversion_steps", "2", "--tco_images", "6", "--tco_min_cluster_size",
+                        "2", "--tco_iterations", "1", "--tco_steps", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     adapters = out / "adapters" / "sks_circle"
@@ -101,6 +103,17 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     assert set(leak) == {f"catversion{c}-seed{s}" for c in ("", "_cat") for s in (0, 1)} | {"base"}
     assert rows["catversion, on / off"][0] == mean_std([metrics[f"catversion-seed{s}"]["subject_with_trigger"]
                                                         for s in (0, 1)])
+    for method, alpha in (("tco", "0"), ("tco_cat", "1")):  # The Chosen One, run once for the class "circle"
+        run = json.loads((out / "tco" / "circle" / f"{method}-seed0" / "result.json").read_text())
+        assert f"CAT alpha: {alpha}" in (Path(run["final_adapter"]) / "README.md").read_text()
+        own = json.loads((out / "eval_tco" / "sks_circle" / f"{method}-seed0" / "metrics.json").read_text())["adapters"]
+        assert rows[method][:6] == [mean_std([own[f"{method}-seed0"][k]]) for k in keys[:6]], method
+        # its identity is scored against its final chosen cluster
+        references = out / "tco_references" / f"{method}-seed0"
+        cluster = {p.read_bytes() for p in Path(run["final_cluster"]).glob("*.png")}
+        for line in (references / "eval" / "sks_circle.jsonl").read_text().splitlines():
+            assert (references / "eval" / json.loads(line)["reference"]).read_bytes() in cluster
+        assert rows[f"{method} consistency"][:2] == [mean_std([run["distances"][0]]), mean_std([run["distances"][-1]])]
     assert (out / "preservation_identity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout
