@@ -91,6 +91,7 @@ def test_toyworld_judge_similarities_lie_in_0_1(judge, pipe):
     assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-5
 
 
+@pytest.mark.slow  # a real 400-step training on the committed models, which no code change alters (about 20 s)
 def test_toyworld_dreambooth_lora_binds_the_trigger(tmp_path):
     # The committed world binds a subject to its trigger: a DreamBooth-style LoRA (prior preservation, the settings
     # of reproduce_table1.py) draws the subject with the trigger and the class's base look without it, as the judge
