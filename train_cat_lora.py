@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="The prompt y of the CAT term: 'strip' removes the trigger from the caption (the "
                           "paper), 'class' replaces it with --cat_class_word, 'empty' uses ''.")
     cat.add_argument("--cat_class_word", default=None, help="Replacement word for --cat_prompt class, e.g. 'dog'.")
+    cat.add_argument("--cat_swap_alpha", type=float, default=0.0,
+                     help="Several concepts (--concepts_list): also weigh beta * ||eps_frozen(z_t, t, y) - "
+                          "eps_lora(z_t, t, y_swap)||^2, where y_swap is the sample's caption with its trigger "
+                          "replaced by another concept's (drawn per sample), so that no other trigger draws this "
+                          "concept. 0 (the default) turns it off; needs --cat_alpha > 0.")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
@@ -502,6 +507,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--trigger_token is empty")
     if args.cat_prompt == "class" and not args.cat_class_word and args.concepts_list is None:
         raise InputError("--cat_prompt class needs --cat_class_word")
+    check_swap_args(args)
     if args.resolution <= 0 or args.resolution % 8:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
@@ -549,6 +555,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention and find_spec("xformers") is None:
         raise InputError("--enable_xformers_memory_efficient_attention needs the xformers package: "
                          "pip install xformers")
+
+
+def check_swap_args(args: argparse.Namespace) -> None:
+    """--cat_swap_alpha: its anchor is CAT's frozen pass, and it swaps one concept's trigger for another's."""
+    if args.cat_swap_alpha < 0:
+        raise InputError(f"--cat_swap_alpha must be >= 0, got {args.cat_swap_alpha}")
+    if args.cat_swap_alpha == 0:
+        return
+    if args.cat_alpha == 0:
+        raise InputError("--cat_swap_alpha anchors on CAT's frozen pass: give --cat_alpha > 0 (or auto)")
+    if args.concepts_list is None:
+        raise InputError("--cat_swap_alpha swaps one concept's trigger for another's: give a --concepts_list with "
+                         "at least two triggers")
+    if args.train_text_encoder_ti:
+        raise InputError("--cat_swap_alpha cannot be used with --train_text_encoder_ti (the triggers become new "
+                         "tokens)")
 
 
 def token_abstractions(text: str) -> list[str]:
@@ -802,6 +824,7 @@ class Example:
     name: str
     trigger: str | None = None
     concept: int = 0  # index in the concepts list: --cat_alpha auto holds each concept to the budget
+    swap_captions: tuple[str, ...] = ()  # --cat_swap_alpha: the caption with each other concept's trigger
 
 
 def concept_field_error(entry: dict) -> str | None:
@@ -952,8 +975,19 @@ def collect_instance_examples(args: argparse.Namespace, concepts: list[Concept],
             for path, caption in load_image_caption_pairs(concept.instance_data_dir, concept.instance_prompt):
                 check_image(path, args.resolution, notes)
                 examples.append(Example(path, caption, _cat_caption(args, concept, caption, str(path)), str(path),
-                                        concept.trigger_token, number))
+                                        concept.trigger_token, number, swap_captions(args, concepts, concept, caption)))
+    if args.cat_swap_alpha > 0 and not any(example.swap_captions for example in examples):
+        raise InputError("--cat_swap_alpha: the concepts list has a single trigger, so there is nothing to swap")
     return examples
+
+
+def swap_captions(args: argparse.Namespace, concepts: list[Concept], concept: Concept, caption: str
+                  ) -> tuple[str, ...]:
+    """--cat_swap_alpha: ``caption`` with its trigger replaced by each other concept's trigger (each once)."""
+    if args.cat_swap_alpha == 0:
+        return ()
+    others = dict.fromkeys(c.trigger_token for c in concepts if c.trigger_token != concept.trigger_token)
+    return tuple(replace_trigger(caption, concept.trigger_token, other) for other in others)
 
 
 def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: dict) -> list[Example]:
@@ -1129,6 +1163,9 @@ class CATDataset:
             item.update(class_pixel_values=pixels, class_original_size=original_size,
                         class_crop_top_left=crop_top_left, class_prompt=class_example.caption,
                         class_noise_seed=draw_seed(generator))
+        if example.swap_captions:  # drawn last: the draws above are those of a run without --cat_swap_alpha
+            which = torch.randint(len(example.swap_captions), (), generator=generator).item()
+            item["swap_prompt"] = example.swap_captions[which]
         return item
 
 
@@ -1143,7 +1180,8 @@ def collate_examples(items: list[dict]) -> dict:
     """Stack a batch; class rows go after the instance rows, whose count is ``num_instance``.
 
     ``prompts`` are the captions of every row (y_T, then the class prompt), ``cat_prompts`` the CAT prompts y
-    of the instance rows.
+    of the instance rows, ``swap_prompts`` their captions with another concept's trigger (--cat_swap_alpha; else
+    empty).
     """
     fields_ = ["pixel_values", "original_size", "crop_top_left", "prompt", "noise_seed"]
     rows = {name: [item[name] for item in items] for name in fields_}
@@ -1156,6 +1194,7 @@ def collate_examples(items: list[dict]) -> dict:
         "crops_top_left": torch.tensor(rows["crop_top_left"], dtype=torch.int64),
         "prompts": rows["prompt"],
         "cat_prompts": [item["cat_prompt"] for item in items],
+        "swap_prompts": [item["swap_prompt"] for item in items if "swap_prompt" in item],
         "concepts": torch.tensor([item["concept"] for item in items], dtype=torch.int64),
         "noise_seeds": torch.tensor(rows["noise_seed"], dtype=torch.int64),
         "num_instance": len(items),
@@ -2482,13 +2521,14 @@ class StepConfig:
     cat_mode: str = "lean"  # "lean" or "batched": same gradients, see training_step
     prior_loss_weight: float = 0.0
     weight_dtype: torch.dtype = torch.float32
+    cat_swap_alpha: float = 0.0  # beta of the swapped-trigger term (runs with the CAT term only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
         # With --cat_alpha auto the multipliers come as per-row weights: the config's alpha is then 1.
         cat_alpha = 1.0 if args.cat_alpha == "auto" else args.cat_alpha
         return cls(cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                   weight_dtype)
+                   weight_dtype, args.cat_swap_alpha)
 
 
 def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward, cat_weights=None
@@ -2504,35 +2544,52 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
 
     ``cat_weights`` (one per subject row, --cat_alpha auto) weight each row's CAT term, on top of
     ``config.cat_alpha``. The returned ``drift`` is each subject row's ``relative_drift`` (empty without CAT).
+
+    With ``config.cat_swap_alpha`` (beta) and the batch's ``swap_prompts`` (each subject row's caption with its
+    trigger replaced by another concept's), the CAT passes also run the adapter on those prompts, and
+    ``beta * ||eps_frozen(z_t, t, y) - eps_lora(z_t, t, y_swap)||^2`` joins the loss: another concept's trigger
+    must leave this subject's prediction where the base model has it, as having no trigger does.
     """
     denoiser = models[family.denoiser]
     z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], config.weight_dtype)
     n, batch_size = batch["num_instance"], z["noisy"].shape[0]
     use_cat = config.cat_alpha > 0
+    use_swap = use_cat and config.cat_swap_alpha > 0 and bool(batch.get("swap_prompts"))
+    instance, classes = take_rows(z, 0, n), take_rows(z, n)
+    # The adapted CAT passes: y, then (with the swap term) y_swap, on the subject rows' z_t and t.
+    cat_prompts = batch["cat_prompts"] + (batch["swap_prompts"] if use_swap else [])
+    cat_z = join_rows(instance, instance) if use_swap else instance
     if use_cat and config.cat_mode == "batched":  # y_T and y through the text encoders in one call too
-        both_cond = encode_prompts(batch["prompts"] + batch["cat_prompts"])
-        preds = family.predict(denoiser, join_rows(z, take_rows(z, 0, n)), both_cond)
+        both_cond = encode_prompts(batch["prompts"] + cat_prompts)
+        preds = family.predict(denoiser, join_rows(z, cat_z), both_cond)
         cat_cond = take_rows(both_cond, batch_size)
         model_pred, adapted_pred = preds[:batch_size], preds[batch_size:]
     else:
         cond = encode_prompts(batch["prompts"])
         model_pred = family.predict(denoiser, z, cond)
 
-    instance, classes = take_rows(z, 0, n), take_rows(z, n)
     loss_diffusion = diffusion_loss(model_pred[:n], instance["target"], instance["loss_weights"])
     loss_prior = torch.zeros((), device=model_pred.device)
     if n < batch_size:
         loss_prior = diffusion_loss(model_pred[n:], classes["target"], classes["loss_weights"])
     loss = loss_diffusion + config.prior_loss_weight * loss_prior
-    loss_cat = torch.zeros((), device=model_pred.device)
+    loss_cat = loss_swap = torch.zeros((), device=model_pred.device)
     if use_cat:
         if config.cat_mode == "lean":
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
-            cat_cond = encode_prompts(batch["cat_prompts"])
-            adapted_pred = family.predict(denoiser, instance, cat_cond)
+            cat_cond = encode_prompts(cat_prompts)
+            adapted_pred = family.predict(denoiser, cat_z, cat_cond)
             loss = torch.zeros((), device=model_pred.device)
-        frozen_cond = encode_prompts.frozen(batch["cat_prompts"]) if encode_prompts.adapted else cat_cond
+        if use_swap:
+            adapted_pred, swap_pred = adapted_pred[:n], adapted_pred[n:]
+        if encode_prompts.adapted:
+            frozen_cond = encode_prompts.frozen(batch["cat_prompts"])
+        else:  # the conditioning of y the adapted pass used is the base model's
+            frozen_cond = take_rows(cat_cond, 0, n)
         frozen_pred = frozen_prediction(family, denoiser, instance, frozen_cond)
+        if use_swap:
+            loss_swap = cat_loss(swap_pred, frozen_pred)
+            loss = loss + config.cat_swap_alpha * loss_swap
         loss_cat = cat_loss(adapted_pred, frozen_pred)
         if cat_weights is None:
             weighted_cat = config.cat_alpha * loss_cat
@@ -2545,9 +2602,12 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     else:
         weighted_cat, drift = loss_cat, torch.zeros(0, device=model_pred.device)
     backward(loss)
-    total = loss_diffusion + config.prior_loss_weight * loss_prior + weighted_cat
-    return {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
-            "cat": loss_cat.detach(), "drift": drift}
+    total = loss_diffusion + config.prior_loss_weight * loss_prior + weighted_cat + config.cat_swap_alpha * loss_swap
+    losses = {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
+              "cat": loss_cat.detach(), "drift": drift}
+    if batch.get("swap_prompts"):  # logged on every step of a swap run (0 on steps without the CAT passes)
+        losses["swap"] = loss_swap.detach()
+    return losses
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -3087,7 +3147,8 @@ def train(accelerator, args: argparse.Namespace, family, models: dict, encode_pr
             for batch in batches:
                 with accelerator.accumulate(*adapted):
                     run_cat = step_config.cat_alpha > 0 and cat_runs_on(step + 1, args.cat_every)
-                    config = replace(step_config, cat_alpha=step_config.cat_alpha * args.cat_every * run_cat)
+                    config = replace(step_config, cat_alpha=step_config.cat_alpha * args.cat_every * run_cat,
+                                     cat_swap_alpha=step_config.cat_swap_alpha * args.cat_every * run_cat)
                     cat_weights = drift_budget.weights(batch["concepts"]) if drift_budget and run_cat else None
                     losses = training_step(batch, family, models, encode_prompts, config,
                                            backward=accelerator.backward, cat_weights=cat_weights)
@@ -3351,7 +3412,8 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
         + (f" (drift budget {args.cat_drift_budget}, dual lr {args.cat_dual_lr})" if args.cat_alpha == "auto" else "")
         + (f"; CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
         + f"; CAT prompt mode: `{args.cat_prompt}`"
-        + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else ""),
+        + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else "")
+        + (f"; swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else ""),
         (f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}"
          if args.adapter == "lora" else f"- Adapter: CatVersion, {args.catversion_tokens} learned key/value token(s) "
          f"in the text encoder's last {CATVERSION_LAYERS} self-attention layers ({CATVERSION_WEIGHT_NAME})"),
@@ -3620,6 +3682,7 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
     cached_prompts = None
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
+        prompts += [swapped for e in instance_examples for swapped in e.swap_captions]
         text_encoders = {name: models[name] for name in family.text_encoders}
         cached_prompts = CachedPromptEncoder(PromptEncoder(family, text_encoders), prompts)
         # Nothing reads the text encoders after this (validation reloads them): let them leave memory (T5-XXL
@@ -3726,6 +3789,7 @@ def main(argv=None) -> list[Path]:
                 f"triggers {triggers}, CAT alpha {args.cat_alpha} ({args.cat_prompt}"
                 + (f", drift budget {args.cat_drift_budget}" if drift_budget else "")
                 + (f", CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
+                + (f", swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else "")
                 + f"), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:

@@ -1,6 +1,7 @@
 """Many concepts in one adapter (examples/toyworld/multiconcept.py, make_concepts.py --set 20): the multi-concept
 training path, the judge's confusion measure, and the 20-concept set."""
 
+import argparse
 import filecmp
 import json
 import sys
@@ -31,7 +32,7 @@ def test_three_concepts_train_in_one_adapter_and_each_y_strips_only_its_own_trig
                          "class_word": caption.split()[4]})
     args = multiconcept.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--base_steps", "2",
                                     "--steps_per_concept", "1", "--output_dir", str(tmp_path / "out")])
-    run = multiconcept.Run(3, "cat", 0)
+    run = multiconcept.Run(3, "cat_swap", 0)  # CAT with the swapped-trigger term
     command = multiconcept.multi_concept_command(args, run, concepts, tmp_path, tmp_path / "out")
     assert not set(multiconcept.SINGLE_CONCEPT_FLAGS) & set(command)
     assert command[command.index("--max_train_steps") + 1] == "4"  # 2 + 1 x (3 - 1)
@@ -57,6 +58,101 @@ def test_three_concepts_train_in_one_adapter_and_each_y_strips_only_its_own_trig
     own_stripped = {"a photo of circle beside hok", "a photo of circle beside sks", "a photo of square beside sks"}
     assert set(captions.values()) | own_stripped <= prompts
     assert "a photo of circle beside" not in prompts  # no y lost another concept's trigger
+    # y_swap: a caption with its own trigger (only) replaced by another concept's; nothing else was encoded
+    swapped = {caption.replace(f"of {own} ", f"of {other} ") for own, caption in captions.items()
+               for other in captions if other != own}
+    assert prompts & swapped and prompts <= set(captions.values()) | own_stripped | swapped
+    assert "swapped-trigger term beta 1.0" in (tmp_path / "out" / "adapters" / run.name / "README.md").read_text()
+
+
+def swap_concepts(tmp_path) -> list[str]:
+    """Two concepts of two images each, as a --concepts_list (its flags)."""
+    concepts = []
+    for n, trigger in enumerate(("sks", "hok")):
+        (tmp_path / trigger).mkdir()
+        for i in range(2):
+            draw_subject(tmp_path / trigger / f"{i}.png", shift=i, color=(200 - 150 * n, 30 + 150 * n, 30))
+        concepts.append({"instance_data_dir": str(tmp_path / trigger), "trigger_token": trigger,
+                         "instance_prompt": f"a photo of {trigger} circle", "class_word": "circle"})
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    return ["--concepts_list", str(tmp_path / "concepts.json")]
+
+
+def test_swap_term_is_the_adapted_prediction_under_another_trigger_against_the_frozen_one_on_y(tmp_path,
+                                                                                              tiny_pipeline):
+    """--cat_swap_alpha beta: beta * ||eps_frozen(z_t, t, y) - eps_lora(z_t, t, y_swap)||^2, computed here by hand
+    on the same noisy latents; its gradient is the only difference from a CAT step; lean = batched; and the
+    swapped caption is drawn after every other draw of the sample, so the rest of the batch is unchanged."""
+    import train_cat_lora as T
+
+    flags = ["--pretrained_model_name_or_path", tiny_pipeline, *swap_concepts(tmp_path)]
+    plain_args, swap_args = T.parse_args(flags), T.parse_args([*flags, "--cat_swap_alpha", "0.5"])
+    plain = T.collect_instance_examples(plain_args, T.load_concepts(plain_args))
+    examples = T.collect_instance_examples(swap_args, T.load_concepts(swap_args))
+    assert {(e.caption, e.cat_caption, e.swap_captions) for e in examples} == {
+        ("a photo of sks circle", "a photo of circle", ("a photo of hok circle",)),
+        ("a photo of hok circle", "a photo of circle", ("a photo of sks circle",))}
+    items = [T.make_dataset(ex, [], 32, True, False, seed=3)[k] for ex in (plain, examples) for k in range(4)]
+    for without, with_swap in zip(items[:4], items[4:]):
+        assert with_swap["swap_prompt"] == with_swap["prompt"].replace(*(
+            ("sks", "hok") if "sks" in with_swap["prompt"] else ("hok", "sks")))
+        assert torch.equal(with_swap["pixel_values"], without["pixel_values"])
+        rest = {key: value for key, value in with_swap.items() if key not in ("swap_prompt", "pixel_values")}
+        assert rest == {key: value for key, value in without.items() if key != "pixel_values"}
+    batch = T.collate_examples(items[4:6])
+
+    family = T.model_family(argparse.Namespace(pretrained_model_name_or_path=tiny_pipeline, resolution=32,
+                                               max_sequence_length=sequence_length(tiny_pipeline)))
+    models = family.load_models()
+    T.add_lora_adapters(family, models, 4, 4.0, False)
+    unet = models["unet"]
+    torch.manual_seed(0)
+    lora = {name: p for name, p in unet.named_parameters() if "lora_" in name}
+    for p in lora.values():
+        p.data.normal_(0, 0.1)
+    encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+
+    def step(beta, mode="lean"):
+        unet.zero_grad()
+        config = T.StepConfig(cat_alpha=1.0, cat_mode=mode, cat_swap_alpha=beta)
+        losses = T.training_step(batch, family, models, encode, config, lambda loss: loss.backward())
+        return losses, {name: p.grad.clone() for name, p in lora.items()}
+
+    z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], torch.float32)
+    with torch.no_grad(), T.adapters_disabled(unet):
+        frozen = family.predict(unet, z, encode(batch["cat_prompts"]))
+    unet.zero_grad()
+    by_hand = torch.nn.functional.mse_loss(family.predict(unet, z, encode(batch["swap_prompts"])), frozen)
+    (0.5 * by_hand).backward()
+    swap_grads = {name: p.grad.clone() for name, p in lora.items()}
+
+    losses, grads = step(0.5)
+    cat_losses, cat_grads = step(0.0)
+    assert losses["swap"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
+    assert losses["cat"] == cat_losses["cat"] and losses["diffusion"] == cat_losses["diffusion"]
+    assert losses["loss"].item() == pytest.approx(cat_losses["loss"].item() + 0.5 * by_hand.item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(grads[name], cat_grads[name] + swap_grads[name], rtol=1e-4, atol=1e-7)
+    batched_losses, batched_grads = step(0.5, "batched")
+    assert batched_losses["swap"].item() == pytest.approx(losses["swap"].item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(batched_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cat_swap_alpha", "-1"], "--cat_swap_alpha must be >= 0"),
+    (["--cat_swap_alpha", "1", "--cat_alpha", "0"], "--cat_swap_alpha anchors on CAT's frozen pass"),
+    (["--cat_swap_alpha", "1", "--train_text_encoder_ti"], "cannot be used with --train_text_encoder_ti"),
+])
+def test_bad_swap_flags_are_refused_in_one_line(tmp_path, extra, message):
+    import train_cat_lora as T
+
+    with pytest.raises(T.InputError, match=message):
+        T.parse_args(["--pretrained_model_name_or_path", "unused", *swap_concepts(tmp_path), *extra])
+    one = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(tmp_path / "sks"),
+           "--instance_prompt", "a photo of sks circle", "--trigger_token", "sks", "--cat_swap_alpha", "1"]
+    with pytest.raises(T.InputError, match="give a --concepts_list with at least two triggers"):
+        T.parse_args(one)
 
 
 def test_assign_and_confusion_on_hand_made_embeddings():

@@ -74,9 +74,11 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
     keys = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean", "subject_with_trigger", "subject_without_trigger")
-    assert rows["base"][:8] == [mean_std([metrics["base"][k]]) for k in keys]
+    keys += ("CLIP-I", "CLIP-I_masked")  # masked: the toy world's gray background found by --segmenter border
+    assert all(0 < m["CLIP-I_masked"] <= 1 and m["CLIP-I_masked"] != m["CLIP-I"] for m in metrics.values())
+    assert rows["base"][:10] == [mean_std([metrics["base"][k]]) for k in keys]
     for method in methods:
-        assert rows[method][:8] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
+        assert rows[method][:10] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
         assert rows[method][-1] == "2"
     for method, baseline in (("cat", "lora"), ("cat", "dreambooth"), ("cat", "ti"), ("pivotal_cat", "pivotal")):
         cells = []  # paired by seed: mean of the differences, standard error, wins
@@ -85,8 +87,8 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
             cells.append(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)")
         assert rows[f"{method} − {baseline}"] == cells, (method, baseline)
     for alpha, method in (("0", "lora"), ("0.5", "alpha0.5"), ("1", "cat")):
-        assert rows[alpha][:8] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
-    assert rows["budget 0.05"][:8] == [mean_std([metrics[f"budget0.05-seed{s}"][k] for s in (0, 1)]) for k in keys]
+        assert rows[alpha][:10] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys], alpha
+    assert rows["budget 0.05"][:10] == [mean_std([metrics[f"budget0.05-seed{s}"][k] for s in (0, 1)]) for k in keys]
     for adapter in ("budget0.05-seed0", "every2-seed1"):  # the sweeps' own flags reached their trainings
         log = (adapters / adapter / "train.log").read_text()
         assert ("drift budget 0.05" if adapter.startswith("budget") else "CAT passes every 2 steps") in log, adapter
@@ -114,6 +116,11 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         for line in (references / "eval" / "sks_circle.jsonl").read_text().splitlines():
             assert (references / "eval" / json.loads(line)["reference"]).read_bytes() in cluster
         assert rows[f"{method} consistency"][:2] == [mean_std([run["distances"][0]]), mean_std([run["distances"][-1]])]
+    # One comparison picture: a row per method (seed 0) and the base model, TCO's rows included
+    from PIL import Image
+
+    picture = Image.open(out / "comparison_sks_circle.png")
+    assert picture.height == 18 + (1 + len(methods) + 2) * 64
     assert (out / "preservation_identity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table in result.stdout

@@ -51,6 +51,9 @@ METHODS = {
     "budget": ["--cat_alpha", "auto"],  # one alpha per concept, each held to the default drift budget
     "cat_class": ["--cat_alpha", "1", "--cat_prompt", "class"],  # y: the trigger replaced by its class word
     "cat_empty": ["--cat_alpha", "1", "--cat_prompt", "empty"],  # y: the empty prompt
+    # CAT and the swapped-trigger term: another concept's trigger in the caption must leave the subject's prediction
+    # where the base model has it on y (train_cat_lora.py --cat_swap_alpha)
+    "cat_swap": ["--cat_alpha", "1", "--cat_swap_alpha", "1"],
 }
 # train_command's flags for one concept; a concepts list replaces them (each entry names its own class word).
 SINGLE_CONCEPT_FLAGS = ("--instance_data_dir", "--instance_prompt", "--trigger_token", "--class_data_dir",

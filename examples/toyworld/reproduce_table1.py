@@ -32,8 +32,9 @@ batch and of its final one.
 
 then scores every adapter, and the base model, with ``evaluate_kps.py`` and the toy CLIP on prompts that
 training never used, and writes ``table1.md``: PS, IS, KPS (mean ± std over concepts and seeds), the share of
-images that show the subject with the trigger and without it (leakage; ``subject_rates``), and paired
-differences with standard errors. The alpha sweep trains CAT with
+images that show the subject with the trigger and without it (leakage; ``subject_rates``), CLIP-I and CatVersion's
+masked CLIP-I (background set to gray), and paired differences with standard errors; and, per concept,
+``comparison_<concept>.png``, a row of images per method (the first seed). The alpha sweep trains CAT with
 alpha in {0, 0.1, 0.5, 1, 2, 5} on one concept and every seed, and plots KPS and IS against alpha, mean ± std
 over the seeds (``alpha_sweep.png``).
 
@@ -269,12 +270,13 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
                "--num_images_per_prompt", str(args.num_images_per_prompt), "--resolution", "32",
                "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
                "--seed", "0", "--batch_size", "8", "--clip_model", f"local-dir:{Path(args.clip_dir).resolve()}",
-               "--clip_pretrained", "none", "--dino_model", "none", "--output_dir", str(out)]
+               "--clip_pretrained", "none", "--dino_model", "none", "--segmenter", "border", "--output_dir", str(out)]
     for name, path in adapters.items():
         command += ["--lora", f"{name}={path}"]
     command += ["--lora", "base=none"]  # the reference for leakage, at the same seeds
     done = out / "metrics.json"
-    if not done.is_file() or set(json.loads(done.read_text())["adapters"]) != {*adapters, "base"}:
+    previous = json.loads(done.read_text())["adapters"] if done.is_file() else {}
+    if set(previous) != {*adapters, "base"} or any("CLIP-I_masked" not in m for m in previous.values()):
         run(command, out / "evaluate.log")  # (a rerun over the same adapters reuses the evaluation)
     metrics = json.loads((out / "metrics.json").read_text())["adapters"]
     rates = subject_rates(out / "pairs.jsonl", concepts_dir / concept["instance_data_dir"], args.clip_dir)
@@ -331,7 +333,12 @@ def select_concepts(concepts_file: Path, names: list[str] | None, sweep_name: st
 
 SCORE_KEYS = ("PS", "IS", "KPS", "PS_mean", "IS_mean", "KPS_mean")
 RATE_KEYS = ("subject_with_trigger", "subject_without_trigger")
-TABLE_KEYS = SCORE_KEYS + RATE_KEYS
+# CLIP-I (mean cosine of every image with the trigger to every reference) and CatVersion's masked CLIP-I (the same
+# with the background set to gray, the toy world's solid background found by evaluate_kps.py --segmenter border).
+CLIP_I_KEYS = ("CLIP-I", "CLIP-I_masked")
+TABLE_KEYS = SCORE_KEYS + RATE_KEYS + CLIP_I_KEYS
+TABLE_HEADER = ("| PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
+                "| CLIP-I | CLIP-I masked | clamped PS/IS/KPS |")
 
 
 def clamped_counts(scores: list[dict]) -> str:
@@ -438,8 +445,7 @@ def main(argv=None) -> Path:
 
     # Cosines <= 0 (the v1 judge gave some; v2's lie in [0, 1]) would be clamped by the harmonic means (Eq. 11): the
     # arithmetic means beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
-    rows = ["| method | PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | subject with trigger "
-            "| subject without (leak) | clamped PS/IS/KPS | n adapters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method " + TABLE_HEADER + " n adapters |", "|---" * 13 + "|"]
     for method in ["base", *args.methods]:
         scores = [m for per_concept in results.values() for name, m in per_concept.items()
                   if name == method or name.startswith(f"{method}-seed")]
@@ -474,8 +480,7 @@ def main(argv=None) -> Path:
                     for alpha, names in sweep_names.items()}
     if sweep_scores:
         rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (mean ± std over seeds {args.seeds}):", "",
-                 "| alpha | PS | IS | KPS | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
-                 "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| alpha " + TABLE_HEADER, "|---" * 12 + "|"]
         rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
     if budget_names:
@@ -483,8 +488,7 @@ def main(argv=None) -> Path:
                          for b, names in budget_names.items()}
         rows += ["", f"Drift-budget sweep on {sweep['instance_data_dir']} (--cat_alpha auto --cat_drift_budget B; mean ± "
                  f"std over seeds {args.seeds}):", "",
-                 "| budget | PS | IS | KPS | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
-                 "| clamped PS/IS/KPS |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| budget " + TABLE_HEADER, "|---" * 12 + "|"]
         rows += [f"| budget {b:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for b, scores in sorted(budget_scores.items())]
         if "cat" in args.methods:
@@ -557,9 +561,38 @@ def main(argv=None) -> Path:
 
     if sweep_scores:
         plot_sweep(sweep_scores, sweep["instance_data_dir"], len(args.seeds), out / "alpha_sweep.png")
+    pictures = [comparison_picture(out, concept["instance_data_dir"], args.methods, args.seeds[0], args.tco_seeds[0])
+                for concept in concepts]
     print(table.read_text())
-    print(f"wrote {table}" + (f" and {out / 'alpha_sweep.png'}" if sweep_scores else ""))
+    print(f"wrote {table}" + (f", {out / 'alpha_sweep.png'}" if sweep_scores else "") + f" and {len(pictures)} "
+          f"comparison pictures ({pictures[0].name}, ...)")
     return table
+
+
+def comparison_picture(out: Path, concept_name: str, methods: list[str], seed: int, tco_seed: int) -> Path:
+    """comparison_<concept>.png: one row per method at ``seed`` (TCO's at ``tco_seed``, from its own evaluation, its
+    trigger being the token it found), the base model first: each row's first 8 images of the unseen prompts with
+    the trigger, and the same seeds without it (evaluate_kps.make_comparison)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    import evaluate_kps
+
+    rows = [("base", out / "eval" / concept_name, "base")]
+    rows += [(method, out / "eval" / concept_name, f"{method}-seed{seed}") for method in methods if method in METHODS]
+    rows += [(method, out / "eval_tco" / concept_name / f"{method}-seed{tco_seed}", f"{method}-seed{tco_seed}")
+             for method in methods if method in TCO_METHODS]
+    samples = []
+    for label, folder, adapter in rows:
+        pairs = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines() if line.strip()]
+        samples += [evaluate_kps.Sample(adapter=label, item=n, image=0, caption=p["caption"], prompt=p["caption"],
+                                        reference=folder / p["reference"],
+                                        with_trigger=Image.open(folder / p["with_trigger"]),
+                                        without_trigger=Image.open(folder / p["without_trigger"]))
+                    for n, p in enumerate(pairs) if p["adapter"] == adapter]
+    path = out / f"comparison_{concept_name}.png"
+    evaluate_kps.make_comparison(samples).save(path)
+    return path
 
 
 def catversion_leaks(args, concepts: list[dict], concepts_file: Path, jobs: dict, out: Path) -> dict:
