@@ -638,11 +638,11 @@ def check_catversion_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{dest} cannot be used with --adapter catversion: {why}")
 
 
-def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int) -> bool:
+def validation_due(args: argparse.Namespace, step: int, steps_per_epoch: int, max_train_steps: int) -> bool:
     """Whether to validate after optimizer step ``step``: every --validation_steps, or at the end of epochs
     1, 1+N, 1+2N, ... for --validation_epochs N (diffusers validates after epoch index 0, N, 2N, ...); and always
     after the last step."""
-    if step == args.max_train_steps:
+    if step == max_train_steps:
         return True
     if args.validation_epochs is not None:
         epochs_done, within = divmod(step, steps_per_epoch)
@@ -3021,11 +3021,12 @@ def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
     return prompt, without
 
 
-def run_validation(accelerator, args: argparse.Namespace, family, models: dict, triggers, step: int, weight_dtype,
-                   clip: Clip | None = None, new_tokens: NewTokenEmbeddings | None = None) -> Path | None:
+def run_validation(run: "Run", step: int) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
+    accelerator, args, family, models, new_tokens = run.accelerator, run.args, run.family, run.models, run.new_tokens
     if not accelerator.is_main_process:
         return None
+    triggers, weight_dtype, clip = run.triggers, run.weight_dtype, models.get("clip")
     with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
     if new_tokens is not None:
         with_trigger = new_tokens.expand(with_trigger)
@@ -3052,8 +3053,8 @@ def run_validation(accelerator, args: argparse.Namespace, family, models: dict, 
     if clip is not None:
         kps, clamped = knowledge_preservation_score(clip_image_embeddings(clip, rows[0]),
                                                     clip_image_embeddings(clip, rows[1]))
-        accelerator.log({"validation/kps": kps, "validation/s_prev_harmonic_mean": 1.0 - kps,
-                         "validation/kps_clamped": clamped}, step=step)
+        run.log({"validation/kps": kps, "validation/s_prev_harmonic_mean": 1.0 - kps,
+                 "validation/kps_clamped": clamped}, step)
         logger.info(f"Validation KPS at step {step}: {kps:.4f}" + (f" ({clamped} values clamped)" if clamped else ""))
     grid = make_grid(rows)
     path = Path(args.output_dir) / "validation" / f"step-{step}.png"
@@ -3115,88 +3116,138 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
-def train(accelerator, args: argparse.Namespace, family, models: dict, encode_prompts, dataloader, sampler,
-          optimizer, lr_scheduler, first_step: int, max_train_steps: int, triggers: list[str], weight_dtype,
-          drift_budget: DriftBudget | None = None, new_tokens: NewTokenEmbeddings | None = None
-          ) -> tuple[int, Path | None]:
-    """Run the optimizer steps from ``first_step`` to ``max_train_steps``; return (last step, last grid)."""
-    adapted = [models[name] for name in trained_components(family, args)]
-    trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
-    step_config = StepConfig.from_args(args, weight_dtype)
-    num_epochs = math.ceil(max_train_steps / math.ceil(len(dataloader) / args.gradient_accumulation_steps))
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    step = first_step
-    first_epoch = first_step // steps_per_epoch
-    batches_to_skip = (first_step % steps_per_epoch) * args.gradient_accumulation_steps
-    last_grid = None
-    progress = tqdm(range(max_train_steps), initial=first_step, desc="Steps",
+@dataclass
+class Run:
+    """What the training loop works with, built once in ``main``: the prepared models and their optimizer, the
+    data, and the derived step count. ``on_log`` receives every step's logged values (tests and benchmarks read
+    them there; trackers get them from accelerate)."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    family: "ModelFamily"
+    models: dict
+    encode_prompts: Any
+    dataloader: Any
+    sampler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    max_train_steps: int
+    triggers: list[str]
+    weight_dtype: torch.dtype
+    drift_budget: DriftBudget | None = None
+    new_tokens: NewTokenEmbeddings | None = None
+    on_log: Any = None  # callable(values: dict, step: int)
+
+    def __post_init__(self):
+        self.adapted = [self.models[name] for name in trained_components(self.family, self.args)]
+        self.trainable = [p for model in self.adapted for p in model.parameters() if p.requires_grad]
+        self.step_config = StepConfig.from_args(self.args, self.weight_dtype)
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / self.args.gradient_accumulation_steps)
+
+    def log(self, values: dict, step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.on_log is not None:
+            self.on_log(values, step)
+
+
+def step_losses(run: Run, batch, step: int) -> dict:
+    """The losses of optimizer step ``step`` (counted from 1) on ``batch``, backwarded; with --cat_every N the
+    CAT terms run on every N-th step at N times their weight; the drift budget folds in every process's rows."""
+    run_cat = run.step_config.cat_alpha > 0 and cat_runs_on(step, run.args.cat_every)
+    scale = run.args.cat_every * run_cat
+    config = replace(run.step_config, cat_alpha=run.step_config.cat_alpha * scale,
+                     cat_swap_alpha=run.step_config.cat_swap_alpha * scale)
+    cat_weights = run.drift_budget.weights(batch["concepts"]) if run.drift_budget and run_cat else None
+    losses = training_step(batch, run.family, run.models, run.encode_prompts, config,
+                           backward=run.accelerator.backward, cat_weights=cat_weights)
+    if run.drift_budget is not None and run_cat:
+        run.drift_budget.update(run.accelerator.gather(batch["concepts"].to(run.accelerator.device)),
+                                run.accelerator.gather(losses["drift"]))
+    return losses
+
+
+def optimizer_step(run: Run, step: int) -> None:
+    """Clip, step the optimizer and the lr schedule, clear the gradients (each a no-op between accumulation
+    micro-batches, as accelerate makes them); pivotal tuning's schedule and base rows around it."""
+    if run.new_tokens is not None:
+        run.new_tokens.before_optimizer_step(step)
+    if run.accelerator.sync_gradients and run.args.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
+    run.optimizer.step()
+    if run.new_tokens is not None:
+        run.new_tokens.restore_base_rows()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def log_step(run: Run, step: int, losses: dict) -> dict:
+    """Log the step's losses (mean over processes), lr, drift and the budget's multipliers; return the progress
+    bar's postfix."""
+    reduce = run.accelerator.reduce
+    drift = losses.pop("drift")
+    logs = {f"loss/{name}": reduce(value.detach(), reduction="mean").item() for name, value in losses.items()}
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    postfix = {"loss": f"{logs['loss/loss']:.4f}", "cat": f"{logs['loss/cat']:.2e}"}
+    if len(drift):
+        logs["cat/drift"] = run.accelerator.gather(drift).mean().item()
+    budget = run.drift_budget
+    if budget is not None:
+        logs.update({f"cat/alpha_{n}": a for n, a in enumerate(budget.alpha.tolist())})
+        logs.update({f"cat/drift_estimate_{n}": d for n, d in enumerate(budget.drift.tolist())})
+        postfix.update(alpha=f"{budget.alpha.max().item():.3g}", drift=f"{budget.drift.max().item():.2e}")
+    run.log(logs, step)
+    return postfix
+
+
+def after_step(run: Run, step: int, stop: StopSignals, grid: Path | None) -> Path | None:
+    """Checkpoint, validate, and stop (with a checkpoint) if a signal came; return the newest validation grid."""
+    args, output_dir = run.args, Path(run.args.output_dir)
+    checkpoint = None
+    if step % args.checkpointing_steps == 0 and step < run.max_train_steps:
+        checkpoint = save_checkpoint(run.accelerator, output_dir, step, args.checkpoints_total_limit)
+    if args.validation_prompt and validation_due(args, step, run.steps_per_epoch, run.max_train_steps):
+        grid = run_validation(run, step) or grid
+    if step < run.max_train_steps and stop_requested(run.accelerator, stop):
+        checkpoint = checkpoint or save_checkpoint(run.accelerator, output_dir, step, args.checkpoints_total_limit)
+        raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint)
+    return grid
+
+
+def train(run: Run, first_step: int) -> tuple[int, Path | None]:
+    """Run the optimizer steps from ``first_step`` to ``run.max_train_steps``; return (last step, last grid)."""
+    accelerator, dataloader = run.accelerator, run.dataloader
+    accumulation = run.args.gradient_accumulation_steps
+    num_epochs = math.ceil(run.max_train_steps / run.steps_per_epoch)
+    step, grid = first_step, None
+    first_epoch = first_step // run.steps_per_epoch
+    batches_to_skip = (first_step % run.steps_per_epoch) * accumulation
+    progress = tqdm(range(run.max_train_steps), initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    output_dir = Path(args.output_dir)
     with StopSignals() as stop, progress:
         for epoch in range(first_epoch, num_epochs):
-            for model in adapted:
+            for model in run.adapted:
                 model.train()
             batches = dataloader
             if epoch == first_epoch and batches_to_skip:
                 batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
             # accelerate's loaders pass their own epoch counter (which restarts at 0 in a resumed process) to the
             # sampler when iterated: set it on the loader itself, not only on the sampler.
-            sampler.set_epoch(epoch)
+            run.sampler.set_epoch(epoch)
             if hasattr(batches, "set_epoch"):
                 batches.set_epoch(epoch)
             for batch in batches:
-                with accelerator.accumulate(*adapted):
-                    run_cat = step_config.cat_alpha > 0 and cat_runs_on(step + 1, args.cat_every)
-                    config = replace(step_config, cat_alpha=step_config.cat_alpha * args.cat_every * run_cat,
-                                     cat_swap_alpha=step_config.cat_swap_alpha * args.cat_every * run_cat)
-                    cat_weights = drift_budget.weights(batch["concepts"]) if drift_budget and run_cat else None
-                    losses = training_step(batch, family, models, encode_prompts, config,
-                                           backward=accelerator.backward, cat_weights=cat_weights)
-                    if drift_budget is not None and run_cat:  # every process folds in every process's rows
-                        drift_budget.update(accelerator.gather(batch["concepts"].to(accelerator.device)),
-                                            accelerator.gather(losses["drift"]))
-                    if new_tokens is not None:
-                        new_tokens.before_optimizer_step(step + 1)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    optimizer.step()
-                    if new_tokens is not None:
-                        new_tokens.restore_base_rows()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                with accelerator.accumulate(*run.adapted):
+                    losses = step_losses(run, batch, step + 1)
+                    optimizer_step(run, step + 1)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
                 progress.update(1)
-                drift = losses.pop("drift")
-                logs = {f"loss/{name}": accelerator.reduce(value.detach(), reduction="mean").item()
-                        for name, value in losses.items()}
-                logs["lr"] = lr_scheduler.get_last_lr()[0]
-                postfix = {"loss": f"{logs['loss/loss']:.4f}", "cat": f"{logs['loss/cat']:.2e}"}
-                if len(drift):
-                    logs["cat/drift"] = accelerator.gather(drift).mean().item()
-                if drift_budget is not None:
-                    logs.update({f"cat/alpha_{n}": a for n, a in enumerate(drift_budget.alpha.tolist())})
-                    logs.update({f"cat/drift_estimate_{n}": d for n, d in enumerate(drift_budget.drift.tolist())})
-                    postfix.update(alpha=f"{drift_budget.alpha.max().item():.3g}",
-                                   drift=f"{drift_budget.drift.max().item():.2e}")
-                accelerator.log(logs, step=step)
-                progress.set_postfix(postfix)
-                checkpoint = None
-                if step % args.checkpointing_steps == 0 and step < max_train_steps:
-                    checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-                if args.validation_prompt and validation_due(args, step, steps_per_epoch):
-                    last_grid = run_validation(accelerator, args, family, models, triggers, step, weight_dtype,
-                                               models.get("clip"), new_tokens) or last_grid
-                if step < max_train_steps and stop_requested(accelerator, stop):
-                    checkpoint = checkpoint or save_checkpoint(accelerator, output_dir, step,
-                                                               args.checkpoints_total_limit)
-                    raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint)
-                if step >= max_train_steps:
-                    break
-            if step >= max_train_steps:
-                break
-    return step, last_grid
+                progress.set_postfix(log_step(run, step, losses))
+                grid = after_step(run, step, stop, grid)
+                if step >= run.max_train_steps:
+                    return step, grid
+    return step, grid
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -3727,8 +3778,9 @@ def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, m
     return optimizer, lr_scheduler, max_train_steps
 
 
-def main(argv=None) -> list[Path]:
-    """Train; return the files written. Raises ``InputError`` for bad input, before writing anything."""
+def main(argv=None, on_log=None) -> list[Path]:
+    """Train; return the files written. Raises ``InputError`` for bad input, before writing anything.
+    ``on_log(values, step)``, if given, receives every step's logged values."""
     args = parse_args(argv)
     family, concepts, instance_examples, data_notes = check_inputs(args)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
@@ -3795,10 +3847,10 @@ def main(argv=None) -> list[Path]:
     if args.validation_kps and accelerator.is_main_process:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)
+    run = Run(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer, lr_scheduler,
+              max_train_steps, triggers, weight_dtype, drift_budget, new_tokens, on_log)
     try:
-        steps, grid = train(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer,
-                            lr_scheduler, first_step, max_train_steps, triggers, weight_dtype, drift_budget,
-                            new_tokens)
+        steps, grid = train(run, first_step)
     except (TrainingInterrupted, SaveFailed):
         accelerator.end_training()
         raise

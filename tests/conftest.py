@@ -281,12 +281,13 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def run_train_cat_lora(argv: list[str]):
-    """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state."""
+def run_train_cat_lora(argv: list[str], on_log=None):
+    """Run ``train_cat_lora.main`` in this process (imports are paid once) with a fresh accelerate state;
+    ``on_log(values, step)`` receives what the run logs."""
     import train_cat_lora
 
     reset_accelerate_state()
-    return train_cat_lora.main(argv)
+    return train_cat_lora.main(argv, on_log=on_log)
 
 
 @pytest.fixture

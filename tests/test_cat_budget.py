@@ -115,12 +115,12 @@ def test_a_budget_never_reached_is_a_plain_lora_run(tiny_pipeline, instance_dir,
 
 
 def test_a_tight_budget_raises_alpha_in_a_real_run_and_resume_is_bit_exact(tiny_pipeline, instance_dir, tmp_path,
-                                                                           run_training, monkeypatch):
+                                                                           run_training):
     logged = []
-    monkeypatch.setattr("accelerate.Accelerator.log", lambda self, values, step=None, **kw: logged.append(values))
     common = ("--cat_alpha", "auto", "--cat_drift_budget", "1e-7", "--cat_every", "2", "--learning_rate", "1e-2",
               "--random_flip", "--checkpointing_steps", "3")
-    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6))
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6),
+                 on_log=lambda values, step: logged.append(values))
     alphas = [values["cat/alpha_0"] for values in logged]
     assert alphas[0] == 0.0 and alphas[-1] > 0  # step 1 runs no CAT pass; the drift then exceeds the tiny budget
     assert all(b >= a for a, b in zip(alphas, alphas[1:]))  # over budget throughout: alpha only rises
@@ -130,12 +130,13 @@ def test_a_tight_budget_raises_alpha_in_a_real_run_and_resume_is_bit_exact(tiny_
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     logged.clear()
     run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "resumed", *common,
-                            "--resume_from_checkpoint", "latest", steps=6))
+                            "--resume_from_checkpoint", "latest", steps=6),
+                 on_log=lambda values, step: logged.append(values))
     assert [values["cat/alpha_0"] for values in logged] == alphas[3:]  # the multiplier's state came back too
     assert same_weights(tmp_path / "full", tmp_path / "resumed")
 
 
-def test_each_concept_has_its_own_multiplier(tiny_pipeline, instance_dir, tmp_path, run_training, monkeypatch):
+def test_each_concept_has_its_own_multiplier(tiny_pipeline, instance_dir, tmp_path, run_training):
     import json
 
     concepts = [{"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks teapot",
@@ -144,12 +145,11 @@ def test_each_concept_has_its_own_multiplier(tiny_pipeline, instance_dir, tmp_pa
                  "trigger_token": "zwx"}]
     (tmp_path / "concepts.json").write_text(json.dumps(concepts))
     logged = []
-    monkeypatch.setattr("accelerate.Accelerator.log", lambda self, values, step=None, **kw: logged.append(values))
     argv = train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--cat_alpha", "auto", "--cat_drift_budget",
                       "1e-7", "--learning_rate", "1e-2", steps=3)
     argv[argv.index("--instance_data_dir"):argv.index("--instance_data_dir") + 2] = [
         "--concepts_list", str(tmp_path / "concepts.json")]
-    run_training(argv)
+    run_training(argv, on_log=lambda values, step: logged.append(values))
     assert {"cat/alpha_0", "cat/alpha_1"} <= logged[-1].keys()
     assert logged[-1]["cat/alpha_0"] != logged[-1]["cat/alpha_1"]  # different drifts, different multipliers
 

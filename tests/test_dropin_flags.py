@@ -316,13 +316,16 @@ def test_validation_schedules():
     def due(steps_per_epoch, max_steps, **flags):
         args = T.parse_args(MINIMAL + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
                             + ["--max_train_steps", str(max_steps)])
-        return [s for s in range(1, max_steps + 1) if T.validation_due(args, s, steps_per_epoch)]
+        return [s for s in range(1, max_steps + 1) if T.validation_due(args, s, steps_per_epoch, max_steps)]
 
     assert due(3, 10) == [10]  # --validation_steps 100 by default; always after the last step
     assert due(3, 10, validation_steps=4) == [4, 8, 10]
     # diffusers validates after epoch indices 0, N, 2N, ...: epochs 1, 1+N, ... counted from 1
     assert due(3, 20, validation_epochs=2) == [3, 9, 15, 20]
     assert due(3, 20, validation_epochs=1) == [3, 6, 9, 12, 15, 18, 20]
+    # the step count derived from --num_train_epochs (no --max_train_steps): still validated after the last step
+    args = T.parse_args(MINIMAL + ["--num_train_epochs", "3", "--validation_steps", "4"])
+    assert [s for s in range(1, 10) if T.validation_due(args, s, 3, 9)] == [4, 8, 9]
 
 
 def test_text_encoder_lr_and_decay_make_a_second_parameter_group():

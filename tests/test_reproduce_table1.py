@@ -110,6 +110,9 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
         assert f"CAT alpha: {alpha}" in (Path(run["final_adapter"]) / "README.md").read_text()
         own = json.loads((out / "eval_tco" / "sks_circle" / f"{method}-seed0" / "metrics.json").read_text())["adapters"]
         assert rows[method][:6] == [mean_std([own[f"{method}-seed0"][k]]) for k in keys[:6]], method
+        # the base model, judged against the same cluster (it drew it): the floor of TCO's rates
+        assert rows[f"base, against {method}'s clusters"][0] == mean_std([own["base"]["IS_mean"]])
+        assert rows[f"{method}, against its clusters"][:2] == rows[method][4:5] + rows[method][6:7]
         # its identity is scored against its final chosen cluster
         references = out / "tco_references" / f"{method}-seed0"
         cluster = {p.read_bytes() for p in Path(run["final_cluster"]).glob("*.png")}

@@ -431,21 +431,21 @@ def test_cat_drifts_less_than_plain_lora_on_trigger_less_prompts(family_pipeline
 
 
 def test_validation_kps_is_logged_with_the_evaluation_definition(tiny_pipeline, instance_dir, tmp_path, run_training,
-                                                                  tiny_clip, monkeypatch):
+                                                                  tiny_clip):
     """--validation_kps logs 1 - H(s_prev) over the grid's with/without-trigger images, as evaluate_kps computes it."""
     import evaluate_kps
 
     assert evaluate_kps.knowledge_preservation_score is T.knowledge_preservation_score  # one definition
     logged = {}
-    monkeypatch.setattr("accelerate.Accelerator.log", lambda self, values, step=None, **kw: logged.update(
-        {k: v for k, v in values.items() if k.startswith("validation/")}))
     config, checkpoint = tiny_clip
     out = tmp_path / "out"
     run_training(train_args(tiny_pipeline, instance_dir, out, "--validation_prompt", "a sks teapot",
                             "--validation_steps", "2", "--num_validation_images", "2",
                             "--num_validation_inference_steps", "2", "--validation_kps",
                             "--validation_clip_model", str(config), "--validation_clip_pretrained",
-                            str(checkpoint), steps=2))
+                            str(checkpoint), steps=2),
+                 on_log=lambda values, step: logged.update({k: v for k, v in values.items()
+                                                            if k.startswith("validation/")}))
     # The grid's two rows (with / without the trigger), cut back out of the saved PNG (lossless).
     from PIL import Image
 

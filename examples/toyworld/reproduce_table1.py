@@ -434,14 +434,16 @@ def main(argv=None) -> Path:
         references = tco_reference_set(concept, concepts_dir, run, out / "tco_references" / name)
         adapter = Path(json.loads((run / "result.json").read_text())["final_adapter"])
         return evaluate(args, concept, references, {name: adapter}, out / "eval_tco" / concept["instance_data_dir"]
-                        / name)[name]
+                        / name)
 
     tco_evaluations = [(concept, key) for concept in concepts for key in tco_runs if key[0] == concept["class_word"]]
     with ThreadPoolExecutor(args.jobs) as pool:
         tco_scores = list(tqdm(pool.map(evaluate_tco, tco_evaluations), total=len(tco_evaluations),
                                desc="TCO evaluations"))
+    base_against_clusters = {}  # the base model scored against each TCO run's cluster: the floor of its rates
     for (concept, (_, name)), score in zip(tco_evaluations, tco_scores):
-        results[concept["instance_data_dir"]][name] = score
+        results[concept["instance_data_dir"]][name] = score[name]
+        base_against_clusters.setdefault(name.split("-seed")[0], []).append(score["base"])
 
     # Cosines <= 0 (the v1 judge gave some; v2's lie in [0, 1]) would be clamped by the harmonic means (Eq. 11): the
     # arithmetic means beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
@@ -476,6 +478,16 @@ def main(argv=None) -> Path:
                 [s["distances"][-1] / s["distances"][0] for s in summaries], [s["trainings"] for s in summaries]))
                 + f" | {', '.join(f'{reason} {stopped.count(reason)}' for reason in sorted(set(stopped)))} "
                 f"| {len(summaries)} |")
+        rows += ["", "Its found subject against the base model, both judged against the same chosen clusters (the "
+                 "base model drew them: part of its own images show the character):", "",
+                 "| images | IS mean | subject with trigger | subject without (leak) | n |", "|---|---|---|---|---|"]
+        for method, base_scores in base_against_clusters.items():
+            scores = [m for per_concept in results.values() for name, m in per_concept.items()
+                      if name.startswith(f"{method}-seed")]
+            for label, group in ((f"base, against {method}'s clusters", base_scores),
+                                 (f"{method}, against its clusters", scores)):
+                rows.append(f"| {label} | " + " | ".join(mean_std([m[key] for m in group])
+                                                         for key in ("IS_mean", *RATE_KEYS)) + f" | {len(group)} |")
     sweep_scores = {alpha: [results[sweep["instance_data_dir"]][name] for name in names]
                     for alpha, names in sweep_names.items()}
     if sweep_scores:
