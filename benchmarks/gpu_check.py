@@ -194,6 +194,11 @@ def tests_item(smoke: bool, device: str, assumed: dict, families: int, xml: str 
                 estimate_run_s=assumed["tests_start_s"] + assumed["tests_per_family_s"] * counted)
 
 
+# count_flops' results by (model, path, resolution, prompt tokens): counting on the meta device takes seconds per
+# architecture and gives the same figures every time, so one process counts each once.
+FLOP_COUNTS: dict = {}
+
+
 def count_flops(B, name: str, path: str, resolution: int, sequence: int | None) -> dict:
     """Forward FLOPs of the denoiser, the VAE encode and the text encoders for one image and prompt at
     ``resolution`` (torch's FLOP counter on the meta device: no memory, no weights; benchmarks/meta_cost.py gives the
@@ -266,7 +271,7 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
     for nf4, argv in variants:
         for checkpointing in (first, not first):
             for resolution in resolutions:
-                key = (name, resolution)
+                key = (name, path, resolution, sequence)
                 if key not in flop_cache:
                     flop_cache[key] = count_flops(B, name, path, resolution, sequence)
                 counts = flop_cache[key]
@@ -320,7 +325,7 @@ def make_plan(args, scratch: Path) -> tuple[list[Item], list[str]]:
             kind = "tiny pipeline" if args.smoke else "real-architecture config"
             notes.append(f"{family.__name__}: no {kind} in cat_step_cost.MODELS: not measured")
     items = [tests_item(args.smoke, device, assumed, len(families))]
-    flop_cache = {}
+    flop_cache = FLOP_COUNTS
     for family, entries in found.items():
         for name, path in entries:
             try:
