@@ -338,7 +338,8 @@ def picture(runs: list[Run], concepts: list[dict], out: Path, path: Path, per_ce
     ks = sorted({run.k for run in runs})
     methods = list(dict.fromkeys(run.method for run in runs))
     seed = min(run.seed for run in runs)
-    figure, axes = plt.subplots(len(ks), len(methods), figsize=(2.4 * len(methods), 1.45 * len(ks)), squeeze=False)
+    figure, axes = plt.subplots(len(ks), len(methods), figsize=(2.4 * len(methods), 1.45 * len(ks) + 0.5),
+                                squeeze=False)
     for row, k in zip(axes, ks):
         shown = sorted({round(j * (k - 1) / max(per_cell - 1, 1)) for j in range(min(per_cell, k))})
         for axis, method in zip(row, methods):
