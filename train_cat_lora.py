@@ -3119,7 +3119,7 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
 @dataclass
 class Run:
     """What the training loop works with, built once in ``main``: the prepared models and their optimizer, the
-    data, and the derived step count. ``on_log`` receives every step's logged values (tests and benchmarks read
+    data, and the derived step count. ``on_log`` receives every step's logged values (the tests read
     them there; trackers get them from accelerate)."""
 
     accelerator: Accelerator
