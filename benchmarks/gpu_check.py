@@ -244,8 +244,8 @@ def step_flops(B, counts: dict, config: str, checkpointing: bool, text_cached: b
     return units * counts["denoiser"] + counts["vae"] + (0 if text_cached else adapted * counts["text"])
 
 
-def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, assumed: dict, nf4_path: Path,
-                flop_cache: dict) -> list[Item]:
+def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, assumed: dict, nf4_path: Path
+                ) -> list[Item]:
     """The items of one model: its resolutions x gradient checkpointing (the 24 GB card's setting first)."""
     quantized = bool(getattr(family, "loads_quantized", False))
     vae_config = Path(path) / "vae" / "config.json"
@@ -272,9 +272,9 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
         for checkpointing in (first, not first):
             for resolution in resolutions:
                 key = (name, path, resolution, sequence)
-                if key not in flop_cache:
-                    flop_cache[key] = count_flops(B, name, path, resolution, sequence)
-                counts = flop_cache[key]
+                if key not in FLOP_COUNTS:
+                    FLOP_COUNTS[key] = count_flops(B, name, path, resolution, sequence)
+                counts = FLOP_COUNTS[key]
                 flops = {c: step_flops(B, counts, c, checkpointing, nf4) for c in CONFIGS}
                 seconds = {c: f / (assumed["tflops"] * 1e12) * (assumed["nf4_slowdown"] if nf4 else 1.0)
                            + assumed["step_overhead_s"] for c, f in flops.items()}
@@ -325,11 +325,10 @@ def make_plan(args, scratch: Path) -> tuple[list[Item], list[str]]:
             kind = "tiny pipeline" if args.smoke else "real-architecture config"
             notes.append(f"{family.__name__}: no {kind} in cat_step_cost.MODELS: not measured")
     items = [tests_item(args.smoke, device, assumed, len(families))]
-    flop_cache = FLOP_COUNTS
     for family, entries in found.items():
         for name, path in entries:
             try:
-                items += model_items(B, T, name, path, family, args.smoke, device, assumed, nf4_path, flop_cache)
+                items += model_items(B, T, name, path, family, args.smoke, device, assumed, nf4_path)
             except Exception as error:  # a family the FLOP counting does not know how to feed: not planned
                 notes.append(f"{name}: no plan ({type(error).__name__}: {first_line(error)})")
     return items, notes
