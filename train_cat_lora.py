@@ -33,7 +33,7 @@ import tempfile
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,7 +46,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import LoggerType, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import (
     AutoencoderKL,
     BitsAndBytesConfig,
@@ -66,7 +66,7 @@ from diffusers import (
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input as flux2_format_input
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import (
     _collate_lora_metadata,
     cast_training_params,
@@ -153,6 +153,9 @@ FAMILY_FLAGS = ("pretrained_vae_model_name_or_path", "max_sequence_length", "gui
 
 # torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
 # which is not imported here to keep --help and bad-input errors fast.
+# diffusers' schedules that need nothing beyond the --lr_* flags (piecewise_constant needs step rules).
+LR_SCHEDULERS = [kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT]
+TRACKERS = [kind.value for kind in LoggerType] + ["none"]  # accelerate's trackers; each needs its package
 INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 DEFAULT_VALIDATION_STEPS = 100
 
@@ -249,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="With --cat_alpha auto: the largest drift allowed on trigger-less prompts, as the CAT term "
                           "relative to the mean square of the base model's own prediction on y (0.03 = 3%%).")
     cat.add_argument("--cat_dual_lr", type=float, default=DEFAULT_DUAL_LR,
-                     help="With --cat_alpha auto: how fast alpha moves: per step, by this times log(drift / budget), "
-                          "from 0, never below 0.")
+                     help="With --cat_alpha auto: how fast alpha moves: per optimizer step that runs the CAT passes "
+                          "(all its accumulation micro-batches together), by this times log(drift / budget), from 0, "
+                          "never below 0.")
     cat.add_argument("--cat_every", type=int, default=1,
                      help="Run the CAT passes on every N-th optimizer step only, with the term weighted by N (same "
                           "expected gradient, more variance). 1 is Eq. 3 exactly.")
@@ -321,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--learning_rate. Prodigy uses --learning_rate for both.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Scale the learning rate by processes x accumulation steps x batch size.")
-    train.add_argument("--lr_scheduler", default="constant",
+    train.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS,
                        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or '
                             '"constant_with_warmup".')
     train.add_argument("--lr_warmup_steps", type=int, default=0)
@@ -363,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "training; not with --train_text_encoder.")
 
     logs = parser.add_argument_group("logging, validation and output")
-    logs.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    logs.add_argument("--report_to", default="tensorboard", choices=TRACKERS,
+                      help='"tensorboard", "wandb", another tracker accelerate knows, "all" or "none".')
     logs.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
     logs.add_argument("--validation_prompt", default=None,
                       help="A prompt with the trigger; validation draws it with and without the trigger.")
@@ -543,6 +548,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--pre_compute_text_embeddings cannot be used with --train_text_encoder")
     if args.validation_kps and args.validation_prompt is None:
         raise InputError("--validation_kps needs --validation_prompt")
+    if args.report_to not in ("all", "none") and find_spec(args.report_to) is None:
+        raise InputError(f"--report_to {args.report_to} needs the {args.report_to} package: pip install "
+                         f"{args.report_to}, or --report_to none")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login`")
     if args.optimizer.lower() not in ("adamw", "prodigy"):
@@ -1470,9 +1478,10 @@ class ModelFamily(ABC):
 
     def caption_token_limit(self, tokenizer_name: str) -> int:
         """How many caption tokens the text encoder fed by ``tokenizer_name`` reads: the tokenizer's limit less the
-        tokens the family puts around a caption (CLIP and T5: a start and an end token)."""
+        special tokens it adds around a caption (CLIP: a start and an end token; T5: only the end token)."""
         tokenizer = self.load_tokenizers()[tokenizer_name]
-        return getattr(tokenizer, "tokenizer", tokenizer).model_max_length - 2
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        return tokenizer.model_max_length - len(tokenizer("").input_ids)
 
     def component_class(self, name: str) -> type:
         """The class of the pipeline component ``name``, as the base's ``model_index.json`` names it."""
@@ -2042,9 +2051,14 @@ class Flux2Family(Flux2KleinFamily):
         return len(inputs["input_ids"][0])
 
     def load_tokenizers(self) -> dict:
-        """The Mistral processor (the pipeline's ``tokenizer``), its tokenizer reading --max_sequence_length tokens."""
+        """The Mistral processor (the pipeline's ``tokenizer``, or --tokenizer_name's), its tokenizer reading
+        --max_sequence_length tokens."""
         if self._tokenizers is None:
-            processor = self.component_class("tokenizer").from_pretrained(subfolder="tokenizer", **self.source)
+            if self.config.tokenizer_name:  # a processor folder or hub id, as the pipeline's own
+                processor = self.component_class("tokenizer").from_pretrained(self.config.tokenizer_name,
+                                                                             revision=self.config.revision)
+            else:
+                processor = self.component_class("tokenizer").from_pretrained(subfolder="tokenizer", **self.source)
             processor.tokenizer.model_max_length = self.config.max_sequence_length
             self._tokenizers = {"tokenizer": processor}
         return self._tokenizers
@@ -2628,7 +2642,7 @@ class DriftBudget:
     The drift is ``relative_drift`` (the CAT term relative to the mean square of the base model's prediction on
     y); its running estimate per concept is an exponential moving average. Each concept's alpha is the Lagrange
     multiplier of its constraint, written as log(drift) <= log(budget) (the same constraint, free of units and of
-    the drift's scale), updated by dual ascent after every step that ran the CAT passes:
+    the drift's scale), updated by dual ascent after every optimizer step that ran the CAT passes:
 
         alpha <- max(0, alpha + dual_lr * log(drift_estimate / budget))
 
@@ -3038,18 +3052,8 @@ def run_validation(run: "Run", step: int) -> Path | None:
     if family.validation_scheduler is not None:
         pipeline.scheduler = family.validation_scheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    rows = []
-    # A CatVersion adapter changes every prompt: its bottom row is the same prompt with the adapter off.
-    catversion = bool(catversion_layers(pipeline.text_encoder)) if hasattr(pipeline, "text_encoder") else False
-    if catversion:
-        without_trigger = with_trigger
-    for prompt, base in ((with_trigger, False), (without_trigger, catversion)):
-        generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
-                      for i in range(args.num_validation_images)]
-        with torch.no_grad(), adapters_disabled(*(pipeline.text_encoder,) if base else ()):
-            rows.append(pipeline(prompt=[prompt] * args.num_validation_images, generator=generators,
-                                 num_inference_steps=args.num_validation_inference_steps,
-                                 height=args.resolution, width=args.resolution).images)
+    with evaluation_mode(*components.values()):  # no LoRA dropout in the pictures (nor in their KPS)
+        rows, without_trigger, catversion = validation_rows(run, pipeline, with_trigger, without_trigger)
     if clip is not None:
         kps, clamped = knowledge_preservation_score(clip_image_embeddings(clip, rows[0]),
                                                     clip_image_embeddings(clip, rows[1]))
@@ -3072,6 +3076,40 @@ def run_validation(run: "Run", step: int) -> Path | None:
                 + (" with the CatVersion adapter off" if catversion else "") + f"): {path}")
     del pipeline
     return path
+
+
+def validation_rows(run: "Run", pipeline, with_trigger: str, without_trigger: str) -> tuple[list, str, bool]:
+    """The two rows of the validation grid (same seeds), the bottom row's prompt and whether its adapter is off."""
+    args = run.args
+    rows = []
+    # A CatVersion adapter changes every prompt: its bottom row is the same prompt with the adapter off.
+    catversion = bool(catversion_layers(pipeline.text_encoder)) if hasattr(pipeline, "text_encoder") else False
+    if catversion:
+        without_trigger = with_trigger
+    for prompt, base in ((with_trigger, False), (without_trigger, catversion)):
+        generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
+                      for i in range(args.num_validation_images)]
+        with torch.no_grad(), adapters_disabled(*(pipeline.text_encoder,) if base else ()):
+            rows.append(pipeline(prompt=[prompt] * args.num_validation_images, generator=generators,
+                                 num_inference_steps=args.num_validation_inference_steps,
+                                 height=args.resolution, width=args.resolution).images)
+    return rows, without_trigger, catversion
+
+
+class evaluation_mode:
+    """Context manager: the models in eval mode (dropout off), each put back in the mode it had."""
+
+    def __init__(self, *models):
+        self.models = [model for model in models if isinstance(model, torch.nn.Module)]
+
+    def __enter__(self):
+        self.modes = [model.training for model in self.models]
+        for model in self.models:
+            model.eval()
+
+    def __exit__(self, *exc):
+        for model, mode in zip(self.models, self.modes):
+            model.train(mode)
 
 
 class TrainingInterrupted(Exception):
@@ -3137,6 +3175,7 @@ class Run:
     drift_budget: DriftBudget | None = None
     new_tokens: NewTokenEmbeddings | None = None
     on_log: Any = None  # callable(values: dict, step: int)
+    pending_drift: list = field(default_factory=list)  # this optimizer step's (concepts, drift) per micro-batch
 
     def __post_init__(self):
         self.adapted = [self.models[name] for name in trained_components(self.family, self.args)]
@@ -3161,9 +3200,19 @@ def step_losses(run: Run, batch, step: int) -> dict:
     losses = training_step(batch, run.family, run.models, run.encode_prompts, config,
                            backward=run.accelerator.backward, cat_weights=cat_weights)
     if run.drift_budget is not None and run_cat:
-        run.drift_budget.update(run.accelerator.gather(batch["concepts"].to(run.accelerator.device)),
-                                run.accelerator.gather(losses["drift"]))
+        run.pending_drift.append((run.accelerator.gather(batch["concepts"].to(run.accelerator.device)),
+                                  run.accelerator.gather(losses["drift"])))
     return losses
+
+
+def update_drift_budget(run: Run) -> None:
+    """--cat_alpha auto: one dual step per optimizer step, on the drift of all its micro-batches (with
+    --gradient_accumulation_steps k, a step per micro-batch would move alpha k times as fast)."""
+    if run.drift_budget is None or not run.pending_drift:
+        return
+    concepts, drift = zip(*run.pending_drift)
+    run.drift_budget.update(torch.cat(concepts), torch.cat(drift))
+    run.pending_drift.clear()
 
 
 def optimizer_step(run: Run, step: int) -> None:
@@ -3241,6 +3290,7 @@ def train(run: Run, first_step: int) -> tuple[int, Path | None]:
                     optimizer_step(run, step + 1)
                 if not accelerator.sync_gradients:
                     continue
+                update_drift_budget(run)
                 step += 1
                 progress.update(1)
                 progress.set_postfix(log_step(run, step, losses))
@@ -3667,6 +3717,9 @@ def check_family_options(args: argparse.Namespace, family) -> None:
     if args.output_kohya_format and family.kohya_layout is None:
         raise InputError(f"--output_kohya_format: no kohya layout is defined for {family.label}; "
                          "pytorch_lora_weights.safetensors is diffusers' format (which clients read it: README, ComfyUI)")
+    if getattr(args, "tokenizer_max_length", None) is not None and family.long_tokenizer == family.tokenizers[0]:
+        raise InputError(f"--tokenizer_max_length: {family.label}'s prompts are cut at --max_sequence_length "
+                         f"({family.config.max_sequence_length}); set that instead")
 
 
 def check_prompts(family, triggers: list[str], instance_examples: list[Example], data_notes: dict) -> None:

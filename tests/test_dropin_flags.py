@@ -418,6 +418,73 @@ def test_tokenizer_flags(tiny_pipeline):
         tokenizer(tokenizer_max_length=100)
 
 
+@pytest.mark.parametrize("pipeline", ["tiny_qwenimage_pipeline", "tiny_zimage_pipeline", "tiny_flux2_klein_pipeline",
+                                      "tiny_flux2_pipeline"])
+def test_tokenizer_max_length_is_refused_where_max_sequence_length_cuts_the_prompt(pipeline, request):
+    """These families' only tokenizer reads --max_sequence_length tokens, which used to overwrite (or, FLUX.2 [dev],
+    ignore) --tokenizer_max_length silently."""
+    from argparse import Namespace
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=request.getfixturevalue(pipeline)))
+    args = T.parse_args(MINIMAL + ["--tokenizer_max_length", "16"])
+    with pytest.raises(T.InputError, match=r"^--tokenizer_max_length: .* --max_sequence_length \(\d+\); set that"):
+        T.check_family_options(args, family)
+    T.check_family_options(T.parse_args(MINIMAL), family)
+
+
+def test_tokenizer_name_reaches_flux2_devs_processor(tiny_flux2_pipeline, tmp_path):
+    from argparse import Namespace
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux2_pipeline))
+    processor = family.load_tokenizers()["tokenizer"]
+    processor.tokenizer.add_tokens(["<only-in-the-copy>"])
+    processor.save_pretrained(tmp_path / "processor")
+    for name, expected in ((None, False), (str(tmp_path / "processor"), True)):
+        family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux2_pipeline, tokenizer_name=name))
+        tokenizer = family.load_tokenizers()["tokenizer"].tokenizer
+        assert ("<only-in-the-copy>" in tokenizer.get_vocab()) == expected
+
+
+def test_caption_limit_counts_the_special_tokens_each_tokenizer_adds(tiny_flux_pipeline):
+    """CLIP wraps a caption in a start and an end token, T5 adds only its end token: Flux.1's T5 reads
+    --max_sequence_length - 1 caption tokens (it was taken for - 2), its CLIP 77 - 2."""
+    from argparse import Namespace
+
+    family = T.model_family(Namespace(pretrained_model_name_or_path=tiny_flux_pipeline, max_sequence_length=32))
+    tokenizers = family.load_tokenizers()
+    assert family.caption_token_limit("tokenizer") == tokenizers["tokenizer"].model_max_length - 2 == 75
+    t5 = tokenizers["tokenizer_2"]
+    assert family.caption_token_limit("tokenizer_2") == 31
+    words = " ".join(["teapot"] * 40)
+    ids = t5(words, add_special_tokens=False).input_ids[:31]
+    caption = t5.decode(ids)
+    assert len(t5(caption, max_length=32, truncation=True).input_ids) == 32  # 31 caption tokens + </s>: all read
+    assert t5(caption).input_ids[-1] == t5.eos_token_id and t5(caption).input_ids[0] != t5.eos_token_id
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr_scheduler", "cosin", "argument --lr_scheduler: invalid choice: 'cosin'"),
+    ("--report_to", "tensorbord", "argument --report_to: invalid choice: 'tensorbord'"),
+])
+def test_scheduler_and_tracker_typos_are_one_line_before_anything_loads(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        T.cli(MINIMAL + ["--output_dir", str(tmp_path / "out"), flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tracker_without_its_package_is_one_line(tmp_path):
+    from importlib.util import find_spec
+
+    missing = [name for name in T.TRACKERS if name not in ("all", "none") and find_spec(name) is None]
+    if not missing:
+        pytest.skip("every tracker package is installed here")
+    with pytest.raises(T.InputError, match=f"^--report_to {missing[0]} needs the {missing[0]} package"):
+        T.parse_args(MINIMAL + ["--output_dir", str(tmp_path / "out"), "--report_to", missing[0]])
+
+
 def test_validation_epochs_repeats_and_lora_dropout_in_a_run(tiny_pipeline, tmp_path, run_training):
     """1 image x --repeats 2 at batch 1: 2 steps per epoch. --validation_epochs 2 over 5 steps validates after
     epoch 1 (step 2) and the last step (5), not after epoch 2 (step 4); without the repeats it would be 1, 3, 5."""
@@ -436,6 +503,24 @@ def test_validation_epochs_repeats_and_lora_dropout_in_a_run(tiny_pipeline, tmp_
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-5.png"]
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as weights:
         assert json.loads(weights.metadata()["lora_adapter_metadata"])["unet.lora_dropout"] == 0.25
+
+
+def test_validation_samples_in_eval_mode_and_training_resumes_in_train_mode(tiny_pipeline, instance_dir, tmp_path,
+                                                                             run_training):
+    """With --lora_dropout the validation grid must be drawn without dropout: every U-Net call under no_grad
+    (--cat_alpha 0 has no frozen pass, so those are the validation's) runs in eval mode, every training call in
+    train mode, also after a validation in the middle of the run."""
+    import torch
+    from conftest import watch_forward
+    from diffusers import UNet2DConditionModel
+
+    calls = []
+    with watch_forward(UNet2DConditionModel, lambda unet: calls.append((torch.is_grad_enabled(), unet.training))):
+        run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--cat_alpha", "0", "--lora_dropout",
+                                "0.5", "--validation_prompt", "a sks teapot", "--validation_steps", "1",
+                                "--num_validation_images", "1", "--num_validation_inference_steps", "1", steps=2))
+    assert [grad for grad, _ in calls] == [True, False, False, True, False, False]  # step, 2 rows, step, 2 rows
+    assert all(training == grad for grad, training in calls), calls
 
 
 def test_readme_lists_every_flag_as_accepted_family_or_refused():
