@@ -1394,7 +1394,7 @@ class ModelFamily(ABC):
       trainable_text_encoders  what --train_text_encoder adapts, as diffusers' script; () refuses the flag
       embedding_file_keys      pivotal tuning (--train_text_encoder_ti): encoder -> key in the embeddings file
                                ({}: refused; the new tokens need CLIP-like encoders that read every prompt)
-      kohya_layout             key layout of --output_kohya_format (see kohya_state_dict), or None: refused
+      kohya_layout             a KohyaLayout for --output_kohya_format, or None: refused
       hub_tag                  the model card's family tag
     Methods: ``encode_prompts`` (prompts -> conditioning), ``predict`` (z_t, t, conditioning -> the objective's
     target) and ``lora_targets``; loading, latents and the noisy input have generic defaults to override.
@@ -1427,6 +1427,18 @@ class ModelFamily(ABC):
         unknown = set(cls.flags) - set(FAMILY_FLAGS)
         if unknown:
             raise TypeError(f"model family {cls.__name__}: flags {sorted(unknown)} are not in FAMILY_FLAGS")
+        layout = cls.kohya_layout
+        if layout is not None:
+            if not isinstance(layout, KohyaLayout):
+                raise TypeError(f"model family {cls.__name__}: kohya_layout must be a KohyaLayout or None, "
+                                f"not {layout!r}")
+            if layout.denoiser != cls.denoiser or not set(layout.text_encoders) <= set(cls.text_encoders):
+                raise TypeError(f"model family {cls.__name__}: its kohya layout names {sorted(layout.prefixes)}, "
+                                f"not its components ({cls.denoiser}, {', '.join(cls.text_encoders)})")
+            unnamed = set(cls.trainable_text_encoders) - set(layout.text_encoders)
+            if unnamed:
+                raise TypeError(f"model family {cls.__name__}: its kohya layout has no prefix for "
+                                f"{sorted(unnamed)}, which --train_text_encoder adapts")
 
     def __init__(self, config: FamilyConfig):
         family_defaults = {"max_sequence_length": self.default_max_sequence_length,
@@ -1593,6 +1605,81 @@ class ModelFamily(ABC):
         return self.objective.noisy_latents(latents, generators, noise_scheduler)
 
 
+# Export layouts: how --output_kohya_format names a family's LoRA layers ---------------------------------------
+
+
+class KohyaLayout(ABC):
+    """A kohya key layout (the names AUTOMATIC1111/Forge and ComfyUI read), declared by a family as its
+    ``kohya_layout``. ``kohya_state_dict`` writes any layout; a layout says only how names change.
+
+      name         its short name ("sd"), in the model card and messages
+      denoiser     the denoiser component, named ``lora_unet_`` (kohya calls Flux's transformer "unet" too)
+      prefixes     component -> kohya prefix, the denoiser's and each text encoder's
+    ``denoiser_layers`` renames the denoiser's LoRA layers (text encoders keep CLIP's ``text_model.`` paths).
+    A layout that leaves a name out fails when its class is defined.
+    """
+
+    REQUIRED = ("name", "denoiser", "prefixes")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.REQUIRED if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"kohya layout {cls.__name__} does not define {', '.join(missing)} (see KohyaLayout)")
+        if cls.prefixes.get(cls.denoiser) != "lora_unet":
+            raise TypeError(f"kohya layout {cls.__name__}: the denoiser {cls.denoiser!r} must be named lora_unet")
+        unknown = set(cls.prefixes) - {cls.denoiser, "text_encoder", "text_encoder_2"}
+        if unknown:  # the components diffusers' convert_state_dict_to_kohya names
+            raise TypeError(f"kohya layout {cls.__name__}: no kohya prefix for the components {sorted(unknown)}")
+
+    @property
+    def text_encoders(self) -> list[str]:
+        return [component for component in self.prefixes if component != self.denoiser]
+
+    @abstractmethod
+    def denoiser_layers(self, pairs: dict, denoiser_config) -> dict:
+        """``{diffusers layer path: (down, up)}`` of the denoiser -> ``{kohya layer path: (down, up)}``."""
+
+
+class SDKohyaLayout(KohyaLayout):
+    """kohya sd-scripts' SD 1.x/2.x names: lora_unet_<diffusers UNet path>, lora_te_text_model_<CLIP path>."""
+
+    name, denoiser, prefixes = "sd", "unet", {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+    def denoiser_layers(self, pairs: dict, denoiser_config) -> dict:
+        return dict(pairs)
+
+
+class SDXLKohyaLayout(KohyaLayout):
+    """kohya's SDXL names: lora_unet_<SGM/LDM UNet path>, lora_te1_text_model_..., lora_te2_text_model_..."""
+
+    name, denoiser = "sdxl", "unet"
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+    def denoiser_layers(self, pairs: dict, denoiser_config) -> dict:
+        layers_per_block = denoiser_config.get("layers_per_block", 2)
+        return {sgm_unet_layer(path, layers_per_block): pair for path, pair in pairs.items()}
+
+
+class FluxKohyaLayout(KohyaLayout):
+    """kohya's Flux.1 names: lora_unet_<Black Forest Labs path> with fused qkv/linear1, lora_te1_text_model_..."""
+
+    name, denoiser = "flux", "transformer"
+    prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+
+    def denoiser_layers(self, pairs: dict, denoiser_config) -> dict:
+        layers, fused = {}, {}
+        for path, pair in pairs.items():
+            name, part = flux_bfl_layer(path)
+            if part is None:
+                layers[name] = pair
+            else:
+                fused.setdefault(name, {})[part] = pair
+        for name, parts in fused.items():
+            layers[name] = fuse_lora_parts(parts, flux_fused_part_sizes(name, parts))
+        return layers
+
+
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x/2.x: one CLIP text encoder, a U-Net predicting the noise (or the velocity, SD 2.x 768)."""
 
@@ -1606,7 +1693,7 @@ class StableDiffusionFamily(ModelFamily):
     trainable_text_encoders = ("text_encoder",)
     # diffusers' advanced scripts and AUTOMATIC1111/ComfyUI read clip_l for SD's CLIP, clip_g for SDXL's second.
     embedding_file_keys = {"text_encoder": "clip_l"}
-    kohya_layout = "sd"
+    kohya_layout = SDKohyaLayout()
     hub_tag = "stable-diffusion"
     diffusers_lora_names = True
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
@@ -1637,7 +1724,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     flags = ("pretrained_vae_model_name_or_path",)
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     embedding_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-    kohya_layout = "sdxl"
+    kohya_layout = SDXLKohyaLayout()
     hub_tag = "stable-diffusion-xl"
     pipeline_kwargs = {"add_watermarker": False}
 
@@ -1735,7 +1822,7 @@ class FluxFamily(ModelFamily):
     # Pivotal tuning would give CLIP new rows while T5, which carries most of the conditioning, reads the new tokens
     # as unknown pieces: refused rather than half-done.
     embedding_file_keys = {}
-    kohya_layout = "flux"
+    kohya_layout = FluxKohyaLayout()
     hub_tag = "flux"
     loads_quantized = True
     default_max_sequence_length = 512
@@ -2071,16 +2158,10 @@ class Flux2Family(Flux2KleinFamily):
         return {"encoder_hidden_states": embeds}
 
 
-FAMILIES = {
-    "StableDiffusionPipeline": StableDiffusionFamily,
-    "StableDiffusionXLPipeline": StableDiffusionXLFamily,
-    "FluxPipeline": FluxFamily,
-    "StableDiffusion3Pipeline": StableDiffusion3Family,
-    "QwenImagePipeline": QwenImageFamily,
-    "ZImagePipeline": ZImageFamily,
-    "Flux2KleinPipeline": Flux2KleinFamily,
-    "Flux2Pipeline": Flux2Family,
-}
+# The families this script trains, keyed by the pipeline class that a base model's model_index.json names.
+FAMILIES = {family.pipeline_class.__name__: family for family in (
+    StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, StableDiffusion3Family, QwenImageFamily, ZImageFamily,
+    Flux2KleinFamily, Flux2Family)}
 
 
 def read_pipeline_class(source: str, revision: str | None = None) -> str:
@@ -2109,22 +2190,6 @@ def adapted_components(family, train_text_encoder: bool, train_denoiser: bool = 
     --train_transformer_frac 0), and the text encoders if asked."""
     return ([family.denoiser] if train_denoiser else []) + (list(family.trainable_text_encoders)
                                                              if train_text_encoder else [])
-
-
-def trains_denoiser(args: argparse.Namespace) -> bool:
-    """Whether the denoiser gets LoRA layers: not for textual inversion alone nor for CatVersion."""
-    return args.adapter == "lora" and args.train_transformer_frac > 0
-
-
-def trained_components(family, args: argparse.Namespace) -> list[str]:
-    """The components with trainable parameters: those with LoRA layers, with --train_text_encoder_ti the text
-    encoders whose embedding tables gain new rows, and with --adapter catversion the text encoder."""
-    names = adapted_components(family, args.train_text_encoder, trains_denoiser(args))
-    if args.train_text_encoder_ti:
-        names += [name for name in family.embedding_file_keys if name not in names]
-    if args.adapter == "catversion":
-        names += list(family.text_encoders)
-    return names
 
 
 class NewTokenEmbeddings:
@@ -2383,35 +2448,328 @@ def catversion_layers(model) -> list[CatVersionAttention]:
     return [m for m in getattr(model, "module", model).modules() if isinstance(m, CatVersionAttention)]
 
 
-class adapters_disabled:
-    """Context manager: run the wrapped models as the frozen base model (peft adapters bypassed, CatVersion
-    layers off).
+# ---------------------------------------------------------------------------------------------------------
+# Adapters: what a run trains on top of the frozen base (LoRA layers, pivotal tokens, CatVersion's tokens),
+# each kind one class behind the written Adapter interface; the loop, validation and save only call that.
+# ---------------------------------------------------------------------------------------------------------
 
-    With adapters disabled peft's LoRA layers call only their base layer, so the frozen pass computes no
-    low-rank branch at all; a CatVersion layer calls the original attention layer.
+
+class CardLines(NamedTuple):
+    """What an adapter adds to the model card: settings bullets, lines of the usage code, notes after it."""
+
+    settings: list = []
+    code: list = []
+    notes: list = []
+
+
+class Adapter(ABC):
+    """What a kind of adapter must define. ``make_adapters`` builds a run's adapters once, from the flags; ``main``,
+    the loop, validation and save call them through this interface and never ask which kind they hold. A kind that
+    leaves out a name of ``REQUIRED`` or an abstract method fails when its class statement runs.
+
+      name          the kind, in messages and the model card
+      components    (family) -> the pipeline components that carry its trainable parameters
+      attach        (family, models): add its trainable parameters (float32) to the loaded, frozen base models
+      save          (output_dir, accelerator, family, models, facts) -> the files written after training
+      card          (output_dir, family) -> CardLines
+      switches      (model) -> (off, on) pairs that turn this kind's layers in ``model`` off for the frozen pass and
+                    back on (class method: ``adapters_disabled`` asks every kind of every model)
+    Optional, with no-op defaults: ``check`` (family), ``prepare_examples`` (y_T as the text encoders read it),
+    ``schedule`` (the step count), ``checkpoint_state`` (objects accelerate saves with every checkpoint),
+    ``save_checkpoint``/``load_checkpoint`` (files of its own in a checkpoint folder), ``before_optimizer_step``/
+    ``after_optimizer_step`` and ``validation_prompts`` (the grid's two prompts, and whether its bottom row runs
+    with the adapter off). ``rare_trigger``: whether the trigger is a word the user picked (advice on rare words).
     """
 
+    REQUIRED = ("name",)
+    rare_trigger = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.REQUIRED if not hasattr(cls, name)]
+        missing += [name for name in ("components", "attach", "save", "card", "switches")
+                    if getattr(getattr(cls, name), "__isabstractmethod__", False)]
+        if missing:
+            raise TypeError(f"adapter kind {cls.__name__} does not define {', '.join(missing)} (see Adapter)")
+
+    @abstractmethod
+    def components(self, family) -> list[str]:
+        """The pipeline components that carry this adapter's trainable parameters."""
+
+    @abstractmethod
+    def attach(self, family, models: dict) -> None:
+        """Add the trainable parameters to the loaded base models."""
+
+    @abstractmethod
+    def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
+        """Write the trained adapter; ``facts``: base_model, class_words, cat_alpha, steps."""
+
+    @abstractmethod
+    def card(self, output_dir: Path, family) -> CardLines:
+        """The model card's lines about this adapter."""
+
+    @classmethod
+    @abstractmethod
+    def switches(cls, model) -> list[tuple]:
+        """(off, on) callables for this kind's layers in ``model`` (none: [])."""
+
+    def check(self, family) -> None:
+        pass
+
+    def prepare_examples(self, family, examples: list[Example], cat_alpha) -> list[Example]:
+        return examples
+
+    def schedule(self, max_train_steps: int) -> None:
+        pass
+
+    def checkpoint_state(self) -> list:
+        return []
+
+    def save_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        pass
+
+    def load_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        pass
+
+    def before_optimizer_step(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def validation_prompts(self, top: str, bottom: str, bottom_off: bool) -> tuple[str, str, bool]:
+        return top, bottom, bottom_off
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The LoRA layers' options (--rank, --lora_alpha, --lora_dropout, which components, kohya export)."""
+
+    rank: int = 4
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = False
+    train_denoiser: bool = True
+    output_kohya_format: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LoraOptions":
+        return cls(args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder,
+                   args.train_transformer_frac > 0, args.output_kohya_format)
+
+
+class LoraAdapter(Adapter):
+    """peft LoRA layers on the denoiser (and, with --train_text_encoder, the family's trainable text encoders),
+    saved as the pipeline's ``pytorch_lora_weights.safetensors`` (and kohya's layout where asked)."""
+
+    name = "LoRA"
+
+    def __init__(self, options: LoraOptions):
+        self.options = options
+
+    def components(self, family) -> list[str]:
+        return adapted_components(family, self.options.train_text_encoder, self.options.train_denoiser)
+
+    def attach(self, family, models: dict) -> None:
+        o = self.options
+        add_lora_adapters(family, models, o.rank, o.lora_alpha, o.train_text_encoder, o.lora_dropout,
+                          train_denoiser=o.train_denoiser)
+
+    @classmethod
+    def switches(cls, model) -> list[tuple]:
+        model = getattr(model, "module", model)  # under several processes: the DistributedDataParallel's model
+        if not getattr(model, "peft_config", None):
+            return []
+        return [(model.disable_adapters, model.enable_adapters)]
+
+    def save_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        if accelerator.is_main_process:
+            family.pipeline_class.save_lora_weights(folder, **self.state_dicts(accelerator, family, models))
+
+    def load_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        components = self.components(family)
+        load_lora_checkpoint(Path(folder), family, models, components)
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            cast_training_params([accelerator.unwrap_model(models[name]) for name in components])
+
+    def state_dicts(self, accelerator, family, models: dict) -> dict:
+        return lora_state_dicts(accelerator, family, models, self.options.train_text_encoder,
+                                self.options.train_denoiser)
+
+    def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
+        family.pipeline_class.save_lora_weights(output_dir, **self.state_dicts(accelerator, family, models))
+        written = [output_dir / "pytorch_lora_weights.safetensors"]
+        if self.options.output_kohya_format:
+            peft_states = peft_state_dicts(accelerator, family, models, self.options.train_text_encoder,
+                                           self.options.train_denoiser)
+            denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
+            written.append(save_kohya_weights(output_dir, peft_states, self.options.lora_alpha, family.kohya_layout,
+                                              denoiser_config))
+        return written
+
+    def card(self, output_dir: Path, family) -> CardLines:
+        o = self.options
+        return CardLines([f"- LoRA rank {o.rank}, alpha {o.lora_alpha}; text encoder trained: {o.train_text_encoder}"],
+                         ['pipe.load_lora_weights("path/to/this/folder")'])
+
+
+class PivotalTokens(Adapter):
+    """Pivotal tuning (--train_text_encoder_ti): new tokens per --token_abstraction with trainable embedding rows
+    (``NewTokenEmbeddings``), usually beside a LoRA. y_T is written with the new tokens; y holds none of them, so the
+    frozen pass needs nothing turned off (checked before training)."""
+
+    name = "pivotal tokens"
+    rare_trigger = False  # the abstractions are placeholders that the new tokens replace, not words training rebinds
+
+    def __init__(self, new_tokens: NewTokenEmbeddings, train_fraction: float):
+        self.new_tokens, self.train_fraction = new_tokens, train_fraction
+
+    def components(self, family) -> list[str]:
+        return list(family.embedding_file_keys)
+
+    def prepare_examples(self, family, examples: list[Example], cat_alpha) -> list[Example]:
+        self.new_tokens.add_to_tokenizers(family)
+        examples = pivotal_examples(self.new_tokens, examples)
+        if cat_alpha != 0:
+            check_no_new_tokens_in_y(family, self.new_tokens, examples)
+        return examples
+
+    def attach(self, family, models: dict) -> None:
+        # After the LoRA layers: peft freezes what it does not add, and the embedding tables must stay trainable.
+        self.new_tokens.add_to_text_encoders(family, models)
+        self.new_tokens.make_trainable()
+
+    @classmethod
+    def switches(cls, model) -> list[tuple]:
+        return []
+
+    def schedule(self, max_train_steps: int) -> None:
+        self.new_tokens.schedule(max_train_steps, self.train_fraction)
+
+    def checkpoint_state(self) -> list:
+        return [self.new_tokens]  # the new rows, saved and restored with every checkpoint
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.new_tokens.before_optimizer_step(step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.new_tokens.restore_base_rows()
+
+    def validation_prompts(self, top: str, bottom: str, bottom_off: bool) -> tuple[str, str, bool]:
+        return self.new_tokens.expand(top), bottom, bottom_off
+
+    def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
+        return save_embeddings(output_dir, family, self.new_tokens)
+
+    def card(self, output_dir: Path, family) -> CardLines:
+        new_tokens = self.new_tokens
+        diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
+        notes = ["", "Embeddings (pivotal tuning): `" + diffusers_name + ".safetensors` is diffusers' format (keys "
+                 + ", ".join(f"`{key}`" for key in family.embedding_file_keys.values()) + "), loaded as above; "
+                 "prompt with the new tokens in place of the abstraction, e.g. "
+                 + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in new_tokens.tokens.items()) + ".",
+                 "For AUTOMATIC1111 (`embeddings/`) and ComfyUI (`models/embeddings/`): copy "
+                 + ", ".join(f"`embeddings/{n}.safetensors`" for n in webui_names.values())
+                 + " and write its file name in the prompt (ComfyUI: `embedding:<name>`): "
+                 + ", ".join(f"`{a}` -> `{n}`" for a, n in webui_names.items()) + "."]
+        return CardLines([], embedding_card_lines(output_dir, family, new_tokens), notes)
+
+
+class CatVersionAdapter(Adapter):
+    """CatVersion (--adapter catversion): learned key/value tokens in the text encoder's last self-attention
+    layers (``CatVersion``). Its trigger is the class word, so every prompt changes: the validation grid's bottom
+    row is the same prompt with the adapter off."""
+
+    name = "CatVersion"
+    rare_trigger = False  # the trigger is the class word
+
+    def __init__(self, tokens: int, seed: int):
+        self.tokens, self.seed, self.catversion = tokens, seed, None
+
+    def check(self, family) -> None:
+        if not family.supports_catversion:
+            raise InputError(f"--adapter catversion is supported for SD 1.x/2.x only, not {family.label}: the paper "
+                             "defines and runs it on SD 1.5's single CLIP text encoder")
+
+    def components(self, family) -> list[str]:
+        return list(family.text_encoders)
+
+    def attach(self, family, models: dict) -> None:
+        self.catversion = CatVersion.attach(models[family.text_encoders[0]], self.tokens, seed=self.seed)
+
+    @classmethod
+    def switches(cls, model) -> list[tuple]:
+        def setter(layer, enabled):
+            return lambda: setattr(layer, "enabled", enabled)
+
+        return [(setter(layer, False), setter(layer, True)) for layer in catversion_layers(model)]
+
+    def checkpoint_state(self) -> list:
+        return [self.catversion]  # its learned tokens, saved and restored with every checkpoint
+
+    def validation_prompts(self, top: str, bottom: str, bottom_off: bool) -> tuple[str, str, bool]:
+        return top, top, True
+
+    def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
+        return self.catversion.save(output_dir, facts)
+
+    def card(self, output_dir: Path, family) -> CardLines:
+        return CardLines([f"- Adapter: CatVersion, {self.tokens} learned key/value token(s) in the text encoder's "
+                          f"last {CATVERSION_LAYERS} self-attention layers ({CATVERSION_WEIGHT_NAME})"],
+                         ["from train_cat_lora import load_catversion", "",
+                          'load_catversion(pipe.text_encoder, "path/to/this/folder")  # on; adapters_disabled(...) '
+                          "turns it off"])
+
+
+ADAPTER_KINDS = (LoraAdapter, PivotalTokens, CatVersionAdapter)
+
+
+def make_adapters(args: argparse.Namespace, family, seed: int) -> list[Adapter]:
+    """The run's adapters, from --adapter and --train_text_encoder_ti (the one place that reads them): CatVersion
+    alone, or LoRA layers, or pivotal tokens with or without LoRA layers (textual inversion alone:
+    --train_transformer_frac 0). LoRA comes first: peft freezes the parameters it does not add."""
+    if args.adapter == "catversion":
+        return [CatVersionAdapter(args.catversion_tokens, seed)]
+    adapters = []
+    lora = LoraAdapter(LoraOptions.from_args(args))
+    if lora.components(family):
+        adapters.append(lora)
+    if args.train_text_encoder_ti:
+        adapters.append(PivotalTokens(NewTokenEmbeddings(token_abstractions(args.token_abstraction),
+                                                         args.num_new_tokens_per_abstraction, seed),
+                                      args.train_text_encoder_ti_frac))
+    return adapters
+
+
+def trained_components(family, adapters: list[Adapter]) -> list[str]:
+    """The components with trainable parameters, each once, in the adapters' order."""
+    return list(dict.fromkeys(name for adapter in adapters for name in adapter.components(family)))
+
+
+class adapters_disabled:
+    """Context manager: run the given models as the frozen base model: every adapter kind's layers in them off
+    (peft's LoRA layers then call only their base layer, so the frozen pass computes no low-rank branch at all; a
+    CatVersion layer calls the original attention layer), and back on after."""
+
     def __init__(self, *models):
-        # Under several processes the models arrive wrapped (DistributedDataParallel): reach the peft model.
-        models = [getattr(model, "module", model) for model in models]
-        self.models = [model for model in models if getattr(model, "peft_config", None)]
-        self.catversion = [layer for model in models for layer in catversion_layers(model)]
+        self.switches = [switch for model in models for kind in ADAPTER_KINDS for switch in kind.switches(model)]
 
     def __enter__(self):
-        for model in self.models:
-            model.disable_adapters()
-        for layer in self.catversion:
-            layer.enabled = False
+        for off, _ in self.switches:
+            off()
 
     def __exit__(self, *exc):
-        for model in self.models:
-            model.enable_adapters()
-        for layer in self.catversion:
-            layer.enabled = True
+        for _, on in self.switches:
+            on()
 
 
 def has_adapters(model) -> bool:
-    return bool(getattr(getattr(model, "module", model), "peft_config", None)) or bool(catversion_layers(model))
+    return any(kind.switches(model) for kind in ADAPTER_KINDS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt conditioning (adapted and frozen) and the latent cache
+# ---------------------------------------------------------------------------------------------------------
 
 
 class PromptEncoder:
@@ -2780,25 +3138,19 @@ def load_lora_checkpoint(folder: Path, family, models: dict, components: list[st
                              f"({(unexpected or missing_lora or ['no weights for it'])[:3]})")
 
 
-def register_checkpoint_hooks(accelerator, family, models: dict, train_text_encoder: bool,
-                              train_denoiser: bool = True) -> None:
-    """Make ``accelerator.save_state``/``load_state`` store only the LoRA weights, not the whole base model (new
-    token rows are saved by NewTokenEmbeddings.state_dict)."""
-    components = adapted_components(family, train_text_encoder, train_denoiser)
+def register_checkpoint_hooks(accelerator, family, models: dict, adapters: list) -> None:
+    """Make ``accelerator.save_state``/``load_state`` store only what the adapters write (the LoRA weights), not the
+    whole base model (token rows and CatVersion's tokens travel as registered checkpoint objects)."""
 
     def save_hook(prepared, weights, output_dir):
-        if accelerator.is_main_process and components:
-            family.pipeline_class.save_lora_weights(
-                output_dir, **lora_state_dicts(accelerator, family, models, train_text_encoder, train_denoiser))
+        for adapter in adapters:
+            adapter.save_checkpoint(Path(output_dir), accelerator, family, models)
         weights.clear()  # accelerate would otherwise also save every full model
 
     def load_hook(prepared, input_dir):
         prepared.clear()
-        if not components:  # textual inversion alone: no LoRA layer
-            return
-        load_lora_checkpoint(Path(input_dir), family, models, components)
-        if accelerator.mixed_precision in ("fp16", "bf16"):
-            cast_training_params([accelerator.unwrap_model(models[name]) for name in components])
+        for adapter in adapters:
+            adapter.load_checkpoint(Path(input_dir), accelerator, family, models)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -3027,23 +3379,25 @@ def make_grid(rows: list[list]):
     return grid
 
 
-def validation_prompts(prompt: str, triggers: list[str]) -> tuple[str, str]:
-    """The validation prompt and its trigger-less twin (every trigger of every concept stripped)."""
-    without = prompt
+def validation_prompts(prompt: str, triggers: list[str], adapters: list | None = None) -> tuple[str, str, bool]:
+    """The validation grid's two prompts: the validation prompt and its trigger-less twin (every trigger of every
+    concept stripped), as the adapters change them (pivotal tokens in the top one; CatVersion: the same prompt
+    twice, the bottom row with the adapter off), and whether the bottom row runs with the adapters off."""
+    without, off = prompt, False
     for trigger in triggers:
         without = strip_trigger(without, trigger)
-    return prompt, without
+    for adapter in adapters or []:
+        prompt, without, off = adapter.validation_prompts(prompt, without, off)
+    return prompt, without, off
 
 
 def run_validation(run: "Run", step: int) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
-    accelerator, args, family, models, new_tokens = run.accelerator, run.args, run.family, run.models, run.new_tokens
+    accelerator, args, family, models = run.accelerator, run.args, run.family, run.models
     if not accelerator.is_main_process:
         return None
     triggers, weight_dtype, clip = run.triggers, run.weight_dtype, models.get("clip")
-    with_trigger, without_trigger = validation_prompts(args.validation_prompt, triggers)
-    if new_tokens is not None:
-        with_trigger = new_tokens.expand(with_trigger)
+    with_trigger, without_trigger, bottom_off = validation_prompts(args.validation_prompt, triggers, run.adapters)
     # Text encoders freed after --pre_compute_text_embeddings are absent: the pipeline reloads them.
     components = {name: accelerator.unwrap_model(models[name])
                   for name in (family.denoiser, "vae", *family.text_encoders) if name in models}
@@ -3053,7 +3407,7 @@ def run_validation(run: "Run", step: int) -> Path | None:
         pipeline.scheduler = family.validation_scheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     with evaluation_mode(*components.values()):  # no LoRA dropout in the pictures (nor in their KPS)
-        rows, without_trigger, catversion = validation_rows(run, pipeline, with_trigger, without_trigger)
+        rows = validation_rows(run, pipeline, with_trigger, without_trigger, bottom_off)
     if clip is not None:
         kps, clamped = knowledge_preservation_score(clip_image_embeddings(clip, rows[0]),
                                                     clip_image_embeddings(clip, rows[1]))
@@ -3073,27 +3427,23 @@ def run_validation(run: "Run", step: int) -> Path | None:
             tracker.log({"validation": wandb.Image(grid, caption=f"top: {with_trigger!r}; "
                                                                  f"bottom: {without_trigger!r}")}, step=step)
     logger.info(f"Validation grid (top: {with_trigger!r}, bottom: {without_trigger!r}"
-                + (" with the CatVersion adapter off" if catversion else "") + f"): {path}")
+                + (" with the adapter off" if bottom_off else "") + f"): {path}")
     del pipeline
     return path
 
 
-def validation_rows(run: "Run", pipeline, with_trigger: str, without_trigger: str) -> tuple[list, str, bool]:
-    """The two rows of the validation grid (same seeds), the bottom row's prompt and whether its adapter is off."""
-    args = run.args
-    rows = []
-    # A CatVersion adapter changes every prompt: its bottom row is the same prompt with the adapter off.
-    catversion = bool(catversion_layers(pipeline.text_encoder)) if hasattr(pipeline, "text_encoder") else False
-    if catversion:
-        without_trigger = with_trigger
-    for prompt, base in ((with_trigger, False), (without_trigger, catversion)):
+def validation_rows(run: "Run", pipeline, with_trigger: str, without_trigger: str, bottom_off: bool) -> list:
+    """The two rows of the validation grid, same seeds; the bottom one with every adapter off if ``bottom_off``."""
+    args, rows = run.args, []
+    components = [value for value in pipeline.components.values() if isinstance(value, torch.nn.Module)]
+    for prompt, off in ((with_trigger, False), (without_trigger, bottom_off)):
         generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
                       for i in range(args.num_validation_images)]
-        with torch.no_grad(), adapters_disabled(*(pipeline.text_encoder,) if base else ()):
+        with torch.no_grad(), adapters_disabled(*components if off else ()):
             rows.append(pipeline(prompt=[prompt] * args.num_validation_images, generator=generators,
                                  num_inference_steps=args.num_validation_inference_steps,
                                  height=args.resolution, width=args.resolution).images)
-    return rows, without_trigger, catversion
+    return rows
 
 
 class evaluation_mode:
@@ -3173,12 +3523,12 @@ class Run:
     triggers: list[str]
     weight_dtype: torch.dtype
     drift_budget: DriftBudget | None = None
-    new_tokens: NewTokenEmbeddings | None = None
+    adapters: list = field(default_factory=list)  # the Adapter objects make_adapters built
     on_log: Any = None  # callable(values: dict, step: int)
     pending_drift: list = field(default_factory=list)  # this optimizer step's (concepts, drift) per micro-batch
 
     def __post_init__(self):
-        self.adapted = [self.models[name] for name in trained_components(self.family, self.args)]
+        self.adapted = [self.models[name] for name in trained_components(self.family, self.adapters)]
         self.trainable = [p for model in self.adapted for p in model.parameters() if p.requires_grad]
         self.step_config = StepConfig.from_args(self.args, self.weight_dtype)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / self.args.gradient_accumulation_steps)
@@ -3217,14 +3567,15 @@ def update_drift_budget(run: Run) -> None:
 
 def optimizer_step(run: Run, step: int) -> None:
     """Clip, step the optimizer and the lr schedule, clear the gradients (each a no-op between accumulation
-    micro-batches, as accelerate makes them); pivotal tuning's schedule and base rows around it."""
-    if run.new_tokens is not None:
-        run.new_tokens.before_optimizer_step(step)
+    micro-batches, as accelerate makes them); the adapters' own work around it (pivotal tuning's schedule and
+    base rows)."""
+    for adapter in run.adapters:
+        adapter.before_optimizer_step(step)
     if run.accelerator.sync_gradients and run.args.max_grad_norm > 0:
         run.accelerator.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
     run.optimizer.step()
-    if run.new_tokens is not None:
-        run.new_tokens.restore_base_rows()
+    for adapter in run.adapters:
+        adapter.after_optimizer_step(step)
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -3305,14 +3656,11 @@ def train(run: Run, first_step: int) -> tuple[int, Path | None]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Kohya-format export: the key layouts AUTOMATIC1111/Forge and ComfyUI read. tests/client_key_maps.py rebuilds
-# ComfyUI's and AUTOMATIC1111's key maps from their source (commits cited there); the tests check every key
-# of these files against them.
-#   sd:   lora_unet_<diffusers UNet path>, lora_te_text_model_<CLIP path>       (kohya sd-scripts' SD 1.x/2.x names)
-#   sdxl: lora_unet_<SGM/LDM UNet path>, lora_te1_text_model_..., lora_te2_text_model_...   (kohya's SDXL names)
-#   flux: lora_unet_<Black Forest Labs path> with fused qkv/linear1, lora_te1_text_model_... (kohya's Flux names)
-# Each layer has .lora_down.weight, .lora_up.weight and .alpha; clients apply up @ down * alpha / rank.
-KOHYA_FAMILIES = ("sd", "sdxl", "flux")
+# Kohya-format export (--output_kohya_format): each family names its KohyaLayout (see "Export layouts" above the
+# families); the key tables and the naming below are what the layouts use. tests/client_key_maps.py rebuilds
+# ComfyUI's and AUTOMATIC1111's key maps from their source (commits cited there); the tests check every key of these
+# files against them. Each layer has .lora_down.weight, .lora_up.weight and .alpha; clients apply up @ down * alpha /
+# rank.
 
 # diffusers ResnetBlock2D layers -> SGM names (the part after input_blocks.N.0 / output_blocks.N.0 / middle_block.N).
 SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
@@ -3437,69 +3785,62 @@ def flux_fused_part_sizes(layer: str, parts: dict) -> list[int]:
     return [hidden] * 3 + [hidden * FLUX_MLP_RATIO]
 
 
-def kohya_state_dict(peft_states: dict, lora_alpha: float, family: str, unet_layers_per_block: int = 2) -> dict:
-    """The LoRA in the kohya key layout that AUTOMATIC1111/Forge and ComfyUI read for ``family``.
+def kohya_state_dict(peft_states: dict, lora_alpha: float, layout: "KohyaLayout", denoiser_config=None) -> dict:
+    """The LoRA in ``layout``'s kohya key names, which AUTOMATIC1111/Forge and ComfyUI read.
 
     ``peft_states`` maps a pipeline component (``unet``, ``text_encoder``, ``text_encoder_2``, ``transformer``)
     to its peft state dict; ``lora_alpha`` (the training ``--lora_alpha``) goes into every ``.alpha`` entry.
-    ``unet_layers_per_block`` is the UNet config's ``layers_per_block`` (SDXL: 2), used for SDXL's block numbers.
+    ``denoiser_config`` is the denoiser's config (SDXL's block numbers read its ``layers_per_block``).
     Layers come out as ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha``.
     """
-    if family not in KOHYA_FAMILIES:
-        raise ValueError(f"family must be one of {KOHYA_FAMILIES}, not {family!r}")
-    text_encoders = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}
-    denoiser = "transformer" if family == "flux" else "unet"
-    # Layers under the component prefixes convert_state_dict_to_kohya turns into lora_unet_/lora_te1_/lora_te2_;
-    # kohya also calls Flux's transformer "unet".
+    if not isinstance(layout, KohyaLayout):
+        raise ValueError(f"layout must be a KohyaLayout, not {layout!r}")
+    # convert_state_dict_to_kohya names the components it knows (unet -> lora_unet_, text_encoder -> lora_te1_,
+    # text_encoder_2 -> lora_te2_); the layout's own prefixes replace them after.
+    converter_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    renamed = {converter_prefix["unet" if component == layout.denoiser else component]: prefix + "_"
+               for component, prefix in layout.prefixes.items()}
     layers = {}
     for component, state in peft_states.items():
         pairs = lora_pairs(state)
-        if component in text_encoders[family]:
+        if component == layout.denoiser:
+            layers.update({f"unet.{name}": pair for name, pair in layout.denoiser_layers(pairs, denoiser_config or {})
+                           .items()})
+        elif component in layout.text_encoders:
             for path, pair in pairs.items():
                 # transformers 5 flattens CLIPTextModel (no "text_model."); every client's CLIP names have it.
                 layers[f"{component}.{path if path.startswith('text_model.') else 'text_model.' + path}"] = pair
-        elif component == denoiser == "unet":
-            for path, pair in pairs.items():
-                layers[f"unet.{path if family == 'sd' else sgm_unet_layer(path, unet_layers_per_block)}"] = pair
-        elif component == denoiser == "transformer":
-            fused = {}
-            for path, pair in pairs.items():
-                name, part = flux_bfl_layer(path)
-                if part is None:
-                    layers[f"unet.{name}"] = pair
-                else:
-                    fused.setdefault(name, {})[part] = pair
-            for name, parts in fused.items():
-                layers[f"unet.{name}"] = fuse_lora_parts(parts, flux_fused_part_sizes(name, parts))
         else:
-            raise ValueError(f"no kohya layout for the component {component!r} of family {family!r}")
+            raise ValueError(f"no kohya layout for the component {component!r} in {type(layout).__name__}")
     peft_named = {}
     for name, (down, up) in layers.items():
         peft_named[f"{name}.lora_A.weight"] = down
         peft_named[f"{name}.lora_B.weight"] = up
     result = {}
     for key, value in convert_state_dict_to_kohya(peft_named).items():
-        if family == "sd" and key.startswith("lora_te1_"):
-            key = "lora_te_" + key[len("lora_te1_"):]  # SD 1.x/2.x's single text encoder is lora_te_ to the clients
+        prefix = next(p for p in renamed if key.startswith(p))
+        key = renamed[prefix] + key[len(prefix):]
         if key.endswith(".alpha"):
             value = torch.tensor(float(lora_alpha))  # the converter writes the rank
         result[key] = value.contiguous()
     return result
 
 
-def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float, family: str = "sd",
-                       unet_layers_per_block: int = 2) -> Path:
+def save_kohya_weights(output_dir: Path, peft_states: dict, lora_alpha: float, layout: "KohyaLayout",
+                       denoiser_config=None) -> Path:
     """Write ``pytorch_lora_weights_kohya.safetensors``: ``kohya_state_dict`` for AUTOMATIC1111/Forge/ComfyUI."""
     path = Path(output_dir) / "pytorch_lora_weights_kohya.safetensors"
-    save_file(kohya_state_dict(peft_states, lora_alpha, family, unet_layers_per_block), path)
+    save_file(kohya_state_dict(peft_states, lora_alpha, layout, denoiser_config), path)
     return path
 
 
 def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], steps: int, grid: Path | None,
-                     new_tokens: NewTokenEmbeddings | None = None) -> Path:
-    """``README.md`` in the output folder: base model, triggers, CAT settings, steps and the last grid."""
-
+                     adapters: list | None = None) -> Path:
+    """``README.md`` in the output folder: base model, triggers, CAT settings, each adapter's lines, steps, the last
+    grid and how to load the result."""
     output_dir = Path(args.output_dir)
+    adapters = make_adapters(args, family, seed=0) if adapters is None else adapters
+    cards = [adapter.card(output_dir, family) for adapter in adapters]
     triggers = ", ".join(f"`{c.trigger_token}`" for c in concepts if c.trigger_token) or "none"
     lines = [
         f"# CAT-LoRA for {args.pretrained_model_name_or_path}",
@@ -3515,38 +3856,20 @@ def write_model_card(args: argparse.Namespace, family, concepts: list[Concept], 
         + f"; CAT prompt mode: `{args.cat_prompt}`"
         + (f" (class word `{args.cat_class_word}`)" if args.cat_prompt == "class" and args.cat_class_word else "")
         + (f"; swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else ""),
-        (f"- LoRA rank {args.rank}, alpha {args.lora_alpha}; text encoder trained: {args.train_text_encoder}"
-         if args.adapter == "lora" else f"- Adapter: CatVersion, {args.catversion_tokens} learned key/value token(s) "
-         f"in the text encoder's last {CATVERSION_LAYERS} self-attention layers ({CATVERSION_WEIGHT_NAME})"),
+        *(line for card in cards for line in card.settings),
         f"- Steps: {steps}; learning rate {args.learning_rate}; batch size {args.train_batch_size}; "
         f"resolution {args.resolution}; prior preservation: {args.with_prior_preservation}",
     ]
     if grid is not None:
         relative = grid.relative_to(output_dir).as_posix()
-        bottom = "the adapter off" if args.adapter == "catversion" else "without"
+        bottom = "the adapter off" if validation_prompts("", [], adapters)[2] else "without"
         lines += ["", f"Last validation (top: with the trigger, bottom: {bottom}, same seeds):",
                   "", f"![validation]({relative})"]
     pipeline = family.pipeline_class.__name__
     lines += ["", "```python", f"from diffusers import {pipeline}", "",
               f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")']
-    if adapted_components(family, args.train_text_encoder, trains_denoiser(args)):
-        lines += ['pipe.load_lora_weights("path/to/this/folder")']
-    if new_tokens is not None:
-        lines += embedding_card_lines(output_dir, family, new_tokens)
-    if args.adapter == "catversion":  # train_cat_lora.py must be importable (it is one file)
-        lines += ["from train_cat_lora import load_catversion", "",
-                  'load_catversion(pipe.text_encoder, "path/to/this/folder")  # on; adapters_disabled(...) turns it off']
-    lines += ["```"]
-    if new_tokens is not None:
-        diffusers_name, webui_names = embedding_file_names(output_dir, list(new_tokens.tokens))
-        lines += ["", "Embeddings (pivotal tuning): `" + diffusers_name + ".safetensors` is diffusers' format (keys "
-                  + ", ".join(f"`{key}`" for key in family.embedding_file_keys.values()) + "), loaded as above; "
-                  "prompt with the new tokens in place of the abstraction, e.g. "
-                  + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in new_tokens.tokens.items()) + ".",
-                  "For AUTOMATIC1111 (`embeddings/`) and ComfyUI (`models/embeddings/`): copy "
-                  + ", ".join(f"`embeddings/{n}.safetensors`" for n in webui_names.values())
-                  + " and write its file name in the prompt (ComfyUI: `embedding:<name>`): "
-                  + ", ".join(f"`{a}` -> `{n}`" for a, n in webui_names.items()) + "."]
+    lines += [line for card in cards for line in card.code] + ["```"]
+    lines += [line for card in cards for line in card.notes]
     card = load_or_create_model_card(
         repo_id_or_path=args.hub_model_id or output_dir.name, from_training=True, license="creativeml-openrail-m",
         base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt or args.validation_prompt,
@@ -3608,29 +3931,14 @@ def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbedding
     return lines
 
 
-def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid,
-                       new_tokens: NewTokenEmbeddings | None = None, catversion: CatVersion | None = None
-                       ) -> list[Path]:
+def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid, adapters: list) -> list[Path]:
+    """Each adapter's files, then the model card."""
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    train_denoiser = trains_denoiser(args)
-    if adapted_components(family, args.train_text_encoder, train_denoiser):  # none with textual inversion alone
-        family.pipeline_class.save_lora_weights(
-            output_dir, **lora_state_dicts(accelerator, family, models, args.train_text_encoder, train_denoiser))
-        written.append(output_dir / "pytorch_lora_weights.safetensors")
-        if args.output_kohya_format:
-            peft_states = peft_state_dicts(accelerator, family, models, args.train_text_encoder, train_denoiser)
-            denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
-            written.append(save_kohya_weights(output_dir, peft_states, args.lora_alpha, family.kohya_layout,
-                                              denoiser_config.get("layers_per_block", 2)))
-    if new_tokens is not None:
-        written += save_embeddings(output_dir, family, new_tokens)
-    if catversion is not None:
-        written += catversion.save(output_dir, {
-            "base_model": args.pretrained_model_name_or_path, "class_words": [c.trigger_token for c in concepts],
-            "cat_alpha": args.cat_alpha, "steps": steps})
-    written.append(write_model_card(args, family, concepts, steps, grid, new_tokens))
+    facts = {"base_model": args.pretrained_model_name_or_path, "class_words": [c.trigger_token for c in concepts],
+             "cat_alpha": args.cat_alpha, "steps": steps}
+    written = [path for adapter in adapters for path in adapter.save(output_dir, accelerator, family, models, facts)]
+    written.append(write_model_card(args, family, concepts, steps, grid, adapters))
     return written
 
 
@@ -3647,6 +3955,8 @@ def check_inputs(args: argparse.Namespace):
     warn_about_lora_alpha(args, family)
     concepts = load_concepts(args)
     check_family_options(args, family)
+    for adapter in make_adapters(args, family, seed=0):  # what the adapter kind cannot do on this family
+        adapter.check(family)
     if args.train_text_encoder_ti:
         abstractions = [a.lower() for a in token_abstractions(args.token_abstraction)]
         for concept in concepts:
@@ -3705,9 +4015,6 @@ def warn_about_lora_alpha(args: argparse.Namespace, family) -> None:
 def check_family_options(args: argparse.Namespace, family) -> None:
     """What a family does not offer, refused in one line before anything loads."""
     # (getattr: callers may ask about the other flags with a partial Namespace, tests/conftest.py's offered())
-    if getattr(args, "adapter", "lora") == "catversion" and not family.supports_catversion:
-        raise InputError(f"--adapter catversion is supported for SD 1.x/2.x only, not {family.label}: the paper "
-                         "defines and runs it on SD 1.5's single CLIP text encoder")
     if args.train_text_encoder and not family.trainable_text_encoders:
         raise InputError(f"--train_text_encoder is not supported for {family.label}: diffusers' script for it trains "
                          "no text encoder")
@@ -3738,10 +4045,10 @@ def check_prompts(family, triggers: list[str], instance_examples: list[Example],
         logger.warning(line)
 
 
-def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
-                   new_tokens: NewTokenEmbeddings | None = None) -> dict:
-    """Step 3: the frozen base model in ``weight_dtype`` (a quantized Flux base only moves) with trainable float32
-    LoRA adapters attached (and, for pivotal tuning, the new token rows)."""
+def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype, adapters: list | None = None) -> dict:
+    """Step 3: the frozen base model in ``weight_dtype`` (a quantized base only moves) with the adapters' trainable
+    parameters attached in float32 (LoRA layers, new token rows, CatVersion's tokens)."""
+    adapters = make_adapters(args, family, args.seed or 0) if adapters is None else adapters
     models = family.load_models(weight_dtype)
     for name, model in models.items():
         if name == "noise_scheduler":
@@ -3750,31 +4057,17 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype,
             model.to(accelerator.device)
         else:
             model.to(accelerator.device, dtype=family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype)
-    if new_tokens is not None:
-        new_tokens.add_to_text_encoders(family, models)
-    lora = adapted_components(family, args.train_text_encoder, trains_denoiser(args))
-    if lora:
-        add_lora_adapters(family, models, args.rank, args.lora_alpha, args.train_text_encoder, args.lora_dropout,
-                          train_denoiser=family.denoiser in lora)
-    if new_tokens is not None:
-        new_tokens.make_trainable()
+    for adapter in adapters:
+        adapter.attach(family, models)
     if args.enable_xformers_memory_efficient_attention:
         models[family.denoiser].enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         models[family.denoiser].enable_gradient_checkpointing()
-        for name in lora:
-            if name != family.denoiser:
-                models[name].gradient_checkpointing_enable()
+        for name in family.trainable_text_encoders if args.train_text_encoder else ():
+            models[name].gradient_checkpointing_enable()
     if weight_dtype != torch.float32:
-        cast_training_params([models[name] for name in trained_components(family, args)], dtype=torch.float32)
+        cast_training_params([models[name] for name in trained_components(family, adapters)], dtype=torch.float32)
     return models
-
-
-def attach_catversion(args: argparse.Namespace, family, models: dict, seed: int) -> CatVersion | None:
-    """Step 3b, --adapter catversion: the learned key/value tokens in the frozen text encoder (float32)."""
-    if args.adapter != "catversion":
-        return None
-    return CatVersion.attach(models[family.text_encoders[0]], args.catversion_tokens, seed=seed)
 
 
 def make_dataloader(args: argparse.Namespace, family, models: dict, instance_examples, class_examples, seed: int):
@@ -3808,14 +4101,15 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
     return dataloader, sampler, cached_prompts
 
 
-def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, models: dict, num_batches: int):
-    """Step 5: AdamW (or 8-bit AdamW) over the LoRA parameters and the lr schedule; returns the step count too."""
+def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, models: dict, num_batches: int,
+                                adapters: list):
+    """Step 5: AdamW (or 8-bit AdamW) over the adapters' parameters and the lr schedule; returns the step count too."""
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     # The new token rows (pivotal tuning) train with the text encoder's learning rate, as in diffusers.
     trainable = {name: [p for p in models[name].parameters() if p.requires_grad]
-                 for name in trained_components(family, args)}
+                 for name in trained_components(family, adapters)}
     text_encoder_parameters = [p for name, params in trainable.items() if name != family.denoiser for p in params]
     optimizer = make_optimizer(args, optimizer_parameter_groups(args, trainable.get(family.denoiser, []),
                                                                 text_encoder_parameters, learning_rate), learning_rate,
@@ -3845,21 +4139,13 @@ def main(argv=None, on_log=None) -> list[Path]:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator)
-    new_tokens = None
-    if args.train_text_encoder_ti:
-        new_tokens = NewTokenEmbeddings(token_abstractions(args.token_abstraction),
-                                        args.num_new_tokens_per_abstraction, seed)
-        new_tokens.add_to_tokenizers(family)
-        instance_examples = pivotal_examples(new_tokens, instance_examples)
-        if args.cat_alpha != 0:
-            check_no_new_tokens_in_y(family, new_tokens, instance_examples)
-    # The abstractions are not words whose meaning training overwrites, and CatVersion's trigger is the class word:
-    # no rare-trigger advice for them.
-    check_prompts(family, [] if new_tokens or args.adapter == "catversion" else triggers, instance_examples,
-                  data_notes)
+    adapters = make_adapters(args, family, seed)
+    for adapter in adapters:
+        instance_examples = adapter.prepare_examples(family, instance_examples, args.cat_alpha)
+    rare_triggers = all(adapter.rare_trigger for adapter in adapters)
+    check_prompts(family, triggers if rare_triggers else [], instance_examples, data_notes)
 
-    models = prepare_models(args, family, accelerator, weight_dtype, new_tokens)
-    catversion = attach_catversion(args, family, models, seed)
+    models = prepare_models(args, family, accelerator, weight_dtype, adapters)
     class_examples = []
     if args.with_prior_preservation:
         class_examples = prepare_class_examples(args, family, accelerator, weight_dtype)
@@ -3868,22 +4154,20 @@ def main(argv=None, on_log=None) -> list[Path]:
     dataloader, sampler, cached_prompts = make_dataloader(args, family, models, instance_examples, class_examples,
                                                           seed)
     optimizer, lr_scheduler, max_train_steps = make_optimizer_and_schedule(args, family, accelerator, models,
-                                                                           len(dataloader))
-    if new_tokens is not None:
-        new_tokens.schedule(max_train_steps, args.train_text_encoder_ti_frac)
+                                                                           len(dataloader), adapters)
+    for adapter in adapters:
+        adapter.schedule(max_train_steps)
 
     # Step 6: wrap for the processes, resume, train.
-    to_prepare = trained_components(family, args)
+    to_prepare = trained_components(family, adapters)
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *(models[name] for name in to_prepare), optimizer, dataloader, lr_scheduler)
     models.update(zip(to_prepare, prepared))
     # Prompts go through the prepared (possibly DDP-wrapped) text encoders, or the cache.
     encode_prompts = cached_prompts or PromptEncoder(family, {name: models[name] for name in family.text_encoders})
-    register_checkpoint_hooks(accelerator, family, models, args.train_text_encoder, trains_denoiser(args))
-    if new_tokens is not None:
-        accelerator.register_for_checkpointing(new_tokens)  # the new rows, saved and restored with every checkpoint
-    if catversion is not None:
-        accelerator.register_for_checkpointing(catversion)  # its learned tokens, likewise
+    register_checkpoint_hooks(accelerator, family, models, adapters)
+    for state in (state for adapter in adapters for state in adapter.checkpoint_state()):
+        accelerator.register_for_checkpointing(state)  # saved and restored with every checkpoint
     drift_budget = None
     if args.cat_alpha == "auto":
         drift_budget = DriftBudget(len(concepts), args.cat_drift_budget, args.cat_dual_lr)
@@ -3901,7 +4185,7 @@ def main(argv=None, on_log=None) -> list[Path]:
         models["clip"] = load_clip(args.validation_clip_model, args.validation_clip_pretrained, accelerator.device,
                                    CLIP_FLAGS)
     run = Run(accelerator, args, family, models, encode_prompts, dataloader, sampler, optimizer, lr_scheduler,
-              max_train_steps, triggers, weight_dtype, drift_budget, new_tokens, on_log)
+              max_train_steps, triggers, weight_dtype, drift_budget, adapters, on_log)
     try:
         steps, grid = train(run, first_step)
     except (TrainingInterrupted, SaveFailed):
@@ -3912,8 +4196,7 @@ def main(argv=None, on_log=None) -> list[Path]:
     accelerator.wait_for_everyone()
     written = []
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, new_tokens,
-                                     catversion)
+        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, adapters)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:

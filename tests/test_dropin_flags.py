@@ -217,13 +217,6 @@ def readme_command(script: str) -> list[str]:
 def test_readme_first_lora_command_parses_with_the_trigger_added(script, monkeypatch):
     argv = readme_command(script) + ["--trigger_token", "sks"]
     assert "--validation_epochs=50" in argv or script != "train_dreambooth_lora"
-    if "--optimizer=prodigy" in argv:  # Flux's command: prodigy is optional here
-        if importlib.util.find_spec("prodigyopt") is None:
-            with pytest.raises(T.InputError, match=r"^--optimizer prodigy needs the prodigyopt package"):
-                T.parse_args(argv)
-        fake = types.ModuleType("prodigyopt")  # stands in for the installed package
-        fake.__spec__ = importlib.machinery.ModuleSpec("prodigyopt", None)
-        monkeypatch.setitem(sys.modules, "prodigyopt", fake)
     refused = [word.split("=")[0] for word in argv if word.split("=")[0] in REFUSED]
     if refused:  # FLUX.2's commands ask for float8 training (and [dev]'s for a remote text encoder)
         with pytest.raises(T.InputError, match=f"^{refused[0]} is not supported: "):
@@ -231,6 +224,15 @@ def test_readme_first_lora_command_parses_with_the_trigger_added(script, monkeyp
         argv = [word for word in argv if word.split("=")[0] not in REFUSED]
     assert refused == {"train_dreambooth_lora_flux2": ["--do_fp8_training", "--remote_text_encoder"],
                        "train_dreambooth_lora_flux2_klein": ["--do_fp8_training"]}.get(script, [])
+    for flag, package in (("--report_to=wandb", "wandb"), ("--optimizer=prodigy", "prodigyopt")):
+        if flag not in argv or importlib.util.find_spec(package) is not None:
+            continue
+        # As in diffusers' script, the command needs the package; here it says so in one line before anything loads.
+        with pytest.raises(T.InputError, match=rf"^{flag.replace('=', ' ')} needs the {package} package"):
+            T.parse_args(argv)
+        fake = types.ModuleType(package)  # stands in for the installed package
+        fake.__spec__ = importlib.machinery.ModuleSpec(package, None)
+        monkeypatch.setitem(sys.modules, package, fake)
     args = T.parse_args(argv)
     assert args.trigger_token == "sks" and args.validation_prompt == "A photo of sks dog in a bucket"
     if script == "train_dreambooth_lora":

@@ -25,9 +25,31 @@ def test_every_family_fills_the_interface(family):
     assert set(family.trainable_text_encoders) <= set(family.text_encoders)
     assert set(family.embedding_file_keys) <= set(family.text_encoders)
     assert set(family.flags) <= set(T.FAMILY_FLAGS)
-    assert family.kohya_layout is None or family.kohya_layout in T.KOHYA_FAMILIES
+    assert family.kohya_layout is None or isinstance(family.kohya_layout, T.KohyaLayout)
     assert issubclass(family.objective_class, T.NoiseObjective)
     assert family.hub_tag and family.label
+
+
+def test_a_kohya_layout_is_checked_when_its_family_is_defined():
+    """A typo or a layout of another family's components fails at import, not after training."""
+    with pytest.raises(TypeError, match="kohya_layout must be a KohyaLayout or None, not 'sdxl'"):
+        class NamedByString(T.StableDiffusionXLFamily):  # noqa: F841
+            kohya_layout = "sdxl"
+
+    with pytest.raises(TypeError, match="its kohya layout names .* not its components"):
+        class TransformerWithUNetNames(T.FluxFamily):  # noqa: F841
+            kohya_layout = T.SDKohyaLayout()
+
+    with pytest.raises(TypeError, match=r"no prefix for \['text_encoder_2'\], which --train_text_encoder adapts"):
+        class SecondEncoderUnnamed(T.StableDiffusionXLFamily):  # noqa: F841
+            kohya_layout = T.SDKohyaLayout()
+
+    with pytest.raises(TypeError, match="does not define prefixes"):
+        class NoPrefixes(T.KohyaLayout):  # noqa: F841
+            name, denoiser = "new", "unet"
+
+            def denoiser_layers(self, pairs, denoiser_config):
+                return pairs
 
 
 def test_labels_and_hub_tags_are_unique():

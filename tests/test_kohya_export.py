@@ -32,6 +32,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import client_key_maps as clients
 import train_cat_lora as T
 
+# Each family's own layout, by its short name (the layouts are declared by the families).
+LAYOUTS = {family.kohya_layout.name: family.kohya_layout for family in T.FAMILIES.values() if family.kohya_layout}
+
 RANK, ALPHA = 4, 8.0
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -174,7 +177,7 @@ def assert_comfy_reads(kohya: dict, key_map: dict, expected: dict) -> None:
 
 def test_sd_kohya_file_is_read_whole_by_comfyui_with_peft_weight_changes():
     _, adapted, states = sd_models()
-    kohya = T.kohya_state_dict(states, ALPHA, "sd")
+    kohya = T.kohya_state_dict(states, ALPHA, LAYOUTS["sd"])
     unet_config = clients.comfy_unet_config(adapted["unet"].config)
     key_map = {**clients.comfy_unet_key_map(unet_config), **clients.comfy_clip_key_map({"clip_l": 2})}
     expected = {clients.comfy_unet_weight(unet_config, layer): change
@@ -201,7 +204,7 @@ def test_comfyui_check_rejects_the_text_encoder_names_of_issue_11():
 
 def test_sdxl_kohya_file_uses_sgm_unet_names_and_is_read_whole_by_comfyui():
     _, adapted, states = sdxl_models()
-    kohya = T.kohya_state_dict(states, ALPHA, "sdxl", unet_layers_per_block=2)
+    kohya = T.kohya_state_dict(states, ALPHA, LAYOUTS["sdxl"], {"layers_per_block": 2})
     unet_config = clients.comfy_unet_config(adapted["unet"].config)
     key_map = {**clients.comfy_unet_key_map(unet_config),
                **clients.comfy_clip_key_map({"clip_l": 2, "clip_g": 2})}
@@ -221,7 +224,7 @@ def test_sdxl_kohya_file_uses_sgm_unet_names_and_is_read_whole_by_comfyui():
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_sd_and_sdxl_kohya_files_match_automatic1111_layers(family):
     _, adapted, states = sd_models() if family == "sd" else sdxl_models()
-    kohya = T.kohya_state_dict(states, ALPHA, family, unet_layers_per_block=2)
+    kohya = T.kohya_state_dict(states, ALPHA, LAYOUTS[family], {"layers_per_block": 2})
     unet_config = clients.comfy_unet_config(adapted["unet"].config)
     names = clients.a1111_layer_names(unet_config, clip_layers=2, family=family)
     expected = {"diffusion_model_" + clients.underscored(clients.comfy_unet_weight(unet_config, layer)[
@@ -260,7 +263,7 @@ def test_sgm_names_match_comfyui_for_every_layer_of_the_real_unets(config):
 @pytest.mark.parametrize("targets", [FLUX_DEFAULT_TARGETS, FLUX_ALL_TARGETS], ids=["diffusers-default", "all"])
 def test_flux_kohya_file_uses_bfl_names_and_is_read_whole_by_comfyui(targets):
     _, adapted, states = flux_models(targets)
-    kohya = T.kohya_state_dict(states, ALPHA, "flux")
+    kohya = T.kohya_state_dict(states, ALPHA, LAYOUTS["flux"])
     transformer = adapted["transformer"]
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     mapping = clients.comfy_flux_to_diffusers(transformer.config.num_layers, transformer.config.num_single_layers,
@@ -332,13 +335,13 @@ def test_sd3_diffusers_file_is_read_whole_by_comfyui(tmp_path, alpha):
 
 def test_kohya_state_dict_rejects_what_it_cannot_name():
     _, _, states = sd_models()
-    with pytest.raises(ValueError, match="family"):
-        T.kohya_state_dict(states, ALPHA, "sd3")
+    with pytest.raises(ValueError, match="must be a KohyaLayout"):
+        T.kohya_state_dict(states, ALPHA, "sd")  # a layout's name is not a layout
     with pytest.raises(ValueError, match="text_encoder_2"):
-        T.kohya_state_dict({"text_encoder_2": states["text_encoder"]}, ALPHA, "sd")
+        T.kohya_state_dict({"text_encoder_2": states["text_encoder"]}, ALPHA, LAYOUTS["sd"])
     with pytest.raises(ValueError, match="conv_in"):
         T.kohya_state_dict({"unet": {"conv_in.lora_A.weight": torch.zeros(1), "conv_in.lora_B.weight":
-                                     torch.zeros(1)}}, ALPHA, "sdxl")
+                                     torch.zeros(1)}}, ALPHA, LAYOUTS["sdxl"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,9 +422,9 @@ def test_diffusers_and_kohya_files_load_in_diffusers_like_the_peft_model(tmp_pat
         tmp_path, **{f"{name}_lora_layers": convert(state) for name, state in states.items()},
         **_collate_lora_metadata(adapted))
     layers_per_block = base["unet"].config.layers_per_block if "unet" in base else 2
-    T.save_kohya_weights(tmp_path, states, ALPHA, family, unet_layers_per_block=layers_per_block)
+    T.save_kohya_weights(tmp_path, states, ALPHA, LAYOUTS[family], {"layers_per_block": layers_per_block})
     assert set(load_file(tmp_path / "pytorch_lora_weights_kohya.safetensors")) == set(
-        T.kohya_state_dict(states, ALPHA, family, layers_per_block))
+        T.kohya_state_dict(states, ALPHA, LAYOUTS[family], {"layers_per_block": layers_per_block}))
     before, expected = outputs(base), outputs(adapted)
     for part in expected:  # every component's LoRA visibly changes its output
         assert (expected[part] - before[part]).abs().max() > 1e-2, part

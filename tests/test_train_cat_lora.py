@@ -372,14 +372,14 @@ def test_saved_weights_load_in_diffusers_and_the_kohya_file_in_comfyui(family_pi
     assert abs(with_lora - base).max() > 1e-3
     for output, base_output in zip(encoder_outputs(), base_outputs):  # the text-encoder LoRA layers loaded too
         assert not torch.allclose(output, base_output)
-    if family.kohya_layout in ("flux", None):
+    if family.kohya_layout is None or family.kohya_layout.name == "flux":
         return  # the Flux kohya layout is checked against ComfyUI's rules in test_kohya_export.py
     # The kohya file: ComfyUI reads every key (issue 11: it dropped the text-encoder half; test_kohya_export.py
     # checks more), and diffusers loads it with the same effect.
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
     assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
     clip_slots = {"clip_l": pipe.text_encoder.config.num_hidden_layers}
-    if family.kohya_layout == "sdxl":
+    if family.kohya_layout.name == "sdxl":
         clip_slots["clip_g"] = pipe.text_encoder_2.config.num_hidden_layers
     key_map = {**comfy_unet_key_map(comfy_unet_config(pipe.unet.config)), **comfy_clip_key_map(clip_slots)}
     changes, not_loaded = comfy_load(kohya, key_map)
