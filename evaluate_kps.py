@@ -203,7 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--trigger_token", required=True, help="the trigger word, e.g. sks (required)")
 
     gen = parser.add_argument_group("generation (generate mode)")
-    gen.add_argument("--pretrained_model_name_or_path", help="base model: a diffusers Stable Diffusion 1.x/2.x, SDXL or Flux.1 pipeline (hub id or folder)")
+    gen.add_argument("--pretrained_model_name_or_path", help="base model: a diffusers pipeline of a family train_cat_lora.py trains (hub id or folder)")
     gen.add_argument("--revision", default=None)
     gen.add_argument("--variant", default=None)
     gen.add_argument(

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 # Copyright 2026 The CAT-LoRA authors. Licensed under the Apache License, Version 2.0.
-"""Train a LoRA on Stable Diffusion 1.x/2.x, SDXL or Flux.1 with Contrastive Adapter Training (CAT).
+"""Train a LoRA with Contrastive Adapter Training (CAT) on Stable Diffusion 1.x/2.x, SDXL, Flux.1, SD3/3.5,
+Qwen-Image, Z-Image or FLUX.2 [klein]/[dev].
 
 CAT (Park et al., "Contrastive Adapter Training for Personalized Image Generation", arXiv 2404.07554,
 §2.2 Eq. 3) adds one term to the usual LoRA objective:
@@ -13,8 +14,10 @@ latents and timesteps. The second term keeps the adapter from changing what the 
 do not name the subject, so the subject is bound to its trigger instead of leaking into the class.
 
 The script follows diffusers' ``train_dreambooth_lora.py``: same flag names where the meaning is the same,
-run as ``accelerate launch train_cat_lora.py ...`` (plain ``python`` works too). It reads top to bottom in
-the order the data flows: arguments -> trigger handling -> data -> models -> loss -> training loop -> save.
+run as ``accelerate launch train_cat_lora.py ...`` (plain ``python`` works too; ``pip install .`` also gives the
+``train-cat-lora`` command). It reads top to bottom in the order the data flows: arguments -> trigger handling ->
+data -> models (one class per family) -> adapters (one class per kind) -> prompt conditioning -> loss -> training
+state -> validation -> training loop -> save -> main.
 """
 
 import argparse
@@ -201,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
-                       help="Hub id or local folder of a diffusers Stable Diffusion 1.x/2.x, SDXL or Flux.1 "
-                            "pipeline (the family is read from its model_index.json).")
+                       help="Hub id or local folder of a diffusers pipeline of a family this script trains (SD 1.x/2.x, "
+                            "SDXL, Flux.1, SD3/3.5, Qwen-Image, Z-Image, FLUX.2 [klein]/[dev]; read from its "
+                            "model_index.json).")
     model.add_argument("--revision", default=None, help="Revision of the pretrained model on the hub.")
     model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
     model.add_argument("--tokenizer_name", default=None,
@@ -2185,6 +2189,13 @@ def model_family(args: argparse.Namespace):
     return FAMILIES[pipeline_class](config)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 5. Adapters: what a run trains on the frozen base. The pieces (LoRA layers through peft, pivotal tuning's new
+#    token rows, CatVersion's learned key/value tokens), then the written Adapter interface that the loop, validation
+#    and save call without knowing the kind.
+# ---------------------------------------------------------------------------------------------------------
+
+
 def adapted_components(family, train_text_encoder: bool, train_denoiser: bool = True) -> list[str]:
     """The pipeline components that carry trainable LoRA layers: the denoiser (unless textual inversion alone,
     --train_transformer_frac 0), and the text encoders if asked."""
@@ -2306,9 +2317,7 @@ def add_lora_adapters(family, models: dict, rank: int, lora_alpha: float, train_
                                                  **where))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# CatVersion (Zhao et al., arXiv 2311.14631): the concept as learned key/value tokens in the text encoder
-# ---------------------------------------------------------------------------------------------------------
+# CatVersion (Zhao et al., arXiv 2311.14631): the concept as learned key/value tokens in the text encoder -------
 
 CATVERSION_WEIGHT_NAME = "catversion.safetensors"
 CATVERSION_CONFIG_NAME = "catversion_config.json"
@@ -2448,10 +2457,7 @@ def catversion_layers(model) -> list[CatVersionAttention]:
     return [m for m in getattr(model, "module", model).modules() if isinstance(m, CatVersionAttention)]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Adapters: what a run trains on top of the frozen base (LoRA layers, pivotal tokens, CatVersion's tokens),
-# each kind one class behind the written Adapter interface; the loop, validation and save only call that.
-# ---------------------------------------------------------------------------------------------------------
+# The Adapter interface: each kind one class; the loop, validation and save call only the interface ----------
 
 
 class CardLines(NamedTuple):
@@ -2768,7 +2774,7 @@ def has_adapters(model) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompt conditioning (adapted and frozen) and the latent cache
+# 6. Prompt conditioning (adapted and frozen) and the latent cache
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -2830,7 +2836,7 @@ def encode_latent_cache(family, vae, examples: list[Example], resolution: int, b
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Loss
+# 7. Loss
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -2983,7 +2989,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Training loop: accelerator, optimizer, checkpoints, validation
+# 8. Training state: the accelerator, the optimizer, the drift budget (--cat_alpha auto), checkpoints
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -3227,8 +3233,9 @@ def resume_checkpoint(accelerator, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Validation metric: the Knowledge Preservation Score (paper §3, Eqs. 8-11). evaluate_kps.py imports these
-# functions from here, so the training-time number and the evaluation script's can never drift apart.
+# 9. Validation: the validation prompt drawn with and without its trigger, and the grid's Knowledge Preservation
+#    Score (paper §3, Eqs. 8-11). evaluate_kps.py imports the metric's functions from here, so the training-time
+#    number and the evaluation script's can never drift apart.
 # ---------------------------------------------------------------------------------------------------------
 
 CLAMP_MIN = 1e-6
@@ -3462,6 +3469,11 @@ class evaluation_mode:
             model.train(mode)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 10. Training loop: the Run state built once in main, then optimizer step after optimizer step
+# ---------------------------------------------------------------------------------------------------------
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived: the run stopped after a complete optimizer step and saved a checkpoint."""
 
@@ -3652,7 +3664,7 @@ def train(run: Run, first_step: int) -> tuple[int, Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 7. Save
+# 11. Save: each adapter's files, the kohya export, the model card
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -3943,7 +3955,7 @@ def save_final_weights(accelerator, args, family, models: dict, concepts, steps,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# main: the steps above in order
+# 12. main: the steps above in order
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -4125,6 +4137,35 @@ def make_optimizer_and_schedule(args: argparse.Namespace, family, accelerator, m
     return optimizer, lr_scheduler, max_train_steps
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early, with the folder's name, when the output folder cannot be created or written."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {existing} is not a folder")
+    try:  # os.access says yes to root even on a read-only file system: really try
+
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    # Trackers (tensorboard's hparams) accept only scalars and strings.
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in vars(args).items()}
+
+
+def push_to_hub(args: argparse.Namespace) -> None:
+
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                          token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="CAT-LoRA training",
+                  ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*"], token=args.hub_token)
+
+
 def main(argv=None, on_log=None) -> list[Path]:
     """Train; return the files written. Raises ``InputError`` for bad input, before writing anything.
     ``on_log(values, step)``, if given, receives every step's logged values."""
@@ -4203,35 +4244,6 @@ def main(argv=None, on_log=None) -> list[Path]:
             print(f"wrote {path}")
     accelerator.end_training()
     return written
-
-
-def check_output_dir(output_dir: Path) -> None:
-    """Fail early, with the folder's name, when the output folder cannot be created or written."""
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"--output_dir {output_dir}: {existing} is not a folder")
-    try:  # os.access says yes to root even on a read-only file system: really try
-
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
-
-
-def tracker_config(args: argparse.Namespace) -> dict:
-    # Trackers (tensorboard's hparams) accept only scalars and strings.
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for key, value in vars(args).items()}
-
-
-def push_to_hub(args: argparse.Namespace) -> None:
-
-    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                          token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="CAT-LoRA training",
-                  ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*"], token=args.hub_token)
 
 
 def cli(argv=None) -> int:

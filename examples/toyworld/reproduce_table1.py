@@ -98,8 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--catversion_steps", type=int, default=200,
-                        help="steps of the catversion methods (at the authors' lr 1e-2 they bind in fewer steps than "
-                             "LoRA at 1.5e-3; see README.md)")
+                        help="steps of the catversion methods, at the authors' lr 1e-2 (CatVersion binds weakly in "
+                             "the toy world: the subject in 26%% of its adapted class prompts in results/table1.md)")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="also train text-encoder LoRA layers (the toy text encoder barely registers a trigger it "
                              "never saw; see README.md)")
