@@ -62,7 +62,8 @@ def test_concepts_list_strips_each_samples_own_trigger(tmp_path, tiny_pipeline, 
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "`sks`, `zwx`" in card
-    assert T.validation_prompts("sks and zwx on a table", ["sks", "zwx"]) == ("sks and zwx on a table", "and on a table")
+    assert T.validation_prompts("sks and zwx on a table", ["sks", "zwx"]) == (
+        "sks and zwx on a table", "and on a table", False)  # (top, bottom, bottom row with the adapters off)
 
 
 def test_datasets_source_with_caption_column(tmp_path):
