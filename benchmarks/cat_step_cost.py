@@ -111,14 +111,9 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, T5Config
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import train_cat_lora as T  # noqa: E402
-from flux_memory_budget import FLUX_DEV  # noqa: E402
-from tiny_pipeline import (  # noqa: E402
+import train_cat_lora as T
+from flux_memory_budget import FLUX_DEV
+from tiny_pipeline import (
     BUILDERS,
     build_clip_tokenizer,
     build_mistral_processor,
@@ -128,6 +123,8 @@ from tiny_pipeline import (  # noqa: E402
     build_tiny_pipeline,
     build_tiny_sdxl_pipeline,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY_MODEL = ROOT / "examples" / "toyworld" / "models" / "toy-sd"
 

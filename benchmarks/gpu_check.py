@@ -72,9 +72,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "benchmarks", ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 GIB = 2**30
 CARD_BYTES = 24 * GIB  # the card the README's recipes are sized for

@@ -16,12 +16,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import cat_step_cost as B  # noqa: E402
-import gpu_check as G  # noqa: E402
-
-import train_cat_lora as T  # noqa: E402
+import cat_step_cost as B
+import gpu_check as G
+import train_cat_lora as T
 
 GIB = 2**30
 
@@ -318,3 +315,4 @@ def test_device_cuda_runs_the_any_device_tests_and_skips_the_others(tmp_path):
                             text=True, cwd=ROOT, env=env)
     assert others.returncode == 0 and " passed" not in others.stdout
     assert "skipped" in others.stdout and "written for the CPU: run it with --device cpu" in others.stdout
+

@@ -4,18 +4,16 @@ training path, the judge's confusion measure, and the 20-concept set."""
 import argparse
 import filecmp
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, draw_subject, sequence_length
 
-TOYWORLD = ROOT / "examples" / "toyworld"
-sys.path.insert(0, str(TOYWORLD))
+import make_concepts
+import multiconcept
 
-import make_concepts  # noqa: E402
-import multiconcept  # noqa: E402
+TOYWORLD = ROOT / "examples" / "toyworld"
 
 
 def test_three_concepts_train_in_one_adapter_and_each_y_strips_only_its_own_trigger(tmp_path, tiny_pipeline,
