@@ -707,6 +707,17 @@ MODELS = {
     **{name: ModelChoice(lambda scratch, name=name: write_spec_pipeline(SPECS[name], scratch / name), True)
        for name in SPECS},
 }
+# Real architectures of MODELS measured at other than their VAE's native resolution (Qwen-Image's VAE config names
+# none): the resolutions their families train at. Here, beside MODELS, because gpu_check and meta_cost both read
+# them and meta_cost must not import gpu_check (which imports meta_cost).
+RESOLUTIONS = {"flux-dev": (512, 1024), "sd35-medium": (1024,), "sd35-large": (1024,), "qwen-image": (1024,),
+               "z-image": (1024,), "flux2-klein-4b": (1024,), "flux2-dev": (1024,)}
+
+
+def native_resolution(path: str) -> int:
+    """The sample size of the pipeline folder's VAE config (512 where it names none)."""
+    vae_config = Path(path) / "vae" / "config.json"
+    return json.loads(vae_config.read_text()).get("sample_size", 512) if vae_config.is_file() else 512
 
 
 def resolve_model(model: str, scratch: Path) -> tuple[str, bool]:
