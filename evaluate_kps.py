@@ -1199,9 +1199,10 @@ def main(argv=None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """The command (``python evaluate_kps.py`` and the installed ``evaluate-kps``)."""
     try:
-        main()
+        main(argv)
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -1211,3 +1212,7 @@ if __name__ == "__main__":
         # exception", SIGABRT) and failing the whole launch.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

@@ -111,14 +111,9 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, T5Config
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import train_cat_lora as T  # noqa: E402
-from flux_memory_budget import FLUX_DEV  # noqa: E402
-from tiny_pipeline import (  # noqa: E402
+import train_cat_lora as T
+from flux_memory_budget import FLUX_DEV
+from tiny_pipeline import (
     BUILDERS,
     build_clip_tokenizer,
     build_mistral_processor,
@@ -128,6 +123,8 @@ from tiny_pipeline import (  # noqa: E402
     build_tiny_pipeline,
     build_tiny_sdxl_pipeline,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY_MODEL = ROOT / "examples" / "toyworld" / "models" / "toy-sd"
 
@@ -710,6 +707,17 @@ MODELS = {
     **{name: ModelChoice(lambda scratch, name=name: write_spec_pipeline(SPECS[name], scratch / name), True)
        for name in SPECS},
 }
+# Real architectures of MODELS measured at other than their VAE's native resolution (Qwen-Image's VAE config names
+# none): the resolutions their families train at. Here, beside MODELS, because gpu_check and meta_cost both read
+# them and meta_cost must not import gpu_check (which imports meta_cost).
+RESOLUTIONS = {"flux-dev": (512, 1024), "sd35-medium": (1024,), "sd35-large": (1024,), "qwen-image": (1024,),
+               "z-image": (1024,), "flux2-klein-4b": (1024,), "flux2-dev": (1024,)}
+
+
+def native_resolution(path: str) -> int:
+    """The sample size of the pipeline folder's VAE config (512 where it names none)."""
+    vae_config = Path(path) / "vae" / "config.json"
+    return json.loads(vae_config.read_text()).get("sample_size", 512) if vae_config.is_file() else 512
 
 
 def resolve_model(model: str, scratch: Path) -> tuple[str, bool]:

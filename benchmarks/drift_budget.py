@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import evaluate_kps
+import train_cat_lora as T
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import evaluate_kps  # noqa: E402
-import train_cat_lora as T  # noqa: E402
 
 TOY = ROOT / "examples" / "toyworld"
 CLASS_PROMPTS = ["a photo of circle", "a photo of a circle", "a red circle", "a circle on a black background"]

@@ -20,7 +20,6 @@ repository root (about 10-20 s per training on 2 CPU cores):
 
 import argparse
 import json
-import sys
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -28,14 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import evaluate_kps
+import train_cat_lora as T
+from tiny_pipeline import BUILDERS, tiny_sequence_length
 
-import evaluate_kps  # noqa: E402
-import train_cat_lora as T  # noqa: E402
-from tiny_pipeline import BUILDERS, tiny_sequence_length  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGES = ROOT / "examples" / "sks_teapot"
 PROMPTS = ["a photo of teapot", "a teapot"]  # y: the training caption without its trigger, and a shorter one

@@ -26,18 +26,16 @@ import argparse
 import json
 import multiprocessing
 import resource
-import sys
 
 import torch
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
 
+from train_cat_lora import FLUX_TRANSFORMER_TARGETS  # the script's default Flux LoRA targets
+
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=[16, 56, 56])
-# The script's default Flux LoRA targets (train_cat_lora.FLUX_TRANSFORMER_TARGETS).
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from train_cat_lora import FLUX_TRANSFORMER_TARGETS  # noqa: E402
 
 GIB = 2**30
 # Forked children start with the parent's imports done (a fresh interpreter would pay them once per run); the

@@ -17,8 +17,9 @@ The work, in order of value (``--dry_run`` prints it with an estimated time per 
 3. Per real architecture of ``cat_step_cost.MODELS`` (built from its published configs with random weights: nothing
    downloads; speed and memory do not depend on the weights), whose family is in ``train_cat_lora.FAMILIES`` (a
    family added there with a config in ``MODELS`` joins the plan; one without is listed as not measured): bf16
-   (frozen base bf16, LoRA float32 under autocast), batch 1, at the VAE's native resolution or ``RESOLUTIONS``'
-   (Flux.1-dev at 512 and 1024; SD3.5, Qwen-Image, Z-Image and FLUX.2 at 1024), gradient checkpointing in the
+   (frozen base bf16, LoRA float32 under autocast), batch 1, at the VAE's native resolution or
+   ``cat_step_cost.RESOLUTIONS``' (Flux.1-dev at 512 and 1024; SD3.5, Qwen-Image, Z-Image and FLUX.2 at 1024),
+   gradient checkpointing in the
    setting a 24 GB card needs first (on at 1024 px and for a quantized base), then the other, prompts of the
    family's default length. A family that ``loads_quantized`` (Flux.1, Qwen-Image, Z-Image, FLUX.2) runs the
    README's 24 GB recipe: the base transformer NF4 through diffusers' quantized loader, as train_cat_lora.py loads
@@ -72,19 +73,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "benchmarks", ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 GIB = 2**30
 CARD_BYTES = 24 * GIB  # the card the README's recipes are sized for
 CONFIGS = ("lora", "cat-lean", "cat-batched")
 CAT_EVERY = (2, 4)
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-# Real architectures measured at other than their VAE's native resolution (Qwen-Image's VAE config names none): the
-# resolutions their families train at.
-RESOLUTIONS = {"flux-dev": (512, 1024), "sd35-medium": (1024,), "sd35-large": (1024,), "qwen-image": (1024,),
-               "z-image": (1024,), "flux2-klein-4b": (1024,), "flux2-dev": (1024,)}
 QUANTIZED_RANK = 16  # the README's Flux.1 24 GB recipe
 SMOKE_RESOLUTION = 32
 ROUNDS = {"cuda": (1, 3), "cpu": (1, 2)}  # (warm-up, timed) rounds per item
@@ -248,9 +242,8 @@ def model_items(B, T, name: str, path: str, family, smoke: bool, device: str, as
                 ) -> list[Item]:
     """The items of one model: its resolutions x gradient checkpointing (the 24 GB card's setting first)."""
     quantized = bool(getattr(family, "loads_quantized", False))
-    vae_config = Path(path) / "vae" / "config.json"
-    native = json.loads(vae_config.read_text()).get("sample_size", 512) if vae_config.is_file() else 512
-    resolutions = (SMOKE_RESOLUTION,) if smoke else RESOLUTIONS.get(name, (native,))
+    native = B.native_resolution(path)
+    resolutions = (SMOKE_RESOLUTION,) if smoke else B.RESOLUTIONS.get(name, (native,))
     first = quantized or native >= 1024
     script = T.build_parser()
     # Prompt tokens of the long text encoder: the tiny pipelines' on the CPU; else train_cat_lora.py's default, the

@@ -19,4 +19,6 @@ if ! "$python" -c "$needs" 2>/dev/null; then
   source "$root/examples/venv.sh"
   python=python
 fi
+# The clone's modules (as examples/venv.sh sets them), also when the active Python is used.
+export PYTHONPATH="$root:$root/examples${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" "$root/benchmarks/gpu_check.py" "$@"

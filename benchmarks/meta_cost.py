@@ -55,11 +55,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "benchmarks", ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
 META = torch.device("meta")
 ATEN = torch.ops.aten
 CONFIGS = ("lora", "cat-lean", "cat-batched")
@@ -247,15 +242,11 @@ def on_meta(family) -> None:
 
 
 def usual_resolution(name: str, path: str) -> int:
-    """The resolution a family trains at: gpu_check's largest for the model, else its VAE's native size."""
-    import json
+    """The resolution a family trains at: the largest of cat_step_cost.RESOLUTIONS (gpu_check's) for the model, else
+    its VAE's native size."""
+    import cat_step_cost as B
 
-    from gpu_check import RESOLUTIONS
-
-    if name in RESOLUTIONS:
-        return max(RESOLUTIONS[name])
-    vae_config = Path(path) / "vae" / "config.json"
-    return json.loads(vae_config.read_text()).get("sample_size", 512) if vae_config.is_file() else 512
+    return max(B.RESOLUTIONS.get(name, (B.native_resolution(path),)))
 
 
 def measure_model(name: str, scratch: Path, configs=CONFIGS, resolution: int | None = None, rank: int | None = None,

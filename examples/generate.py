@@ -9,11 +9,9 @@ The last row is what CAT protects: it should look like the first one, not like y
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_cat_lora import make_grid, strip_trigger  # noqa: E402
+from train_cat_lora import make_grid, strip_trigger
 
 
 def main(argv=None) -> Path:

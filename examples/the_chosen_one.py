@@ -34,13 +34,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_cat_lora  # noqa: E402
-from evaluate_kps import (  # noqa: E402
+import train_cat_lora
+from evaluate_kps import (
     LORA_WEIGHT_NAME, AdapterFiles, dino_embeddings, load_adapter, load_dino, load_pipeline, unload_adapter,
 )
-from train_cat_lora import (  # noqa: E402
+from train_cat_lora import (
     InputError, OneLineErrorParser, check_output_dir, clip_image_embeddings, contains_trigger, load_clip, make_grid,
     model_family, replace_trigger, resolve_clip_choice, strip_trigger,
 )

@@ -16,5 +16,9 @@ if [ ! -f "$CAT_LORA_VENV/.complete" ]; then
     touch "$CAT_LORA_VENV/.complete" || { echo "error: installing requirements.txt failed" >&2; return 1 2>/dev/null || exit 1; }
 fi
 export PATH="$CAT_LORA_VENV/bin:$PATH"
+# The clone's own modules for `python benchmarks/x.py` and `python examples/...`: train_cat_lora and evaluate_kps
+# (root) and tiny_pipeline (examples). A path, not `pip install -e .`: the virtualenv is shared by every clone with
+# the same requirements.txt, and an editable install would point all of them at whichever clone installed last.
+export PYTHONPATH="$_root:$_root/examples${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_DISABLE_TELEMETRY=1
 unset _root _key

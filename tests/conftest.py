@@ -1,7 +1,6 @@
 """Shared fixtures: tiny offline SD, SDXL and Flux.1 pipelines, example images, and an in-process training runner."""
 
 import os
-import sys
 from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,9 +8,6 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "examples"))  # tiny_pipeline: tiny pipelines shared with the benchmarks and examples
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

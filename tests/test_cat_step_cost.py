@@ -7,15 +7,12 @@ SD 1.5 and SDXL architectures are built on the meta device (no memory, no forwar
 
 import gc
 import statistics
-import sys
 
 import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import cat_step_cost as B  # noqa: E402
+import cat_step_cost as B
 
 FLOAT32, FLOAT64 = 4, 8
 

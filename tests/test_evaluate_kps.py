@@ -21,8 +21,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import evaluate_kps as ek
 import train_cat_lora as T  # noqa: E402
@@ -875,7 +873,6 @@ def test_clip_i_masked_is_the_pairwise_mean_over_masked_images_embedded_by_hand(
 def test_border_segmenter_finds_the_subject_the_toy_world_painted():
     """Every shape x color x background x size of the toy world and every personal concept, painted at random places:
     the segmented pixels against the painter's own (at least half covered by the shape)."""
-    sys.path.insert(0, str(REPO / "examples" / "toyworld"))
     import make_concepts
     import world
     from PIL import Image
@@ -907,7 +904,6 @@ def test_border_segmenter_finds_the_subject_the_toy_world_painted():
 def test_masked_clip_i_helper_with_the_border_segmenter_is_the_scripts_column(tmp_path, tiny_clip):
     """The function other scripts call gives the column of --segmenter border; a generated image in which the
     segmenter finds nothing is scored (as a gray image) and counted."""
-    sys.path.insert(0, str(REPO / "examples" / "toyworld"))
     import world
     from PIL import Image
 

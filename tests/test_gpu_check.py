@@ -16,12 +16,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import cat_step_cost as B  # noqa: E402
-import gpu_check as G  # noqa: E402
-
-import train_cat_lora as T  # noqa: E402
+import cat_step_cost as B
+import gpu_check as G
+import train_cat_lora as T
 
 GIB = 2**30
 
@@ -318,3 +315,28 @@ def test_device_cuda_runs_the_any_device_tests_and_skips_the_others(tmp_path):
                             text=True, cwd=ROOT, env=env)
     assert others.returncode == 0 and " passed" not in others.stdout
     assert "skipped" in others.stdout and "written for the CPU: run it with --device cpu" in others.stdout
+
+
+def test_the_benchmarks_import_one_another_one_way():
+    """No import circle among benchmarks/*.py (gpu_check and meta_cost once imported each other): a circle breaks
+    whichever of its modules is imported first, as soon as one of them reads a name of the other at import time."""
+    import ast
+
+    folder = ROOT / "benchmarks"
+    modules = {path.stem: path for path in folder.glob("*.py")}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        imports[name] = found & set(modules) - {name}
+    assert imports["gpu_check"] >= {"meta_cost", "cat_step_cost"}  # what the check below walks through
+
+    def reaches(start: str, seen: tuple = ()) -> set:
+        return {start}.union(*(reaches(n, seen + (start,)) for n in imports[start] if n not in seen + (start,)))
+
+    circles = sorted(name for name in modules if any(name in reaches(n) for n in imports[name]))
+    assert circles == [], f"modules on an import circle: {circles} ({ {n: sorted(imports[n]) for n in circles} })"

@@ -4,18 +4,16 @@ training path, the judge's confusion measure, and the 20-concept set."""
 import argparse
 import filecmp
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, draw_subject, sequence_length
 
-TOYWORLD = ROOT / "examples" / "toyworld"
-sys.path.insert(0, str(TOYWORLD))
+import make_concepts
+import multiconcept
 
-import make_concepts  # noqa: E402
-import multiconcept  # noqa: E402
+TOYWORLD = ROOT / "examples" / "toyworld"
 
 
 def test_three_concepts_train_in_one_adapter_and_each_y_strips_only_its_own_trigger(tmp_path, tiny_pipeline,
@@ -129,7 +127,15 @@ def test_swap_term_is_the_adapted_prediction_under_another_trigger_against_the_f
     losses, grads = step(0.5)
     cat_losses, cat_grads = step(0.0)
     assert losses["swap"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
-    assert losses["cat"] == cat_losses["cat"] and losses["diffusion"] == cat_losses["diffusion"]
+    # The diffusion pass is the same computation in both steps (same rows, shapes and kernels): bit-equal. The CAT
+    # term's adapted pass on y is not: lean mode runs y and y_swap as one 4-row batch, and without the swap term y
+    # alone in a 2-row batch. The CPU's matrix kernels block by the row count, so the rows' sums are taken in
+    # another order: the first layer (the time embedding's Linear, inputs bit-equal) already differs by 1 ulp, and
+    # the UNet carries that to ~6 ulps of its prediction (1.4e-6 at |eps| <= 1.35) and 1.0e-6 of this loss
+    # (measured, x86-64, one thread). Bounded by Cauchy-Schwarz: |dL| / L <= 2 max|d eps| / rms(eps_lora - eps_frozen)
+    # = 2 * 1.4e-6 / 0.022 = 1.3e-4; 2e-4 sits above it and far below what the wrong rows or conditioning change.
+    assert losses["diffusion"] == cat_losses["diffusion"]
+    assert losses["cat"].item() == pytest.approx(cat_losses["cat"].item(), rel=2e-4)
     assert losses["loss"].item() == pytest.approx(cat_losses["loss"].item() + 0.5 * by_hand.item(), rel=1e-5)
     for name in lora:
         torch.testing.assert_close(grads[name], cat_grads[name] + swap_grads[name], rtol=1e-4, atol=1e-7)

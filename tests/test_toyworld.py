@@ -4,17 +4,15 @@ Runs on a CPU in well under a minute, offline: the pipeline and the evaluation C
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
-sys.path.insert(0, str(TOYWORLD))
+import world
 
-import world  # noqa: E402
+TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
 
 PIPELINE_DIR = TOYWORLD / "models" / "toy-sd"
 CLIP_DIR = TOYWORLD / "models" / "toy-clip"
@@ -73,7 +71,6 @@ def test_patterned_images_for_the_vae_decoder_are_two_toned_and_never_a_concept(
 
 
 def test_concepts_have_single_token_triggers_and_images(tmp_path):
-    sys.path.insert(0, str(TOYWORLD.parent))
     from tiny_pipeline import build_clip_tokenizer
     from PIL import Image
 

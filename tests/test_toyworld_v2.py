@@ -7,17 +7,15 @@ judge's offsets, pretrain.py's one training loop, the trigger measure itself) ar
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
-sys.path.insert(0, str(TOYWORLD))
+import world
 
-import world  # noqa: E402
+TOYWORLD = Path(__file__).resolve().parent.parent / "examples" / "toyworld"
 
 PIPELINE_DIR = TOYWORLD / "models" / "toy-sd"
 CLIP_DIR = TOYWORLD / "models" / "toy-clip"

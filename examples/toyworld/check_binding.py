@@ -16,20 +16,18 @@ Writes binding.json (per concept: subject rates, cosines), binding_grid.png, and
 
 import argparse
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from measure_quality import concept_captions, generate, load_concept_images, load_pipeline
+from reproduce_table1 import METHODS, run, select_concepts, train_command
+from reproduce_table1 import parse_args as table1_args
+from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, shows_subject, to_clip_input
 
-from measure_quality import concept_captions, generate, load_concept_images, load_pipeline  # noqa: E402
-from reproduce_table1 import METHODS, run, select_concepts, train_command  # noqa: E402
-from reproduce_table1 import parse_args as table1_args  # noqa: E402
-from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, shows_subject, to_clip_input  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):

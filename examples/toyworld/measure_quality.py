@@ -10,7 +10,6 @@ real world images, and can write a sample grid PNG.
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import world
+from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, to_clip_input, zero_shot
 
-import world  # noqa: E402
-from toy_clip import DEFAULT_CLIP_DIR, load_toy_clip, to_clip_input, zero_shot  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 DEFAULT_PIPELINE_DIR = HERE / "models" / "toy-sd"
 DEFAULT_CONCEPTS_JSON = HERE / "concepts" / "concepts.json"

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import re
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from reproduce_table1 import ROOT, evaluate, mean_std, start_worker, train_command, train_in_worker
+from reproduce_table1 import parse_args as table1_args
+from toy_clip import load_toy_clip, to_clip_input
 
-from reproduce_table1 import ROOT, evaluate, mean_std, start_worker, train_command, train_in_worker  # noqa: E402
-from reproduce_table1 import parse_args as table1_args  # noqa: E402
-from toy_clip import load_toy_clip, to_clip_input  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 METHODS = {
     "lora": ["--cat_alpha", "0"],

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,12 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))  # examples/: tiny_pipeline
+import world
+from toy_clip import negative_mass, raise_embedding_offsets, zero_shot
 
-import world  # noqa: E402
-from toy_clip import negative_mass, raise_embedding_offsets, zero_shot  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 RESOLUTION = 32
 # The words the unet stage's word-recognition term looks for (--word_loss_weight).

@@ -147,7 +147,6 @@ def start_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
     importlib.import_module("the_chosen_one")  # imports train_cat_lora too
 
 
@@ -293,7 +292,6 @@ def subject_rates(pairs_file: Path, instance_dir: Path, clip_dir) -> dict[str, d
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(HERE))
     from toy_clip import load_toy_clip, shows_subject
 
     model, _ = load_toy_clip(clip_dir)
@@ -587,7 +585,6 @@ def comparison_picture(out: Path, concept_name: str, methods: list[str], seed: i
     the trigger, and the same seeds without it (evaluate_kps.make_comparison)."""
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT))
     import evaluate_kps
 
     rows = [("base", out / "eval" / concept_name, "base")]
