@@ -525,8 +525,8 @@ def test_validation_samples_in_eval_mode_and_training_resumes_in_train_mode(tiny
     assert all(training == grad for grad, training in calls), calls
 
 
-def test_readme_lists_every_flag_as_accepted_family_or_refused():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+def test_the_flags_page_lists_every_flag_as_accepted_family_or_refused():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text(encoding="utf-8")
     section = readme[readme.index("### Everything else you know from"):readme.index("### Outputs")]
     accepted = set(re.findall(r"--\w+", section[section.index("Accepted with"):section.index("plus this script")]))
     family_part = section[section.index("for the families that read them"):section.index("Refused, each")]
