@@ -154,11 +154,11 @@ FAMILY_FLAGS = ("pretrained_vae_model_name_or_path", "max_sequence_length", "gui
                 "logit_mean", "logit_std", "mode_scale", "lora_layers", "upcast_before_saving", "precondition_outputs",
                 "lora_blocks", "text_encoder_out_layers")
 
-# torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
-# which is not imported here to keep --help and bad-input errors fast.
 # diffusers' schedules that need nothing beyond the --lr_* flags (piecewise_constant needs step rules).
 LR_SCHEDULERS = [kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT]
 TRACKERS = [kind.value for kind in LoggerType] + ["none"]  # accelerate's trackers; each needs its package
+# torchvision's InterpolationMode names, lowercased (diffusers' choices); a test checks them against torchvision,
+# which is not imported here to keep --help and bad-input errors fast.
 INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 DEFAULT_VALIDATION_STEPS = 100
 
@@ -2463,9 +2463,9 @@ def catversion_layers(model) -> list[CatVersionAttention]:
 class CardLines(NamedTuple):
     """What an adapter adds to the model card: settings bullets, lines of the usage code, notes after it."""
 
-    settings: list = []
-    code: list = []
-    notes: list = []
+    settings: tuple | list = ()
+    code: tuple | list = ()
+    notes: tuple | list = ()
 
 
 class Adapter(ABC):
@@ -3959,15 +3959,21 @@ def save_final_weights(accelerator, args, family, models: dict, concepts, steps,
 # ---------------------------------------------------------------------------------------------------------
 
 
+def run_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.seed is not None else 0
+
+
 def check_inputs(args: argparse.Namespace):
     """Step 1: everything that can be checked without loading a model: the model family (from its
-    ``model_index.json``), the concepts, examples and data notes."""
+    ``model_index.json``), the concepts, examples and data notes, and the run's adapters (each checked against the
+    family)."""
     family = model_family(args)
     warn_about_family_flags(args, family)
     warn_about_lora_alpha(args, family)
     concepts = load_concepts(args)
     check_family_options(args, family)
-    for adapter in make_adapters(args, family, seed=0):  # what the adapter kind cannot do on this family
+    adapters = make_adapters(args, family, run_seed(args))
+    for adapter in adapters:  # what the adapter kind cannot do on this family
         adapter.check(family)
     if args.train_text_encoder_ti:
         abstractions = [a.lower() for a in token_abstractions(args.token_abstraction)]
@@ -3983,7 +3989,8 @@ def check_inputs(args: argparse.Namespace):
     if args.validation_kps:
         resolve_clip_choice(args.validation_clip_model, args.validation_clip_pretrained, CLIP_FLAGS)
     check_output_dir(Path(args.output_dir))
-    return family, concepts, instance_examples, data_notes
+    return family, concepts, instance_examples, data_notes, adapters
+
 
 
 def pivotal_examples(new_tokens: NewTokenEmbeddings, examples: list[Example]) -> list[Example]:
@@ -4060,7 +4067,7 @@ def check_prompts(family, triggers: list[str], instance_examples: list[Example],
 def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype, adapters: list | None = None) -> dict:
     """Step 3: the frozen base model in ``weight_dtype`` (a quantized base only moves) with the adapters' trainable
     parameters attached in float32 (LoRA layers, new token rows, CatVersion's tokens)."""
-    adapters = make_adapters(args, family, args.seed or 0) if adapters is None else adapters
+    adapters = make_adapters(args, family, run_seed(args)) if adapters is None else adapters
     models = family.load_models(weight_dtype)
     for name, model in models.items():
         if name == "noise_scheduler":
@@ -4170,17 +4177,16 @@ def main(argv=None, on_log=None) -> list[Path]:
     """Train; return the files written. Raises ``InputError`` for bad input, before writing anything.
     ``on_log(values, step)``, if given, receives every step's logged values."""
     args = parse_args(argv)
-    family, concepts, instance_examples, data_notes = check_inputs(args)
+    family, concepts, instance_examples, data_notes, adapters = check_inputs(args)
     triggers = sorted({c.trigger_token for c in concepts if c.trigger_token})
 
     # Step 2: processes, seed, precision; then the checks that need only the tokenizers.
     accelerator = make_accelerator(args)
-    seed = args.seed if args.seed is not None else 0
+    seed = run_seed(args)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator)
-    adapters = make_adapters(args, family, seed)
     for adapter in adapters:
         instance_examples = adapter.prepare_examples(family, instance_examples, args.cat_alpha)
     rare_triggers = all(adapter.rare_trigger for adapter in adapters)

@@ -33,7 +33,7 @@ def test_make_adapters_builds_the_kinds_the_flags_ask_for(flags, kinds, tiny_pip
     assert len(components) == len(set(components))
 
 
-def test_every_kind_fills_the_interface():
+def test_every_kind_is_named_and_finds_no_switches_in_a_plain_module():
     for kind in T.ADAPTER_KINDS:
         assert issubclass(kind, T.Adapter) and kind.name
         assert kind.switches(torch.nn.Linear(2, 2)) == []  # a plain module carries no adapter of any kind
