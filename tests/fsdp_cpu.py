@@ -8,10 +8,16 @@ environment variables ``accelerate launch --use_fsdp`` exports) right after the 
 From there on everything is the script's and accelerate's own code: ``prepare`` shards with ``fully_shard``,
 ``save_state``/``load_state`` take their FSDP branches, and the script gathers the LoRA itself. Driving
 ``fully_shard`` by hand instead would test a path no user runs.
+
+``FSDP_CPU_SIGTERM_AT=<n>:<class name>``: the main process sends itself SIGTERM when a module of that class starts
+its n-th forward pass (the test of an interrupted, resumed sharded run).
 """
 
 import os
+import signal
 import sys
+
+import torch
 
 import accelerate
 from accelerate.state import AcceleratorState, PartialState
@@ -30,8 +36,28 @@ def init_as_fsdp(self, *args, **kwargs):
     AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
-if __name__ == "__main__":
+def shard_like_accelerate_launch() -> None:
+    """Every Accelerator created from now on in this process is an FSDP2 one."""
     os.environ.setdefault("FSDP_VERSION", "2")
     os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     accelerate.Accelerator.__init__ = init_as_fsdp
+
+
+def sigterm_at(spec: str) -> None:
+    count, class_name = spec.split(":")
+    calls = []
+
+    def count_calls(module, args):
+        if type(module).__name__.removeprefix("FSDP") == class_name:  # fully_shard renames the class FSDP<name>
+            calls.append(1)
+            if len(calls) == int(count) and int(os.environ.get("RANK", 0)) == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    torch.nn.modules.module.register_module_forward_pre_hook(count_calls)
+
+
+if __name__ == "__main__":
+    shard_like_accelerate_launch()
+    if os.environ.get("FSDP_CPU_SIGTERM_AT"):
+        sigterm_at(os.environ["FSDP_CPU_SIGTERM_AT"])
     sys.exit(train_cat_lora.cli(sys.argv[1:]))
