@@ -14,6 +14,8 @@ The work, in order of value (``--dry_run`` prints it with an estimated time per 
    on deterministic kernels, so the bit-exact checks stay bit-exact on the GPU; lean and batched run different batch
    shapes, whose GPU kernels sum in different orders, so that test has a relative tolerance of 1e-3 on cuda
    (tests/conftest.py, tests/test_train_cat_lora.py). First: cheap, and no figure matters if these fail.
+   With 2 or more GPUs, ``tests-fsdp`` follows: the sharded tests of tests/test_fsdp.py (FSDP2 against one process,
+   the frozen pass against the base model, resume after SIGTERM), whose two processes then talk over NCCL.
 3. Per real architecture of ``cat_step_cost.MODELS`` (built from its published configs with random weights: nothing
    downloads; speed and memory do not depend on the weights), whose family is in ``train_cat_lora.FAMILIES`` (a
    family added there with a config in ``MODELS`` joins the plan; one without is listed as not measured): bf16
@@ -188,6 +190,22 @@ def tests_item(smoke: bool, device: str, assumed: dict, families: int, xml: str 
                 estimate_run_s=assumed["tests_start_s"] + assumed["tests_per_family_s"] * counted)
 
 
+def fsdp_tests_item(assumed: dict) -> Item:
+    """The sharded tests (tests/test_fsdp.py, marked slow) on two GPUs: their runs go through NCCL there."""
+    argv = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "tests/test_fsdp.py",
+            "--junitxml", "tests.xml"]
+    return Item(name="tests-fsdp", kind="tests", argv=argv,
+                what="pytest -m slow tests/test_fsdp.py on 2 GPUs: FSDP2 = one process, the frozen pass = the base "
+                     "model, resume after SIGTERM (7 tests)",
+                estimate_run_s=assumed["tests_start_s"] + 7 * 2 * assumed["tests_per_family_s"])
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 # count_flops' results by (model, path, resolution, prompt tokens): counting on the meta device takes seconds per
 # architecture and gives the same figures every time, so one process counts each once.
 FLOP_COUNTS: dict = {}
@@ -318,6 +336,11 @@ def make_plan(args, scratch: Path) -> tuple[list[Item], list[str]]:
             kind = "tiny pipeline" if args.smoke else "real-architecture config"
             notes.append(f"{family.__name__}: no {kind} in cat_step_cost.MODELS: not measured")
     items = [tests_item(args.smoke, device, assumed, len(families))]
+    if not args.smoke and gpu_count() >= 2:
+        items.append(fsdp_tests_item(assumed))
+    elif not args.smoke:
+        notes.append("tests-fsdp: the sharded tests run with 2 or more GPUs; this machine has "
+                     f"{gpu_count()}")
     for family, entries in found.items():
         for name, path in entries:
             try:
