@@ -112,7 +112,7 @@ def format_table(reports: list[dict], blocks: dict, gpus: list[int]) -> str:
               "| model | component | parameters | largest block |", "|---|---|---:|---:|"]
     for report in reports:
         for component, count in report["parameters"].items():
-            block = blocks[report["model"]].get(component)
+            block = blocks[report["model"]].get(component) if component != "vae" else None  # never sharded
             lines.append(f"| {report['model']} | {component} | {count:,} | {'' if block is None else f'{block:,}'} |")
         lines.append(f"| {report['model']} | LoRA (rank {report['rank']}) | {report['trainable']:,} | |")
         for config in ("lora", "cat-lean", "cat-batched"):

@@ -9,11 +9,13 @@ From there on everything is the script's and accelerate's own code: ``prepare`` 
 ``save_state``/``load_state`` take their FSDP branches, and the script gathers the LoRA itself. Driving
 ``fully_shard`` by hand instead would test a path no user runs.
 
+``FSDP_CPU_RUN=SCRIPT``: run that script (e.g. benchmarks/fsdp_step.py) with the flags instead, the same way.
 ``FSDP_CPU_SIGTERM_AT=<n>:<class name>``: the main process sends itself SIGTERM when a module of that class starts
 its n-th forward pass (the test of an interrupted, resumed sharded run).
 """
 
 import os
+import runpy
 import signal
 import sys
 
@@ -60,4 +62,8 @@ if __name__ == "__main__":
     shard_like_accelerate_launch()
     if os.environ.get("FSDP_CPU_SIGTERM_AT"):
         sigterm_at(os.environ["FSDP_CPU_SIGTERM_AT"])
-    sys.exit(train_cat_lora.cli(sys.argv[1:]))
+    if os.environ.get("FSDP_CPU_RUN"):
+        sys.argv = [os.environ["FSDP_CPU_RUN"], *sys.argv[1:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        sys.exit(train_cat_lora.cli(sys.argv[1:]))

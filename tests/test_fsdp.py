@@ -176,3 +176,16 @@ def test_a_sharded_run_stopped_by_sigterm_resumes_bit_exact(tiny_flux_pipeline, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = lora_weights(tmp_path / "full"), lora_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.slow
+def test_the_fsdp_step_benchmark_reports_every_process(tmp_path):
+    """benchmarks/fsdp_step.py (gpu_check's FSDP2-against-DDP item) runs sharded; on the CPU there is no peak."""
+    done = sharded("fsdp_cpu.py", ["--model", "tiny-flux", "--resolution", "32", "--mixed_precision", "no", "--steps",
+                                   "1", "--output", str(tmp_path / "fsdp.json")],
+                   FSDP_CPU_RUN=str(ROOT / "benchmarks" / "fsdp_step.py"),
+                   PYTHONPATH=f"{ENV['PYTHONPATH']}:{ROOT / 'benchmarks'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "fsdp.json").read_text())
+    assert (result["distributed_type"], result["processes"], len(result["per_process"])) == ("FSDP", 2, 2)
+    assert all(p["step_s"] > 0 and p["peak_bytes"] is None for p in result["per_process"])
