@@ -20,7 +20,9 @@ the subject's class (e.g. a plain red circle for sks circle); else "other". Imag
 ``calibrate`` renders the subjects right and hard negatives (a blob in the subject's colors and pattern, the
 pattern on another shape, the class in one color, the class in the subject's two colors with another pattern,
 other shapes) and writes the confusion matrix as .md and .json. ``base_closeness`` compares an adapter's
-trigger-less images with the base model's at the same seeds.
+trigger-less images with the base model's at the same seeds: pixel change, and whether the world's attributes that
+``read_scene`` reads (shape, color, size, background) stay the same. evaluate_kps.py --subject_judge toyworld
+reports both.
 """
 
 import argparse
@@ -329,31 +331,34 @@ def subject_fit(image: np.ndarray, subject: Subject, shape: str, background: np.
     return float(shape_value[0]), float(pattern_value[0]), placement
 
 
+def own_shape_fits_best(image: np.ndarray, subject: Subject, own_fit: float, background: np.ndarray,
+                        foreground: np.ndarray, settings: JudgeSettings) -> bool:
+    """Whether the subject's look fits the foreground better on its own shape (fit ``own_fit``) than on any other
+    world shape: a checkered square is not a checkered circle, however close the two come."""
+    others = (subject_fit(image, subject, shape, background, foreground, settings)[0]
+              for shape in world.SHAPES if shape != subject.shape)
+    return all(own_fit >= other for other in others)
+
+
 def judge(image: np.ndarray, subject: Subject, settings: JudgeSettings = JudgeSettings()) -> Judgement:
     """Subject, class-only or other, with the fits behind the verdict.
 
-    "subject" needs the subject's look to fit best on its own shape (of the world's shapes: a checkered square is
-    not a checkered circle however close the two are), and both fits to reach their thresholds."""
+    "subject" needs both fits to reach their thresholds and the subject's look to fit best on its own shape (only
+    then are the other shapes tried: the slow part)."""
     image = np.asarray(image)
     background = background_color(image)
     foreground = foreground_mask(image, background, settings)
-    fits = {shape: subject_fit(image, subject, shape, background, foreground, settings) for shape in world.SHAPES}
-    shape_value, pattern_value, placement = fits[subject.shape]
-    own_shape_best = max(fits, key=lambda s: fits[s][0]) == subject.shape
+    shape_value, pattern_value, placement = subject_fit(image, subject, subject.shape, background, foreground,
+                                                       settings)
+    fits_well = shape_value >= settings.shape_fit and pattern_value >= settings.pattern_fit
     shape, iou = best_shape(fill_holes(foreground))
-    if own_shape_best and shape_value >= settings.shape_fit and pattern_value >= settings.pattern_fit:
+    if fits_well and own_shape_fits_best(image, subject, shape_value, background, foreground, settings):
         verdict = "subject"
     elif shape == subject.shape and iou >= settings.class_iou:
         verdict = "class-only"
     else:
         verdict = "other"
     return Judgement(verdict, shape_value * pattern_value, shape_value, pattern_value, shape, iou, placement)
-
-
-def identity_rate(judgements) -> float:
-    """The share of images judged to show the subject."""
-    judgements = list(judgements)
-    return sum(j.verdict == "subject" for j in judgements) / max(len(judgements), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,7 +403,6 @@ class PairChange:
 
     pixel_change: float  # mean absolute pixel difference, 0..1
     same_reading: bool  # the judge reads the same shape, color, size and background in both
-    score_change: float  # the subject score of the image minus the base image's
 
 
 def pixel_change(image: np.ndarray, base_image: np.ndarray) -> float:
@@ -406,22 +410,13 @@ def pixel_change(image: np.ndarray, base_image: np.ndarray) -> float:
     return float(np.abs(np.asarray(image, np.float32) - np.asarray(base_image, np.float32)).mean() / 255.0)
 
 
-def base_closeness(images, base_images, subject: Subject, settings: JudgeSettings = JudgeSettings()):
+def base_closeness(images, base_images, settings: JudgeSettings = JudgeSettings()) -> list[PairChange]:
     """One PairChange per (image, base image) pair, in order; the pairs share a seed and a prompt."""
     images, base_images = list(images), list(base_images)
     if len(images) != len(base_images):
         raise ValueError(f"{len(images)} images against {len(base_images)} base images: they must pair up")
-    return [PairChange(pixel_change(a, b), read_scene(a, settings) == read_scene(b, settings),
-                       judge(a, subject, settings).score - judge(b, subject, settings).score)
+    return [PairChange(pixel_change(a, b), read_scene(a, settings) == read_scene(b, settings))
             for a, b in zip(images, base_images)]
-
-
-def summarize_closeness(changes) -> dict:
-    """Means over pairs: pixel change, share with the same reading, subject-score change."""
-    changes = list(changes)
-    return {"pixel_change": float(np.mean([c.pixel_change for c in changes])),
-            "same_reading": float(np.mean([c.same_reading for c in changes])),
-            "score_change": float(np.mean([c.score_change for c in changes]))}
 
 
 # ---------------------------------------------------------------------------------------------------------
