@@ -127,7 +127,8 @@ def toy_pairs(tmp_path_factory):
     for i, caption in enumerate(captions):
         reference = f"ref/{i}.png"
         save(folder / reference, subject)
-        images = {"base": (world.render(base_scenes[i]), world.render(base_scenes[i])),
+        base_with_trigger = world.render(world.Scene("circle", "purple", "small", "gray", 0.3, 0.3))
+        images = {"base": (base_with_trigger, world.render(base_scenes[i])),
                   "good": (subject, world.render(base_scenes[i])),
                   "bad": (world.render(bad_scenes[0]), world.render(bad_scenes[i]))}
         for adapter, (with_trigger, without) in images.items():

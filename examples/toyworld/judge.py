@@ -3,16 +3,17 @@
 The toy world knows each personal subject exactly (make_concepts.py: a shape the world knows, painted with a
 two-color pattern). The judge uses that knowledge and nothing learned:
 
-1. The background is the median color of the image's outermost ring of pixels; the foreground is the largest
-   connected region of pixels that differ from it (with the holes inside it filled).
-2. Shape: the foreground is compared with the mask of every world shape at its best size and position (IoU).
-3. Subject: the subject is re-rendered on the image's background at the size and position where it fits best,
-   and the score is the share of pixels, in the union of the rendered subject and the foreground, whose color
-   is within a tolerance of the rendering. Extra foreground (a blob spilling out), a missing part, one color
-   where there should be two, or the right colors in the wrong layout all lower it.
-
-Verdict: "subject" when that score reaches a threshold; else "class-only" when the foreground's best shape is
-the subject's class (e.g. a plain red circle for sks circle); else "other". Images are (size, size, 3) uint8 RGB.
+1. Background: the median color of the image's outermost ring of pixels. Foreground: the pixels whose color is
+   off it, without specks (regions of fewer than 4 pixels).
+2. The subject is re-rendered over that background at the size and position where it fits best, and two fits
+   are measured there. Shape fit: the IoU of the foreground with the rendering's off-background pixels (a blob,
+   a missing part, another shape lower it). Pattern fit: for each of the look's two colors, the share of the
+   rendering's pixels of that color that the image has there (within a tolerance); the lesser of the two (one
+   color where there should be two, or the right colors in another layout, lower it).
+3. Verdict: "subject" when both fits reach their thresholds and the look fits better on the subject's own shape
+   than on any other world shape; else "class-only" when the hole-filled foreground's best-fitting world shape
+   (IoU) is the subject's class (a plain red circle for sks circle); else "other". The score, in [0, 1], is
+   shape fit x pattern fit. Images are square uint8 RGB arrays.
 
     python examples/toyworld/judge.py calibrate --out examples/toyworld/results/judge_calibration
     python examples/toyworld/judge.py score --trigger sks image.png [...]
