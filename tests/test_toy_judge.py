@@ -25,10 +25,10 @@ SMALL = judge.CalibrationSet(triggers=("sks", "bnha"), per_category=2, seed=2)
 
 
 def separates(result: dict) -> bool:
-    """The calibration's bar: at least 90% of the subject's renderings judged the subject, and no more than 5% of
-    any kind of negative."""
+    """The bar: at least 85% of the subject's renderings judged the subject (one miss in SMALL's 8; the committed
+    calibration, 200 per category, found 97.5%), and none of SMALL's negatives of any kind (at most 5%)."""
     matrix = result["all"]
-    return (judge.correct_share(matrix)["subject"] >= 0.9
+    return (judge.correct_share(matrix)["subject"] >= 0.85
             and max(judge.false_subject_share(matrix).values()) <= 0.05)
 
 

@@ -545,15 +545,58 @@ def confusion(rows) -> dict:
     return matrix
 
 
-def calibrate(spec: CalibrationSet, judge_fn=None) -> dict:
-    """Judge every calibration image: the confusion matrix overall, per subject and per degradation."""
+@dataclass(frozen=True)
+class Judged:
+    """One calibration image and the verdict it got."""
+
+    trigger: str
+    category: str
+    degradation: str
+    image: np.ndarray
+    verdict: str
+
+
+def judge_calibration_images(spec: CalibrationSet, judge_fn=None) -> list[Judged]:
+    """Every calibration image with its verdict; ``judge_fn(image, subject) -> verdict`` (default: ``judge``)."""
     judge_fn = judge_fn or (lambda image, subject: judge(image, subject).verdict)
-    rows = [(t, c, d, judge_fn(image, SUBJECTS[t])) for t, c, d, image in calibration_images(spec)]
+    return [Judged(t, c, d, image, judge_fn(image, SUBJECTS[t])) for t, c, d, image in calibration_images(spec)]
+
+
+def summarize(judged: list[Judged], spec: CalibrationSet) -> dict:
+    """The confusion matrix overall, per subject and per degradation."""
     return {
-        "all": confusion((c, v) for _, c, _, v in rows),
-        "by_subject": {t: confusion((c, v) for s, c, _, v in rows if s == t) for t in spec.triggers},
-        "by_degradation": {d: confusion((c, v) for _, c, g, v in rows if g == d) for d in CALIBRATION_DEGRADATIONS},
+        "all": confusion((j.category, j.verdict) for j in judged),
+        "by_subject": {t: confusion((j.category, j.verdict) for j in judged if j.trigger == t) for t in spec.triggers},
+        "by_degradation": {d: confusion((j.category, j.verdict) for j in judged if j.degradation == d)
+                           for d in CALIBRATION_DEGRADATIONS},
     }
+
+
+def calibrate(spec: CalibrationSet, judge_fn=None) -> dict:
+    """Judge every calibration image; return the confusion matrices (summarize)."""
+    return summarize(judge_calibration_images(spec, judge_fn), spec)
+
+
+# The sheet's frame around each image: its verdict.
+VERDICT_FRAME = {"subject": (40, 200, 40), "class-only": (240, 200, 0), "other": (220, 30, 30)}
+
+
+def calibration_sheet(judged: list[Judged], per_row: int = 20, scale: int = 3) -> Image.Image:
+    """One row per category: its first ``per_row`` images in the order drawn (all subjects and degradations in
+    turn), each framed in the color of its verdict (VERDICT_FRAME), enlarged ``scale`` times."""
+    tiles = []
+    for category in CATEGORIES:
+        group = [j for j in judged if j.category == category]
+        picked = [group[i] for i in np.linspace(0, len(group) - 1, min(per_row, len(group))).round().astype(int)]
+        row = []
+        for j in picked:
+            big = np.kron(j.image, np.ones((scale, scale, 1), np.uint8))
+            row.append(np.pad(big, ((scale, scale), (scale, scale), (0, 0)), constant_values=0))
+            row[-1][:scale], row[-1][-scale:], row[-1][:, :scale], row[-1][:, -scale:] = (VERDICT_FRAME[j.verdict],) * 4
+        tiles.append(np.concatenate(row, axis=1))
+    width = max(t.shape[1] for t in tiles)
+    tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
+    return Image.fromarray(np.concatenate(tiles, axis=0))
 
 
 def correct_share(matrix: dict) -> dict:
@@ -624,7 +667,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    cal = commands.add_parser("calibrate", help="judge rendered subjects and hard negatives; write .md and .json")
+    cal = commands.add_parser("calibrate", help="judge rendered subjects and hard negatives; write .md, .json and "
+                                                "a .png sheet of examples")
     cal.add_argument("--out", type=Path, required=True, help="output path without suffix")
     cal.add_argument("--per_category", type=int, default=CalibrationSet.per_category)
     cal.add_argument("--seed", type=int, default=CalibrationSet.seed)
@@ -639,7 +683,9 @@ def main(argv=None) -> None:
             parser.error(f"--out {args.out}: no folder {args.out.parent}")
         spec = CalibrationSet(per_category=args.per_category, seed=args.seed)
         start = time.time()
-        result = calibrate(spec)
+        judged = judge_calibration_images(spec)
+        result = summarize(judged, spec)
+        calibration_sheet(judged).save(args.out.with_suffix(".png"))
         command = "python examples/toyworld/judge.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_calibration(args.out, spec, result, command, time.time() - start)
         print("\n".join(matrix_table(result["all"])))
