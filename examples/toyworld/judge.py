@@ -424,14 +424,17 @@ def base_closeness(images, base_images, settings: JudgeSettings = JudgeSettings(
 # Calibration: the subjects drawn right, and hard negatives
 # ---------------------------------------------------------------------------------------------------------
 
-# Each category and the verdict the judge should give it.
-CATEGORIES = {
-    "subject": "subject",  # the subject, varied as the world varies shapes: size, position, background
-    "blob": "other",  # (a) an irregular blob painted with the subject's pattern and colors
-    "wrong shape": "other",  # (b) the subject's pattern on another world shape
-    "one color": "class-only",  # (c) the class shape in one color (a world color, or one of the subject's)
-    "wrong pattern": "class-only",  # (d) the class shape in the subject's two colors, another world pattern
-    "other shape": "other",  # a plain world scene of another shape
+# Each category and the verdict the judge should give it; and what is rendered.
+CATEGORIES = {"subject": "subject", "blob": "other", "wrong shape": "other", "one color": "class-only",
+              "wrong pattern": "class-only", "other shape": "other"}
+CATEGORY_DESCRIPTIONS = {
+    "subject": "the subject drawn right, at any size from small to large, anywhere, on any of the 3 backgrounds",
+    "blob": "(a) an irregular blob (a radius wobbling with 2, 3 and 5 lobes) painted with the subject's pattern",
+    "wrong shape": "(b) the subject's pattern on another world shape",
+    "one color": "(c) the class shape in one color: a world color or one of the subject's two",
+    "wrong pattern": "(d) the class shape in the subject's two colors with another world pattern (any frequency "
+                     "2-6) that differs from the subject's look in at least a quarter of its box",
+    "other shape": "a plain world scene of another shape",
 }
 
 
@@ -618,26 +621,57 @@ def matrix_table(matrix: dict) -> list[str]:
     return lines
 
 
-def write_calibration(out: Path, spec: CalibrationSet, result: dict, command: str, seconds: float) -> None:
+def subject_share_table(matrix: dict) -> list[str]:
+    """The question ID rate asks: per category, how many images were judged the subject."""
+    lines = ["| rendered as | judged the subject |", "|---|---:|"]
+    for category, counts in matrix.items():
+        lines.append(f"| {category} | {counts['subject']} of {sum(counts.values())} |")
+    return lines
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How the calibration was run: the command line, wall-clock and CPU seconds."""
+
+    command: str
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def write_calibration(out: Path, spec: CalibrationSet, result: dict, run: RunInfo) -> None:
+    """out.json (everything) and out.md (the tables) of a calibration; out.png is the sheet (calibration_sheet)."""
     settings = JudgeSettings()
-    document = {"command": command, "seconds": round(seconds, 1), "calibration_set": asdict(spec),
-                "judge_settings": asdict(settings), "degradations": {k: asdict(v) for k, v in
-                                                                     CALIBRATION_DEGRADATIONS.items()},
+    document = {**asdict(run), "calibration_set": asdict(spec), "judge_settings": asdict(settings),
+                "degradations": {k: asdict(v) for k, v in CALIBRATION_DEGRADATIONS.items()},
                 "expected": CATEGORIES, **result}
     out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
+    degraded = ", ".join(f"{k}={v}" for k, v in asdict(CALIBRATION_DEGRADATIONS["degraded"]).items())
     lines = [
         "# The subject judge's calibration",
         "",
-        f"`{command}` ({seconds:.0f} s on the project's 2-core CPU). {len(spec.triggers)} subjects "
-        f"({', '.join(spec.triggers)}), {spec.per_category} images per subject, category and degradation, seed "
-        f"{spec.seed} (the thresholds were chosen on seed 0). Degradations: clean renderings, and the same kind "
-        "blurred, noised and color-cast as generation does "
-        f"({', '.join(f'{k}={v}' for k, v in asdict(CALIBRATION_DEGRADATIONS['degraded']).items())}). "
-        f"Judge settings: {', '.join(f'{k}={v}' for k, v in asdict(settings).items())}.",
+        f"`{run.command}`: {run.wall_seconds:.0f} s wall clock, {run.cpu_seconds:.0f} s of CPU time, on the "
+        "project's 2-core CPU. Written by that command, with "
+        f"[{out.with_suffix('.json').name}]({out.with_suffix('.json').name}) and the sheet "
+        f"[{out.with_suffix('.png').name}]({out.with_suffix('.png').name}).",
+        "",
+        f"{len(spec.triggers)} subjects ({', '.join(spec.triggers)}), {spec.per_category} images per subject, "
+        f"category and degradation, seed {spec.seed} (the thresholds were chosen on seed 0). Degradations: clean "
+        f"renderings, and the same blurred, noised and color-cast as a generated picture is ({degraded}: Gaussian "
+        "radius in pixels, noise standard deviation and largest color cast in 0-255 units). Judge settings: "
+        f"{', '.join(f'{k}={v}' for k, v in asdict(settings).items())}.",
+        "",
+        *(f"- **{c}** (should be {CATEGORIES[c]}): {d}" for c, d in CATEGORY_DESCRIPTIONS.items()),
+        "",
+        "## Judged the subject (what ID rate counts)",
+        "",
+        *subject_share_table(result["all"]),
         "",
         "## All subjects",
         "",
         *matrix_table(result["all"]),
+        "",
+        "The sheet shows 20 images per category (rows in the order above, spread over the subjects and both "
+        "degradations), framed green (judged the subject), yellow (class-only) or red (other).",
     ]
     for name, matrix in result["by_degradation"].items():
         lines += ["", f"## {name.capitalize()} images", "", *matrix_table(matrix)]
@@ -682,12 +716,12 @@ def main(argv=None) -> None:
         if not args.out.parent.is_dir():
             parser.error(f"--out {args.out}: no folder {args.out.parent}")
         spec = CalibrationSet(per_category=args.per_category, seed=args.seed)
-        start = time.time()
+        start, cpu_start = time.time(), time.process_time()
         judged = judge_calibration_images(spec)
         result = summarize(judged, spec)
         calibration_sheet(judged).save(args.out.with_suffix(".png"))
         command = "python examples/toyworld/judge.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_calibration(args.out, spec, result, command, time.time() - start)
+        write_calibration(args.out, spec, result, RunInfo(command, time.time() - start, time.process_time() - cpu_start))
         print("\n".join(matrix_table(result["all"])))
         return
     if args.trigger not in SUBJECTS:
