@@ -232,3 +232,25 @@ def test_judge_script_rejects_an_image_of_the_wrong_size_in_one_line(tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         judge.main(["score", "--trigger", "nope", str(image)])
     assert exit_info.value.code == 2 and "--trigger nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_toy_vae_s_round_trip_of_the_training_images_is_still_the_subject():
+    """The judge asks no more than the base model can draw: every training image of the five subjects, encoded and
+    decoded by the toy world's VAE (what any generated image goes through), is still judged the subject."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    import make_concepts
+
+    vae = AutoencoderKL.from_pretrained(REPO / "examples/toyworld/models/toy-sd", subfolder="vae").eval()
+    verdicts = []
+    for trigger, shape, *_ in make_concepts.CONCEPTS:
+        for path in sorted((REPO / "examples/toyworld/concepts" / f"{trigger}_{shape}").glob("*.png")):
+            pixels = torch.tensor(np.asarray(Image.open(path).convert("RGB")), dtype=torch.float32)
+            with torch.no_grad():
+                latent = vae.encode(pixels.permute(2, 0, 1)[None] / 127.5 - 1).latent_dist.mean
+                decoded = vae.decode(latent).sample[0].permute(1, 2, 0).clamp(-1, 1)
+            image = ((decoded + 1) * 127.5).round().to(torch.uint8).numpy()
+            verdicts.append(judge.judge(image, judge.SUBJECTS[trigger]).verdict)
+    assert len(verdicts) == 30 and verdicts.count("subject") == 30, verdicts
