@@ -193,6 +193,20 @@ def test_judge_columns_are_absent_without_the_judge_or_without_a_base(toy_pairs,
     assert "base_pixel_change" not in metrics["good"]
 
 
+def test_generate_mode_takes_the_none_entry_as_the_base(tiny_pipeline, tiny_clip, tmp_path):
+    """Two NAME=none entries draw the same images at the same seeds: the second is 0 pixels from the first."""
+    prompts = tmp_path / "prompts.jsonl"
+    save(tmp_path / "ref.png", world.render(world.Scene("circle", "red", "large", "black", 0.5, 0.5)))
+    prompts.write_text(json.dumps({"caption": "a photo of sks circle", "reference": "ref.png"}) + "\n")
+    metrics = ek.main(["--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_prompts", str(prompts),
+                       "--trigger_token", "sks", "--lora", "first=none", "--lora", "again=none",
+                       "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--resolution", "32",
+                       "--subject_judge", "toyworld", "--output_dir", str(tmp_path / "out"), *clip_flags(tiny_clip)])
+    assert metrics["first"]["base_pixel_change"] is None
+    assert metrics["again"]["base_pixel_change"] == 0.0 and metrics["again"]["base_same_reading"] == 1.0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["base_entry"] == "first"
+
+
 @pytest.fixture
 def error_line(tmp_path, capsys, monkeypatch):
     """Run evaluate_kps.py's ``__main__`` in this process; return its one error line (exit status 2)."""
