@@ -299,45 +299,56 @@ def best_shape(mask: np.ndarray) -> tuple[str | None, float]:
     return shape, fits[shape]
 
 
-def subject_fits(image: np.ndarray, renders: np.ndarray, background: np.ndarray, foreground: np.ndarray,
-                 subject_masks: np.ndarray, colors: np.ndarray, settings: JudgeSettings) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Seen:
+    """What the judge reads from an image once: its pixels, background color and foreground mask."""
+
+    pixels: np.ndarray  # (size, size, 3) uint8
+    background: np.ndarray  # (3,)
+    foreground: np.ndarray  # (size, size) bool
+
+    @staticmethod
+    def of(image: np.ndarray, settings: JudgeSettings) -> "Seen":
+        pixels = np.asarray(image)
+        background = background_color(pixels)
+        return Seen(pixels, background, foreground_mask(pixels, background, settings))
+
+
+def subject_fits(seen: Seen, renders: np.ndarray, subject_masks: np.ndarray, colors: np.ndarray,
+                 settings: JudgeSettings) -> tuple[np.ndarray, np.ndarray]:
     """Per rendering: (shape fit, pattern fit).
 
     Shape fit: IoU of the foreground with the rendering's off-background pixels (so a white cell on a white
     background is missing from both). Pattern fit: for each of the look's two ``colors``, the share of the
     rendering's subject pixels of that color (nearest) whose color in the image is within ``pixel_tolerance``;
     the smaller of the two, so that a small part (phol's blue centre) counts as much as a large one."""
-    visible = off_background(renders, background, settings.background_tolerance)
-    close = color_distance(renders, image[None]) <= settings.pixel_tolerance
+    visible = off_background(renders, seen.background, settings.background_tolerance)
+    close = color_distance(renders, seen.pixels[None]) <= settings.pixel_tolerance
     first = color_distance(renders, colors[0]) <= color_distance(renders, colors[1])
     shares = [(close & part).sum(axis=(1, 2)) / np.maximum(part.sum(axis=(1, 2)), 1)
               for part in (subject_masks & first, subject_masks & ~first)]
-    return mask_iou(visible, foreground), np.minimum(*shares)
+    return mask_iou(visible, seen.foreground), np.minimum(*shares)
 
 
-def subject_fit(image: np.ndarray, subject: Subject, shape: str, background: np.ndarray, foreground: np.ndarray,
-                settings: JudgeSettings) -> tuple[float, float, tuple]:
+def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSettings) -> tuple[float, float, tuple]:
     """(shape fit, pattern fit, placement) of the subject's look on ``shape``, rendered over the image's background
     where the product of the two fits is largest (searched at 2x supersampling, measured at the world's 4x)."""
-    size = image.shape[0]
+    size = seen.pixels.shape[0]
 
     def fits(placements, supersample=2):
-        renders = subject_renders(subject, shape, placements, background, size, supersample)
-        return subject_fits(image, renders, background, foreground, shape_masks(shape, placements, size),
-                            subject.colors(), settings)
+        renders = subject_renders(subject, shape, placements, seen.background, size, supersample)
+        return subject_fits(seen, renders, shape_masks(shape, placements, size), subject.colors(), settings)
 
-    guess = first_guess(foreground, shape) if foreground.any() else (0.5, 0.5, 0.5)
+    guess = first_guess(seen.foreground, shape) if seen.foreground.any() else (0.5, 0.5, 0.5)
     _, placement = best_placement(lambda p: np.prod(fits(p), axis=0), guess, size)
     shape_value, pattern_value = fits(Placements.one(*placement), supersample=world.SUPERSAMPLE)
     return float(shape_value[0]), float(pattern_value[0]), placement
 
 
-def own_shape_fits_best(image: np.ndarray, subject: Subject, own_fit: float, background: np.ndarray,
-                        foreground: np.ndarray, settings: JudgeSettings) -> bool:
+def own_shape_fits_best(seen: Seen, subject: Subject, own_fit: float, settings: JudgeSettings) -> bool:
     """Whether the subject's look fits the foreground better on its own shape (fit ``own_fit``) than on any other
     world shape: a checkered square is not a checkered circle, however close the two come."""
-    others = (subject_fit(image, subject, shape, background, foreground, settings)[0]
-              for shape in world.SHAPES if shape != subject.shape)
+    others = (subject_fit(seen, subject, shape, settings)[0] for shape in world.SHAPES if shape != subject.shape)
     return all(own_fit >= other for other in others)
 
 
@@ -346,14 +357,11 @@ def judge(image: np.ndarray, subject: Subject, settings: JudgeSettings = JudgeSe
 
     "subject" needs both fits to reach their thresholds and the subject's look to fit best on its own shape (only
     then are the other shapes tried: the slow part)."""
-    image = np.asarray(image)
-    background = background_color(image)
-    foreground = foreground_mask(image, background, settings)
-    shape_value, pattern_value, placement = subject_fit(image, subject, subject.shape, background, foreground,
-                                                       settings)
+    seen = Seen.of(image, settings)
+    shape_value, pattern_value, placement = subject_fit(seen, subject, subject.shape, settings)
     fits_well = shape_value >= settings.shape_fit and pattern_value >= settings.pattern_fit
-    shape, iou = best_shape(fill_holes(foreground))
-    if fits_well and own_shape_fits_best(image, subject, shape_value, background, foreground, settings):
+    shape, iou = best_shape(fill_holes(seen.foreground))
+    if fits_well and own_shape_fits_best(seen, subject, shape_value, settings):
         verdict = "subject"
     elif shape == subject.shape and iou >= settings.class_iou:
         verdict = "class-only"
