@@ -92,7 +92,9 @@ def test_flux_rows_draw_from_their_own_generators(tiny_flux_pipeline):
         alone = family.noisy_latents({key: value[row:row + 1] for key, value in batch.items()}, models["vae"],
                                      models["noise_scheduler"], torch.float32)
         for key in ("noisy", "target", "timesteps", "loss_weights"):
-            torch.testing.assert_close(alone[key], together[key][row:row + 1], rtol=1e-5, atol=1e-6)
+            # The VAE encodes 1 row or 3: its convolutions sum in another order by batch size (seen: 3.2e-5 relative
+            # on 1 element of 1024 under load). A row drawing from another generator differs by O(1).
+            torch.testing.assert_close(alone[key], together[key][row:row + 1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["sigma_sqrt", "cosmap", "logit_normal", "mode"])
