@@ -44,8 +44,10 @@ METHODS = {
     "lora": table1.METHODS["lora"],
     "dreambooth": table1.METHODS["dreambooth"],
     "cat": table1.METHODS["cat"],
-    "bank_small": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_small.txt")],
-    "bank_large": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt")],
+    "bank_small": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_small.txt"), "--cat_class_word",
+                   "{class_word}"],
+    "bank_large": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
+                   "{class_word}"],
     "empty": ["--cat_alpha", "1", "--cat_prompt", "empty"],
 }
 KEYS = ("unrelated_cosine", "unrelated_pixel_change", "KPS_mean", "IS_mean", "PS_mean", "subject_without_trigger")
