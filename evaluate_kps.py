@@ -42,6 +42,13 @@ The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffu
           in the references and in I(y_T), so that backgrounds do not count. Masks come from
           --masks DIR (files) or --segmenter border (for solid backgrounds, as in the toy world).
 
+  ID rate, ID score   (toy world, --subject_judge toyworld) the share of images with the trigger that
+          examples/toyworld/judge.py judges to show the subject (its shape, colors and pattern re-rendered where
+          it fits best), and the mean of its score in [0, 1] (shape fit x pattern fit).
+  Δpx base, same as base   (with --subject_judge and a base entry: the adapter NAME=none, or the one named
+          base in folder mode) how far each adapter's images without the trigger moved from the base model's
+          at the same seed and prompt: the mean absolute pixel change (0..1), and the share of pairs in which
+          the judge reads the same shape, color, size and background.
 Drift on prompts unlike the captions (--unrelated_prompts FILE, generate mode; one trigger-less prompt a line): the
 base model and each adapter draw every prompt at the same seeds (prompt i, image k: seed + i * n + k), and per adapter
 
@@ -89,7 +96,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -205,6 +212,18 @@ def paper_metrics(prompt_text_embeds, reference_embeds, with_trigger_embeds, wit
     }
 
 
+def identity_rate(verdicts) -> float:
+    """ID rate: the share of images with the trigger that the subject judge calls "subject"."""
+    verdicts = list(verdicts)
+    return sum(v == "subject" for v in verdicts) / len(verdicts)
+
+
+def base_closeness(pixel_changes, same_readings) -> dict:
+    """Δpx base (mean pixel change of the trigger-less images against the base model's, 0..1) and same as base
+    (the share of those pairs the subject judge reads alike), from per-pair values."""
+    return {"base_pixel_change": float(np.mean(pixel_changes)), "base_same_reading": float(np.mean(same_readings))}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
@@ -266,6 +285,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             f"outermost pixels; tolerance: {BORDER_TOLERANCE} in every channel, or 0.4 of the "
                             "subject's median contrast if larger); for solid backgrounds such as the toy world's")
 
+    parser.add_argument("--subject_judge", choices=["toyworld"],
+                        help="also judge whether each image shows the subject, for the toy world's subjects "
+                             "(examples/toyworld/judge.py; the subject is the one --trigger_token names): adds ID "
+                             "rate and ID score, and with a base entry (NAME=none, or the adapter named base in "
+                             "folder mode) Δpx base and same as base")
     gen.add_argument("--unrelated_prompts", type=Path, metavar="FILE",
                      help="trigger-less prompts unlike the captions, one a line: each adapter's drift from the base "
                           "model on them, same seeds (columns 'unrelated cos' and 'unrelated Δpx')")
@@ -556,6 +580,91 @@ def mask_generated(choice: MaskChoice, samples: list[Sample]) -> None:
         if empty:
             logger.warning("%s: --segmenter %s finds no subject in %d of its images with the trigger; CLIP-I masked "
                            "scores them as plain gray images", adapter, choice.segmenter, empty)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The subject judge of the toy world (examples/toyworld/judge.py): ID rate, ID score, closeness to the base model
+# ---------------------------------------------------------------------------------------------------------
+
+TOYWORLD_DIR = Path(__file__).resolve().parent / "examples" / "toyworld"
+BASE_ENTRY = "base"  # in folder mode, the adapter that the others' trigger-less images are compared with
+
+
+@dataclass(frozen=True)
+class SubjectJudge:
+    """The judge module, the subject it looks for, and the base entry (None: no base-closeness columns)."""
+
+    module: Any
+    subject: Any
+    base: str | None
+
+
+def load_subject_judge(choice: str, trigger: str):
+    """(judge module, subject) of --subject_judge; InputError when the module is absent or the trigger names no
+    toy-world subject. The module lives with the toy world, outside the installed package."""
+    if not (TOYWORLD_DIR / "judge.py").is_file():
+        raise InputError(f"--subject_judge {choice}: needs {TOYWORLD_DIR / 'judge.py'} (the repository's "
+                         "examples/toyworld/, which is not installed with the package)")
+    if str(TOYWORLD_DIR) not in sys.path:
+        sys.path.insert(0, str(TOYWORLD_DIR))
+    import judge  # noqa: PLC0415 - only with --subject_judge
+
+    if trigger not in judge.SUBJECTS:
+        raise InputError(f"--subject_judge {choice}: --trigger_token {trigger} is not a toy-world subject (one of "
+                         f"{', '.join(judge.SUBJECTS)})")
+    return judge, judge.SUBJECTS[trigger]
+
+
+def base_entry(adapters: dict | None, samples: list) -> str | None:
+    """The base model's entry: in generate mode the first NAME=none, in folder mode the adapter named BASE_ENTRY."""
+    if adapters is not None:
+        return next((name for name, files in adapters.items() if files is None), None)
+    return BASE_ENTRY if any(s.adapter == BASE_ENTRY for s in samples) else None
+
+
+def check_judge_inputs(samples: list, base: str | None) -> None:
+    """InputError unless the images are square (the judge renders square toy-world images) and, with a base
+    entry, every adapter's samples pair with the base's (the same captions in the same order)."""
+    for s in samples:
+        for image, path in ((s.with_trigger, s.with_trigger_path), (s.without_trigger, s.without_trigger_path)):
+            if image is not None and image.size[0] != image.size[1]:
+                raise InputError(f"--subject_judge: {path} is {image.size[0]}x{image.size[1]}; the toy world's "
+                                 "images are square")
+    if base is None:
+        return
+    captions = {}
+    for s in samples:
+        captions.setdefault(s.adapter, []).append(s.caption)
+    for adapter, own in captions.items():
+        if own != captions[base]:
+            raise InputError(f"--subject_judge: the samples of {adapter!r} do not pair with those of {base!r} (the "
+                             "same captions in the same order), so their closeness to the base model is undefined")
+
+
+def judge_samples(samples: list, metrics: dict, judge: SubjectJudge) -> None:
+    """Add ID rate and ID score (and, with a base entry, Δpx base and same as base) to each adapter's metrics and
+    the per-image values to ``sample.scores``. The base entry's own closeness cells are None."""
+    def pixels(image):
+        return np.asarray(image.convert("RGB"))
+
+    base = [s for s in samples if s.adapter == judge.base]
+    for adapter, result in metrics.items():
+        group = [s for s in samples if s.adapter == adapter]
+        judgements = [judge.module.judge(pixels(s.with_trigger), judge.subject) for s in group]
+        for s, j in zip(group, judgements):
+            s.scores.update(judge_verdict=j.verdict, judge_score=j.score)
+        result.update(ID_rate=identity_rate(j.verdict for j in judgements),
+                      ID_score=float(np.mean([j.score for j in judgements])))
+        if judge.base is None:
+            continue
+        if adapter == judge.base:
+            result.update(base_pixel_change=None, base_same_reading=None)
+            continue
+        changes = judge.module.base_closeness([pixels(s.without_trigger) for s in group],
+                                              [pixels(b.without_trigger) for b in base])
+        for s, change in zip(group, changes):
+            s.scores.update(base_pixel_change=change.pixel_change, base_same_reading=change.same_reading)
+        result.update(base_closeness([c.pixel_change for c in changes], [c.same_reading for c in changes]))
 
 
 @dataclass(frozen=True)
@@ -1043,6 +1152,8 @@ TABLE_COLUMNS = [
     ("KPS mean", "KPS_mean"), ("CLIP-T", "CLIP-T"), ("CLIP-I", "CLIP-I"), ("DINO", "DINO"), ("PRES ↓", "PRES"),
 ]
 MASKED_COLUMN = ("CLIP-I masked", "CLIP-I_masked")  # after CLIP-I, when the metrics have it
+JUDGE_COLUMNS = [("ID rate", "ID_rate"), ("ID score", "ID_score")]  # after IS, with --subject_judge
+BASE_COLUMNS = [("Δpx base ↓", "base_pixel_change"), ("same as base", "base_same_reading")]  # after KPS, with a base
 UNRELATED_COLUMNS = [("unrelated cos", "unrelated_cosine"), ("unrelated Δpx", "unrelated_pixel_change")]  # after KPS
 
 
@@ -1054,11 +1165,16 @@ def format_table(metrics: dict[str, dict]) -> str:
 
     A PS, IS or KPS cell whose harmonic mean clamped some values (cosine <= 0) ends with ``*``, and a
     footnote under the table gives, per marked cell, how many of the n values were clamped. The CLIP-I masked
-    column is there only when the metrics have it (--masks or --segmenter).
+    column is there only when the metrics have it (--masks or --segmenter), ID rate and ID score only with
+    --subject_judge, Δpx base and same as base only with it and a base entry.
     """
     columns = list(TABLE_COLUMNS)
     if any(MASKED_COLUMN[1] in m for m in metrics.values()):
         columns.insert(columns.index(("CLIP-I", "CLIP-I")) + 1, MASKED_COLUMN)
+    for after, extra in ((("KPS (9)", "KPS"), BASE_COLUMNS), (("IS (7)", "IS"), JUDGE_COLUMNS)):
+        if any(extra[0][1] in m for m in metrics.values()):
+            at = columns.index(after) + 1
+            columns[at:at] = extra
     if any(UNRELATED_COLUMNS[0][1] in m for m in metrics.values()):
         at = columns.index(("KPS mean", "KPS_mean")) + 1
         columns[at:at] = UNRELATED_COLUMNS
@@ -1143,6 +1259,11 @@ def make_comparison(samples: list[Sample], per_side: int = 8, tile: int = 64):
     return grid
 
 
+# Per-sample columns of the subject judge: the verdict and score of the image with the trigger; the trigger-less
+# image's change against the base model's.
+JUDGE_SAMPLE_KEYS = ("judge_verdict", "judge_score", "base_pixel_change", "base_same_reading")
+
+
 def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settings: dict, save_images: bool,
                   reference_masks: dict[Path, np.ndarray] | None = None) -> str:
     """Write metrics.json, per_sample.csv, table.md, grid_<adapter>.png (with masks also masked_<adapter>.png; and,
@@ -1170,8 +1291,9 @@ def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settin
 
     columns = ["adapter", "item", "image", "seed", "caption", "prompt", "reference", "with_trigger",
                "without_trigger", "s_prompt", "s_id", "s_prev", "dino_id", "dino_pres"]
+    columns += [key for key in JUDGE_SAMPLE_KEYS if any(key in s.scores for s in samples)]
     with open(output_dir / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         for s in samples:
             writer.writerow({
@@ -1191,7 +1313,8 @@ def write_outputs(output_dir: Path, samples: list[Sample], metrics: dict, settin
     return table
 
 
-def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None) -> dict:
+def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None,
+                     subject_judge: SubjectJudge | None = None) -> dict:
     """Every setting that shaped the numbers, for metrics.json."""
 
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
@@ -1212,6 +1335,11 @@ def collect_settings(args: argparse.Namespace, clip: Clip, adapters: dict | None
         settings["mask_fill"] = list(MASK_FILL)
         if args.segmenter == "border":
             settings["border_tolerance"] = BORDER_TOLERANCE
+    if subject_judge is None:
+        settings.pop("subject_judge", None)  # runs without the judge write the settings they always did
+    else:
+        settings["subject_judge_settings"] = asdict(subject_judge.module.JudgeSettings())
+        settings["base_entry"] = subject_judge.base
     if adapters is not None:
 
         settings["lora"] = {name: (str(files) if files else None) for name, files in adapters.items()}
@@ -1244,6 +1372,8 @@ def main(argv=None) -> dict:
     else:
         samples = load_pairs(args.pairs, args.trigger_token)
         adapters = None
+    judge_and_subject = None if args.subject_judge is None else load_subject_judge(args.subject_judge,
+                                                                                     args.trigger_token)
     masks = mask_choice(args)
     reference_masks = None
     if masks is not None:  # a bad mask stops here; generated images are segmented once drawn
@@ -1262,6 +1392,10 @@ def main(argv=None) -> dict:
         pipe = load_pipeline(family, args.mixed_precision, state.device)
         check_adapters(pipe, family, adapters)
         samples = plan_samples(adapters, items, args.num_images_per_prompt, args.seed)
+    subject_judge = None
+    if judge_and_subject is not None:
+        subject_judge = SubjectJudge(*judge_and_subject, base_entry(adapters, samples))
+        check_judge_inputs(samples, subject_judge.base)
     if not state.is_main_process and not generate:
         return {}
     clip = dino = None
@@ -1288,11 +1422,13 @@ def main(argv=None) -> dict:
         if masks is not None:
             mask_generated(masks, samples)
     metrics = score_samples(samples, clip, dino, args.batch_size, reference_masks)
+    if subject_judge is not None:
+        judge_samples(samples, metrics, subject_judge)
+    settings = collect_settings(args, clip, adapters, subject_judge)
     if generate and unrelated is not None:
         for name, scores in unrelated_scores(drawn, base, clip, args.batch_size).items():
             metrics.get(name, {}).update(scores)
         write_unrelated(args.output_dir, drawn)
-    settings = collect_settings(args, clip, adapters)
     table = write_outputs(args.output_dir, samples, metrics, settings, save_images=generate,
                           reference_masks=reference_masks)
     print(table, end="")

@@ -49,7 +49,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import LoggerType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, LoggerType, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import (
     AutoencoderKL,
     BitsAndBytesConfig,
@@ -83,10 +83,12 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, upload_folder
 from peft import LoraConfig, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import functional as TF
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.models.clip.modeling_clip import CLIPAttention
@@ -132,8 +134,6 @@ REFUSED_FLAGS = {
     "--do_fp8_training": (0, "float8 training (torchao) is not implemented; use --mixed_precision bf16, or a quantized "
                              "frozen base with --bnb_quantization_config_path"),
     "--remote_text_encoder": (0, "prompts are encoded by the local text encoder; this script makes no network calls"),
-    "--fsdp_text_encoder": (0, "FSDP is not supported; --pre_compute_text_embeddings frees the text encoder after "
-                               "encoding instead"),
     "--offload": (0, "model offloading is not implemented; --cache_latents and --pre_compute_text_embeddings free "
                      "the VAE's and the text encoders' work from the training steps"),
     "--use_aspect_ratio_buckets": (0, "aspect-ratio bucketing is not implemented; images are resized and cropped to "
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pre_compute_text_embeddings", action="store_true",
                        help="Encode every caption (y_T, the CAT prompt y and the class prompt) once, before "
                             "training; not with --train_text_encoder.")
+    train.add_argument("--fsdp_text_encoder", action="store_true",
+                       help="Under FSDP (accelerate config distributed_type: FSDP, fsdp_version: 2): shard the frozen "
+                            "text encoders across the processes too, by their decoder layers (docs/multi-gpu.md).")
 
     logs = parser.add_argument_group("logging, validation and output")
     logs.add_argument("--report_to", default="tensorboard", choices=TRACKERS,
@@ -2540,10 +2543,15 @@ class Adapter(ABC):
     ``save_checkpoint``/``load_checkpoint`` (files of its own in a checkpoint folder), ``before_optimizer_step``/
     ``after_optimizer_step`` and ``validation_prompts`` (the grid's two prompts, and whether its bottom row runs
     with the adapter off). ``rare_trigger``: whether the trigger is a word the user picked (advice on rare words).
+    ``fsdp_refusal``: why this kind cannot train sharded with FSDP (None: it can).
+
+    ``save`` and ``save_checkpoint`` run on every process (under FSDP gathering the weights takes all of them);
+    only the main process writes.
     """
 
     REQUIRED = ("name",)
     rare_trigger = True
+    fsdp_refusal = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -2638,31 +2646,42 @@ class LoraAdapter(Adapter):
 
     @classmethod
     def switches(cls, model) -> list[tuple]:
-        model = getattr(model, "module", model)  # under several processes: the DistributedDataParallel's model
-        if not getattr(model, "peft_config", None):
-            return []
-        return [(model.disable_adapters, model.enable_adapters)]
+        # The layers' own flag, nothing else: peft's enable_adapters(False) also sets requires_grad on the LoRA
+        # weights, which under FSDP are views of sharded storage (peft #1442, #2977), and would hand the optimizer
+        # frozen parameters should a pass end without its "on".
+        def setter(layer, disabled):
+            return lambda: setattr(layer, "_disable_adapters", disabled)
+
+        return [(setter(layer, True), setter(layer, False)) for layer in getattr(model, "module", model).modules()
+                if isinstance(layer, BaseTunerLayer)]
+
+    def peft_states(self, accelerator, family, models: dict) -> dict:
+        """Every process calls it: under FSDP the weights are gathered (the main process's are whole)."""
+        return peft_state_dicts(accelerator, family, models, self.options.train_text_encoder,
+                                self.options.train_denoiser)
 
     def save_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        peft_states = self.peft_states(accelerator, family, models)
         if accelerator.is_main_process:
-            family.pipeline_class.save_lora_weights(folder, **self.state_dicts(accelerator, family, models))
+            family.pipeline_class.save_lora_weights(folder, **lora_save_arguments(accelerator, family, models,
+                                                                                  peft_states))
 
     def load_checkpoint(self, folder: Path, accelerator, family, models: dict) -> None:
+        if is_sharded(accelerator):
+            return  # accelerate's load_state has put the sharded weights back, the LoRA layers among them
         components = self.components(family)
         load_lora_checkpoint(Path(folder), family, models, components)
         if accelerator.mixed_precision in ("fp16", "bf16"):
             cast_training_params([accelerator.unwrap_model(models[name]) for name in components])
 
-    def state_dicts(self, accelerator, family, models: dict) -> dict:
-        return lora_state_dicts(accelerator, family, models, self.options.train_text_encoder,
-                                self.options.train_denoiser)
-
     def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
-        family.pipeline_class.save_lora_weights(output_dir, **self.state_dicts(accelerator, family, models))
+        peft_states = self.peft_states(accelerator, family, models)
+        if not accelerator.is_main_process:
+            return []
+        family.pipeline_class.save_lora_weights(output_dir, **lora_save_arguments(accelerator, family, models,
+                                                                                  peft_states))
         written = [output_dir / "pytorch_lora_weights.safetensors"]
         if self.options.output_kohya_format:
-            peft_states = peft_state_dicts(accelerator, family, models, self.options.train_text_encoder,
-                                           self.options.train_denoiser)
             denoiser_config = accelerator.unwrap_model(models[family.denoiser]).config
             written.append(save_kohya_weights(output_dir, peft_states, self.options.lora_alpha, family.kohya_layout,
                                               denoiser_config))
@@ -2681,6 +2700,8 @@ class PivotalTokens(Adapter):
 
     name = "pivotal tokens"
     rare_trigger = False  # the abstractions are placeholders that the new tokens replace, not words training rebinds
+    fsdp_refusal = ("FSDP shards the denoiser only, and pivotal tuning trains rows of the text encoders' embedding "
+                    "tables (SD 1.x/2.x and SDXL, which fit one GPU: run several processes without FSDP)")
 
     def __init__(self, new_tokens: NewTokenEmbeddings, train_fraction: float):
         self.new_tokens, self.train_fraction = new_tokens, train_fraction
@@ -2720,7 +2741,7 @@ class PivotalTokens(Adapter):
         return self.new_tokens.expand(top), bottom, bottom_off
 
     def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
-        return save_embeddings(output_dir, family, self.new_tokens)
+        return save_embeddings(output_dir, family, self.new_tokens) if accelerator.is_main_process else []
 
     def card(self, output_dir: Path, family) -> CardLines:
         new_tokens = self.new_tokens
@@ -2743,6 +2764,8 @@ class CatVersionAdapter(Adapter):
 
     name = "CatVersion"
     rare_trigger = False  # the trigger is the class word
+    fsdp_refusal = ("FSDP shards the denoiser only, and CatVersion trains inside the CLIP text encoder (SD 1.x/2.x, "
+                    "which fit one GPU: run several processes without FSDP)")
 
     def __init__(self, tokens: int, seed: int):
         self.tokens, self.seed, self.catversion = tokens, seed, None
@@ -2772,7 +2795,7 @@ class CatVersionAdapter(Adapter):
         return top, top, True
 
     def save(self, output_dir: Path, accelerator, family, models: dict, facts: dict) -> list[Path]:
-        return self.catversion.save(output_dir, facts)
+        return self.catversion.save(output_dir, facts) if accelerator.is_main_process else []
 
     def card(self, output_dir: Path, family) -> CardLines:
         return CardLines([f"- Adapter: CatVersion, {self.tokens} learned key/value token(s) in the text encoder's "
@@ -3157,6 +3180,62 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
+def check_distribution(args: argparse.Namespace, adapters: list, accelerator) -> None:
+    """What the processes' setup (accelerate's config) can run, refused in one line each before any model loads."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise InputError("DeepSpeed (accelerate config distributed_type: DEEPSPEED) is not supported: its engine "
+                         "saves and restores whole models, not the LoRA; use FSDP (fsdp_version: 2) to shard the "
+                         "base model, or several processes without either (docs/multi-gpu.md)")
+    if not is_sharded(accelerator):
+        if args.fsdp_text_encoder:
+            raise InputError("--fsdp_text_encoder needs FSDP: accelerate config distributed_type: FSDP, "
+                             "fsdp_version: 2 (docs/multi-gpu.md)")
+        return
+    version = accelerator.state.fsdp_plugin.fsdp_version
+    if version != 2:
+        raise InputError(f"accelerate config fsdp_version: {version} is not supported: use fsdp_version: 2 "
+                         "(torch's fully_shard; docs/multi-gpu.md)")
+    if args.train_text_encoder:
+        raise InputError("--train_text_encoder is not supported under FSDP: FSDP shards and trains the denoiser's "
+                         "LoRA; the text encoders stay frozen (--fsdp_text_encoder shards them)")
+    if args.bnb_quantization_config_path is not None:
+        raise InputError(f"--bnb_quantization_config_path {args.bnb_quantization_config_path}: a quantized base is "
+                         "not sharded under FSDP (accelerate keeps 4-bit weights whole on every process); shard the "
+                         "bf16 base instead (--mixed_precision bf16), or quantize without FSDP")
+    for adapter in adapters:
+        if adapter.fsdp_refusal:
+            raise InputError(f"{adapter.name} is not supported under FSDP: {adapter.fsdp_refusal}")
+
+
+def shard_frozen_text_encoders(family, models: dict, device) -> None:
+    """--fsdp_text_encoder: shard each frozen text encoder's decoder layers (transformers' ``_no_split_modules``,
+    the classes accelerate's own wrap policy reads) and its token embeddings with torch's ``fully_shard``, which
+    moves each process's shards to ``device``; what no layer holds (final norm, rotary buffers) stays whole there.
+
+    The root itself is not sharded: fully_shard replaces a module's class, and transformers finds which outputs
+    (hidden_states) a model records by its class, so a sharded root returns no hidden states.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for name in family.text_encoders:
+        if name not in models:  # freed after --pre_compute_text_embeddings
+            continue
+        model = models[name]
+        layer_names = set(getattr(model, "_no_split_modules", None) or ())
+        targets = {module for module in model.modules() if type(module).__name__ in layer_names}
+        targets.add(model.get_input_embeddings())
+        inside = {inner for module in targets for inner in module.modules()}
+        for module in reversed(list(model.modules())):  # children before their parents, as fully_shard needs
+            if module in targets:
+                fully_shard(module)
+        for module in model.modules():
+            if module not in inside:
+                for tensors in (module._parameters, module._buffers):
+                    for key, tensor in tensors.items():
+                        if tensor is not None:
+                            tensor.data = tensor.data.to(device)
+
+
 def weight_dtype_for(accelerator):
     """Frozen weights are held in the mixed-precision dtype; trainable LoRA weights stay in float32."""
 
@@ -3185,21 +3264,37 @@ def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float, f
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
+def is_sharded(accelerator) -> bool:
+    """FSDP: each process holds a shard of every prepared weight, so every process takes part in every forward pass
+    of a prepared model and in gathering its weights."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered_trainable_weights(accelerator, model) -> dict | None:
+    """Under FSDP, the model's trainable weights whole, gathered from every process's shard into the main process's
+    memory (a collective: every process calls it; the others get an empty dict); the frozen base is never
+    gathered. Otherwise None: the model's own state dict is whole."""
+    if not is_sharded(accelerator):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
 def peft_state_dicts(accelerator, family, models: dict, train_text_encoder: bool, train_denoiser: bool = True
                      ) -> dict:
     """The trained LoRA weights in peft's naming, per pipeline component (``{"unet": ..., "text_encoder": ...}``).
+    Every process calls it (under FSDP the weights are gathered); only the main process's are complete.
 
     Never the embedding table: peft would otherwise look for the base model's config to decide whether a table
     resized by pivotal tuning goes into the LoRA file (the new rows have their own files).
     """
-    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]), save_embedding_layers=False)
+    return {name: get_peft_model_state_dict(accelerator.unwrap_model(models[name]), save_embedding_layers=False,
+                                            state_dict=gathered_trainable_weights(accelerator, models[name]))
             for name in adapted_components(family, train_text_encoder, train_denoiser)}
 
 
-def lora_state_dicts(accelerator, family, models: dict, train_text_encoder: bool, train_denoiser: bool = True
-                     ) -> dict:
+def lora_save_arguments(accelerator, family, models: dict, peft_states: dict) -> dict:
     """Keyword arguments for the family pipeline's ``save_lora_weights``: layers and their peft metadata."""
-    peft_states = peft_state_dicts(accelerator, family, models, train_text_encoder, train_denoiser)
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) if family.diffusers_lora_names else state
               for name, state in peft_states.items()}
     unwrapped = {name: accelerator.unwrap_model(models[name]) for name in peft_states}
@@ -3485,8 +3580,8 @@ def validation_prompts(prompt: str, triggers: list[str], adapters: list | None =
 def run_validation(run: "Run", step: int) -> Path | None:
     """Draw the validation prompt with and without its trigger (same seeds) and save both rows as one PNG."""
     accelerator, args, family, models = run.accelerator, run.args, run.family, run.models
-    if not accelerator.is_main_process:
-        return None
+    if not (accelerator.is_main_process or is_sharded(accelerator)):
+        return None  # under FSDP every process draws: the sharded denoiser's forward passes need all of them
     triggers, weight_dtype, clip = run.triggers, run.weight_dtype, models.get("clip")
     with_trigger, without_trigger, bottom_off = validation_prompts(args.validation_prompt, triggers, run.adapters)
     # Text encoders freed after --pre_compute_text_embeddings are absent: the pipeline reloads them.
@@ -3499,6 +3594,8 @@ def run_validation(run: "Run", step: int) -> Path | None:
     pipeline.set_progress_bar_config(disable=True)
     with evaluation_mode(*components.values()):  # no LoRA dropout in the pictures (nor in their KPS)
         rows = validation_rows(run, pipeline, with_trigger, without_trigger, bottom_off)
+    if not accelerator.is_main_process:
+        return None
     if clip is not None:
         kps, clamped = knowledge_preservation_score(clip_image_embeddings(clip, rows[0]),
                                                     clip_image_embeddings(clip, rows[1]))
@@ -4029,12 +4126,16 @@ def embedding_card_lines(output_dir: Path, family, new_tokens: NewTokenEmbedding
 
 
 def save_final_weights(accelerator, args, family, models: dict, concepts, steps, grid, adapters: list) -> list[Path]:
-    """Each adapter's files, then the model card."""
+    """Each adapter's files, then the model card. Every process calls it (under FSDP the weights are gathered from
+    all of them); the main process writes and returns the files, the others return []."""
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     facts = {"base_model": args.pretrained_model_name_or_path, "class_words": [c.trigger_token for c in concepts],
              "cat_alpha": args.cat_alpha, "steps": steps}
     written = [path for adapter in adapters for path in adapter.save(output_dir, accelerator, family, models, facts)]
+    if not accelerator.is_main_process:
+        return []
     written.append(write_model_card(args, family, concepts, steps, grid, adapters))
     return written
 
@@ -4156,11 +4257,17 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype, 
     parameters attached in float32 (LoRA layers, new token rows, CatVersion's tokens)."""
     adapters = make_adapters(args, family, run_seed(args)) if adapters is None else adapters
     models = family.load_models(weight_dtype)
+    # Under FSDP the sharded models stay where they loaded: fully_shard moves each process's shard to the device,
+    # so the whole model never has to fit there.
+    sharded = {family.denoiser, *(family.text_encoders if args.fsdp_text_encoder else ())} \
+        if is_sharded(accelerator) else set()
     for name, model in models.items():
         if name == "noise_scheduler":
             continue
         if getattr(model, "is_quantized", False):  # a quantized base cannot be cast; it only moves
             model.to(accelerator.device)
+        elif name in sharded:
+            model.to(dtype=weight_dtype)
         else:
             model.to(accelerator.device, dtype=family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype)
     for adapter in adapters:
@@ -4173,6 +4280,8 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype, 
             models[name].gradient_checkpointing_enable()
     if weight_dtype != torch.float32:
         cast_training_params([models[name] for name in trained_components(family, adapters)], dtype=torch.float32)
+    if args.fsdp_text_encoder:
+        shard_frozen_text_encoders(family, models, accelerator.device)
     return models
 
 
@@ -4270,6 +4379,7 @@ def main(argv=None, on_log=None) -> list[Path]:
 
     # Step 2: processes, seed, precision; then the checks that need only the tokenizers.
     accelerator = make_accelerator(args)
+    check_distribution(args, adapters, accelerator)
     seed = run_seed(args)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -4328,11 +4438,10 @@ def main(argv=None, on_log=None) -> list[Path]:
         accelerator.end_training()
         raise
 
-    # Step 7: save (main process only).
+    # Step 7: save (every process gathers under FSDP; the main process writes).
     accelerator.wait_for_everyone()
-    written = []
+    written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, adapters)
     if accelerator.is_main_process:
-        written = save_final_weights(accelerator, args, family, models, concepts, steps, grid, adapters)
         if args.push_to_hub:
             push_to_hub(args)
         for path in written:

@@ -811,10 +811,11 @@ class Bench:
         options.train_text_encoder, options.gradient_checkpointing = args.train_text_encoder, args.gradient_checkpointing
         torch.manual_seed(0)
         # Random weights are created directly in the weight dtype: with bf16, SDXL's 14 GB float32 copy never exists.
-        # prepare_models reads only the accelerator's device: no Accelerator (and its global state) is needed.
+        # prepare_models reads only the accelerator's device and whether it shards: no Accelerator (and its global
+        # state) is needed.
+        one_process = SimpleNamespace(device=self.device, distributed_type=T.DistributedType.NO)
         with default_dtype(self.weight_dtype if random_weights else torch.get_default_dtype()):
-            self.models = T.prepare_models(options, self.family, SimpleNamespace(device=self.device),
-                                           self.weight_dtype)
+            self.models = T.prepare_models(options, self.family, one_process, self.weight_dtype)
         self.denoiser = self.models[self.family.denoiser]
         self.text_encoders = {name: self.models[name] for name in self.family.text_encoders}
         self.encode_prompts = T.PromptEncoder(self.family, self.text_encoders)

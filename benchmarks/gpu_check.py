@@ -14,6 +14,10 @@ The work, in order of value (``--dry_run`` prints it with an estimated time per 
    on deterministic kernels, so the bit-exact checks stay bit-exact on the GPU; lean and batched run different batch
    shapes, whose GPU kernels sum in different orders, so that test has a relative tolerance of 1e-3 on cuda
    (tests/conftest.py, tests/test_train_cat_lora.py). First: cheap, and no figure matters if these fail.
+   With 2 or more GPUs, ``tests-fsdp`` follows: the sharded tests of tests/test_fsdp.py (FSDP2 against one process,
+   the frozen pass against the base model, resume after SIGTERM), whose two processes then talk over NCCL; then
+   ``fsdp-step``: benchmarks/fsdp_step.py on every GPU, sharded and then replicated (peak memory per GPU, seconds per
+   step; Z-Image, whose denoiser fits one GPU whole as DDP needs).
 3. Per real architecture of ``cat_step_cost.MODELS`` (built from its published configs with random weights: nothing
    downloads; speed and memory do not depend on the weights), whose family is in ``train_cat_lora.FAMILIES`` (a
    family added there with a config in ``MODELS`` joins the plan; one without is listed as not measured): bf16
@@ -155,7 +159,7 @@ def check_args(args) -> None:
 @dataclass
 class Item:
     name: str
-    kind: str  # "tests" or "measure"
+    kind: str  # "tests", "measure" or "fsdp"
     what: str  # one line for the plan
     argv: list = field(default_factory=list)  # tests: the pytest command; measure: cat_step_cost's flags
     model: str = ""
@@ -173,6 +177,10 @@ class Item:
     def command(self) -> str:
         if self.kind == "tests":
             return " ".join(self.argv)
+        if self.kind == "fsdp":
+            return ("accelerate launch --num_processes N --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy "
+                    "TRANSFORMER_BASED_WRAP benchmarks/fsdp_step.py " + " ".join(self.argv) + "; the same with "
+                    "--multi_gpu instead of the --fsdp_* flags")
         flags = self.argv + ["--resolution", str(self.resolution)]
         flags += ["--gradient_checkpointing"] if self.gradient_checkpointing else []
         return "python benchmarks/cat_step_cost.py " + " ".join(flags)
@@ -186,6 +194,36 @@ def tests_item(smoke: bool, device: str, assumed: dict, families: int, xml: str 
                 what=f"pytest --device {device} -m any_device: alpha 0 = plain LoRA, lean = batched, resume after "
                      f"SIGTERM ({'first family' if smoke else f'{families} families'})",
                 estimate_run_s=assumed["tests_start_s"] + assumed["tests_per_family_s"] * counted)
+
+
+def fsdp_tests_item(assumed: dict) -> Item:
+    """The sharded tests (tests/test_fsdp.py, marked slow) on two GPUs: their runs go through NCCL there."""
+    argv = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "tests/test_fsdp.py",
+            "--junitxml", "tests.xml"]
+    return Item(name="tests-fsdp", kind="tests", argv=argv,
+                what="pytest -m slow tests/test_fsdp.py on 2 GPUs: FSDP2 = one process, the frozen pass = the base "
+                     "model, resume after SIGTERM (7 tests)",
+                estimate_run_s=assumed["tests_start_s"] + 7 * 2 * assumed["tests_per_family_s"])
+
+
+# The FSDP2-against-DDP comparison needs a model whose whole denoiser fits one GPU (DDP holds it whole): Z-Image's
+# 6 B transformer in bf16.
+FSDP_STEP_ARGV = ["--model", "z-image", "--resolution", "512", "--config", "cat-lean", "--gradient_checkpointing"]
+FSDP_LAUNCH = {"FSDP2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
+               "DDP": ["--multi_gpu"]}
+
+
+def fsdp_step_item(assumed: dict, gpus: int) -> Item:
+    return Item(name="fsdp-step", kind="fsdp", argv=FSDP_STEP_ARGV,
+                what=f"benchmarks/fsdp_step.py on {gpus} GPUs: peak memory per GPU and seconds per step of a CAT "
+                     "step, FSDP2 against DDP (Z-Image, 512 px, cat-lean, gradient checkpointing)",
+                estimate_run_s=2 * (assumed["worker_start_s"] + 12 / assumed["init_gb_per_s"] + 30))
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # count_flops' results by (model, path, resolution, prompt tokens): counting on the meta device takes seconds per
@@ -318,6 +356,12 @@ def make_plan(args, scratch: Path) -> tuple[list[Item], list[str]]:
             kind = "tiny pipeline" if args.smoke else "real-architecture config"
             notes.append(f"{family.__name__}: no {kind} in cat_step_cost.MODELS: not measured")
     items = [tests_item(args.smoke, device, assumed, len(families))]
+    if not args.smoke and gpu_count() >= 2:
+        items += [fsdp_tests_item(assumed), fsdp_step_item(assumed, gpu_count())]
+    elif not args.smoke:
+        notes.append("tests-fsdp, fsdp-step: the sharded tests and FSDP2 against DDP run with 2 or more GPUs; this "
+                     "machine has "
+                     f"{gpu_count()}")
     for family, entries in found.items():
         for name, path in entries:
             try:
@@ -436,7 +480,7 @@ class Run:
         return self.measured[0] / self.measured[1] if self.measured[1] else 1.0
 
     def estimate(self, item: Item, worker_alive: bool | None = None) -> float:
-        if item.kind == "tests":
+        if item.kind in ("tests", "fsdp"):
             return item.estimate_run_s
         alive = self.worker is not None if worker_alive is None else worker_alive
         seconds = item.estimate_run_s
@@ -472,6 +516,8 @@ class Run:
         start = time.monotonic()
         if item.kind == "tests":
             record = self.run_tests(item, limit, budget_bound)
+        elif item.kind == "fsdp":
+            record = self.run_fsdp(item, limit, budget_bound)
         else:
             record = self.run_measure(item, scratch, limit, budget_bound)
             if record["status"] == "done":
@@ -502,6 +548,36 @@ class Run:
         failed = ", ".join(outcome["failed"][:5]) + (" ..." if len(outcome["failed"]) > 5 else "")
         return {"status": "failed", "tests": outcome,
                 "message": f"{outcome['summary']}" + (f": {failed}" if failed else f" (pytest status {code})")}
+
+    def run_fsdp(self, item: Item, limit: float, budget_bound: bool) -> dict:
+        """benchmarks/fsdp_step.py under accelerate launch, sharded and then replicated, on every GPU."""
+        figures, deadline = {}, time.monotonic() + limit
+        for label, launch in FSDP_LAUNCH.items():
+            output = self.out / f"fsdp_step_{label}.json"
+            argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpu_count()),
+                    "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", *launch,
+                    str(ROOT / "benchmarks" / "fsdp_step.py"), *item.argv, "--output", str(output)]
+            with open(self.out / "logs" / f"{item.name}-{label}.log", "w", encoding="utf-8") as log:
+                process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=offline_env(),
+                                           start_new_session=True)
+                try:
+                    code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                    return {"status": "stopped at the budget" if budget_bound else "timed out", "fsdp": figures,
+                            "message": f"{label} stopped after {limit:.0f} s (see logs/{item.name}-{label}.log)"}
+            if code != 0 or not output.is_file():
+                log_text = (self.out / "logs" / f"{item.name}-{label}.log").read_text(errors="replace")
+                figures[label] = "out of memory" if "OutOfMemoryError" in log_text else "failed"
+                continue
+            result = json.loads(output.read_text())
+            figures[label] = (f"peak GiB per GPU {' / '.join(gib(p['peak_bytes']) for p in result['per_process'])}, "
+                              f"{max(p['step_s'] for p in result['per_process']):.2f} s/step")
+        failed = [label for label, figure in figures.items() if figure == "failed"]
+        return {"status": "failed" if failed else "done", "fsdp": figures,
+                "message": "; ".join(f"{label}: {figure}" for label, figure in figures.items())
+                           + (f" (see logs/{item.name}-*.log)" if failed else "")}
 
     def run_measure(self, item: Item, scratch: Path, limit: float, budget_bound: bool) -> dict:
         if self.worker is None:

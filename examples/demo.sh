@@ -2,7 +2,8 @@
 # The README's main command: the toy world's committed base model (examples/toyworld), one personal concept
 # ("sks circle", a red-white checkered circle the base model never saw), a CAT adapter and a plain LoRA trained
 # with identical settings, then evaluate_kps.py scores both (and the base model) with the toy CLIP on prompts
-# training never used. Offline; a few minutes on 2 CPU cores. Everything lands in outputs/demo/.
+# training never used, and with the toy world's subject judge (examples/toyworld/judge.py). Offline; a few minutes
+# on 2 CPU cores. Everything lands in outputs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/venv.sh
@@ -26,13 +27,13 @@ train() {  # train NAME ALPHA: 400 steps at batch 1, lr 1.5e-3: the settings of 
 train cat-lora 1.0
 train plain-lora 0
 
-echo "== evaluating (paper Eqs. 4-11, toy CLIP)"
+echo "== evaluating (paper Eqs. 4-11, toy CLIP; and the toy world's subject judge)"
 python evaluate_kps.py --pretrained_model_name_or_path "$toy/models/toy-sd" \
   --lora base=none --lora plain-lora="$out/plain-lora" --lora cat-lora="$out/cat-lora" \
   --eval_prompts "$toy/concepts/eval/sks_circle.jsonl" --trigger_token sks \
   --num_images_per_prompt 4 --resolution 32 --num_inference_steps 25 --guidance_scale 4 --seed 0 \
   --clip_model "local-dir:$PWD/$toy/models/toy-clip" --clip_pretrained none --dino_model none \
-  --output_dir "$out/eval"
+  --subject_judge toyworld --output_dir "$out/eval"
 
 echo
 echo "Base model (committed toy world):  $toy/models/toy-sd"

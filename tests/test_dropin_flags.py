@@ -31,7 +31,7 @@ MINIMAL = ["--pretrained_model_name_or_path", "base-model", "--instance_data_dir
 # What this script refuses outright: each flag stops the parse with one line saying why.
 REFUSED = {"--do_edm_style_training", "--use_dora", "--text_encoder_use_attention_mask", "--validation_images",
            "--class_labels_conditioning", "--enable_npu_flash_attention", "--do_fp8_training", "--remote_text_encoder",
-           "--fsdp_text_encoder", "--offload", "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",
+           "--offload", "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",
            "--caption_dropout", "--final_validation_prompt", "--pretrained_tokenizer_4_name_or_path",
            "--pretrained_text_encoder_4_name_or_path"}
 # Accepted, but only usable with an optional package; without it: one line naming the flag.

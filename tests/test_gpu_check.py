@@ -109,9 +109,10 @@ def test_dry_run_prints_the_gpu_plan_in_order_of_value_with_labelled_estimates(t
     starts = [int(row[3]) for row in rows]
     assert all(int(row[2]) > 0 for row in rows) and starts == sorted(starts)
     # A 300 s budget leaves items out, each marked on its line: those that would end past it (a later, shorter one
-    # may still fit).
+    # may still fit). The clock starts after the planning, which takes this machine 50 s idle and 4 min under load:
+    # which items fit depends on it, the rule does not.
     skipped = {row[1] for row in rows if "[would be skipped: over the budget]" in row[4]}
-    assert skipped and not skipped & {"tests-cuda", "sd15-512"}
+    assert skipped
     for _, name, seconds, start, _ in rows:
         assert (int(start) + int(seconds) > 300 - 1) if name in skipped else (int(start) + int(seconds) <= 300 + 1)
     # The FLOP estimates (see the next test for their formula): CAT below 2.5x LoRA (the VAE encode is shared), the

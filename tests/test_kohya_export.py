@@ -311,9 +311,10 @@ def test_sd3_diffusers_file_is_read_whole_by_comfyui(tmp_path, alpha):
     read: its change is B @ A, right when --lora_alpha is the rank (the default) and off by rank/alpha otherwise,
     which the script warns about."""
     adapted, _ = sd3_models(alpha)
-    accelerator = SimpleNamespace(unwrap_model=lambda model: model)
-    StableDiffusion3Pipeline.save_lora_weights(tmp_path, **T.lora_state_dicts(
-        accelerator, T.StableDiffusion3Family, adapted, train_text_encoder=True))
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, distributed_type=T.DistributedType.NO)
+    peft_states = T.peft_state_dicts(accelerator, T.StableDiffusion3Family, adapted, train_text_encoder=True)
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path, **T.lora_save_arguments(
+        accelerator, T.StableDiffusion3Family, adapted, peft_states))
     saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     depth = adapted["transformer"].config.num_layers
     key_map = {**clients.comfy_sd3_key_map(depth), **clients.comfy_clip_key_map({"clip_l": 2, "clip_g": 2})}
