@@ -49,6 +49,14 @@ The standard personalization metrics (DreamBooth, Ruiz et al. 2023; Custom Diffu
           base in folder mode) how far each adapter's images without the trigger moved from the base model's
           at the same seed and prompt: the mean absolute pixel change (0..1), and the share of pairs in which
           the judge reads the same shape, color, size and background.
+Drift on prompts unlike the captions (--unrelated_prompts FILE, generate mode; one trigger-less prompt a line): the
+base model and each adapter draw every prompt at the same seeds (prompt i, image k: seed + i * n + k), and per adapter
+
+  unrelated cos   mean SC(CLIP_img(I_adapter), CLIP_img(I_base)) over those same-seed pairs (1 = unchanged)
+  unrelated Δpx   mean |I_adapter - I_base| over pixels and channels, in [0, 1] (0 = unchanged)
+
+go into metrics.json and the table, the images into unrelated/ with unrelated.jsonl, and unrelated.png shows one
+row per model, one column per prompt (its first image).
 
 Two modes:
 
@@ -154,6 +162,18 @@ def mean_pairwise_similarity(a, b) -> float:
     a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(a, dtype=torch.float32)), dim=-1)
     b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(b, dtype=torch.float32)), dim=-1)
     return float((a @ b.T).mean())
+
+
+def paired_image_cosine(embeds, base_embeds) -> float:
+    """Mean SC over same-seed pairs (row i of each): how close an adapter's images stay to the base model's."""
+    return float(cosine_similarity(embeds, base_embeds).mean())
+
+
+def mean_pixel_change(images, base_images) -> float:
+    """Mean absolute difference of same-seed images, over pixels and channels, in [0, 1] (8-bit images / 255)."""
+    a = np.stack([np.asarray(image.convert("RGB"), dtype=np.float64) for image in images])
+    b = np.stack([np.asarray(image.convert("RGB"), dtype=np.float64) for image in base_images])
+    return float(np.abs(a - b).mean() / 255.0)
 
 
 def prompt_similarity(prompt_text_embeds, with_trigger_embeds) -> tuple[float, int]:
@@ -270,6 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(examples/toyworld/judge.py; the subject is the one --trigger_token names): adds ID "
                              "rate and ID score, and with a base entry (NAME=none, or the adapter named base in "
                              "folder mode) Δpx base and same as base")
+    gen.add_argument("--unrelated_prompts", type=Path, metavar="FILE",
+                     help="trigger-less prompts unlike the captions, one a line: each adapter's drift from the base "
+                          "model on them, same seeds (columns 'unrelated cos' and 'unrelated Δpx')")
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -283,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("generate mode needs at least one --lora NAME=PATH (NAME=none for the base model)")
     elif args.lora:
         parser.error("--lora is for generate mode; in folder mode the adapter names come from --pairs")
+    if args.unrelated_prompts is not None and args.pairs is not None:
+        parser.error("--unrelated_prompts is for generate mode (--eval_data_dir/--eval_prompts)")
     if args.masks is not None and args.segmenter is not None:
         parser.error("give at most one of --masks, --segmenter")
     if args.masks is not None and args.pairs is None:
@@ -389,6 +414,22 @@ def load_eval_items(eval_data_dir: Path | None, eval_prompts: Path | None, trigg
             items.append(Item(record["caption"], prompt, reference))
     if not items:
         raise InputError(f"{eval_data_dir or eval_prompts}: empty evaluation set")
+    return items
+
+
+def load_unrelated_prompts(path: Path, trigger: str) -> list[Item]:
+    """--unrelated_prompts: one prompt a line (blank lines and # comments skipped), none with the trigger."""
+    if not path.is_file():
+        raise InputError(f"--unrelated_prompts: {path}: no such file")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    items = []
+    for n, line in lines:
+        if line and not line.startswith("#"):
+            if contains_trigger(line, trigger):
+                raise InputError(f"--unrelated_prompts: {path}: line {n} {line!r} contains the trigger {trigger!r}")
+            items.append(Item(line, line, None))
+    if not items:
+        raise InputError(f"--unrelated_prompts: {path}: no prompts")
     return items
 
 
@@ -943,16 +984,17 @@ def plan_samples(adapters, items: list[Item], num_images_per_prompt: int, seed: 
 
 
 def generate_images(pipe, family, adapters, samples: list[Sample], state, batch_size: int, num_inference_steps: int,
-                    guidance_scale: float, resolution: int, trigger: str) -> None:
+                    guidance_scale: float, resolution: int, trigger: str, variants=("T", "y")) -> None:
     """Draw I(y_T) and I(y) for every sample, this process's share of them; the main process gets all.
 
     Each adapter is applied with ``load_lora_weights`` (and ``load_textual_inversion``) and removed again on the
     one base pipeline. An adapter with new-token embeddings draws I(y_T) with the trigger replaced by its tokens
     (<s0><s1>...), as its model card says to prompt; y holds neither. Jobs are split between processes
-    (accelerate) and the images gathered.
+    (accelerate) and the images gathered. ``variants=("T",)`` draws only the caption, adapter on
+    (--unrelated_prompts).
     """
 
-    jobs = {name: [(n, variant) for n, s in enumerate(samples) if s.adapter == name for variant in ("T", "y")]
+    jobs = {name: [(n, variant) for n, s in enumerate(samples) if s.adapter == name for variant in variants]
             for name in adapters}
     shares = {}
     for name, adapter_jobs in jobs.items():
@@ -1060,6 +1102,47 @@ def score_samples(samples: list[Sample], clip: Clip, dino: Dino | None, batch_si
     return metrics
 
 
+def unrelated_scores(samples: list[Sample], base: str, clip: Clip, batch_size: int) -> dict[str, dict]:
+    """--unrelated_prompts: per adapter, ``unrelated_cosine`` and ``unrelated_pixel_change`` of its images (in
+    ``with_trigger``) against the base model's (adapter ``base``) at the same prompt and seed."""
+    embeds = clip_image_embeddings(clip, [s.with_trigger for s in samples], batch_size)
+    of_base = {(s.item, s.image): n for n, s in enumerate(samples) if s.adapter == base}
+    scores = {}
+    for adapter in dict.fromkeys(s.adapter for s in samples):
+        idx = [n for n, s in enumerate(samples) if s.adapter == adapter]
+        pair = [of_base[samples[n].item, samples[n].image] for n in idx]
+        scores[adapter] = {"unrelated_cosine": paired_image_cosine(embeds[idx], embeds[pair]),
+                           "unrelated_pixel_change": mean_pixel_change([samples[n].with_trigger for n in idx],
+                                                                       [samples[n].with_trigger for n in pair])}
+    return scores
+
+
+def write_unrelated(output_dir: Path, samples: list[Sample], tile: int = 64) -> None:
+    """unrelated/<adapter>/<prompt>_<image>.png, unrelated.jsonl, and unrelated.png: one row per model, one column per
+    prompt (its first image), same seeds down each column."""
+    from PIL import ImageDraw
+
+    lines = []
+    for s in samples:
+        path = output_dir / "unrelated" / s.adapter / f"{s.item:04d}_{s.image:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s.with_trigger.save(path)
+        lines.append({"adapter": s.adapter, "prompt": s.prompt, "seed": s.seed,
+                      "image": os.path.relpath(path, output_dir)})
+    (output_dir / "unrelated.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    adapters = list(dict.fromkeys(s.adapter for s in samples))
+    firsts = [s for s in samples if s.image == 0]
+    columns = max(s.item for s in samples) + 1
+    grid = Image.new("RGB", (COMPARISON_LABEL_WIDTH + columns * tile, len(adapters) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, adapter in enumerate(adapters):
+        draw.text((4, r * tile + tile // 2 - 6), adapter[:18], fill="black")
+        for s in (s for s in firsts if s.adapter == adapter):
+            grid.paste(s.with_trigger.convert("RGB").resize((tile, tile), Image.NEAREST),
+                       (COMPARISON_LABEL_WIDTH + s.item * tile, r * tile))
+    grid.save(output_dir / "unrelated.png")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
@@ -1071,6 +1154,7 @@ TABLE_COLUMNS = [
 MASKED_COLUMN = ("CLIP-I masked", "CLIP-I_masked")  # after CLIP-I, when the metrics have it
 JUDGE_COLUMNS = [("ID rate", "ID_rate"), ("ID score", "ID_score")]  # after IS, with --subject_judge
 BASE_COLUMNS = [("Δpx base ↓", "base_pixel_change"), ("same as base", "base_same_reading")]  # after KPS, with a base
+UNRELATED_COLUMNS = [("unrelated cos", "unrelated_cosine"), ("unrelated Δpx", "unrelated_pixel_change")]  # after KPS
 
 
 CLAMP_MARK = "*"
@@ -1091,6 +1175,9 @@ def format_table(metrics: dict[str, dict]) -> str:
         if any(extra[0][1] in m for m in metrics.values()):
             at = columns.index(after) + 1
             columns[at:at] = extra
+    if any(UNRELATED_COLUMNS[0][1] in m for m in metrics.values()):
+        at = columns.index(("KPS mean", "KPS_mean")) + 1
+        columns[at:at] = UNRELATED_COLUMNS
     head = "| Method | n | " + " | ".join(title for title, _ in columns) + " | clamped PS/IS/KPS |"
     rule = "|---|---:|" + "---:|" * len(columns) + "---:|"
     rows, notes = [], []
@@ -1280,6 +1367,8 @@ def main(argv=None) -> dict:
     if generate:
         items = load_eval_items(args.eval_data_dir, args.eval_prompts, args.trigger_token, args.instance_prompt)
         adapters = parse_lora_specs(args.lora)
+        unrelated = None if args.unrelated_prompts is None else load_unrelated_prompts(args.unrelated_prompts,
+                                                                                         args.trigger_token)
     else:
         samples = load_pairs(args.pairs, args.trigger_token)
         adapters = None
@@ -1321,6 +1410,13 @@ def main(argv=None) -> dict:
                         len(adapters), state.num_processes)
         generate_images(pipe, family, adapters, samples, state, args.batch_size, args.num_inference_steps,
                         args.guidance_scale, args.resolution, args.trigger_token)
+        if unrelated is not None:  # the base model draws them too, as the reference
+            base = next((name for name, files in adapters.items() if files is None),
+                        "base" if "base" not in adapters else "base_model")
+            drawn = plan_samples({**adapters, base: None}, unrelated, args.num_images_per_prompt, args.seed)
+            generate_images(pipe, family, {**adapters, base: None}, drawn, state, args.batch_size,
+                            args.num_inference_steps, args.guidance_scale, args.resolution, args.trigger_token,
+                            variants=("T",))
         if not state.is_main_process:
             return {}
         if masks is not None:
@@ -1329,6 +1425,10 @@ def main(argv=None) -> dict:
     if subject_judge is not None:
         judge_samples(samples, metrics, subject_judge)
     settings = collect_settings(args, clip, adapters, subject_judge)
+    if generate and unrelated is not None:
+        for name, scores in unrelated_scores(drawn, base, clip, args.batch_size).items():
+            metrics.get(name, {}).update(scores)
+        write_unrelated(args.output_dir, drawn)
     table = write_outputs(args.output_dir, samples, metrics, settings, save_images=generate,
                           reference_masks=reference_masks)
     print(table, end="")

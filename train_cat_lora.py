@@ -96,6 +96,9 @@ from transformers.models.clip.modeling_clip import CLIPAttention
 # --cat_alpha auto: the defaults of the drift budget and of the multiplier's step (see DriftBudget).
 DEFAULT_DRIFT_BUDGET = 0.03  # where the paper's alpha = 1 left the drift in the toy world (benchmarks/drift_budget.py)
 DEFAULT_DUAL_LR = 0.05
+# --cat_prompts: the weight of the prompt-bank term (docs/cat.md, "A prompt bank"; measured in the toy world)
+DEFAULT_BANK_ALPHA = 1.0
+BANK_CLASS = "{class}"  # in a --cat_prompts line: the sample's concept's class word
 # Single-token triggers with an id below this are among CLIP BPE's earliest (most frequent) merges.
 COMMON_TOKEN_ID_LIMIT = 20000
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -274,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "eps_lora(z_t, t, y_swap)||^2, where y_swap is the sample's caption with its trigger "
                           "replaced by another concept's (drawn per sample), so that no other trigger draws this "
                           "concept. 0 (the default) turns it off; needs --cat_alpha > 0.")
+    cat.add_argument("--cat_prompts", default=None, metavar="FILE",
+                     help="A bank of trigger-less prompts, one a line ('{class}' stands for the concept's class "
+                          "word): each CAT step also weighs --cat_prompts_alpha * ||eps_frozen(z_t, t, y') - "
+                          "eps_lora(z_t, t, y')||^2, y' drawn per sample from the bank, on the sample's own z_t and t.")
+    cat.add_argument("--cat_prompts_alpha", type=float, default=DEFAULT_BANK_ALPHA,
+                     help="Weight of the --cat_prompts term (with --cat_alpha auto, times each concept's multiplier).")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
@@ -520,6 +529,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cat_prompt == "class" and not args.cat_class_word and args.concepts_list is None:
         raise InputError("--cat_prompt class needs --cat_class_word")
     check_swap_args(args)
+    if args.cat_prompts is not None and args.cat_alpha == 0:
+        raise InputError("--cat_prompts adds to CAT's term: give --cat_alpha > 0 (or auto)")
+    if args.cat_prompts_alpha < 0:
+        raise InputError(f"--cat_prompts_alpha must be >= 0, got {args.cat_prompts_alpha}")
     if args.resolution <= 0 or args.resolution % 8:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
@@ -840,6 +853,7 @@ class Example:
     trigger: str | None = None
     concept: int = 0  # index in the concepts list: --cat_alpha auto holds each concept to the budget
     swap_captions: tuple[str, ...] = ()  # --cat_swap_alpha: the caption with each other concept's trigger
+    bank_prompts: tuple[str, ...] = ()  # --cat_prompts: the bank, {class} replaced by this concept's class word
 
 
 def concept_field_error(entry: dict) -> str | None:
@@ -1003,6 +1017,43 @@ def swap_captions(args: argparse.Namespace, concepts: list[Concept], concept: Co
         return ()
     others = dict.fromkeys(c.trigger_token for c in concepts if c.trigger_token != concept.trigger_token)
     return tuple(replace_trigger(caption, concept.trigger_token, other) for other in others)
+
+
+def load_prompt_bank(path: str, concepts: list[Concept]) -> list[tuple[str, ...]]:
+    """--cat_prompts: the bank's prompts for each concept (``{class}`` replaced by its class word), in file order.
+
+    One prompt a line; blank lines and lines starting with ``#`` are skipped. Refused in one line each: a missing
+    file, a file with no prompt, a line holding any concept's trigger (y' must be trigger-less, or the term would pull
+    the trigger itself back to the base model), and ``{class}`` for a concept without a class word.
+    """
+    where = f"--cat_prompts: {path}"
+    if not Path(path).is_file():
+        raise InputError(f"{where}: no such file")
+    lines = [(number, line.strip()) for number, line in enumerate(read_text(Path(path), "--cat_prompts")
+                                                                  .splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise InputError(f"{where}: no prompts (one a line; blank lines and # comments are skipped)")
+    banks = []
+    for concept in concepts:
+        bank = []
+        for number, line in lines:
+            if BANK_CLASS in line and not concept.class_word:
+                raise InputError(f"{where}: line {number} uses {BANK_CLASS} but concept {concept.trigger_token!r} "
+                                 "has no class word (--cat_class_word, or class_word in the concepts list)")
+            prompt = line.replace(BANK_CLASS, concept.class_word or "")
+            for trigger in (c.trigger_token for c in concepts if c.trigger_token):
+                if contains_trigger(prompt, trigger):
+                    raise InputError(f"{where}: line {number} {line!r} contains the trigger {trigger!r}; the bank is "
+                                     "for prompts without any trigger")
+            bank.append(prompt)
+        banks.append(tuple(bank))
+    return banks
+
+
+def with_prompt_bank(examples: list[Example], banks: list[tuple[str, ...]]) -> list[Example]:
+    """The examples, each with its concept's bank (``load_prompt_bank``)."""
+    return [replace(example, bank_prompts=banks[example.concept]) for example in examples]
 
 
 def _examples_from_dataset(args: argparse.Namespace, concept: Concept, notes: dict) -> list[Example]:
@@ -1181,6 +1232,9 @@ class CATDataset:
         if example.swap_captions:  # drawn last: the draws above are those of a run without --cat_swap_alpha
             which = torch.randint(len(example.swap_captions), (), generator=generator).item()
             item["swap_prompt"] = example.swap_captions[which]
+        if example.bank_prompts:  # drawn after every other draw: the rest of the item is that of a run without a bank
+            which = torch.randint(len(example.bank_prompts), (), generator=generator).item()
+            item["bank_prompt"] = example.bank_prompts[which]
         return item
 
 
@@ -1196,7 +1250,7 @@ def collate_examples(items: list[dict]) -> dict:
 
     ``prompts`` are the captions of every row (y_T, then the class prompt), ``cat_prompts`` the CAT prompts y
     of the instance rows, ``swap_prompts`` their captions with another concept's trigger (--cat_swap_alpha; else
-    empty).
+    empty), ``bank_prompts`` each instance row's prompt y' drawn from the --cat_prompts bank (else empty).
     """
     fields_ = ["pixel_values", "original_size", "crop_top_left", "prompt", "noise_seed"]
     rows = {name: [item[name] for item in items] for name in fields_}
@@ -1210,6 +1264,7 @@ def collate_examples(items: list[dict]) -> dict:
         "prompts": rows["prompt"],
         "cat_prompts": [item["cat_prompt"] for item in items],
         "swap_prompts": [item["swap_prompt"] for item in items if "swap_prompt" in item],
+        "bank_prompts": [item["bank_prompt"] for item in items if "bank_prompt" in item],
         "concepts": torch.tensor([item["concept"] for item in items], dtype=torch.int64),
         "noise_seeds": torch.tensor(rows["noise_seed"], dtype=torch.int64),
         "num_instance": len(items),
@@ -2914,6 +2969,16 @@ def frozen_prediction(family, denoiser, z: dict, frozen_cond: dict):
         return family.predict(denoiser, z, {name: value.detach() for name, value in frozen_cond.items()})
 
 
+def weighted_cat_term(adapted_pred, frozen_pred, weight: float, row_weights=None):
+    """``weight * cat_loss(adapted_pred, frozen_pred)``; with ``row_weights`` (one per row, --cat_alpha auto: each
+    row's concept multiplier) the same MSE with each row's part weighted by its own."""
+    if row_weights is None:
+        return weight * cat_loss(adapted_pred, frozen_pred)
+    per_row = F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="none")
+    per_row = per_row.mean(dim=list(range(1, per_row.ndim)))
+    return weight * (row_weights.to(per_row.device) * per_row).mean()
+
+
 @dataclass(frozen=True)
 class StepConfig:
     """The options of one training step."""
@@ -2923,13 +2988,14 @@ class StepConfig:
     prior_loss_weight: float = 0.0
     weight_dtype: torch.dtype = torch.float32
     cat_swap_alpha: float = 0.0  # beta of the swapped-trigger term (runs with the CAT term only)
+    cat_bank_alpha: float = 0.0  # weight of the --cat_prompts term (runs with the CAT term only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
         # With --cat_alpha auto the multipliers come as per-row weights: the config's alpha is then 1.
         cat_alpha = 1.0 if args.cat_alpha == "auto" else args.cat_alpha
         return cls(cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                   weight_dtype, args.cat_swap_alpha)
+                   weight_dtype, args.cat_swap_alpha, args.cat_prompts_alpha if args.cat_prompts else 0.0)
 
 
 def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward, cat_weights=None
@@ -2950,16 +3016,26 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     trigger replaced by another concept's), the CAT passes also run the adapter on those prompts, and
     ``beta * ||eps_frozen(z_t, t, y) - eps_lora(z_t, t, y_swap)||^2`` joins the loss: another concept's trigger
     must leave this subject's prediction where the base model has it, as having no trigger does.
+
+    With ``config.cat_bank_alpha`` and the batch's ``bank_prompts`` (a trigger-less prompt y' per subject row, drawn
+    from --cat_prompts), ``cat_bank_alpha * ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2`` joins the loss, on
+    the row's own z_t and t: y' runs in the adapted CAT passes and in the frozen one (one denoiser call each). With
+    ``cat_weights`` each row's bank term is weighted by its multiplier too, and ``drift`` is the mean of the row's
+    drift on y and on y'.
     """
     denoiser = models[family.denoiser]
     z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], config.weight_dtype)
     n, batch_size = batch["num_instance"], z["noisy"].shape[0]
     use_cat = config.cat_alpha > 0
     use_swap = use_cat and config.cat_swap_alpha > 0 and bool(batch.get("swap_prompts"))
+    use_bank = use_cat and config.cat_bank_alpha > 0 and bool(batch.get("bank_prompts"))
     instance, classes = take_rows(z, 0, n), take_rows(z, n)
-    # The adapted CAT passes: y, then (with the swap term) y_swap, on the subject rows' z_t and t.
-    cat_prompts = batch["cat_prompts"] + (batch["swap_prompts"] if use_swap else [])
-    cat_z = join_rows(instance, instance) if use_swap else instance
+    # The adapted CAT passes: y, then (with the swap term) y_swap, then (with a bank) y', on the subject rows' z_t, t.
+    bank_prompts = batch["bank_prompts"] if use_bank else []
+    cat_prompts = batch["cat_prompts"] + (batch["swap_prompts"] if use_swap else []) + bank_prompts
+    cat_z = instance
+    for _ in range(use_swap + use_bank):
+        cat_z = join_rows(cat_z, instance)
     if use_cat and config.cat_mode == "batched":  # y_T and y through the text encoders in one call too
         both_cond = encode_prompts(batch["prompts"] + cat_prompts)
         preds = family.predict(denoiser, join_rows(z, cat_z), both_cond)
@@ -2974,40 +3050,48 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     if n < batch_size:
         loss_prior = diffusion_loss(model_pred[n:], classes["target"], classes["loss_weights"])
     loss = loss_diffusion + config.prior_loss_weight * loss_prior
-    loss_cat = loss_swap = torch.zeros((), device=model_pred.device)
+    loss_cat = loss_swap = loss_bank = weighted_bank = torch.zeros((), device=model_pred.device)
     if use_cat:
         if config.cat_mode == "lean":
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
             cat_cond = encode_prompts(cat_prompts)
             adapted_pred = family.predict(denoiser, cat_z, cat_cond)
             loss = torch.zeros((), device=model_pred.device)
-        if use_swap:
-            adapted_pred, swap_pred = adapted_pred[:n], adapted_pred[n:]
+        parts = adapted_pred.split(n)  # y, then y_swap and y' when they run
+        adapted_pred, swap_pred, bank_pred = parts[0], parts[1] if use_swap else None, parts[-1]
+        # The frozen pass: y (and the bank's y') on the same z_t, one denoiser call.
         if encode_prompts.adapted:
-            frozen_cond = encode_prompts.frozen(batch["cat_prompts"])
-        else:  # the conditioning of y the adapted pass used is the base model's
+            frozen_cond = encode_prompts.frozen(batch["cat_prompts"] + bank_prompts)
+        else:  # the conditioning of y (and y') the adapted pass used is the base model's
             frozen_cond = take_rows(cat_cond, 0, n)
-        frozen_pred = frozen_prediction(family, denoiser, instance, frozen_cond)
+            if use_bank:
+                frozen_cond = join_rows(frozen_cond, take_rows(cat_cond, len(cat_prompts) - n))
+        frozen_pred = frozen_prediction(family, denoiser, join_rows(instance, instance) if use_bank else instance,
+                                        frozen_cond)
+        frozen_pred, bank_frozen = frozen_pred[:n], frozen_pred[n:]
         if use_swap:
             loss_swap = cat_loss(swap_pred, frozen_pred)
             loss = loss + config.cat_swap_alpha * loss_swap
         loss_cat = cat_loss(adapted_pred, frozen_pred)
-        if cat_weights is None:
-            weighted_cat = config.cat_alpha * loss_cat
-        else:  # the same MSE, each row weighted by its concept's multiplier
-            per_row = F.mse_loss(adapted_pred.float(), frozen_pred.detach().float(), reduction="none")
-            per_row = per_row.mean(dim=list(range(1, per_row.ndim)))
-            weighted_cat = config.cat_alpha * (cat_weights.to(per_row.device) * per_row).mean()
+        weighted_cat = weighted_cat_term(adapted_pred, frozen_pred, config.cat_alpha, cat_weights)
         loss = loss + weighted_cat
         drift = relative_drift(adapted_pred, frozen_pred)
+        if use_bank:  # --cat_prompts: ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2; the budget counts its drift
+            loss_bank = cat_loss(bank_pred, bank_frozen)
+            weighted_bank = weighted_cat_term(bank_pred, bank_frozen, config.cat_bank_alpha, cat_weights)
+            loss = loss + weighted_bank
+            drift = (drift + relative_drift(bank_pred, bank_frozen)) / 2
     else:
         weighted_cat, drift = loss_cat, torch.zeros(0, device=model_pred.device)
     backward(loss)
-    total = loss_diffusion + config.prior_loss_weight * loss_prior + weighted_cat + config.cat_swap_alpha * loss_swap
+    total = (loss_diffusion + config.prior_loss_weight * loss_prior + weighted_cat
+             + config.cat_swap_alpha * loss_swap + weighted_bank)
     losses = {"loss": total.detach(), "diffusion": loss_diffusion.detach(), "prior": loss_prior.detach(),
               "cat": loss_cat.detach(), "drift": drift}
     if batch.get("swap_prompts"):  # logged on every step of a swap run (0 on steps without the CAT passes)
         losses["swap"] = loss_swap.detach()
+    if batch.get("bank_prompts"):  # likewise for a bank run
+        losses["bank"] = loss_bank.detach()
     return losses
 
 
@@ -3654,7 +3738,8 @@ def step_losses(run: Run, batch, step: int) -> dict:
     run_cat = run.step_config.cat_alpha > 0 and cat_runs_on(step, run.args.cat_every)
     scale = run.args.cat_every * run_cat
     config = replace(run.step_config, cat_alpha=run.step_config.cat_alpha * scale,
-                     cat_swap_alpha=run.step_config.cat_swap_alpha * scale)
+                     cat_swap_alpha=run.step_config.cat_swap_alpha * scale,
+                     cat_bank_alpha=run.step_config.cat_bank_alpha * scale)
     cat_weights = run.drift_budget.weights(batch["concepts"]) if run.drift_budget and run_cat else None
     losses = training_step(batch, run.family, run.models, run.encode_prompts, config,
                            backward=run.accelerator.backward, cat_weights=cat_weights)
@@ -4084,6 +4169,8 @@ def check_inputs(args: argparse.Namespace):
                                  f"--token_abstraction ({args.token_abstraction}): with pivotal tuning it must be one")
     data_notes = {}
     instance_examples = collect_instance_examples(args, concepts, data_notes)
+    if args.cat_prompts is not None:
+        instance_examples = with_prompt_bank(instance_examples, load_prompt_bank(args.cat_prompts, concepts))
     if args.with_prior_preservation:
         check_class_images(Path(args.class_data_dir), args.num_class_images, args.resolution, data_notes)
     check_validation_prompt(args.validation_prompt, args.cat_alpha, concepts)
@@ -4208,6 +4295,7 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
     if args.pre_compute_text_embeddings:
         prompts = [e.caption for e in instance_examples + class_examples] + [e.cat_caption for e in instance_examples]
         prompts += [swapped for e in instance_examples for swapped in e.swap_captions]
+        prompts += [prompt for e in instance_examples for prompt in e.bank_prompts]
         text_encoders = {name: models[name] for name in family.text_encoders}
         cached_prompts = CachedPromptEncoder(PromptEncoder(family, text_encoders), prompts)
         # Nothing reads the text encoders after this (validation reloads them): let them leave memory (T5-XXL
@@ -4336,6 +4424,7 @@ def main(argv=None, on_log=None) -> list[Path]:
                 + (f", drift budget {args.cat_drift_budget}" if drift_budget else "")
                 + (f", CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
                 + (f", swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else "")
+                + (f", prompt bank {args.cat_prompts} weight {args.cat_prompts_alpha}" if args.cat_prompts else "")
                 + f"), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:

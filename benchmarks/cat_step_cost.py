@@ -133,13 +133,17 @@ CONFIGS = {
     "lora+prior": {"cat_alpha": 0.0, "cat_mode": "lean", "prior": True},
     "cat-lean": {"cat_alpha": 1.0, "cat_mode": "lean", "prior": False},
     "cat-batched": {"cat_alpha": 1.0, "cat_mode": "batched", "prior": False},
+    # --cat_prompts: a bank prompt y' per row, in CAT's adapted and frozen passes (more rows, no more calls)
+    "cat-bank-lean": {"cat_alpha": 1.0, "cat_mode": "lean", "prior": False, "bank": True},
+    "cat-bank-batched": {"cat_alpha": 1.0, "cat_mode": "batched", "prior": False, "bank": True},
 }
 MIB = 1024 * 1024
 PHASES = ["VAE encode", "text encode", "denoiser fwd (grad)", "denoiser fwd (frozen)", "backward", "clip + AdamW"]
 
 # Denoiser work per step, in passes over the instance batch: (adapted passes with gradient, frozen passes).
 # Prior preservation runs the adapted denoiser on twice the batch: 2 passes' worth.
-DENOISER_PASSES = {"lora": (1, 0), "lora+prior": (2, 0), "cat-lean": (2, 1), "cat-batched": (2, 1)}
+DENOISER_PASSES = {"lora": (1, 0), "lora+prior": (2, 0), "cat-lean": (2, 1), "cat-batched": (2, 1),
+                   "cat-bank-lean": (3, 2), "cat-bank-batched": (3, 2)}
 # Cost of a backward in forwards: 2 when the base weights get gradients (the issue's counting), 1 with a frozen
 # base (a LoRA backward computes input gradients only).
 BACKWARD_UNITS = {"issue": 2, "frozen base": 1}
@@ -758,16 +762,22 @@ def synthetic_image(index: int, size: int, subject: bool):
     return image
 
 
+BANK = ("a busy street market at dusk", "a cup of coffee on a saucer", "a watercolor painting of a harbor")
+
+
 def make_batches(resolution: int, batch_size: int) -> dict:
-    """One instance batch and the same with class rows (prior preservation), through the script's data path."""
+    """One instance batch, the same with class rows (prior preservation) and with --cat_prompts rows ("bank"),
+    through the script's data path."""
     instance = [T.Example(synthetic_image(i, resolution, True), "a photo of sks teapot", "a photo of teapot",
                           f"instance-{i}") for i in range(batch_size)]
     classes = [T.Example(synthetic_image(i, resolution, False), "a photo of teapot", "a photo of teapot",
                          f"class-{i}") for i in range(batch_size)]
     plain = T.make_dataset(instance, [], resolution, True, False, 0)
     prior = T.make_dataset(instance, classes, resolution, True, False, 0)
+    bank = T.make_dataset(T.with_prompt_bank(instance, [BANK]), [], resolution, True, False, 0)
     return {False: T.collate_examples([plain[i] for i in range(batch_size)]),
-            True: T.collate_examples([prior[i] for i in range(batch_size)])}
+            True: T.collate_examples([prior[i] for i in range(batch_size)]),
+            "bank": T.collate_examples([bank[i] for i in range(batch_size)])}
 
 
 @contextmanager
@@ -821,7 +831,8 @@ class Bench:
         if getattr(args, "pre_compute_text_embeddings", False):
             # As train_cat_lora.py --pre_compute_text_embeddings: every prompt encoded once by the frozen text
             # encoders, which then leave memory (T5-XXL alone is ~9.5 GB in bf16).
-            prompts = [p for batch in self.batches.values() for p in batch["prompts"] + batch["cat_prompts"]]
+            prompts = [p for batch in self.batches.values()
+                       for p in batch["prompts"] + batch["cat_prompts"] + batch["bank_prompts"]]
             self.encode_prompts = T.CachedPromptEncoder(self.encode_prompts, prompts)
             for name in self.family.text_encoders:
                 del self.models[name]
@@ -864,13 +875,15 @@ class Bench:
         """One full optimizer step of ``config`` with the global seed ``seed``."""
         spec = CONFIGS[config]
         step_config = T.StepConfig(cat_alpha=spec["cat_alpha"], cat_mode=spec["cat_mode"],
-                                   prior_loss_weight=1.0 if spec["prior"] else 0.0, weight_dtype=self.weight_dtype)
+                                   prior_loss_weight=1.0 if spec["prior"] else 0.0, weight_dtype=self.weight_dtype,
+                                   cat_bank_alpha=1.0 if spec.get("bank") else 0.0)
         torch.manual_seed(seed)
         # bf16: autocast around the step, as accelerate does around the prepared models' forward. The meta device
         # (benchmarks/meta_cost.py) has no autocast: the CPU's is named, which leaves meta tensors as they are.
         device_type = "cpu" if self.device.type == "meta" else self.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
-            losses = T.training_step(self.batches[spec["prior"]], self.family, self.models, self.encode_prompts,
+            batch = self.batches["bank" if spec.get("bank") else spec["prior"]]
+            losses = T.training_step(batch, self.family, self.models, self.encode_prompts,
                                      step_config, backward or (lambda loss: loss.backward()))
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)

@@ -259,9 +259,9 @@ def tco_reference_set(concept: dict, concepts_dir: Path, run: Path, out: Path) -
 
 
 def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path], out: Path,
-             prompts_from: dict | None = None) -> dict:
+             prompts_from: dict | None = None, extra: list[str] = ()) -> dict:
     """evaluate_kps.py on the concept's unseen prompts (or on those of the concept ``prompts_from``), and the share
-    of images that show the concept's subject."""
+    of images that show the concept's subject; ``extra``: more evaluate_kps.py flags (e.g. --unrelated_prompts)."""
     prompts_from = prompts_from or concept
     prompts = concepts_dir / EVAL_PROMPTS_DIR / f"{prompts_from['instance_data_dir']}.jsonl"
     command = [str(ROOT / "evaluate_kps.py"), "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
@@ -272,10 +272,11 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
                "--clip_pretrained", "none", "--dino_model", "none", "--segmenter", "border", "--output_dir", str(out)]
     for name, path in adapters.items():
         command += ["--lora", f"{name}={path}"]
-    command += ["--lora", "base=none"]  # the reference for leakage, at the same seeds
+    command += ["--lora", "base=none", *extra]  # base: the reference for leakage, at the same seeds
     done = out / "metrics.json"
     previous = json.loads(done.read_text())["adapters"] if done.is_file() else {}
-    if set(previous) != {*adapters, "base"} or any("CLIP-I_masked" not in m for m in previous.values()):
+    if (set(previous) != {*adapters, "base"} or any("CLIP-I_masked" not in m for m in previous.values())
+            or ("--unrelated_prompts" in extra and any("unrelated_cosine" not in m for m in previous.values()))):
         run(command, out / "evaluate.log")  # (a rerun over the same adapters reuses the evaluation)
     metrics = json.loads((out / "metrics.json").read_text())["adapters"]
     rates = subject_rates(out / "pairs.jsonl", concepts_dir / concept["instance_data_dir"], args.clip_dir)

@@ -1,0 +1,256 @@
+"""--cat_prompts (a bank of trigger-less prompts y', issue 29) and evaluate_kps.py --unrelated_prompts."""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import draw_subject, families_slow_except, sequence_length, train_args
+from PIL import Image
+from safetensors.torch import load_file
+
+import evaluate_kps as ek
+import train_cat_lora as T
+
+BANK = "a photo of a {class}\na red square on a white background\n\n# a comment\na yellow triangle\n"
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def two_concepts(tmp_path) -> list[str]:
+    """Two concepts (sks circle, hok square) of two images each, as --concepts_list flags."""
+    concepts = []
+    for n, (trigger, word) in enumerate((("sks", "circle"), ("hok", "square"))):
+        (tmp_path / trigger).mkdir()
+        for i in range(2):
+            draw_subject(tmp_path / trigger / f"{i}.png", shift=i, color=(200 - 150 * n, 30 + 150 * n, 30))
+        concepts.append({"instance_data_dir": str(tmp_path / trigger), "trigger_token": trigger,
+                         "instance_prompt": f"a photo of {trigger} {word}", "class_word": word})
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    return ["--concepts_list", str(tmp_path / "concepts.json")]
+
+
+def test_each_concept_gets_the_bank_with_its_class_word_drawn_last_in_the_sample_seed(tmp_path, tiny_pipeline):
+    """{class} becomes each concept's own class word; the bank prompt is drawn after every other draw of the sample,
+    so everything else in the item is what a run without a bank sees; every line is drawn."""
+    (tmp_path / "bank.txt").write_text(BANK)
+    flags = ["--pretrained_model_name_or_path", tiny_pipeline, *two_concepts(tmp_path)]
+    plain_args = T.parse_args(flags)
+    bank_args = T.parse_args([*flags, "--cat_prompts", str(tmp_path / "bank.txt")])
+    plain = T.collect_instance_examples(plain_args, T.load_concepts(plain_args))
+    examples = T.with_prompt_bank(plain, T.load_prompt_bank(bank_args.cat_prompts, T.load_concepts(bank_args)))
+    assert {e.caption: e.bank_prompts for e in examples} == {
+        "a photo of sks circle": ("a photo of a circle", "a red square on a white background", "a yellow triangle"),
+        "a photo of hok square": ("a photo of a square", "a red square on a white background", "a yellow triangle")}
+    n = 40
+    without = [T.make_dataset(plain, [], 32, False, True, seed=3)[k] for k in range(n)]
+    with_bank = [T.make_dataset(examples, [], 32, False, True, seed=3)[k] for k in range(n)]
+    for a, b in zip(without, with_bank):
+        assert b["bank_prompt"] in examples[0 if "sks" in b["prompt"] else 2].bank_prompts
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        rest = {key: value for key, value in b.items() if key not in ("bank_prompt", "pixel_values")}
+        assert rest == {key: value for key, value in a.items() if key != "pixel_values"}
+    assert {item["bank_prompt"].replace("square", "circle") for item in with_bank} == {
+        "a photo of a circle", "a red circle on a white background", "a yellow triangle"}
+    assert T.collate_examples(with_bank[:2])["bank_prompts"] == [item["bank_prompt"] for item in with_bank[:2]]
+
+
+def step_setup(tiny_pipeline, tmp_path):
+    """The tiny SD pipeline with random (non-zero) LoRA weights and a 2-row batch drawn from a bank run's dataset."""
+    (tmp_path / "bank.txt").write_text("a red square on a white background\na yellow triangle\na blue cross\n")
+    flags = ["--pretrained_model_name_or_path", tiny_pipeline, *two_concepts(tmp_path),
+             "--cat_prompts", str(tmp_path / "bank.txt")]
+    args = T.parse_args(flags)
+    concepts = T.load_concepts(args)
+    examples = T.with_prompt_bank(T.collect_instance_examples(args, concepts), T.load_prompt_bank(args.cat_prompts,
+                                                                                                   concepts))
+    dataset = T.make_dataset(examples, [], 32, True, False, seed=1)
+    batch = T.collate_examples([dataset[0], dataset[1]])
+    assert len(set(batch["bank_prompts"])) == 2  # two different y' (seed chosen so)
+    family = T.model_family(argparse.Namespace(pretrained_model_name_or_path=tiny_pipeline, resolution=32,
+                                               max_sequence_length=sequence_length(tiny_pipeline)))
+    models = family.load_models()
+    T.add_lora_adapters(family, models, 4, 4.0, False)
+    torch.manual_seed(0)
+    lora = {name: p for name, p in models["unet"].named_parameters() if "lora_" in name}
+    for p in lora.values():
+        p.data.normal_(0, 0.1)
+    return family, models, batch, lora
+
+
+def test_bank_term_is_its_definition_by_hand_its_gradient_adds_and_lean_equals_batched(tiny_pipeline, tmp_path):
+    """alpha_bank * ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2 on the rows' own z_t and t, computed here by
+    hand: the loss and its gradient are CAT's plus this term's; lean = batched; with row weights (--cat_alpha auto)
+    each row's bank part is weighted by its multiplier and the drift is the mean of the drifts on y and y'."""
+    family, models, batch, lora = step_setup(tiny_pipeline, tmp_path)
+    unet = models["unet"]
+    encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+
+    def step(bank_alpha, mode="lean", weights=None):
+        unet.zero_grad()
+        config = T.StepConfig(cat_alpha=1.0, cat_mode=mode, cat_bank_alpha=bank_alpha)
+        losses = T.training_step(batch, family, models, encode, config, lambda loss: loss.backward(),
+                                 cat_weights=weights)
+        return losses, {name: p.grad.clone() for name, p in lora.items()}
+
+    z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], torch.float32)
+    with torch.no_grad(), T.adapters_disabled(unet):
+        frozen_y = family.predict(unet, z, encode(batch["cat_prompts"]))
+        frozen_bank = family.predict(unet, z, encode(batch["bank_prompts"]))
+    unet.zero_grad()
+    adapted_bank = family.predict(unet, z, encode(batch["bank_prompts"]))
+    by_hand = ((adapted_bank - frozen_bank) ** 2).mean()
+    (0.5 * by_hand).backward()
+    bank_grads = {name: p.grad.clone() for name, p in lora.items()}
+    with torch.no_grad():
+        adapted_y = family.predict(unet, z, encode(batch["cat_prompts"]))
+        drift_by_hand = (T.relative_drift(adapted_y, frozen_y) + T.relative_drift(adapted_bank, frozen_bank)) / 2
+
+    losses, grads = step(0.5)
+    cat_losses, cat_grads = step(0.0)
+    assert "bank" in cat_losses and cat_losses["bank"] == 0  # logged as 0 when the term does not run
+    # The adapted CAT pass runs y and y' as one 4-row batch here, y alone (2 rows) without the bank: the CPU's matrix
+    # kernels sum in another order, a few ulps of the prediction (tests/test_multiconcept.py measured ~6 ulps for the
+    # same shapes in the swap term): rel 1e-5 on losses of order 1e-3, rtol 1e-4 on gradients, far below the change
+    # that a wrong row, prompt or latent makes: the bank term's gradient is 4% of the whole step's here (measured;
+    # asserted above 1%), a hundred times rtol.
+    assert losses["diffusion"] == cat_losses["diffusion"]
+    assert losses["bank"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
+    assert losses["cat"].item() == pytest.approx(cat_losses["cat"].item(), rel=2e-4)
+    assert losses["loss"].item() == pytest.approx(cat_losses["loss"].item() + 0.5 * by_hand.item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(grads[name], cat_grads[name] + bank_grads[name], rtol=1e-4, atol=1e-7)
+    assert sum(g.abs().sum() for g in bank_grads.values()) > 0.01 * sum(g.abs().sum() for g in cat_grads.values())
+    batched_losses, batched_grads = step(0.5, "batched")
+    assert batched_losses["bank"].item() == pytest.approx(losses["bank"].item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(batched_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+
+    # --cat_alpha auto: row weights w; the bank term is alpha_bank * mean_i(w_i * mse_i(y'))
+    weights = torch.tensor([2.0, 0.0])
+    weighted, weighted_grads = step(0.5, weights=weights)
+    unet.zero_grad()
+    per_row = ((family.predict(unet, z, encode(batch["bank_prompts"])) - frozen_bank) ** 2).mean(dim=(1, 2, 3))
+    (0.5 * (weights * per_row).mean()).backward()
+    weighted_bank_grads = {name: p.grad.clone() for name, p in lora.items()}
+    torch.testing.assert_close(weighted["drift"], drift_by_hand, rtol=1e-4, atol=0)
+    _, zero_grads = step(0.0, weights=weights)
+    for name in lora:
+        torch.testing.assert_close(weighted_grads[name], zero_grads[name] + weighted_bank_grads[name], rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_bank_alpha_zero_is_cat_bit_for_bit(tiny_pipeline, instance_dir, tmp_path, run_training):
+    (tmp_path / "bank.txt").write_text(BANK)
+    common = ("--random_flip", "--cat_class_word", "teapot")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "cat", *common, steps=2))
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "zero", *common, "--cat_prompts",
+                            str(tmp_path / "bank.txt"), "--cat_prompts_alpha", "0", steps=2))
+    assert same_weights(tmp_path / "cat", tmp_path / "zero")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "bank", *common, "--cat_prompts",
+                            str(tmp_path / "bank.txt"), steps=2))
+    assert not same_weights(tmp_path / "cat", tmp_path / "bank")  # the term does change the weights
+
+
+def test_resume_with_a_bank_and_a_budget_is_bit_exact(tiny_pipeline, instance_dir, tmp_path, run_training):
+    """The bank draw is part of each sample's seed and --cat_alpha auto's state is checkpointed: a run resumed from
+    step 3 ends with the same weights as the uninterrupted one, and the budget moved on the bank's drift too."""
+    (tmp_path / "bank.txt").write_text(BANK)
+    logged = []
+    common = ("--cat_alpha", "auto", "--cat_drift_budget", "1e-7", "--cat_every", "2", "--learning_rate", "1e-2",
+              "--random_flip", "--checkpointing_steps", "3", "--cat_class_word", "teapot",
+              "--cat_prompts", str(tmp_path / "bank.txt"), "--cat_mode", "batched")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=6),
+                 on_log=lambda values, step: logged.append(values))
+    assert all("loss/bank" in values for values in logged)
+    assert [values["loss/bank"] > 0 for values in logged] == [False, True] * 3  # CAT (and bank) on even steps
+    assert logged[-1]["cat/alpha_0"] > 0
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "resumed", *common,
+                            "--resume_from_checkpoint", "latest", steps=6))
+    assert same_weights(tmp_path / "full", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("family_pipeline", families_slow_except("flux"), indirect=True)
+def test_the_bank_trains_on_every_family(family_pipeline, instance_dir, tmp_path, run_training):
+    (tmp_path / "bank.txt").write_text(BANK)
+    logged = []
+    run_training(train_args(family_pipeline, instance_dir, tmp_path / "out", "--cat_class_word", "teapot",
+                            "--cat_prompts", str(tmp_path / "bank.txt"), steps=2),
+                 on_log=lambda values, step: logged.append(values))
+    assert logged[1]["loss/bank"] > 0  # step 1: the LoRA starts at zero, so every CAT term is 0
+
+
+@pytest.mark.parametrize("bank, extra, message", [
+    (None, [], "--cat_prompts: .*missing.txt: no such file"),
+    ("\n# only a comment\n  \n", [], "bank.txt: no prompts"),
+    ("a photo of a dog\na SKS teapot in the snow\n", [], "line 2 'a SKS teapot in the snow' contains the trigger 'sks'"),
+    ("a photo of a {class}\n", [], "line 1 uses {class} but concept 'sks' has no class word"),
+    ("a dog\n", ["--cat_alpha", "0"], "--cat_prompts adds to CAT's term: give --cat_alpha > 0"),
+    ("a dog\n", ["--cat_prompts_alpha", "-1"], "--cat_prompts_alpha must be >= 0"),
+])
+def test_bad_bank_input_is_one_line_before_any_model_loads(tiny_pipeline, instance_dir, tmp_path, capsys, bank,
+                                                            extra, message):
+    import re
+
+    path = tmp_path / ("missing.txt" if bank is None else "bank.txt")
+    if bank is not None:
+        path.write_text(bank)
+    out = tmp_path / "out"
+    assert T.cli(train_args(tiny_pipeline, instance_dir, out, "--cat_prompts", str(path), *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not out.exists()  # checked in parse_args / check_inputs, before the accelerator and any model
+
+
+def test_unrelated_prompts_columns_are_recomputed_from_the_saved_images(tiny_pipeline, instance_dir, tiny_clip,
+                                                                         tmp_path, run_training):
+    """evaluate_kps.py --unrelated_prompts: base and adapter draw each prompt at the same seeds; 'unrelated cos' and
+    'unrelated Δpx' equal the cosine of the saved images' CLIP embeddings and their mean pixel change, by hand."""
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "lora", "--cat_alpha", "0", "--learning_rate",
+                            "5e-2", steps=2))
+    (tmp_path / "ref.png").write_bytes((instance_dir / "0.png").read_bytes())
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"caption": "a photo of sks teapot", "reference": "ref.png"}))
+    (tmp_path / "unrelated.txt").write_text("a blue cross\n\na green square on a black background\n")
+    config, checkpoint = tiny_clip
+    out = tmp_path / "eval"
+    metrics = ek.main(["--pretrained_model_name_or_path", tiny_pipeline, "--eval_prompts", str(tmp_path / "eval.jsonl"),
+                       "--trigger_token", "sks", "--lora", f"lora={tmp_path / 'lora'}", "--num_images_per_prompt", "2",
+                       "--num_inference_steps", "2", "--resolution", "32", "--guidance_scale", "1",
+                       "--unrelated_prompts", str(tmp_path / "unrelated.txt"), "--clip_model", str(config),
+                       "--clip_pretrained", str(checkpoint), "--dino_model", "none", "--output_dir", str(out)])
+    lines = [json.loads(line) for line in (out / "unrelated.jsonl").read_text().splitlines()]
+    assert [(line["adapter"], line["prompt"], line["seed"]) for line in lines] == [
+        (name, prompt, seed) for name in ("lora", "base")
+        for prompt, seeds in (("a blue cross", (0, 1)), ("a green square on a black background", (2, 3)))
+        for seed in seeds]
+    images = {name: [Image.open(out / line["image"]).convert("RGB") for line in lines if line["adapter"] == name]
+              for name in ("lora", "base")}
+    clip = T.load_clip(str(config), str(checkpoint))
+    a, b = (T.clip_image_embeddings(clip, images[name]).double().numpy() for name in ("lora", "base"))
+    cosine = np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    pixels = {name: np.stack([np.asarray(image, dtype=np.float64) for image in images[name]]) for name in images}
+    change = np.abs(pixels["lora"] - pixels["base"]).mean() / 255
+    assert change > 0.001  # the LoRA did move the images (else the comparison would be vacuous)
+    # float32 embeddings of the same PNG-exact images: 1e-6 is a few float32 ulps of a cosine near 1.
+    assert metrics["lora"]["unrelated_cosine"] == pytest.approx(cosine, abs=1e-6)
+    assert metrics["lora"]["unrelated_pixel_change"] == pytest.approx(change, abs=1e-12)
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert "| KPS mean | unrelated cos | unrelated Δpx |" in header
+    assert Image.open(out / "unrelated.png").size == (ek.COMPARISON_LABEL_WIDTH + 2 * 64, 2 * 64)
+
+
+def test_unrelated_prompts_refuse_a_trigger_and_an_empty_file(tmp_path):
+    (tmp_path / "u.txt").write_text("a dog\nsks at the beach\n")
+    with pytest.raises(T.InputError, match="line 2 'sks at the beach' contains the trigger 'sks'"):
+        ek.load_unrelated_prompts(tmp_path / "u.txt", "sks")
+    (tmp_path / "u.txt").write_text("# nothing\n")
+    with pytest.raises(T.InputError, match="no prompts"):
+        ek.load_unrelated_prompts(tmp_path / "u.txt", "sks")
