@@ -22,10 +22,10 @@ def test_cached_latents_and_text_embeddings_train_the_same_adapter(family_pipeli
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "cached")
     assert a.keys() == b.keys()
     for key in a:
-        # The VAE sees other batch shapes when caching: equal up to float rounding, which Adam's normalised steps carry
-        # into near-zero weights (seen: 1.1e-5 on one of 256 elements); against the weight's norm it stays ~1e-6.
-        # A different adapter would differ by the updates themselves, ~1e-2 of the norm after 4 steps at lr 1e-3.
-        assert (a[key] - b[key]).norm() <= 1e-4 * a[key].norm(), key
+        # The VAE sees other batch shapes when caching: equal up to float rounding, which Adam's normalised steps
+        # carry into the weights (seen: 1.3e-4 of an SDXL up-projection's norm, 1.1e-5 on one of its elements). A
+        # different adapter would differ by the updates themselves: all of a zero-initialised up-projection's norm.
+        assert (a[key] - b[key]).norm() <= 1e-3 * a[key].norm(), key
 
 
 def test_cached_prompts_match_the_text_encoders(family_pipeline):
