@@ -64,15 +64,12 @@ def test_what_fsdp_cannot_run_is_refused_in_one_line(given, adapters, accelerato
     assert "\n" not in str(refused.value)
 
 
-def test_fsdp_text_encoder_without_fsdp_stops_before_any_model_loads(tiny_pipeline, instance_dir, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "train_cat_lora.py"),
-                           *train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--fsdp_text_encoder")],
-                          env=ENV, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == ("train_cat_lora.py: error: --fsdp_text_encoder needs FSDP: "
-                                                    "accelerate config distributed_type: FSDP, fsdp_version: 2 "
-                                                    "(docs/multi-gpu.md)")
+def test_fsdp_text_encoder_without_fsdp_stops_before_any_model_loads(tiny_pipeline, instance_dir, tmp_path,
+                                                                      run_training):
+    with pytest.raises(T.InputError) as refused:
+        run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "out", "--fsdp_text_encoder"))
+    assert str(refused.value) == ("--fsdp_text_encoder needs FSDP: accelerate config distributed_type: FSDP, "
+                                  "fsdp_version: 2 (docs/multi-gpu.md)")
     assert not (tmp_path / "out").exists()
 
 
