@@ -104,7 +104,7 @@ def lora_weights(folder: Path) -> dict:
 
 # Sharding is accelerate's and the gather is the script's, the same for every family: a U-Net family, a
 # transformer with CLIP and T5, and an LLM-encoder family with its text encoder sharded too.
-CASES = {"sd": ("tiny_pipeline", ("--gradient_checkpointing",)),
+CASES = {"sd": ("tiny_pipeline", ("--gradient_checkpointing", "--cat_mode", "batched")),
          "flux": ("tiny_flux_pipeline", ("--cat_every", "2", "--cat_alpha", "auto", "--cat_drift_budget", "1e-8")),
          "zimage": ("tiny_zimage_pipeline", ("--fsdp_text_encoder",))}
 
@@ -114,7 +114,8 @@ CASES = {"sd": ("tiny_pipeline", ("--gradient_checkpointing",)),
 def test_fsdp2_training_matches_one_process_and_saves_the_whole_lora(case, request, instance_dir, tmp_path):
     """2 sharded processes x batch 1 against 1 process x batch 2 (same samples, same per-sample noise): the same
     LoRA, written once, every key at full size, and the pipeline loads it. The SD run also checkpoints its
-    activations (recomputed in backward with the adapters on, after the frozen pass turned them off and on)."""
+    activations (recomputed in backward with the adapters on, after the frozen pass turned them off and on) and
+    runs the CAT passes batched."""
     pipeline_fixture, extra = CASES[case]
     pipeline = request.getfixturevalue(pipeline_fixture)
     single_extra = [flag for flag in extra if flag not in ("--gradient_checkpointing", "--fsdp_text_encoder")]
