@@ -80,9 +80,17 @@ def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     for method in methods:
         assert rows[method][:10] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in keys]
         assert rows[method][-1] == "2"
+    # The subject judge's columns (evaluate_kps.py --subject_judge toyworld), after CLIP-I; the base model has no
+    # distance from itself.
+    judge_keys = ("ID_rate", "ID_score", "base_pixel_change", "base_same_reading")
+    assert all(0 <= metrics[name]["ID_rate"] <= 1 for name in names | {"base"})
+    for method in methods:
+        assert rows[method][10:14] == [mean_std([metrics[f"{method}-seed{s}"][k] for s in (0, 1)]) for k in judge_keys]
+    assert rows["base"][10:14] == [mean_std([metrics["base"][k]]) for k in judge_keys[:2]] + ["–", "–"]
     for method, baseline in (("cat", "lora"), ("cat", "dreambooth"), ("cat", "ti"), ("pivotal_cat", "pivotal")):
         cells = []  # paired by seed: mean of the differences, standard error, wins
-        for key in ("PS_mean", "IS_mean", "KPS_mean", "subject_with_trigger", "subject_without_trigger"):
+        for key in ("PS_mean", "IS_mean", "KPS_mean", "subject_with_trigger", "subject_without_trigger", "ID_rate",
+                    "base_pixel_change", "base_same_reading"):
             d = [metrics[f"{method}-seed{s}"][key] - metrics[f"{baseline}-seed{s}"][key] for s in (0, 1)]
             cells.append(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / 2 ** 0.5:.4f} ({sum(x > 0 for x in d)}/2)")
         assert rows[f"{method} − {baseline}"] == cells, (method, baseline)

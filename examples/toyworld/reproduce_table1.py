@@ -259,10 +259,18 @@ def tco_reference_set(concept: dict, concepts_dir: Path, run: Path, out: Path) -
 
 
 def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path], out: Path,
-             prompts_from: dict | None = None, extra: list[str] = ()) -> dict:
+             prompts_from: dict | None = None, extra: list[str] = (), judge: bool | None = None) -> dict:
     """evaluate_kps.py on the concept's unseen prompts (or on those of the concept ``prompts_from``), and the share
-    of images that show the concept's subject; ``extra``: more evaluate_kps.py flags (e.g. --unrelated_prompts)."""
+    of images that show the concept's subject; ``extra``: more evaluate_kps.py flags (e.g. --unrelated_prompts).
+    ``judge``: also the subject judge's columns (ID rate, ID score, Δpx base, same as base; judge.py) for the subject
+    of the prompts' trigger; by default when the judge knows that subject (the five of concepts/)."""
+    import judge as subject_judge
+
     prompts_from = prompts_from or concept
+    if judge is None:
+        judge = prompts_from["trigger_token"] in subject_judge.SUBJECTS
+    if judge:
+        extra = [*extra, "--subject_judge", "toyworld"]
     prompts = concepts_dir / EVAL_PROMPTS_DIR / f"{prompts_from['instance_data_dir']}.jsonl"
     command = [str(ROOT / "evaluate_kps.py"), "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                "--eval_prompts", str(prompts), "--trigger_token", prompts_from["trigger_token"],
@@ -276,7 +284,8 @@ def evaluate(args, concept: dict, concepts_dir: Path, adapters: dict[str, Path],
     done = out / "metrics.json"
     previous = json.loads(done.read_text())["adapters"] if done.is_file() else {}
     if (set(previous) != {*adapters, "base"} or any("CLIP-I_masked" not in m for m in previous.values())
-            or ("--unrelated_prompts" in extra and any("unrelated_cosine" not in m for m in previous.values()))):
+            or ("--unrelated_prompts" in extra and any("unrelated_cosine" not in m for m in previous.values()))
+            or (judge and any("ID_rate" not in m for m in previous.values()))):
         run(command, out / "evaluate.log")  # (a rerun over the same adapters reuses the evaluation)
     metrics = json.loads((out / "metrics.json").read_text())["adapters"]
     rates = subject_rates(out / "pairs.jsonl", concepts_dir / concept["instance_data_dir"], args.clip_dir)
@@ -335,9 +344,17 @@ RATE_KEYS = ("subject_with_trigger", "subject_without_trigger")
 # CLIP-I (mean cosine of every image with the trigger to every reference) and CatVersion's masked CLIP-I (the same
 # with the background set to gray, the toy world's solid background found by evaluate_kps.py --segmenter border).
 CLIP_I_KEYS = ("CLIP-I", "CLIP-I_masked")
-TABLE_KEYS = SCORE_KEYS + RATE_KEYS + CLIP_I_KEYS
+# The subject judge (judge.py): the share of images with the trigger it calls the subject and its mean score; for the
+# trigger-less images, the mean pixel change from the base model's at the same seeds and the share it reads alike.
+JUDGE_KEYS = ("ID_rate", "ID_score", "base_pixel_change", "base_same_reading")
+TABLE_KEYS = SCORE_KEYS + RATE_KEYS + CLIP_I_KEYS + JUDGE_KEYS
 TABLE_HEADER = ("| PS (5) | IS (7) | KPS (9) | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
-                "| CLIP-I | CLIP-I masked | clamped PS/IS/KPS |")
+                "| CLIP-I | CLIP-I masked | ID rate (judge) | ID score (judge) | Δpx base ↓ | same as base "
+                "| clamped PS/IS/KPS |")
+# The paired differences' columns.
+DIFFERENCE_KEYS = ("PS_mean", "IS_mean", "KPS_mean", *RATE_KEYS, "ID_rate", "base_pixel_change", "base_same_reading")
+DIFFERENCE_HEADER = ("| difference | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) "
+                     "| ID rate (judge) | Δpx base ↓ | same as base |")
 
 
 def clamped_counts(scores: list[dict]) -> str:
@@ -345,13 +362,18 @@ def clamped_counts(scores: list[dict]) -> str:
     return "/".join(str(sum(m["clamped"][key] for m in scores)) for key in ("PS", "IS", "KPS"))
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {std(values):.4f}"
+def mean_std(values: list) -> str:
+    """"mean ± std"; values that are None (the base model's own Δpx base) are left out, "–" when none is left."""
+    values = [value for value in values if value is not None]
+    return f"{statistics.mean(values):.4f} ± {std(values):.4f}" if values else "–"
 
 
 def paired_difference(results: dict, method: str, baseline: str, key: str, seeds: list[int]) -> str:
     """``method`` minus ``baseline`` on ``key``, paired by concept and seed (same data, same seed, so the
-    concept-to-concept spread cancels): "mean ± standard error (method higher in k/n)"."""
+    concept-to-concept spread cancels): "mean ± standard error (method higher in k/n)"; "–" where ``key`` was not
+    measured (the judge's columns of The Chosen One's runs)."""
+    if any(key not in per_concept.get(f"{method}-seed{seed}", {}) for per_concept in results.values() for seed in seeds):
+        return "–"
     diffs = [per_concept[f"{method}-seed{seed}"][key] - per_concept[f"{baseline}-seed{seed}"][key]
              for per_concept in results.values() for seed in seeds]
     error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
@@ -432,8 +454,8 @@ def main(argv=None) -> Path:
         run = tco_runs[class_word, name]
         references = tco_reference_set(concept, concepts_dir, run, out / "tco_references" / name)
         adapter = Path(json.loads((run / "result.json").read_text())["final_adapter"])
-        return evaluate(args, concept, references, {name: adapter}, out / "eval_tco" / concept["instance_data_dir"]
-                        / name)
+        return evaluate(args, concept, references, {name: adapter},
+                        out / "eval_tco" / concept["instance_data_dir"] / name, judge=False)
 
     tco_evaluations = [(concept, key) for concept in concepts for key in tco_runs if key[0] == concept["class_word"]]
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -446,22 +468,21 @@ def main(argv=None) -> Path:
 
     # Cosines <= 0 (the v1 judge gave some; v2's lie in [0, 1]) would be clamped by the harmonic means (Eq. 11): the
     # arithmetic means beside them are the robust reading; "clamped" counts the clamped cosines behind each column.
-    rows = ["| method " + TABLE_HEADER + " n adapters |", "|---" * 13 + "|"]
+    rows = ["| method " + TABLE_HEADER + " n adapters |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
     for method in ["base", *args.methods]:
         scores = [m for per_concept in results.values() for name, m in per_concept.items()
                   if name == method or name.startswith(f"{method}-seed")]
-        rows.append(f"| {method} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
+        rows.append(f"| {method} | " + " | ".join(mean_std([m.get(key) for m in scores]) for key in TABLE_KEYS)
                     + f" | {clamped_counts(scores)} | {len(scores)} |")
     pairs = [(a, b) for a, b in DIFFERENCES if a in args.methods and b in args.methods]
     rows += ["", "Each method minus its baseline, paired by concept and seed: mean ± standard error (the first "
              "higher in k of n pairs). Arithmetic means, the robust reading:", "",
-             "| difference | PS mean | IS mean | KPS mean | subject with trigger | subject without (leak) |",
-             "|---|---|---|---|---|---|"]
+             DIFFERENCE_HEADER, "|---" * (len(DIFFERENCE_KEYS) + 1) + "|"]
     rows += [f"| {a} − {b} | " + " | ".join(paired_difference(results, a, b, key, args.seeds) for key in
-                                           ("PS_mean", "IS_mean", "KPS_mean", *RATE_KEYS)) + " |" for a, b in pairs]
-    if {"tco", "tco_cat"} <= set(args.methods):
+                                           DIFFERENCE_KEYS) + " |" for a, b in pairs]
+    if {"tco", "tco_cat"} <= set(args.methods):  # (not judged: their subject is the found character)
         rows.append("| tco_cat − tco | " + " | ".join(paired_difference(results, "tco_cat", "tco", key, args.tco_seeds)
-                                                     for key in ("PS_mean", "IS_mean", "KPS_mean", *RATE_KEYS)) + " |")
+                                                     for key in DIFFERENCE_KEYS) + " |")
     if tco_runs:
         rows += ["", "The Chosen One (mean ± std over class words x seeds): identity above is scored against each run's "
                  "final chosen cluster. Consistency = mean pairwise distance of the toy CLIP's (normalized) image "
@@ -491,16 +512,16 @@ def main(argv=None) -> Path:
                     for alpha, names in sweep_names.items()}
     if sweep_scores:
         rows += ["", f"Alpha sweep on {sweep['instance_data_dir']} (mean ± std over seeds {args.seeds}):", "",
-                 "| alpha " + TABLE_HEADER, "|---" * 12 + "|"]
-        rows += [f"| {a:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
+                 "| alpha " + TABLE_HEADER, "|---" * (len(TABLE_KEYS) + 2) + "|"]
+        rows += [f"| {a:g} | " + " | ".join(mean_std([m.get(key) for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for a, scores in sorted(sweep_scores.items())]
     if budget_names:
         budget_scores = {b: [results[sweep["instance_data_dir"]][name] for name in names]
                          for b, names in budget_names.items()}
         rows += ["", f"Drift-budget sweep on {sweep['instance_data_dir']} (--cat_alpha auto --cat_drift_budget B; mean ± "
                  f"std over seeds {args.seeds}):", "",
-                 "| budget " + TABLE_HEADER, "|---" * 12 + "|"]
-        rows += [f"| budget {b:g} | " + " | ".join(mean_std([m[key] for m in scores]) for key in TABLE_KEYS)
+                 "| budget " + TABLE_HEADER, "|---" * (len(TABLE_KEYS) + 2) + "|"]
+        rows += [f"| budget {b:g} | " + " | ".join(mean_std([m.get(key) for m in scores]) for key in TABLE_KEYS)
                  + f" | {clamped_counts(scores)} |" for b, scores in sorted(budget_scores.items())]
         if "cat" in args.methods:
             only_sweep = {sweep["instance_data_dir"]: results[sweep["instance_data_dir"]]}
@@ -618,7 +639,8 @@ def catversion_leaks(args, concepts: list[dict], concepts_file: Path, jobs: dict
         start = every.index(concept) if concept in every else 0
         other = next(c for c in every[start:] + every[:start] if c["class_word"] != concept["class_word"])
         leaks[concept["instance_data_dir"]] = evaluate(args, concept, concepts_file.parent, adapters,
-                                                       out / "eval_other_class" / concept["instance_data_dir"], other)
+                                                       out / "eval_other_class" / concept["instance_data_dir"], other,
+                                                       judge=False)  # (judged against this concept's subject below)
     return leaks
 
 
