@@ -102,6 +102,8 @@ def test_toyworld_dreambooth_lora_binds_the_trigger(tmp_path):
     assert rates["subject_rate_lora_with_trigger"] >= 0.7, rates
     assert rates["subject_rate_lora_without_trigger"] <= 0.4, rates
     assert rates["subject_rate_base_without_trigger"] <= 0.2, rates
+    # the subject judge's rates beside the toy CLIP's (what they are on v4 is in the toy README)
+    assert 0 <= rates["judge_rate_lora_with_trigger"] <= 1 and 0 <= rates["judge_rate_lora_without_trigger"] <= 1
 
 
 def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():

@@ -6,7 +6,8 @@ For every concept in concepts/concepts.json, trains a LoRA with DreamBooth's pri
 method), then draws, at the same seeds, each concept caption (the instance prompt and the 4 held-out eval
 captions) three ways: the base model without the trigger, the LoRA with it, the LoRA without it. The toy CLIP
 calls an image "the subject" when it is closer (cosine) to the mean embedding of the concept's training images
-than to the mean embedding of the base model's images of the same captions without the trigger. Bound means:
+than to the mean embedding of the base model's images of the same captions without the trigger; the subject judge
+(judge.py, which re-renders the subject's shape, colors and pattern) gives its own rate beside it. Bound means:
 with the trigger, the LoRA draws the subject; without it, the class keeps the base model's look.
 
     python examples/toyworld/check_binding.py --output_dir outputs/toyworld-binding
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import judge as subject_judge
 from measure_quality import concept_captions, generate, load_concept_images, load_pipeline
 from reproduce_table1 import METHODS, run, select_concepts, train_command
 from reproduce_table1 import parse_args as table1_args
@@ -70,6 +72,16 @@ def binding_scores(clip_model, references, base, with_trigger, without_trigger) 
             "cosine_lora_without_vs_base_same_seed": (embed(without_trigger) * embed(base)).sum(1).mean().item()}
 
 
+def judge_rates(subject, with_trigger, without_trigger) -> dict:
+    """The subject judge's share of "subject" verdicts (judge.py), with the trigger and without it (images: float
+    NHWC in [0, 1])."""
+    def rate(images):
+        pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return float(np.mean([subject_judge.judge(image, subject).verdict == "subject" for image in pixels]))
+
+    return {"judge_rate_lora_with_trigger": rate(with_trigger), "judge_rate_lora_without_trigger": rate(without_trigger)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -109,7 +121,9 @@ def main(argv=None):
                              "(were its layers loaded?)")
         results[concept["instance_data_dir"]] = {
             "trigger": trigger, "captions": captions[trigger],
-            **binding_scores(clip_model, references[trigger][1], drawn["base"], drawn["with"], drawn["without"])}
+            **binding_scores(clip_model, references[trigger][1], drawn["base"], drawn["with"], drawn["without"]),
+            **(judge_rates(subject_judge.SUBJECTS[trigger], drawn["with"], drawn["without"])
+               if trigger in subject_judge.SUBJECTS else {})}
         rows.append((concept, drawn))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -117,11 +131,14 @@ def main(argv=None):
                                                   "concepts": results}, indent=2) + "\n")
     print("DreamBooth-style LoRA (prior preservation, alpha 0), judged by the toy CLIP: share of images that show "
           "the subject")
-    print("concept          LoRA with trigger | LoRA without | base without | cos(LoRA without, base)")
+    print("concept          LoRA with trigger | LoRA without | base without | cos(LoRA without, base) | subject judge: "
+          "with trigger | without")
     for name, r in results.items():
+        judged = (f"{r['judge_rate_lora_with_trigger']:.2f}                         | "
+                  f"{r['judge_rate_lora_without_trigger']:.2f}" if "judge_rate_lora_with_trigger" in r else "-")
         print(f"{name:16s} {r['subject_rate_lora_with_trigger']:.2f}              | "
               f"{r['subject_rate_lora_without_trigger']:.2f}         | {r['subject_rate_base_without_trigger']:.2f}"
-              f"         | {r['cosine_lora_without_vs_base_same_seed']:.3f}")
+              f"         | {r['cosine_lora_without_vs_base_same_seed']:.3f}                   | {judged}")
     write_grid(rows, out / "binding_grid.png")
     print(f"-> {out / 'binding.json'}, {out / 'binding_grid.png'}")
 
