@@ -2969,6 +2969,13 @@ def frozen_prediction(family, denoiser, z: dict, frozen_cond: dict):
         return family.predict(denoiser, z, {name: value.detach() for name, value in frozen_cond.items()})
 
 
+def encode_frozen(encode_prompts, prompts: list[str]) -> dict:
+    """The conditioning of ``prompts`` without gradient, through text encoders that carry no adapter (so it is the
+    base model's)."""
+    with torch.no_grad():
+        return {name: None if value is None else value.detach() for name, value in encode_prompts(prompts).items()}
+
+
 def weighted_cat_term(adapted_pred, frozen_pred, weight: float, row_weights=None):
     """``weight * cat_loss(adapted_pred, frozen_pred)``; with ``row_weights`` (one per row, --cat_alpha auto: each
     row's concept multiplier) the same MSE with each row's part weighted by its own."""
@@ -3006,8 +3013,9 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     preservation). The CAT term uses the subject rows with their trigger-less prompts y, on the same noisy
     latents, timesteps (and any other conditioning of the sample) as the diffusion term (Eq. 3). ``cat_mode``
     trades memory for speed, with the same gradients: ``lean`` backwards the diffusion term before the CAT
-    passes run, so their activations are never alive together; ``batched`` runs both adapted passes (y_T and
-    y) as one denoiser call and one backward.
+    passes run, and each adapted CAT pass (y, then y_swap and y' when they run) before the next, so no two passes'
+    activations are alive together; ``batched`` runs all adapted passes (y_T, y, ...) as one denoiser call and one
+    backward.
 
     ``cat_weights`` (one per subject row, --cat_alpha auto) weight each row's CAT term, on top of
     ``config.cat_alpha``. The returned ``drift`` is each subject row's ``relative_drift`` (empty without CAT).
@@ -3051,32 +3059,46 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
         loss_prior = diffusion_loss(model_pred[n:], classes["target"], classes["loss_weights"])
     loss = loss_diffusion + config.prior_loss_weight * loss_prior
     loss_cat = loss_swap = loss_bank = weighted_bank = torch.zeros((), device=model_pred.device)
+    lean = use_cat and config.cat_mode == "lean"
     if use_cat:
-        if config.cat_mode == "lean":
+        if lean:  # y's adapted pass alone; y_swap's and y''s follow, each backwarded before the next one runs
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
-            cat_cond = encode_prompts(cat_prompts)
-            adapted_pred = family.predict(denoiser, cat_z, cat_cond)
+            cat_cond = encode_prompts(batch["cat_prompts"])
+            adapted_pred = family.predict(denoiser, instance, cat_cond)
             loss = torch.zeros((), device=model_pred.device)
-        parts = adapted_pred.split(n)  # y, then y_swap and y' when they run
-        adapted_pred, swap_pred, bank_pred = parts[0], parts[1] if use_swap else None, parts[-1]
+        else:
+            parts = adapted_pred.split(n)  # y, then y_swap and y' when they run
+            adapted_pred, swap_pred, bank_pred = parts[0], parts[1] if use_swap else None, parts[-1]
         # The frozen pass: y (and the bank's y') on the same z_t, one denoiser call.
         if encode_prompts.adapted:
             frozen_cond = encode_prompts.frozen(batch["cat_prompts"] + bank_prompts)
         else:  # the conditioning of y (and y') the adapted pass used is the base model's
             frozen_cond = take_rows(cat_cond, 0, n)
             if use_bank:
-                frozen_cond = join_rows(frozen_cond, take_rows(cat_cond, len(cat_prompts) - n))
+                bank_cond = encode_frozen(encode_prompts, bank_prompts) if lean else take_rows(
+                    cat_cond, len(cat_prompts) - n)
+                frozen_cond = join_rows(frozen_cond, bank_cond)
         frozen_pred = frozen_prediction(family, denoiser, join_rows(instance, instance) if use_bank else instance,
                                         frozen_cond)
         frozen_pred, bank_frozen = frozen_pred[:n], frozen_pred[n:]
-        if use_swap:
-            loss_swap = cat_loss(swap_pred, frozen_pred)
-            loss = loss + config.cat_swap_alpha * loss_swap
         loss_cat = cat_loss(adapted_pred, frozen_pred)
         weighted_cat = weighted_cat_term(adapted_pred, frozen_pred, config.cat_alpha, cat_weights)
         loss = loss + weighted_cat
         drift = relative_drift(adapted_pred, frozen_pred)
+        if lean and (use_swap or use_bank):
+            backward(loss)  # y's graph goes before y_swap's or y''s is built: one pass's activations at a time
+            loss = torch.zeros((), device=model_pred.device)
+        if use_swap:
+            if lean:
+                swap_pred = family.predict(denoiser, instance, encode_prompts(batch["swap_prompts"]))
+            loss_swap = cat_loss(swap_pred, frozen_pred)
+            loss = loss + config.cat_swap_alpha * loss_swap
+            if lean and use_bank:
+                backward(loss)
+                loss = torch.zeros((), device=model_pred.device)
         if use_bank:  # --cat_prompts: ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2; the budget counts its drift
+            if lean:
+                bank_pred = family.predict(denoiser, instance, encode_prompts(bank_prompts))
             loss_bank = cat_loss(bank_pred, bank_frozen)
             weighted_bank = weighted_cat_term(bank_pred, bank_frozen, config.cat_bank_alpha, cat_weights)
             loss = loss + weighted_bank

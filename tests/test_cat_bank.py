@@ -115,7 +115,7 @@ def test_bank_term_is_its_definition_by_hand_its_gradient_adds_and_lean_equals_b
     losses, grads = step(0.5)
     cat_losses, cat_grads = step(0.0)
     assert "bank" in cat_losses and cat_losses["bank"] == 0  # logged as 0 when the term does not run
-    # The adapted CAT pass runs y and y' as one 4-row batch here, y alone (2 rows) without the bank: the CPU's matrix
+    # The frozen pass runs y and y' as one 4-row batch here, y alone (2 rows) without the bank: the CPU's matrix
     # kernels sum in another order, a few ulps of the prediction (tests/test_multiconcept.py measured ~6 ulps for the
     # same shapes in the swap term): rel 1e-5 on losses of order 1e-3, rtol 1e-4 on gradients, far below the change
     # that a wrong row, prompt or latent makes: the bank term's gradient is 4% of the whole step's here (measured;
@@ -144,6 +144,35 @@ def test_bank_term_is_its_definition_by_hand_its_gradient_adds_and_lean_equals_b
     for name in lora:
         torch.testing.assert_close(weighted_grads[name], zero_grads[name] + weighted_bank_grads[name], rtol=1e-4,
                                    atol=1e-7)
+
+
+def test_lean_mode_runs_one_adapted_pass_at_a_time_with_a_bank(tiny_pipeline, tmp_path):
+    """Lean mode's memory: each adapted pass (the diffusion term's, y's, y''s) is backwarded before the next one
+    runs, so a bank step holds one pass's activations at a time, as a CAT step does; the frozen pass (y and y'
+    together, no gradient) runs in between. Seen through a forward hook on the U-Net and the backward callback."""
+    family, models, batch, lora = step_setup(tiny_pipeline, tmp_path)
+    unet = models["unet"]
+    encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+    events = []
+    handle = unet.register_forward_hook(
+        lambda module, args, output: events.append(("forward", args[0].shape[0], torch.is_grad_enabled())))
+
+    def backward(loss):
+        events.append(("backward",))
+        loss.backward()
+
+    try:
+        for mode in ("lean", "batched"):
+            events.clear()
+            T.training_step(batch, family, models, encode, T.StepConfig(cat_alpha=1.0, cat_mode=mode,
+                                                                         cat_bank_alpha=0.5), backward)
+            if mode == "lean":
+                assert events == [("forward", 2, True), ("backward",), ("forward", 2, True), ("forward", 4, False),
+                                  ("backward",), ("forward", 2, True), ("backward",)], events
+            else:  # batched: y_T, y and y' in one call (6 rows), the frozen pass, one backward
+                assert events == [("forward", 6, True), ("forward", 4, False), ("backward",)], events
+    finally:
+        handle.remove()
 
 
 def test_bank_alpha_zero_is_cat_bit_for_bit(tiny_pipeline, instance_dir, tmp_path, run_training):
