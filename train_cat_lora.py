@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "eps_lora(z_t, t, y')||^2, y' drawn per sample from the bank, on the sample's own z_t and t.")
     cat.add_argument("--cat_prompts_alpha", type=float, default=DEFAULT_BANK_ALPHA,
                      help="Weight of the --cat_prompts term (with --cat_alpha auto, times each concept's multiplier).")
+    cat.add_argument("--cat_prompts_latents", choices=["sample", "noise"], default="sample",
+                     help="The noisy input z' of the --cat_prompts term: 'sample', the training sample's own z_t at its "
+                          "t (the default); 'noise', pure noise at the schedule's last timestep (no image in it, so "
+                          "y' alone decides what the model draws).")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
@@ -533,6 +537,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--cat_prompts adds to CAT's term: give --cat_alpha > 0 (or auto)")
     if args.cat_prompts_alpha < 0:
         raise InputError(f"--cat_prompts_alpha must be >= 0, got {args.cat_prompts_alpha}")
+    if args.cat_prompts_latents != "sample" and args.cat_prompts is None:
+        raise InputError("--cat_prompts_latents sets the --cat_prompts term's input: give --cat_prompts FILE")
     if args.resolution <= 0 or args.resolution % 8:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
@@ -1372,6 +1378,11 @@ class NoiseObjective(ABC):
     def noisy_latents(self, latents, generators: list, noise_scheduler) -> dict:
         """``{"noisy", "timesteps", "target", "loss_weights"}``; row i draws only from ``generators[i]``."""
 
+    @abstractmethod
+    def pure_noise(self, like, generators: list, noise_scheduler) -> dict:
+        """``{"noisy", "timesteps", ...}`` of an input with no image in it: the schedule's last (noisiest) timestep,
+        noise shaped ``like``, row i from ``generators[i]`` (--cat_prompts_latents noise)."""
+
 
 class DDPMObjective(NoiseObjective):
     """Stable Diffusion's discrete schedule: the U-Net predicts the noise (epsilon) or the velocity (v-prediction),
@@ -1391,6 +1402,13 @@ class DDPMObjective(NoiseObjective):
         return {"noisy": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
                 "target": self.target(noise_scheduler, latents, noise, timesteps),
                 "loss_weights": self.min_snr_weights(noise_scheduler, timesteps)}
+
+    def pure_noise(self, like, generators: list, noise_scheduler) -> dict:
+        noise = randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+        last = noise_scheduler.config.num_train_timesteps - 1
+        timesteps = torch.full((like.shape[0],), last, device=like.device, dtype=torch.long)
+        # x_T = sqrt(abar_T) x + sqrt(1 - abar_T) eps with x = 0: SD's schedule never reaches abar = 0
+        return {"noisy": noise_scheduler.add_noise(torch.zeros_like(noise), noise, timesteps), "timesteps": timesteps}
 
     @staticmethod
     def target(noise_scheduler, latents, noise, timesteps):
@@ -1439,6 +1457,14 @@ class FlowMatchingObjective(NoiseObjective):
         return {"noisy": (1.0 - per_sample(sigmas, latents)) * latents + per_sample(sigmas, latents) * noise,
                 "timesteps": timesteps, "sigmas": sigmas, "target": noise - latents,
                 "loss_weights": compute_loss_weighting_for_sd3(weighting_scheme=config.weighting_scheme, sigmas=sigmas)}
+
+    def pure_noise(self, like, generators: list, noise_scheduler) -> dict:
+        noise = randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+        rows = like.shape[0]
+        # index 0: the schedule's largest timestep, sigma 1 (z = noise)
+        sigmas = noise_scheduler.sigmas[0].to(like.device, dtype=like.dtype).repeat(rows)
+        return {"noisy": per_sample(sigmas, noise) * noise, "sigmas": sigmas,
+                "timesteps": noise_scheduler.timesteps[0].to(like.device).repeat(rows)}
 
 
 class ModelFamily(ABC):
@@ -2969,6 +2995,20 @@ def frozen_prediction(family, denoiser, z: dict, frozen_cond: dict):
         return family.predict(denoiser, z, {name: value.detach() for name, value in frozen_cond.items()})
 
 
+# Salt for the generators of --cat_prompts_latents noise: each sample's own stream, apart from its z_t's.
+BANK_NOISE_SALT = 0x5EED_BA4C
+
+
+def bank_noise_latents(family, batch, instance: dict, noise_scheduler) -> dict:
+    """--cat_prompts_latents noise: the subject rows' conditioning with z' = pure noise at the schedule's last
+    timestep (``objective.pure_noise``), drawn from each sample's own seed (salted): the same in any batch, process
+    or resumed run."""
+    n = batch["num_instance"]
+    generators = [torch.Generator(device=instance["noisy"].device).manual_seed(int(seed) ^ BANK_NOISE_SALT)
+                  for seed in batch["noise_seeds"][:n]]
+    return {**instance, **family.objective.pure_noise(instance["noisy"], generators, noise_scheduler)}
+
+
 def encode_frozen(encode_prompts, prompts: list[str]) -> dict:
     """The conditioning of ``prompts`` without gradient, through text encoders that carry no adapter (so it is the
     base model's)."""
@@ -2996,13 +3036,15 @@ class StepConfig:
     weight_dtype: torch.dtype = torch.float32
     cat_swap_alpha: float = 0.0  # beta of the swapped-trigger term (runs with the CAT term only)
     cat_bank_alpha: float = 0.0  # weight of the --cat_prompts term (runs with the CAT term only)
+    cat_bank_latents: str = "sample"  # --cat_prompts_latents: z' is the sample's z_t, or pure noise at the last t
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
         # With --cat_alpha auto the multipliers come as per-row weights: the config's alpha is then 1.
         cat_alpha = 1.0 if args.cat_alpha == "auto" else args.cat_alpha
         return cls(cat_alpha, args.cat_mode, args.prior_loss_weight if args.with_prior_preservation else 0.0,
-                   weight_dtype, args.cat_swap_alpha, args.cat_prompts_alpha if args.cat_prompts else 0.0)
+                   weight_dtype, args.cat_swap_alpha, args.cat_prompts_alpha if args.cat_prompts else 0.0,
+                   args.cat_prompts_latents)
 
 
 def training_step(batch, family, models: dict, encode_prompts, config: StepConfig, backward, cat_weights=None
@@ -3027,9 +3069,10 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
 
     With ``config.cat_bank_alpha`` and the batch's ``bank_prompts`` (a trigger-less prompt y' per subject row, drawn
     from --cat_prompts), ``cat_bank_alpha * ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2`` joins the loss, on
-    the row's own z_t and t: y' runs in the adapted CAT passes and in the frozen one (one denoiser call each). With
-    ``cat_weights`` each row's bank term is weighted by its multiplier too, and ``drift`` is the mean of the row's
-    drift on y and on y'.
+    the row's own z_t and t (``config.cat_bank_latents`` "noise": on pure noise at the schedule's last timestep
+    instead, ``bank_noise_latents``): y' runs in the adapted CAT passes and in the frozen one (one denoiser call
+    each). With ``cat_weights`` each row's bank term is weighted by its multiplier too, and ``drift`` is the mean of
+    the row's drift on y and on y'.
     """
     denoiser = models[family.denoiser]
     z = family.noisy_latents(batch, models["vae"], models["noise_scheduler"], config.weight_dtype)
@@ -3041,9 +3084,12 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     # The adapted CAT passes: y, then (with the swap term) y_swap, then (with a bank) y', on the subject rows' z_t, t.
     bank_prompts = batch["bank_prompts"] if use_bank else []
     cat_prompts = batch["cat_prompts"] + (batch["swap_prompts"] if use_swap else []) + bank_prompts
-    cat_z = instance
-    for _ in range(use_swap + use_bank):
-        cat_z = join_rows(cat_z, instance)
+    bank_z = instance
+    if use_bank and config.cat_bank_latents == "noise":
+        bank_z = bank_noise_latents(family, batch, instance, models["noise_scheduler"])
+    cat_z = join_rows(instance, instance) if use_swap else instance
+    if use_bank:
+        cat_z = join_rows(cat_z, bank_z)
     if use_cat and config.cat_mode == "batched":  # y_T and y through the text encoders in one call too
         both_cond = encode_prompts(batch["prompts"] + cat_prompts)
         preds = family.predict(denoiser, join_rows(z, cat_z), both_cond)
@@ -3078,7 +3124,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
                 bank_cond = encode_frozen(encode_prompts, bank_prompts) if lean else take_rows(
                     cat_cond, len(cat_prompts) - n)
                 frozen_cond = join_rows(frozen_cond, bank_cond)
-        frozen_pred = frozen_prediction(family, denoiser, join_rows(instance, instance) if use_bank else instance,
+        frozen_pred = frozen_prediction(family, denoiser, join_rows(instance, bank_z) if use_bank else instance,
                                         frozen_cond)
         frozen_pred, bank_frozen = frozen_pred[:n], frozen_pred[n:]
         loss_cat = cat_loss(adapted_pred, frozen_pred)
@@ -3098,7 +3144,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
                 loss = torch.zeros((), device=model_pred.device)
         if use_bank:  # --cat_prompts: ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2; the budget counts its drift
             if lean:
-                bank_pred = family.predict(denoiser, instance, encode_prompts(bank_prompts))
+                bank_pred = family.predict(denoiser, bank_z, encode_prompts(bank_prompts))
             loss_bank = cat_loss(bank_pred, bank_frozen)
             weighted_bank = weighted_cat_term(bank_pred, bank_frozen, config.cat_bank_alpha, cat_weights)
             loss = loss + weighted_bank
@@ -4446,7 +4492,8 @@ def main(argv=None, on_log=None) -> list[Path]:
                 + (f", drift budget {args.cat_drift_budget}" if drift_budget else "")
                 + (f", CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
                 + (f", swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else "")
-                + (f", prompt bank {args.cat_prompts} weight {args.cat_prompts_alpha}" if args.cat_prompts else "")
+                + (f", prompt bank {args.cat_prompts} weight {args.cat_prompts_alpha}"
+                   + (" on pure noise" if args.cat_prompts_latents == "noise" else "") if args.cat_prompts else "")
                 + f"), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:

@@ -175,6 +175,72 @@ def test_lean_mode_runs_one_adapted_pass_at_a_time_with_a_bank(tiny_pipeline, tm
         handle.remove()
 
 
+def test_noise_latents_put_the_bank_term_on_pure_noise_at_the_last_timestep(tiny_pipeline, tmp_path):
+    """--cat_prompts_latents noise: the bank term is alpha_bank * ||eps_frozen(z', T, y') - eps_lora(z', T, y')||^2
+    with z' = sqrt(1 - abar_T) * noise (SD's last timestep, no image), the noise drawn from each sample's own seed
+    (salted); computed here by hand. CAT's own term keeps the sample's z_t; lean = batched."""
+    family, models, batch, lora = step_setup(tiny_pipeline, tmp_path)
+    unet, scheduler = models["unet"], models["noise_scheduler"]
+    encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+
+    def step(mode, latents="noise"):
+        unet.zero_grad()
+        config = T.StepConfig(cat_alpha=1.0, cat_mode=mode, cat_bank_alpha=0.5, cat_bank_latents=latents)
+        losses = T.training_step(batch, family, models, encode, config, lambda loss: loss.backward())
+        return losses, {name: p.grad.clone() for name, p in lora.items()}
+
+    z = family.noisy_latents(batch, models["vae"], scheduler, torch.float32)
+    last = scheduler.config.num_train_timesteps - 1
+    noise = torch.stack([torch.randn(z["noisy"].shape[1:], generator=torch.Generator().manual_seed(
+        int(seed) ^ T.BANK_NOISE_SALT)) for seed in batch["noise_seeds"]])
+    z_noise = {**z, "noisy": (1 - scheduler.alphas_cumprod[last]) ** 0.5 * noise,
+               "timesteps": torch.full((2,), last, dtype=torch.long)}
+    with torch.no_grad():
+        frozen = {}
+        with T.adapters_disabled(unet):
+            frozen = family.predict(unet, z_noise, encode(batch["bank_prompts"]))
+        by_hand = ((family.predict(unet, z_noise, encode(batch["bank_prompts"])) - frozen) ** 2).mean()
+    losses, grads = step("lean")
+    assert losses["bank"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
+    sample_losses, _ = step("lean", latents="sample")
+    assert abs(sample_losses["bank"].item() - by_hand.item()) > 0.01 * by_hand.item()  # another input than z_t
+    # CAT's own term is untouched (its frozen rows share a 4-row call with other bank rows: ulps, as above)
+    assert losses["cat"].item() == pytest.approx(sample_losses["cat"].item(), rel=1e-5)
+    batched_losses, batched_grads = step("batched")
+    assert batched_losses["bank"].item() == pytest.approx(losses["bank"].item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(batched_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_pure_noise_is_the_schedules_last_timestep_for_both_objectives(tiny_pipeline, tmp_path):
+    """Flow matching: sigma 1, timestep 1000, z' = the noise itself; DDPM: t = T - 1, z' = sqrt(1 - abar_T) noise;
+    each row from its own generator (the same seed, the same z')."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = T.FamilyConfig(pretrained_model_name_or_path=tiny_pipeline)
+    like = torch.zeros(2, 4, 8, 8)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+
+    expected = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators()])
+    flow = T.FlowMatchingObjective(config).pure_noise(like, generators(), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert torch.equal(flow["noisy"], expected) and flow["sigmas"].tolist() == [1.0, 1.0]
+    assert flow["timesteps"].tolist() == [1000.0, 1000.0]
+    ddpm_scheduler = DDPMScheduler()
+    ddpm = T.DDPMObjective(config).pure_noise(like, generators(), ddpm_scheduler)
+    assert ddpm["timesteps"].tolist() == [999, 999]
+    torch.testing.assert_close(ddpm["noisy"], (1 - ddpm_scheduler.alphas_cumprod[999]) ** 0.5 * expected)
+
+
+def test_noise_latents_without_a_bank_is_one_line(tiny_pipeline, instance_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert T.cli(train_args(tiny_pipeline, instance_dir, out, "--cat_prompts_latents", "noise")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cat_prompts_latents sets the --cat_prompts term's input" in err, err
+    assert not out.exists()
+
+
 def test_bank_alpha_zero_is_cat_bit_for_bit(tiny_pipeline, instance_dir, tmp_path, run_training):
     (tmp_path / "bank.txt").write_text(BANK)
     common = ("--random_flip", "--cat_class_word", "teapot")
