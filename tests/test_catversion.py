@@ -142,7 +142,7 @@ def test_resume_is_bit_exact(tiny_pipeline, instance_dir, tmp_path, run_training
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # two CPU processes (about 30 s); SD's and Flux.1's 2-process tests stay in the default run
+@pytest.mark.slow  # two CPU processes (about 30 s); SD's 2-process test stays in the default run
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pipeline, instance_dir, tmp_path):
     """As tests/test_reliability.py's LoRA test: 2 processes x batch 1 against 1 process x batch 2."""
     single, double = tmp_path / "single", tmp_path / "double"

@@ -716,6 +716,7 @@ def test_paper_scores_helper_matches_folder_mode(pairs_folder, tiny_clip, tiny_d
         assert scores[key] == pytest.approx(metrics["diff"][key], abs=1e-6)
 
 
+@pytest.mark.slow  # two CPU processes generating and scoring: 28 s
 def test_two_processes_give_the_same_metrics_as_one(tiny_pipeline, loras, eval_data_dir, tiny_clip, tiny_dino,
                                                     tmp_path):
     common = ["evaluate_kps.py", "--pretrained_model_name_or_path", str(tiny_pipeline), "--eval_data_dir",

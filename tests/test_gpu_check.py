@@ -86,6 +86,7 @@ def test_smoke_runs_every_item_on_the_cpu_and_writes_json_and_markdown(tmp_path)
     assert not list(out.glob(".*.partial"))
 
 
+@pytest.mark.slow  # plans every item by running its CPU estimates: 40 s
 def test_dry_run_prints_the_gpu_plan_in_order_of_value_with_labelled_estimates(tmp_path, monkeypatch, capsys):
     class UnconfiguredFamily(T.StableDiffusionFamily):  # a family added to the script without a config here
         pass
@@ -140,6 +141,7 @@ def test_a_budget_too_small_skips_every_item_with_one_line_each(tmp_path, capsys
     assert not (out / "logs" / "worker.log").exists() and not (out / "tests.xml").exists()  # nothing started
 
 
+@pytest.mark.slow  # runs real items in a worker process: 22 s
 def test_a_crashing_item_prints_one_line_and_the_rest_goes_on(tmp_path, capsys, monkeypatch):
     real, started = G.worker_command, []
 
@@ -296,6 +298,7 @@ def test_without_a_gpu_the_gpu_run_and_the_cuda_tests_refuse_in_one_line(tmp_pat
     assert done.returncode == 4 and "--device cuda: torch" in done.stderr and "sees no CUDA device" in done.stderr
 
 
+@pytest.mark.slow  # runs a pytest session of the any-device tests: 21 s
 def test_device_cuda_runs_the_any_device_tests_and_skips_the_others(tmp_path):
     """pytest --device cuda, with torch told a GPU is there (a plugin loaded before conftest.py): the any_device
     tests are the family-generic ones gpu_check.sh runs, once per family, and every other test is skipped."""

@@ -31,6 +31,7 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow  # about 20 trainings and their evaluations with the subject judge: 92 s of the default suite
 def test_small_run_writes_table_and_sweep_from_the_evaluations(tmp_path):
     out = tmp_path / "table1"
     result = run_script("--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "1",

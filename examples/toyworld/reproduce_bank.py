@@ -49,9 +49,14 @@ METHODS = {
     "bank_large": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
                    "{class_word}"],
     "empty": ["--cat_alpha", "1", "--cat_prompt", "empty"],
+    # the large bank on pure noise at the last timestep instead of the sample's z_t (--cat_prompts_latents noise)
+    "bank_large_noise": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
+                         "{class_word}", "--cat_prompts_latents", "noise"],
 }
-KEYS = ("unrelated_cosine", "unrelated_pixel_change", "KPS_mean", "IS_mean", "PS_mean", "subject_without_trigger")
-TITLES = ("unrelated cos ↑", "unrelated Δpx ↓", "KPS mean", "IS mean", "PS mean", "leak (subject without trigger)")
+KEYS = ("unrelated_cosine", "unrelated_pixel_change", "KPS_mean", "IS_mean", "PS_mean", "subject_without_trigger",
+        "ID_rate", "base_pixel_change")
+TITLES = ("unrelated cos ↑", "unrelated Δpx ↓", "KPS mean", "IS mean", "PS mean", "leak (subject without trigger)",
+          "ID rate (judge)", "Δpx base ↓ (judge)")
 BASELINES = ("cat", "lora")
 
 
@@ -159,7 +164,7 @@ def main(argv=None) -> Path:
         scores = [m for per in results.values() for name, m in per.items()
                   if name == method or name.startswith(f"{method}-seed")]
         seconds = [t for (_, name), t in cost.items() if name.startswith(f"{method}-seed")]
-        rows.append(f"| {method} | " + " | ".join(table1.mean_std([m[k] for m in scores]) for k in KEYS)
+        rows.append(f"| {method} | " + " | ".join(table1.mean_std([m.get(k) for m in scores]) for k in KEYS)
                     + f" | {statistics.median(seconds) if seconds else float('nan'):.4f} | {len(scores)} |")
     rows += ["", "Mean ± std over concepts and seeds; s/step is the median of the training loops' seconds per step "
              "(two trainings at a time on 2 shared cores).", "",
