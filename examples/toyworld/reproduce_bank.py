@@ -172,7 +172,8 @@ def main(argv=None) -> Path:
              "| difference | " + " | ".join(TITLES) + " | s/step ratio |", "|---" * (len(TITLES) + 2) + "|"]
     for baseline in (b for b in BASELINES if b in args.methods):
         for method in (m for m in args.methods if m != baseline):
-            ratios = [cost[c, f"{method}-seed{s}"] / cost[c, f"{baseline}-seed{s}"] for c in results for s in args.seeds]
+            ratios = [cost[c, f"{method}-seed{s}"] / cost[c, f"{baseline}-seed{s}"] if cost[c, f"{baseline}-seed{s}"]
+                      else float("nan") for c in results for s in args.seeds]  # (nan: too few steps to time)
             rows.append(f"| {method} − {baseline} | " + " | ".join(paired(results, method, baseline, k, args.seeds)
                                                                    for k in KEYS)
                         + f" | {statistics.mean(ratios):.2f} |")
