@@ -52,6 +52,10 @@ METHODS = {
     # the large bank on pure noise at the last timestep instead of the sample's z_t (--cat_prompts_latents noise)
     "bank_large_noise": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
                          "{class_word}", "--cat_prompts_latents", "noise"],
+    # the large bank at other weights (--cat_prompts_alpha; the default is 1)
+    **{f"bank_large_alpha{alpha}": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"),
+                                    "--cat_class_word", "{class_word}", "--cat_prompts_alpha", alpha]
+       for alpha in ("0.25", "4")},
 }
 KEYS = ("unrelated_cosine", "unrelated_pixel_change", "KPS_mean", "IS_mean", "PS_mean", "subject_without_trigger",
         "ID_rate", "base_pixel_change")
