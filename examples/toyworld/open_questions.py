@@ -509,21 +509,22 @@ def draw_grid(columns: list[str], rows: list[tuple[str, list[list[Path]]]], path
     grid.save(path)
 
 
-def picture(args, path: Path) -> None:
+def picture(args, path: Path, key: str = "with_trigger") -> None:
     """Question 2: columns subject x size, rows training images, base, each method x rule (first seed). Question 3:
     columns subjects, rows training images, base, each method (first seed). Each cell: the first image of each of
-    the 4 evaluation captions, with the trigger (training images: the first 4)."""
+    the 4 evaluation captions, with the trigger (``key`` "without_trigger": the same captions and seeds without it;
+    training images: the first 4)."""
     out, seed = Path(args.output_dir), args.seeds[0]
     rules = args.rules if args.question == 2 else ["total"]
     units = [(n, s) for s in args.subjects for n in args.sizes]
     columns = [f"{s.split('_')[0]} n{n}" if args.question == 2 else s for n, s in units]
     rows = [("training images", [sorted((out / "data" / f"n{n}" / s).glob("*.png"))[:4] for n, s in units]),
-            ("base", [cell_images(out / "eval" / f"n{n}" / s, "base") for n, s in units])]
+            ("base", [cell_images(out / "eval" / f"n{n}" / s, "base", key) for n, s in units])]
     for method in args.methods:
         for rule in rules:
             label = method if args.question == 3 else f"{method} {rule}"
-            rows.append((label, [cell_images(out / "eval" / f"n{n}" / s, f"{method}-s{steps_for(args, n, rule)}-seed{seed}")
-                                 for n, s in units]))
+            rows.append((label, [cell_images(out / "eval" / f"n{n}" / s, f"{method}-s{steps_for(args, n, rule)}-seed{seed}",
+                                             key) for n, s in units]))
     draw_grid(columns, rows, path)
 
 
@@ -549,7 +550,9 @@ def write_results(args, argv, results: dict, rows: list[str], summary: dict, min
     section = [f"## {title}", "", *([f"**{args.label}**", ""] if args.label else []),
                f"Command: `{command}`; {minutes:.0f} min wall clock in all ({invocations} invocation"
                f"{'s' if invocations > 1 else ''} of the resumable command, on 2 cores shared with other jobs, "
-               f"--jobs {args.jobs}).", "", settings, "", f"Picture: [{picture_path.name}]({picture_path.name}).", "",
+               f"--jobs {args.jobs}).", "", settings, "", f"Picture: [{picture_path.name}]({picture_path.name})"
+               + (" (with the trigger) and [open_questions_q3_without_trigger.png](open_questions_q3_without_trigger.png)"
+                  " (the same captions and seeds without it)" if q == 3 else "") + ".", "",
                *rows]
     (results_dir / f"open_questions_q{q}.md").write_text("\n".join(section) + "\n")
     document_path = results_dir / "open_questions.json"
@@ -622,6 +625,8 @@ def main(argv=None) -> Path:
     rows, summary = (question2_tables if args.question == 2 else question3_tables)(args, results)
     picture_path = Path(args.results_dir) / f"open_questions_q{args.question}.png"
     picture(args, picture_path)
+    if args.question == 3:  # the trigger-less prompts too: how far each method moved them from the base model's
+        picture(args, picture_path.with_name("open_questions_q3_without_trigger.png"), "without_trigger")
     if args.question == 2:
         write_sample(args, results, Path(args.results_dir) / "open_questions_sample")
     minutes, invocations = record_run(args, argv, (time.perf_counter() - start) / 60)
