@@ -90,6 +90,9 @@ def parse_args(argv=None):
                         help="where open_questions.md/.json and the picture go")
     parser.add_argument("--label", default="",
                         help="a note for the results (e.g. 'reduced protocol: ...'); the command line is always given")
+    parser.add_argument("--tag", default="",
+                        help="a suffix for this run's results (open_questions_q<question><tag>.md/.png, json key "
+                             "q<question><tag>), to keep a partial protocol beside the main one")
     parser.add_argument("--jobs", type=int, default=2, help="trainings (and evaluations) at a time, one thread each")
     parser.add_argument("--unrelated_prompts", default=str(HERE / "unrelated_prompts.txt"))
     defaults = table1.parse_args([])
@@ -130,6 +133,8 @@ def check_args(args) -> None:
         raise InputError(f"--steps {args.steps}: must be at least 1")
     if args.num_images_per_prompt < 2:
         raise InputError(f"--num_images_per_prompt {args.num_images_per_prompt}: the diversity needs at least 2")
+    if args.tag and not args.tag.replace("_", "").isalnum():
+        raise InputError(f"--tag {args.tag!r}: letters, digits and underscores only")
     if args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: must be at least 1")
     groups = {make_concepts.OQ_BY_NAME[s].group for s in args.subjects}
@@ -546,24 +551,26 @@ def write_results(args, argv, results: dict, rows: list[str], summary: dict, min
                 f"judge and toy CLIP" + ("; unrelated prompts: unrelated_prompts.txt less the class word's lines"
                                           if q == 3 else "") + ".")
     title = {2: "Open question 2: many training images, and diversity",
-             3: "Open question 3: subjects outside the base model's domain"}[q]
+             3: "Open question 3: subjects outside the base model's domain"}[q] + (f" ({args.tag.strip('_')})"
+                                                                                 if args.tag else "")
     section = [f"## {title}", "", *([f"**{args.label}**", ""] if args.label else []),
                f"Command: `{command}`; {minutes:.0f} min wall clock in all ({invocations} invocation"
                f"{'s' if invocations > 1 else ''} of the resumable command, on 2 cores shared with other jobs, "
                f"--jobs {args.jobs}).", "", settings, "", f"Picture: [{picture_path.name}]({picture_path.name})"
-               + (" (with the trigger) and [open_questions_q3_without_trigger.png](open_questions_q3_without_trigger.png)"
-                  " (the same captions and seeds without it)" if q == 3 else "") + ".", "",
+               + (f" (with the trigger) and [open_questions_q3{args.tag}_without_trigger.png]"
+                  f"(open_questions_q3{args.tag}_without_trigger.png) (the same captions and seeds without it)"
+                  if q == 3 else "") + ".", "",
                *rows]
-    (results_dir / f"open_questions_q{q}.md").write_text("\n".join(section) + "\n")
+    (results_dir / f"open_questions_q{q}{args.tag}.md").write_text("\n".join(section) + "\n")
     document_path = results_dir / "open_questions.json"
     document = json.loads(document_path.read_text()) if document_path.is_file() else {}
-    document[f"q{q}"] = {"command": command, "label": args.label, "minutes": minutes, "invocations": invocations,
+    document[f"q{q}{args.tag}"] = {"command": command, "label": args.label, "minutes": minutes, "invocations": invocations,
                          "settings": {
         k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
         "summary": summary, "metrics": {f"n{n}/{s}": {a: {k: v for k, v in m.items() if k != "clamped"}
                                                       for a, m in per.items()} for (n, s), per in results.items()}}
     document_path.write_text(json.dumps(document, indent=1, default=str) + "\n")
-    parts = [(results_dir / f"open_questions_q{k}.md") for k in (2, 3)]
+    parts = sorted(results_dir.glob("open_questions_q*.md"))
     (results_dir / "open_questions.md").write_text(
         "# The paper's open questions 2 and 3 in the toy world\n\n"
         "Written by `examples/toyworld/open_questions.py` (one command per question, below); every figure in "
@@ -623,11 +630,11 @@ def main(argv=None) -> Path:
     jobs = plan(args)
     results = run_units(args, jobs)
     rows, summary = (question2_tables if args.question == 2 else question3_tables)(args, results)
-    picture_path = Path(args.results_dir) / f"open_questions_q{args.question}.png"
+    picture_path = Path(args.results_dir) / f"open_questions_q{args.question}{args.tag}.png"
     picture(args, picture_path)
     if args.question == 3:  # the trigger-less prompts too: how far each method moved them from the base model's
-        picture(args, picture_path.with_name("open_questions_q3_without_trigger.png"), "without_trigger")
-    if args.question == 2:
+        picture(args, picture_path.with_name(f"open_questions_q3{args.tag}_without_trigger.png"), "without_trigger")
+    if args.question == 2 and not args.tag:
         write_sample(args, results, Path(args.results_dir) / "open_questions_sample")
     minutes, invocations = record_run(args, argv, (time.perf_counter() - start) / 60)
     path = write_results(args, argv, results, rows, summary, minutes, picture_path, invocations)
