@@ -32,6 +32,7 @@ Bad input is refused in one line before any training.
 import argparse
 import json
 import math
+import shlex
 import multiprocessing
 import statistics
 import sys
@@ -366,9 +367,8 @@ def question2_tables(args, results: dict) -> tuple[list[str], dict]:
     def values(method, n, steps, subjects):
         return {k: collect(results, k, method, lambda m: steps, subjects, n, args.seeds) for k in Q2_KEYS}
 
-    for group, subjects in [*subjects_by_group.items(), ("all", args.subjects)]:
-        if not subjects:
-            continue
+    groups_present = [(g, subjects) for g, subjects in subjects_by_group.items() if subjects]
+    for group, subjects in groups_present + ([("all", args.subjects)] if len(groups_present) > 1 else []):
         for n in args.sizes:
             for rule in rules:
                 steps = steps_for(args, n, rule)
@@ -495,7 +495,7 @@ def cell_images(evaluation: Path, adapter: str, key: str = "with_trigger") -> li
     return list(firsts.values())
 
 
-def draw_grid(columns: list[str], rows: list[tuple[str, list[list[Path]]]], path: Path, tile: int = 48) -> None:
+def draw_grid(columns: list[str], rows: list[tuple[str, list[list[Path]]]], path: Path, tile: int = 64) -> None:
     """A labelled grid: one row per entry, one column per label; each cell 2 x 2 tiles (its first 4 images)."""
     from PIL import Image, ImageDraw
 
@@ -542,7 +542,7 @@ def write_results(args, argv, results: dict, rows: list[str], summary: dict, min
                   invocations: int = 1):
     results_dir = Path(args.results_dir)
     q = args.question
-    command = "python examples/toyworld/open_questions.py " + " ".join(argv)
+    command = "python examples/toyworld/open_questions.py " + shlex.join(argv)
     subjects = ", ".join(f"{s} ({make_concepts.OQ_BY_NAME[s].group})" for s in args.subjects)
     settings = (f"Subjects: {subjects}. Sizes {args.sizes}, seeds {args.seeds}, methods {args.methods}"
                 + (f", step rules {args.rules}" if q == 2 else "") + f"; {args.steps} steps at the smallest size, lr "
