@@ -64,12 +64,23 @@ class Subject:
 
 @functools.lru_cache(maxsize=None)
 def look_colors(look) -> np.ndarray:
+    """(k, 3), k = 1 or 2: the look's colors; for a look of many colors (a gradient), the two ends of its range
+    (along the colors' principal axis), so that the pattern fit asks for each end where the rendering has it."""
     fill = make_concepts.pattern_fill_of(look, 64, *Placements.one(0.5, 0.5, 1.0).columns())
-    return np.unique(fill.reshape(-1, 3), axis=0)
+    colors = np.unique(fill.reshape(-1, 3), axis=0)
+    if len(colors) <= 2:
+        return colors
+    centred = colors - colors.mean(axis=0)
+    along = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+    return colors[[int(np.argmin(along)), int(np.argmax(along))]]
 
 
 SUBJECTS = {trigger: Subject(trigger, shape, look)
             for trigger, shape, look, _ in make_concepts.CONCEPTS + make_concepts.MORE_CONCEPTS}
+# open_questions.py's subjects (make_concepts.OQ_SUBJECTS): fine patterns, shape details, shapes and fills the world
+# never draws.
+SUBJECTS.update({s.trigger: Subject(s.trigger, s.shape, s.look) for s in make_concepts.OQ_SUBJECTS
+                 if s.trigger not in SUBJECTS})
 
 
 @dataclass(frozen=True)
@@ -247,7 +258,7 @@ def shape_geometry(shape: str, res: int = 256) -> tuple[float, float, float]:
     return mask.mean(), (xs.mean() + 0.5) / res - 0.5, (ys.mean() + 0.5) / res - 0.5
 
 
-SHAPE_GEOMETRY = {shape: shape_geometry(shape) for shape in world.SHAPES}
+SHAPE_GEOMETRY = {shape: shape_geometry(shape) for shape in (*world.SHAPES, *world.EXTRA_SHAPES)}
 
 
 def first_guess(mask: np.ndarray, shape: str) -> tuple[float, float, float]:
@@ -324,6 +335,9 @@ def subject_fits(seen: Seen, renders: np.ndarray, subject_masks: np.ndarray, col
     the smaller of the two, so that a small part (phol's blue centre) counts as much as a large one."""
     visible = off_background(renders, seen.background, settings.background_tolerance)
     close = color_distance(renders, seen.pixels[None]) <= settings.pixel_tolerance
+    if len(colors) == 1:  # a one-color look (an outline): the share of its pixels in that color
+        share = (close & subject_masks).sum(axis=(1, 2)) / np.maximum(subject_masks.sum(axis=(1, 2)), 1)
+        return mask_iou(visible, seen.foreground), share
     first = color_distance(renders, colors[0]) <= color_distance(renders, colors[1])
     shares = [(close & part).sum(axis=(1, 2)) / np.maximum(part.sum(axis=(1, 2)), 1)
               for part in (subject_masks & first, subject_masks & ~first)]
@@ -426,6 +440,45 @@ def base_closeness(images, base_images, settings: JudgeSettings = JudgeSettings(
         raise ValueError(f"{len(images)} images against {len(base_images)} base images: they must pair up")
     return [PairChange(pixel_change(a, b), read_scene(a, settings) == read_scene(b, settings))
             for a, b in zip(images, base_images)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diversity: how far apart a set of images is (open_questions.py; a stand-in for the CLIP-based diversity the paper
+# left out as unstable)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def diversity_features(image: np.ndarray, subject: Subject, settings: JudgeSettings = JudgeSettings()) -> np.ndarray:
+    """The judge's features of one image (7,): where the subject fits best (centre x, y and extent, as fractions of
+    the image) and the background color (0..1): the factors the world varies between a subject's images."""
+    seen = Seen.of(image, settings)
+    _, _, placement = subject_fit(seen, subject, subject.shape, settings)
+    return np.asarray([*placement, *(seen.background / 255.0)], dtype=np.float64)
+
+
+def mean_pairwise_distance(vectors) -> float:
+    """The mean Euclidean distance over all pairs of rows (at least two)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if len(vectors) < 2:
+        raise ValueError(f"diversity needs at least 2 images, got {len(vectors)}")
+    distances = np.sqrt(((vectors[:, None] - vectors[None]) ** 2).sum(-1))
+    return float(distances[np.triu_indices(len(vectors), 1)].mean())
+
+
+def pixel_diversity(images) -> float:
+    """The mean over all pairs of images of their mean absolute pixel difference, as a fraction of 255."""
+    pixels = np.stack([np.asarray(i, np.float32) for i in images])
+    if len(pixels) < 2:
+        raise ValueError(f"diversity needs at least 2 images, got {len(pixels)}")
+    i, j = np.triu_indices(len(pixels), 1)
+    return float(np.mean([np.abs(pixels[a] - pixels[b]).mean() / 255.0 for a, b in zip(i, j)]))
+
+
+def diversity(images, subject: Subject, settings: JudgeSettings = JudgeSettings()) -> dict:
+    """{"judge": mean pairwise distance of diversity_features, "pixels": pixel_diversity} of a set of images."""
+    images = [np.asarray(i) for i in images]
+    return {"judge": mean_pairwise_distance([diversity_features(i, subject, settings) for i in images]),
+            "pixels": pixel_diversity(images)}
 
 
 # ---------------------------------------------------------------------------------------------------------

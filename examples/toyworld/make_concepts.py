@@ -11,6 +11,7 @@ instance_data_dir entries are relative to the JSON file (as train_cat_lora.py --
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,18 +92,44 @@ SETS = {"5": "concepts", "20": "concepts20"}
 
 
 def pattern_fill_of(look, res: int, cx: float, cy: float, extent: float) -> np.ndarray:
-    """The fill of a concept's look: a named pattern of the five (pattern_fill), or a two_tone_fill spec."""
+    """The fill of a concept's look: a named pattern of the five (pattern_fill), a two_tone_fill spec, or one of
+    LOOKS_BEYOND_FLAT's specs ("gradient": a ramp from color a to color b; "solid": color a alone)."""
     if isinstance(look, str):
         return pattern_fill(look, res, cx, cy, extent)
     pattern, frequency, color_a, color_b = look
+    if pattern in LOOKS_BEYOND_FLAT:
+        return LOOKS_BEYOND_FLAT[pattern](res, cx, cy, extent, world.PATTERN_PALETTE[color_a],
+                                          world.PATTERN_PALETTE[color_b])
     return world.two_tone_fill(pattern, frequency, world.PATTERN_PALETTE[color_a], world.PATTERN_PALETTE[color_b],
                                res, cx, cy, extent)
+
+
+def gradient_fill(res: int, cx, cy, extent, color_a, color_b) -> np.ndarray:
+    """A diagonal ramp from color a (top left of the bounding box) to color b (bottom right): a fill that is not
+    flat, which the base model never saw."""
+    coords = (np.arange(res) + 0.5) / res
+    x, y = np.meshgrid(coords, coords)
+    t = np.clip(((x - cx) / extent + (y - cy) / extent) / 2 + 0.5, 0, 1)[..., None]
+    return ((1 - t) * np.asarray(color_a, np.float32) + t * np.asarray(color_b, np.float32)).astype(np.float32)
+
+
+def solid_fill(res: int, cx, cy, extent, color_a, color_b) -> np.ndarray:
+    """One color (color b is ignored): for outline drawings."""
+    shape = np.broadcast(np.zeros((res, res)), np.asarray(cx) * np.zeros((1, 1))).shape
+    return np.broadcast_to(np.asarray(color_a, np.float32), shape + (3,)).copy()
+
+
+LOOKS_BEYOND_FLAT = {"gradient": gradient_fill, "solid": solid_fill}
 
 
 def describe(look, shape: str) -> str:
     if isinstance(look, str):
         return look.replace("_", " ") + f" {shape}"
     pattern, _, color_a, color_b = look
+    if pattern == "gradient":
+        return f"{color_a} to {color_b} gradient {shape}"
+    if pattern == "solid":
+        return f"{color_a} {shape}"
     return f"{world.PATTERN_WORDS[pattern]} {color_a} and {color_b} {shape}"
 
 
@@ -147,6 +174,123 @@ def write_concepts(out: Path, concepts, order, num_images: int, seed: int, size:
         lines = [json.dumps({"caption": c, "reference": f"../{trigger}_{shape}/{i:02d}.png"}) for i, c in enumerate(captions)]
         (out / "eval" / f"{trigger}_{shape}.jsonl").write_text("\n".join(lines) + "\n")
     return len(entries)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open questions 2 and 3 (open_questions.py): many training images per subject, and subjects outside the world
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OQSubject:
+    """A subject of open_questions.py: drawn as ``shape`` (a world shape or one of world.EXTRA_SHAPES) painted with
+    ``look`` (a pattern_fill_of look) on ``backgrounds`` (world.BACKGROUNDS or EXTRA_BACKGROUNDS), named in prompts
+    "a photo of <trigger> <class_word>". ``group``: "in-domain" (Table 1's five), "precision" (a fine pattern or an
+    exact shape detail, drawn as the world draws) or "out-of-domain" (something the base model never saw)."""
+
+    trigger: str
+    shape: str
+    class_word: str
+    look: object
+    backgrounds: tuple
+    group: str
+    what: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.trigger}_{self.class_word}"
+
+
+# A background the world never has: light blue with per-pixel noise (the world's three are flat gray levels).
+EXTRA_BACKGROUNDS = {"sky": (140, 190, 235)}
+SKY_NOISE = 12.0  # standard deviation of the sky's per-pixel noise, 0-255 units
+
+OQ_SUBJECTS = (
+    *(OQSubject(t, shape, shape, look, backgrounds, "in-domain") for t, shape, look, backgrounds in CONCEPTS),
+    # Geometric precision, inside the world's vocabulary (world shapes, flat colors, world backgrounds):
+    OQSubject("elio", "circle", "circle", ("stripes_v", 6, "red", "white"), ("gray", "black"), "precision",
+              "thin stripes: 6 vertical red and white bands, about 3.3 pixels each (the finest the toy VAE carries: "
+              "encoded and decoded, 8 of 8 such images stay the subject to the judge, 4 of 8 at 7 bands, 0 of 8 at 8)"),
+    OQSubject("folia", "notched_square", "square", ("halves_h", 2, "blue", "orange"), ("gray", "white", "black"),
+              "precision", "an exact shape detail: a square missing a notch a quarter of its side at the top right"),
+    # Outside what the base model was trained on, one factor each:
+    OQSubject("pik", "star", "cross", ("halves_h", 2, "yellow", "red"), ("gray", "white", "black"), "out-of-domain",
+              "a shape the world never draws: a five-pointed star (class word: cross)"),
+    OQSubject("leaps", "ring", "circle", ("solid", 0, "orange", "orange"), ("gray", "white", "black"),
+              "out-of-domain", "an outline only: an orange ring, the background inside"),
+    OQSubject("anis", "square", "square", ("gradient", 0, "yellow", "purple"), ("gray", "white", "black"),
+              "out-of-domain", "a texture instead of flat color: a yellow-to-purple diagonal gradient"),
+    OQSubject("dita", "circle", "circle", ("halves_v", 2, "red", "yellow"), ("sky",), "out-of-domain",
+              "other background statistics: on a noisy light-blue background the world never has"),
+)
+OQ_BY_NAME = {s.name: s for s in OQ_SUBJECTS}
+# The evaluation captions (as write_concepts's, with the class word); their references are rendered apart.
+OQ_EVAL_CAPTIONS = ("a {t} {c} on a black background", "a large {t} {c} on a gray background",
+                    "a small {t} {c} on a white background", "a photo of a {t} {c} on a black background")
+OQ_NUM_REFERENCES = 4
+
+
+def oq_background(name: str, rng: np.random.Generator, res: int) -> np.ndarray:
+    """The background canvas (res x res x 3): a world background's flat color, or EXTRA_BACKGROUNDS's with noise."""
+    if name in world.BACKGROUNDS:
+        return np.broadcast_to(np.asarray(world.BACKGROUNDS[name], np.float32), (res, res, 3))
+    return np.asarray(EXTRA_BACKGROUNDS[name], np.float32) + rng.normal(0, SKY_NOISE, (res // world.SUPERSAMPLE,) * 2
+                                                                          + (3,)).repeat(world.SUPERSAMPLE, 0).repeat(
+        world.SUPERSAMPLE, 1).astype(np.float32)
+
+
+def render_oq(subject: OQSubject, rng: np.random.Generator, index: int, size: int = 32) -> np.ndarray:
+    """One image of ``subject``: placed and sized as write_concepts places the five (large, anywhere inside), its
+    background the ``index``-th of its backgrounds in turn."""
+    extent = rng.uniform(0.58, 0.7)
+    margin = extent / 2 + 0.03
+    cx, cy = rng.uniform(margin, 1 - margin, size=2)
+    res = size * world.SUPERSAMPLE
+    mask = world.shape_mask(subject.shape, cx, cy, extent, res)
+    fill = pattern_fill_of(subject.look, res, cx, cy, extent)
+    background = oq_background(subject.backgrounds[index % len(subject.backgrounds)], rng, res)
+    return world.render_fill(fill, mask, background, size)
+
+
+def oq_images(subject: OQSubject, n: int, seed: int, references: bool = False, size: int = 32) -> list[np.ndarray]:
+    """The first ``n`` training images of ``subject`` (a stream, so the set of 6 is the start of the set of 24), or
+    with ``references`` its evaluation references, from a stream of their own: deterministic in ``seed``."""
+    names = [s.name for s in OQ_SUBJECTS]
+    index = names.index(subject.name) if subject.name in names else len(names)  # (a subject made up for a test)
+    rng = np.random.default_rng([seed, index, 1 if references else 0])
+    return [render_oq(subject, rng, i + (1 if references else 0), size) for i in range(n)]
+
+
+def write_oq_sets(out: Path, subjects, sizes, seed: int = 0, size: int = 32) -> dict[int, Path]:
+    """Per training-set size n: out/n<n>/ with <subject>/NN.png (n images), concepts.json and eval/<subject>.jsonl
+    whose references are out/references/<subject>/NN.png, rendered apart from every training image. Returns
+    {n: concepts.json}. Files already there with the same bytes are left alone."""
+    def save(image, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+    files = {}
+    for subject in subjects:
+        for i, image in enumerate(oq_images(subject, OQ_NUM_REFERENCES, seed, references=True, size=size)):
+            save(image, out / "references" / subject.name / f"{i:02d}.png")
+        stream = oq_images(subject, max(sizes), seed, size=size)
+        for n in sizes:
+            for i, image in enumerate(stream[:n]):
+                save(image, out / f"n{n}" / subject.name / f"{i:02d}.png")
+    for n in sizes:
+        folder = out / f"n{n}"
+        (folder / "eval").mkdir(parents=True, exist_ok=True)
+        entries = []
+        for subject in subjects:
+            entries.append({"instance_data_dir": subject.name, "instance_prompt": f"a photo of {subject.trigger} "
+                            f"{subject.class_word}", "trigger_token": subject.trigger, "class_word": subject.class_word,
+                            "description": describe(subject.look, subject.shape), "group": subject.group})
+            lines = [json.dumps({"caption": c.format(t=subject.trigger, c=subject.class_word),
+                                 "reference": f"../../references/{subject.name}/{i:02d}.png"})
+                     for i, c in enumerate(OQ_EVAL_CAPTIONS)]
+            (folder / "eval" / f"{subject.name}.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "concepts.json").write_text(json.dumps(entries, indent=2) + "\n")
+        files[n] = folder / "concepts.json"
+    return files
 
 
 def main(argv=None):

@@ -59,7 +59,41 @@ def shape_mask(shape: str, cx: float, cy: float, extent: float, res: int) -> np.
     if shape == "cross":
         arm = h * 0.36
         return ((np.abs(dx) <= h) & (np.abs(dy) <= arm)) | ((np.abs(dy) <= h) & (np.abs(dx) <= arm))
+    if shape in EXTRA_SHAPES:
+        return EXTRA_SHAPES[shape](dx, dy, h)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def _star(dx, dy, h, points: int = 5, inner: float = 0.5):
+    """A five-pointed star, one point up: inside when the radius is under the star's outline at that angle."""
+    angle = np.mod(np.arctan2(dx, -dy), 2 * np.pi / points) - np.pi / points  # 0 halfway between two points
+    half = np.pi / points
+    # The outline between a point (radius h, angle +-half) and the notch (radius inner * h, angle 0) is straight.
+    tip = np.stack([h * np.cos(half), h * np.sin(half)])
+    notch = np.stack([inner * h, 0.0])
+    edge = tip - notch
+    r = np.hypot(dx, dy)
+    px, py = r * np.cos(angle), r * np.abs(np.sin(angle))
+    cross = edge[0] * (py - notch[1]) - edge[1] * (px - notch[0])
+    return cross >= 0  # on the centre's side of the edge (notch to tip)
+
+
+def _notched_square(dx, dy, h):
+    """The world's square with a square notch, a quarter of its side, cut from its top-right corner."""
+    h = h * 0.88
+    notch = h / 2
+    square = (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    return square & ~((dx > h - notch) & (dy < -h + notch))
+
+
+def _ring(dx, dy, h, width: float = 0.3):
+    """A circle's outline only: a ring whose width is ``width`` of the radius."""
+    r2 = dx**2 + dy**2
+    return (r2 <= h**2) & (r2 >= (h * (1 - width)) ** 2)
+
+
+# Shapes the world never draws (open_questions.py's subjects): shape_mask renders them, SHAPES leaves them out.
+EXTRA_SHAPES = {"star": _star, "notched_square": _notched_square, "ring": _ring}
 
 
 def render_fill(fill: np.ndarray, mask: np.ndarray, background, size: int) -> np.ndarray:
