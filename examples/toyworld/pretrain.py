@@ -648,6 +648,7 @@ def git_commit_checkpoint(path: Path, step: int):
 
 
 def train_zimage(args, work_dir: Path):
+    work_dir.mkdir(parents=True, exist_ok=True)
     vae = zimage_vae(Path(args.zimage_vae))
     images, scenes = world_data(work_dir, args.num_images, args.seed)
     lat_mean, _ = encode_cached(vae, images, work_dir / f"latents_{args.num_images}_{args.seed}_v4vae.pt")
@@ -913,7 +914,7 @@ def export_clip(args, work_dir: Path):
     print(f"clip (step {ckpt['step']}) -> {out}")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--stage", choices=["vae", "unet", "clip", "vae_decoder", "export", "zimage", "export_zimage"],
@@ -985,7 +986,11 @@ def main():
                         help="Weight of the judge's penalty on negative embedding components.")
     parser.add_argument("--clip_init_from", default=None,
                         help="clip stage: start from this exported toy CLIP folder instead of from scratch.")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     work_dir = Path(args.work_dir)
