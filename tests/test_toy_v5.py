@@ -105,7 +105,11 @@ def test_v5_objective_and_caption_features_are_train_cat_lora_zimage_family(tiny
         assert torch.equal(row[keep], mine)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 16, 16, generator=gen)
-    noisy, timesteps, target = pretrain.zimage_noisy(latents, gen, ours.sigmas[:-1], ours.timesteps)
+    sigmas_table, timesteps_table = pretrain.zimage_tables(ours)
+    assert sigmas_table[-1] > 0 and timesteps_table[0] == 1000  # index 0: pure noise; 999: nearly clean
+    noisy, timesteps, target = pretrain.zimage_noisy(latents, gen, sigmas_table, timesteps_table)
+    index = torch.tensor([0, 999])  # both ends of the table can be drawn
+    assert torch.equal(sigmas_table[index], scheduler.sigmas[index])
     sigmas = 1 - (1000 - timesteps) / 1000
     assert torch.allclose(noisy, (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * (target + latents),
                           atol=1e-5)

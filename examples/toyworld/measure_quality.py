@@ -27,9 +27,10 @@ DEFAULT_CONCEPTS_JSON = HERE / "concepts" / "concepts.json"
 
 
 def load_pipeline(path=DEFAULT_PIPELINE_DIR):
-    from diffusers import StableDiffusionPipeline
+    """The pipeline its model_index.json names: v4's StableDiffusionPipeline, v5's ZImagePipeline."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

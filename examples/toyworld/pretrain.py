@@ -629,6 +629,14 @@ def zimage_noisy(latents, gen, sigmas_table, timesteps_table):
     return (1 - sigmas) * latents + sigmas * noise, timesteps_table[index], noise - latents
 
 
+def zimage_tables(scheduler):
+    """The training sigmas and timesteps, 1,000 each (index u x 1000), as the scheduler holds them before
+    set_timesteps (no terminal sigma yet)."""
+    sigmas, timesteps = scheduler.sigmas.clone(), scheduler.timesteps.clone()
+    assert len(sigmas) == len(timesteps) == scheduler.config.num_train_timesteps, (len(sigmas), len(timesteps))
+    return sigmas, timesteps
+
+
 def git_commit_checkpoint(path: Path, step: int):
     """Commit the checkpoint file (only it: ``git commit --only``) in the repository it lies in; retried while
     another git command holds the index; a failure is reported, never fatal to the training."""
@@ -668,7 +676,7 @@ def train_zimage(args, work_dir: Path):
     ema_text.requires_grad_(False).load_state_dict(text_encoder.state_dict())
     ema_params = list(ema_transformer.parameters()) + list(ema_text.parameters())
     sched = zimage_scheduler()
-    sigmas_table, timesteps_table = sched.sigmas[:-1].clone(), sched.timesteps.clone()
+    sigmas_table, timesteps_table = zimage_tables(sched)
     if args.pattern_caption_prob:
         pat_mean, _, pat_captions = encoded_pattern_latents(args, work_dir, vae)
         # Z-Image trains on the posterior's mode (train_cat_lora.ZImageFamily.encode_latents): no sampling noise.
