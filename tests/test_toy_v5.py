@@ -141,3 +141,21 @@ def test_v5_export_loads_and_a_lora_from_train_cat_lora_changes_it(tiny_export, 
     pipe.load_lora_weights(tmp_path / "lora")
     after = images_of(pipe, "a photo of sks circle")
     assert np.abs(after - before).max() > 1e-3
+
+
+def test_v5_measure_quality_reads_a_zimage_pipeline(tiny_export):
+    """The qualification measures of v4 on a ZImagePipeline: the transformer's word sensitivity and the caption
+    features' trigger / color insertion ratios (both finite and positive on the tiny export)."""
+    import measure_quality
+
+    torch.set_num_threads(1)
+    pipe = measure_quality.load_pipeline(tiny_export)
+    assert measure_quality.is_zimage(pipe)
+    changes = measure_quality.unet_word_sensitivity(pipe, words=("sks", "red"), timesteps=(500,), n=2)
+    assert set(changes[500]) == {"sks", "red"} and all(0 < v < 10 for v in changes[500].values())
+    features = measure_quality.zimage_caption_features(pipe, ["a photo of sks circle", "a photo of circle"])
+    assert features.shape[:2] == (2, 48) and not torch.equal(features[0], features[1])
+    ratios = measure_quality.trigger_insertion_ratios(
+        pipe.tokenizer, pipe.text_encoder, {"sks": ["a photo of sks circle"]},
+        lambda texts: measure_quality.zimage_caption_features(pipe, texts).flatten(1))
+    assert 0 < ratios["sks"]["trigger"] and 0 < ratios["sks"]["color"] and np.isfinite(ratios["sks"]["ratio"])
