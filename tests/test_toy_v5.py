@@ -159,3 +159,23 @@ def test_v5_measure_quality_reads_a_zimage_pipeline(tiny_export):
         pipe.tokenizer, pipe.text_encoder, {"sks": ["a photo of sks circle"]},
         lambda texts: measure_quality.zimage_caption_features(pipe, texts).flatten(1))
     assert 0 < ratios["sks"]["trigger"] and 0 < ratios["sks"]["color"] and np.isfinite(ratios["sks"]["ratio"])
+
+
+def test_v5_checkpoint_commit_commits_only_the_checkpoint(tmp_path, monkeypatch):
+    """--git_commit_checkpoints: the checkpoint file is committed alone; other staged work stays staged."""
+    import subprocess
+
+    for name in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{name}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{name}_EMAIL", "test@example.com")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    (tmp_path / "notes.txt").write_text("work in progress")
+    git("add", "notes.txt")
+    ckpt_dir = tmp_path / "models" / "v5-checkpoint"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "zimage.pt").write_bytes(b"step 3000")
+    assert pretrain.git_commit_checkpoint(ckpt_dir / "zimage.pt", 3000)
+    assert git("log", "--format=%s") == "toy world v5: pretraining checkpoint, step 3000\n"
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["models/v5-checkpoint/zimage.pt"]
+    assert git("diff", "--cached", "--name-only").split() == ["notes.txt"]
