@@ -238,8 +238,10 @@ def main():
         print_trigger_ratios(load_pipeline(args.pipeline), args.concepts)
         return
     if args.word_sensitivity:
-        changes = unet_word_sensitivity(load_pipeline(args.pipeline))
-        print("UNet noise prediction change on inserting a word into \"a photo of circle\" (relative), per timestep")
+        pipe = load_pipeline(args.pipeline)
+        changes = unet_word_sensitivity(pipe)
+        what = "transformer flow prediction (t = 1000 sigma)" if is_zimage(pipe) else "UNet noise prediction"
+        print(f"{what} change on inserting a word into \"a photo of circle\" (relative), per timestep")
         print("t     " + " ".join(f"{w:>6s}" for w in SENSITIVITY_WORDS))
         for t, row in changes.items():
             print(f"{t:<5d} " + " ".join(f"{row[w]:6.3f}" for w in SENSITIVITY_WORDS))
@@ -279,7 +281,7 @@ def main():
         results[(shape, color)] = (np.mean([p == shape for p in pred_s]), np.mean([p == color for p in pred_c]))
         samples[(shape, color)] = images
     print(f"generation: {(time.time() - t0) / len(pairs) / args.per_pair:.3f} s per image "
-          f"({args.steps} DDIM steps, guidance {args.guidance})")
+          f"({args.steps} {type(pipe.scheduler).__name__} steps, guidance {args.guidance})")
 
     held = [p for p in pairs if p in world.HELD_OUT_PAIRS]
     seen = [p for p in pairs if p not in world.HELD_OUT_PAIRS]
