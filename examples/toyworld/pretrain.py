@@ -191,8 +191,9 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
     lr_at(step) -> learning rate. loss_fn(gen, rng) -> (loss tensor, {name: float} to show on the progress bar),
     with gen a torch.Generator and rng a numpy Generator seeded with seed. A checkpoint keeps both streams' states
     ("rng"), so a run resumed from it is bit-exact the uninterrupted run (same threads); a checkpoint without them
-    (written before v5, or seeded from an exported model) restarts the streams from seed + the step resumed from. after_step(step) runs
-    after each optimizer step (EMA, constraints); on_checkpoint(step) after each checkpoint is written.
+    (written before v5, or seeded from an exported model) restarts the streams from seed + the step resumed from.
+    after_step(step) runs after each optimizer step (EMA, constraints); on_checkpoint(step) after each checkpoint
+    is written.
     """
     ckpt = load_ckpt(ckpt_path)
     start = 0
@@ -534,10 +535,10 @@ def seed_from_pipeline(args, work_dir: Path):
 # tiny_pipeline.build_qwen_tokenizer): shapes, colors, sizes, backgrounds, the pattern words, the caption
 # templates' words and the 100 rare-word names (the concepts' triggers among them).
 ZIMAGE_WORDS = tuple(dict.fromkeys((
-    *world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, *world.PATTERN_WORDS.values(), *world.PATTERN_PALETTE,
-    "a", "photo", "of", "on", "background", "shape", "and", *world.BOUND_NAMES, *world.WEAK_NAMES,
+    *world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, *world.PATTERN_WORDS.values(),
+    *world.PATTERN_PALETTE, "a", "photo", "of", "on", "background", "shape", "and", *world.BOUND_NAMES, *world.WEAK_NAMES,
     *world.PLAIN_NAMES)))
-# Caption tokens (chat template included) the zimage stage pads to: the longest world caption is ~22. The
+# Caption tokens (chat template included) the zimage stage pads to: the longest world caption is 20. The
 # pipeline pads to --max_sequence_length (512) instead; with right padding and a causal text encoder the
 # unpadded rows are the same (tests/test_toy_v5.py checks it).
 ZIMAGE_MAX_TOKENS = 48
