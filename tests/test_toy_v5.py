@@ -180,3 +180,23 @@ def test_v5_checkpoint_commit_commits_only_the_checkpoint(tmp_path, monkeypatch)
     assert git("log", "--format=%s") == "toy world v5: pretraining checkpoint, step 3000\n"
     assert git("show", "--name-only", "--format=", "HEAD").split() == ["models/v5-checkpoint/zimage.pt"]
     assert git("diff", "--cached", "--name-only").split() == ["notes.txt"]
+
+
+COMMITTED = TOYWORLD / "models" / "toy-zimage"
+
+
+def test_v5_committed_pipeline_is_the_stages_and_draws(tmp_path):
+    """The committed models/toy-zimage: its tokenizer is the one the zimage stage builds (a checkpoint resumed by a
+    later pretrain.py must read captions as the committed model did), its VAE and scheduler are v5's, and it draws
+    a finite 32x32 image."""
+    from diffusers import ZImagePipeline
+
+    torch.set_num_threads(1)
+    pipe = ZImagePipeline.from_pretrained(COMMITTED)
+    ours = pretrain.make_zimage_tokenizer()
+    assert pipe.tokenizer.get_vocab() == ours.get_vocab()
+    for caption in CAPTIONS:
+        assert pipe.tokenizer(caption).input_ids == ours(caption).input_ids
+    assert pipe.vae.config.shift_factor == 0.0 and pipe.scheduler.config.shift == 1.0
+    image = images_of(pipe, "a photo of a red circle")
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
