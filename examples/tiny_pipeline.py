@@ -343,7 +343,7 @@ def learn_byte_level_bpe(texts, pre_tokenizer):
     return vocab, merges
 
 
-def build_qwen_tokenizer(chat_template: bool = False):
+def build_qwen_tokenizer(chat_template: bool = False, words=None):
     """A small ``Qwen2Tokenizer`` (byte-level BPE, ~450 tokens) for Qwen2.5-VL and Qwen3 text encoders.
 
     The words of the test captions, of QwenImagePipeline's system prompt and of the chat markup are single tokens,
@@ -352,7 +352,8 @@ def build_qwen_tokenizer(chat_template: bool = False):
     vocabulary and merges from tokenizer.json (plus the added tokens): the BPE is therefore learnt with the same
     pre-tokenizer, so the saved tokenizer encodes exactly as the one built here. ``chat_template`` adds a Qwen3
     chat template (for the pipelines that call ``apply_chat_template``). Pad is ``<|endoftext|>``, eos
-    ``<|im_end|>``, padding on the right, as Qwen's.
+    ``<|im_end|>``, padding on the right, as Qwen's. ``words``: the caption words made single tokens (default: the
+    test captions' ``T5_WORDS``; the toy world's Z-Image model passes its own vocabulary).
     """
     from tokenizers import AddedToken, Regex, pre_tokenizers
     from transformers import Qwen2Tokenizer
@@ -362,8 +363,10 @@ def build_qwen_tokenizer(chat_template: bool = False):
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    words = list(T5_WORDS) + ["system", "user", "assistant"]
-    texts = [QWEN_IMAGE_SYSTEM_PROMPT, " ".join(words), "\n".join(words), "\n\n"]
+    # (The default list's first word, "a", has no " a" piece of its own; a given list's first word gets one.)
+    lead = "" if words is None else " "
+    words = list(T5_WORDS if words is None else words) + ["system", "user", "assistant"]
+    texts = [QWEN_IMAGE_SYSTEM_PROMPT, lead + " ".join(words), "\n".join(words), "\n\n"]
     vocab, merges = learn_byte_level_bpe(texts, pre_tokenizer)
     for token in QWEN_SPECIAL_TOKENS + QWEN3_THINK_TOKENS:
         vocab[token] = len(vocab)

@@ -198,7 +198,7 @@ def test_toyworld_train_loop_checkpoints_and_resumes(tmp_path):
     start, steps, _ = run(3)
     assert start == 0 and steps == [0, 1, 2]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 3 and set(ckpt) == {"model", "opt", "step"}
+    assert ckpt["step"] == 3 and set(ckpt) == {"model", "opt", "step", "rng"}
     start, steps, model = run(5)  # resumes at 3: the first 3 steps are not run again
     assert start == 3 and steps == [3, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5

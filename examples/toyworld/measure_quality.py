@@ -27,9 +27,10 @@ DEFAULT_CONCEPTS_JSON = HERE / "concepts" / "concepts.json"
 
 
 def load_pipeline(path=DEFAULT_PIPELINE_DIR):
-    from diffusers import StableDiffusionPipeline
+    """The pipeline its model_index.json names: v4's StableDiffusionPipeline, v5's ZImagePipeline."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -54,19 +55,35 @@ def concept_captions(concepts_json=DEFAULT_CONCEPTS_JSON):
     return out
 
 
+def is_zimage(pipe) -> bool:
+    return type(pipe).__name__ == "ZImagePipeline"
+
+
+def zimage_caption_features(pipe, texts, length: int = 48) -> torch.Tensor:
+    """v5: the caption features the transformer reads (the pipeline's _encode_prompt rows), zero-padded to
+    ``length`` positions, as CLIP's 77 positions are for v4 (the rows' lengths differ with the caption)."""
+    rows = pipe._encode_prompt(list(texts), device=torch.device("cpu"), max_sequence_length=length)
+    out = torch.zeros(len(rows), length, rows[0].shape[1])
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
 @torch.no_grad()
-def trigger_insertion_ratios(tokenizer, text_encoder, captions_by_trigger) -> dict:
+def trigger_insertion_ratios(tokenizer, text_encoder, captions_by_trigger, encode=None) -> dict:
     """Per trigger: how much inserting it changes the text encoder's output, relative to inserting a color word.
 
     For each caption with the trigger, y = the caption without it; the change of inserting a word w is
     ||E(y with w) - E(y)|| / ||E(y)||, E = the encoder's last hidden states over all 77 positions (what the UNet
     attends to). The color change is the mean over the 6 world colors put where the trigger was. Returns
     {trigger: {"trigger": mean trigger change, "color": mean color change, "ratio": trigger / color}}.
+    ``encode(texts) -> (len(texts), features)`` replaces E (v5: zimage_caption_features, flattened).
     """
-    def encode(texts):
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return text_encoder(ids)[0].flatten(1)
+    if encode is None:
+        def encode(texts):
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            return text_encoder(ids)[0].flatten(1)
 
     def change(texts, base):
         return ((encode(texts) - base).norm(dim=1) / base.norm(dim=1)).mean().item()
@@ -93,7 +110,11 @@ def unet_word_sensitivity(pipe, words=SENSITIVITY_WORDS, timesteps=(200, 500, 80
     """How much the UNet's noise prediction moves when a word is inserted: ||eps(y_w) - eps(y)|| / ||eps(y)|| with
     y = "a photo of circle", y_w = "a photo of <w> circle", on the same noisy latents (random latents, a fixed seed).
     A trigger the UNet ignores gives ~0 whatever the text encoder does with it; then no LoRA on the UNet's
-    attention binds a subject to it within a few hundred steps. Returns {timestep: {word: change}}."""
+    attention binds a subject to it within a few hundred steps. Returns {timestep: {word: change}}.
+    A v5 ZImagePipeline: the transformer's flow prediction instead (transformer_word_sensitivity)."""
+    if is_zimage(pipe):
+        return transformer_word_sensitivity(pipe, words, timesteps, n, seed)
+
     def encode(prompt):
         ids = pipe.tokenizer([prompt] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -109,6 +130,32 @@ def unet_word_sensitivity(pipe, words=SENSITIVITY_WORDS, timesteps=(200, 500, 80
         base = pipe.unet(noisy, steps, encoder_hidden_states=encode("a photo of circle")).sample
         out[t] = {w: ((pipe.unet(noisy, steps, encoder_hidden_states=encode(f"a photo of {w} circle")).sample - base)
                       .norm() / base.norm()).item() for w in words}
+    return out
+
+
+@torch.no_grad()
+def transformer_word_sensitivity(pipe, words=SENSITIVITY_WORDS, timesteps=(200, 500, 800), n: int = 16,
+                                 seed: int = 0) -> dict:
+    """unet_word_sensitivity for v5's Z-Image transformer: ||v(y_w) - v(y)|| / ||v(y)|| of its flow prediction, on
+    the same noisy latents z = (1 - sigma) x + sigma noise at sigma = t / 1000 (train_cat_lora.py's timestep units:
+    800 is the noisier), x and noise random with a fixed seed."""
+    from pretrain import zimage_predict
+
+    def encode(prompt):
+        return pipe._encode_prompt([prompt] * n, device=torch.device("cpu"), max_sequence_length=48)
+
+    generator = torch.Generator().manual_seed(seed)
+    size = 32 // pipe.vae_scale_factor
+    shape = (n, pipe.transformer.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=generator)
+    out = {}
+    for t in timesteps:
+        sigma = t / 1000
+        noisy = (1 - sigma) * latents + sigma * torch.randn(shape, generator=generator)
+        steps = torch.full((n,), float(t))
+        base = zimage_predict(pipe.transformer, noisy, steps, encode("a photo of circle"))
+        out[t] = {w: ((zimage_predict(pipe.transformer, noisy, steps, encode(f"a photo of {w} circle")) - base).norm()
+                      / base.norm()).item() for w in words}
     return out
 
 
@@ -150,8 +197,10 @@ def judge_margins(clip_model, pipe, concepts_json=DEFAULT_CONCEPTS_JSON, n_class
 def print_trigger_ratios(pipe, concepts_json=DEFAULT_CONCEPTS_JSON) -> dict:
     """Print and return trigger_insertion_ratios on each concept's instance prompt, and on all its captions."""
     captions = concept_captions(concepts_json)
-    instance = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, {t: c[:1] for t, c in captions.items()})
-    every = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, captions)
+    encode = (lambda texts: zimage_caption_features(pipe, texts).flatten(1)) if is_zimage(pipe) else None
+    instance = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, {t: c[:1] for t, c in captions.items()},
+                                        encode)
+    every = trigger_insertion_ratios(pipe.tokenizer, pipe.text_encoder, captions, encode)
     print("text encoder output change on inserting the trigger / on inserting a color word (same place)")
     print("trigger  instance prompt                    trigger  color  ratio | all 5 captions: ratio")
     for trigger, r in instance.items():
@@ -189,8 +238,10 @@ def main():
         print_trigger_ratios(load_pipeline(args.pipeline), args.concepts)
         return
     if args.word_sensitivity:
-        changes = unet_word_sensitivity(load_pipeline(args.pipeline))
-        print("UNet noise prediction change on inserting a word into \"a photo of circle\" (relative), per timestep")
+        pipe = load_pipeline(args.pipeline)
+        changes = unet_word_sensitivity(pipe)
+        what = "transformer flow prediction (t = 1000 sigma)" if is_zimage(pipe) else "UNet noise prediction"
+        print(f"{what} change on inserting a word into \"a photo of circle\" (relative), per timestep")
         print("t     " + " ".join(f"{w:>6s}" for w in SENSITIVITY_WORDS))
         for t, row in changes.items():
             print(f"{t:<5d} " + " ".join(f"{row[w]:6.3f}" for w in SENSITIVITY_WORDS))
@@ -230,7 +281,7 @@ def main():
         results[(shape, color)] = (np.mean([p == shape for p in pred_s]), np.mean([p == color for p in pred_c]))
         samples[(shape, color)] = images
     print(f"generation: {(time.time() - t0) / len(pairs) / args.per_pair:.3f} s per image "
-          f"({args.steps} DDIM steps, guidance {args.guidance})")
+          f"({args.steps} {type(pipe.scheduler).__name__} steps, guidance {args.guidance})")
 
     held = [p for p in pairs if p in world.HELD_OUT_PAIRS]
     seen = [p for p in pairs if p not in world.HELD_OUT_PAIRS]

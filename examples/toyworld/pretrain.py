@@ -189,9 +189,11 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
 
     modules: {checkpoint key: module} saved and resumed with the optimizer ("opt") and the step count ("step").
     lr_at(step) -> learning rate. loss_fn(gen, rng) -> (loss tensor, {name: float} to show on the progress bar),
-    with gen a torch.Generator and rng a numpy Generator both seeded with seed + the step resumed from (so a
-    resumed run restarts its random streams, and an uninterrupted one is reproducible). after_step(step) runs
-    after each optimizer step (EMA, constraints); on_checkpoint(step) after each checkpoint is written.
+    with gen a torch.Generator and rng a numpy Generator seeded with seed. A checkpoint keeps both streams' states
+    ("rng"), so a run resumed from it is bit-exact the uninterrupted run (same threads); a checkpoint without them
+    (written before v5, or seeded from an exported model) restarts the streams from seed + the step resumed from.
+    after_step(step) runs after each optimizer step (EMA, constraints); on_checkpoint(step) after each checkpoint
+    is written.
     """
     ckpt = load_ckpt(ckpt_path)
     start = 0
@@ -204,6 +206,9 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
         print(f"{desc}: resumed from step {start}")
     gen = torch.Generator().manual_seed(seed + start)
     rng = np.random.default_rng(seed + start)
+    if ckpt and "rng" in ckpt:  # the random streams where they stood: the resumed run is the uninterrupted one
+        gen.set_state(ckpt["rng"]["torch"])
+        rng.bit_generator.state = ckpt["rng"]["numpy"]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, mininterval=5)
     t0, losses = time.time(), []
     for step in bar:
@@ -225,7 +230,8 @@ def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed:
                             **{k: f"{v:.4g}" for k, v in logs.items()})
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             save_ckpt(ckpt_path, {**{key: module.state_dict() for key, module in modules.items()},
-                                  "opt": opt.state_dict(), "step": step + 1, **(extra_state or {})})
+                                  "opt": opt.state_dict(), "step": step + 1, **(extra_state or {}),
+                                  "rng": {"torch": gen.get_state(), "numpy": rng.bit_generator.state}})
             print(f"{desc} step {step + 1}: loss(last 500) {np.mean(losses[-500:]):.4f}, "
                   f"{(time.time() - t0) / (step - start + 1):.3f} s/step", flush=True)
             if on_checkpoint is not None:
@@ -522,6 +528,232 @@ def seed_from_pipeline(args, work_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Stage 2b (v5): a Z-Image pipeline, flow-matching transformer + Qwen3 text encoder
+# ---------------------------------------------------------------------------------------------------------
+
+# Every word the world's captions use, made one token each by the v5 tokenizer (a byte-level BPE learnt on them,
+# tiny_pipeline.build_qwen_tokenizer): shapes, colors, sizes, backgrounds, the pattern words, the caption
+# templates' words and the 100 rare-word names (the concepts' triggers among them).
+ZIMAGE_WORDS = tuple(dict.fromkeys((
+    *world.SHAPES, *world.COLORS, *world.SIZES, *world.BACKGROUNDS, *world.PATTERN_WORDS.values(),
+    *world.PATTERN_PALETTE, "a", "photo", "of", "on", "background", "shape", "and", *world.BOUND_NAMES, *world.WEAK_NAMES,
+    *world.PLAIN_NAMES)))
+# Caption tokens (chat template included) the zimage stage pads to: the longest world caption is 20. The
+# pipeline pads to --max_sequence_length (512) instead; with right padding and a causal text encoder the
+# unpadded rows are the same (tests/test_toy_v5.py checks it).
+ZIMAGE_MAX_TOKENS = 48
+
+
+def make_zimage_tokenizer():
+    from tiny_pipeline import build_qwen_tokenizer
+
+    return build_qwen_tokenizer(chat_template=True, words=ZIMAGE_WORDS)
+
+
+def zimage_scheduler():
+    """Z-Image's scheduler class, without the resolution shift (a 32x32 image is 64 tokens; Z-Image-Turbo's shift 3
+    is for ~4,096): sigma uniform in training (train_cat_lora.py's flow matching, --weighting_scheme none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def make_zimage_text_encoder(width: int, layers: int, vocab_size: int, pad_id: int, eos_id: int):
+    """A Qwen3Model. ZImagePipeline reads hidden_states[-2], so the last of ``layers`` feeds nothing (as in Z-Image,
+    whose Qwen3-4B's last layer is unused too); ``layers`` - 1 layers make the caption features."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    heads = max(1, width // 32)
+    return Qwen3Model(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=width // heads, max_position_embeddings=512,
+        pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, tie_word_embeddings=False))
+
+
+def make_zimage_transformer(dim: int, layers: int, text_width: int, seed: int):
+    """ZImageTransformer2DModel on the toy VAE's 4-channel 16x16 latents: 2x2 patches, an 8x8 grid of 64 tokens;
+    heads of 32 channels, RoPE axes (caption/frame, row, column) splitting them 8/12/12 as Z-Image's 32/48/48."""
+    from diffusers import ZImageTransformer2DModel
+
+    heads = dim // 32
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=dim, n_layers=layers, n_refiner_layers=1,
+        n_heads=heads, n_kv_heads=heads, cap_feat_dim=text_width, axes_dims=[8, 12, 12], axes_lens=[512, 32, 32])
+    with torch.no_grad():  # the padding embeddings (zeros in diffusers 0.42, uninitialised memory before)
+        gen = torch.Generator().manual_seed(seed)
+        transformer.x_pad_token.copy_(torch.randn(transformer.x_pad_token.shape, generator=gen) * 0.02)
+        transformer.cap_pad_token.copy_(torch.randn(transformer.cap_pad_token.shape, generator=gen) * 0.02)
+    return transformer
+
+
+def zimage_models(args, tokenizer):
+    torch.manual_seed(args.seed)
+    text_encoder = make_zimage_text_encoder(args.zimage_text_width, args.zimage_text_layers, len(tokenizer),
+                                            tokenizer.pad_token_id, tokenizer.eos_token_id)
+    transformer = make_zimage_transformer(args.zimage_dim, args.zimage_layers, args.zimage_text_width, args.seed)
+    return transformer, text_encoder
+
+
+def zimage_vae(source: Path):
+    """The v4 toy VAE (AutoencoderKL, 32x32 RGB -> 16x16x4), as Z-Image uses Flux.1's: shift_factor 0 written out,
+    since ZImagePipeline adds vae.config.shift_factor when it decodes."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(source)
+    vae.register_to_config(shift_factor=0.0)
+    return vae.eval().requires_grad_(False)
+
+
+def zimage_text_pipeline(text_encoder, tokenizer):
+    """A ZImagePipeline that only encodes prompts (its _encode_prompt: chat template, hidden_states[-2], padding
+    dropped), so the pretraining reads captions exactly as the pipeline and train_cat_lora.py do."""
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline(scheduler=zimage_scheduler(), vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=None)
+
+
+def zimage_predict(transformer, noisy, timesteps, captions):
+    """The flow (noise - x) as train_cat_lora.ZImageFamily.predict reads it: the transformer takes lists of
+    (channels, 1 frame, h, w) images and of caption features, the time running from noise (0) to clean (1), and
+    predicts the negated flow."""
+    pred = transformer(list(noisy.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, captions, return_dict=False)[0]
+    return -torch.stack(pred).squeeze(2)
+
+
+def zimage_noisy(latents, gen, sigmas_table, timesteps_table):
+    """Flow matching as train_cat_lora.FlowMatchingObjective (--weighting_scheme none): u uniform, the scheduler's
+    sigma and timestep at index u x 1000, z_t = (1 - sigma) x + sigma noise, target noise - x."""
+    noise = torch.randn(latents.shape, generator=gen)
+    index = (torch.rand(len(latents), generator=gen) * 1000).long()
+    sigmas = sigmas_table[index].view(-1, 1, 1, 1)
+    return (1 - sigmas) * latents + sigmas * noise, timesteps_table[index], noise - latents
+
+
+def zimage_tables(scheduler):
+    """The training sigmas and timesteps, 1,000 each (index u x 1000), as the scheduler holds them before
+    set_timesteps (no terminal sigma yet)."""
+    sigmas, timesteps = scheduler.sigmas.clone(), scheduler.timesteps.clone()
+    assert len(sigmas) == len(timesteps) == scheduler.config.num_train_timesteps, (len(sigmas), len(timesteps))
+    return sigmas, timesteps
+
+
+def git_commit_checkpoint(path: Path, step: int):
+    """Commit the checkpoint file (only it: ``git commit --only``) in the repository it lies in; retried while
+    another git command holds the index; a failure is reported, never fatal to the training."""
+    import subprocess
+
+    for attempt in range(10):
+        add = subprocess.run(["git", "add", path.name], cwd=path.parent, capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", f"toy world v5: pretraining checkpoint, step {step}", "--only", path.name],
+            cwd=path.parent, capture_output=True, text=True)
+        if done and done.returncode == 0:
+            print(f"checkpoint step {step} committed", flush=True)
+            return True
+        time.sleep(3 * (attempt + 1))
+    print(f"checkpoint step {step}: git commit failed ({(done or add).stderr.strip()[:200]})", flush=True)
+    return False
+
+
+def train_zimage(args, work_dir: Path):
+    work_dir.mkdir(parents=True, exist_ok=True)
+    vae = zimage_vae(Path(args.zimage_vae))
+    images, scenes = world_data(work_dir, args.num_images, args.seed)
+    lat_mean, _ = encode_cached(vae, images, work_dir / f"latents_{args.num_images}_{args.seed}_v4vae.pt")
+    scale = vae.config.scaling_factor
+    tokenizer = make_zimage_tokenizer()
+    transformer, text_encoder = zimage_models(args, tokenizer)
+    transformer.train()
+    text_encoder.train()
+    print(f"transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M params, text encoder "
+          f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M, vocabulary {len(tokenizer)}")
+    text_pipe = zimage_text_pipeline(text_encoder, tokenizer)
+    word_head = torch.nn.Linear(args.zimage_text_width, len(WORD_VOCAB))
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = unet_optimizer(args, transformer, text_encoder, extra=list(word_head.parameters()))
+    ema_transformer, ema_text = zimage_models(args, tokenizer)
+    ema_transformer.requires_grad_(False).load_state_dict(transformer.state_dict())
+    ema_text.requires_grad_(False).load_state_dict(text_encoder.state_dict())
+    ema_params = list(ema_transformer.parameters()) + list(ema_text.parameters())
+    sched = zimage_scheduler()
+    sigmas_table, timesteps_table = zimage_tables(sched)
+    if args.pattern_caption_prob:
+        pat_mean, _, pat_captions = encoded_pattern_latents(args, work_dir, vae)
+        # Z-Image trains on the posterior's mode (train_cat_lora.ZImageFamily.encode_latents): no sampling noise.
+        patterns = (pat_mean, torch.zeros_like(pat_mean), pat_captions)
+
+    def loss_fn(gen, rng):
+        idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
+        latents = lat_mean[idx] * scale
+        captions = [world.named_caption(scenes[i], rng, args.name_caption_prob, args.color_only_caption_prob,
+                                        args.standalone_names, args.weak_match_prob, args.weak_name_size)
+                    if rng.random() >= args.empty_caption_prob else ""
+                    for i in idx.tolist()]
+        if args.pattern_caption_prob:
+            mix_in_patterns(latents, captions, patterns, scale, args.pattern_caption_prob, args.empty_caption_prob,
+                            gen, rng)
+        noisy, timesteps, target = zimage_noisy(latents, gen, sigmas_table, timesteps_table)
+        cond = text_pipe._encode_prompt(list(captions), device=torch.device("cpu"),
+                                        max_sequence_length=ZIMAGE_MAX_TOKENS)
+        flow = F.mse_loss(zimage_predict(transformer, noisy, timesteps, cond), target)
+        if not args.word_loss_weight:
+            return flow, {}
+        # The word-recognition term (v2): which caption words are present, from the mean of the caption features
+        # the transformer reads (the unpadded rows of hidden_states[-2]).
+        present = torch.tensor([[w in set(c.split()) for w in WORD_VOCAB] for c in captions], dtype=torch.float32)
+        pooled = torch.stack([row.mean(dim=0) for row in cond])
+        logits = F.linear(pooled, F.normalize(word_head.weight, dim=1), word_head.bias)
+        words = F.binary_cross_entropy_with_logits(logits, present)
+        return flow + args.word_loss_weight * words, {"flow": flow.item(), "words": words.item()}
+
+    def update_ema(step):
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    ckpt_path = Path(args.zimage_ckpt_dir) / "zimage.pt"
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_checkpoint(step):
+        if args.git_commit_checkpoints:
+            git_commit_checkpoint(ckpt_path, step)
+
+    # Warm-up, then constant: any checkpoint's EMA weights are a finished model.
+    modules = {"transformer": transformer, "text_encoder": text_encoder, "ema_transformer": ema_transformer,
+               "ema_text": ema_text, "word_head": word_head}
+    train_loop("zimage", ckpt_path, modules, opt, args.steps, args.seed * 1000,
+               lambda step: args.lr * min(1.0, (step + 1) / args.warmup_steps), loss_fn,
+               ckpt_every=args.ckpt_every, clip_grad_params=params, after_step=update_ema,
+               extra_state={"zimage_config": zimage_config(args)}, on_checkpoint=on_checkpoint)
+
+
+def zimage_config(args) -> dict:
+    return {"dim": args.zimage_dim, "layers": args.zimage_layers, "text_width": args.zimage_text_width,
+            "text_layers": args.zimage_text_layers, "seed": args.seed}
+
+
+def export_zimage(ckpt_path: Path, vae_source: Path, out_dir: Path):
+    """Write the ZImagePipeline folder (EMA weights) from a zimage checkpoint; return the pipeline."""
+    from diffusers import ZImagePipeline
+
+    ckpt = load_ckpt(ckpt_path)
+    config = ckpt["zimage_config"]
+    tokenizer = make_zimage_tokenizer()
+    args = argparse.Namespace(seed=config["seed"], zimage_dim=config["dim"], zimage_layers=config["layers"],
+                              zimage_text_width=config["text_width"], zimage_text_layers=config["text_layers"])
+    transformer, text_encoder = zimage_models(args, tokenizer)
+    transformer.load_state_dict(ckpt["ema_transformer"])
+    text_encoder.load_state_dict(ckpt["ema_text"])
+    pipe = ZImagePipeline(scheduler=zimage_scheduler(), vae=zimage_vae(vae_source), text_encoder=text_encoder.eval(),
+                          tokenizer=tokenizer, transformer=transformer.eval())
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    print(f"z-image pipeline (step {ckpt['step']}) -> {out_dir}")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Stage 3: evaluation CLIP (open_clip)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -691,10 +923,11 @@ def export_clip(args, work_dir: Path):
     print(f"clip (step {ckpt['step']}) -> {out}")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stage", choices=["vae", "unet", "clip", "vae_decoder", "export"], required=True)
+    parser.add_argument("--stage", choices=["vae", "unet", "clip", "vae_decoder", "export", "zimage", "export_zimage"],
+                        required=True)
     parser.add_argument("--work_dir", default=str(HERE / "_work"), help="Checkpoints and caches (not committed).")
     parser.add_argument("--pipeline_dir", default=str(HERE / "models" / "toy-sd"))
     parser.add_argument("--clip_dir", default=str(HERE / "models" / "toy-clip"))
@@ -738,6 +971,21 @@ def main():
                         help="unet stage: start from this exported pipeline folder instead of from scratch.")
     parser.add_argument("--export_every_ckpt", action="store_true",
                         help="Also export the pipeline at every UNet checkpoint (to --pipeline_dir).")
+    parser.add_argument("--warmup_steps", type=int, default=200, help="zimage stage: linear learning-rate warm-up.")
+    parser.add_argument("--zimage_dim", type=int, default=96, help="zimage stage: transformer width (heads of 32).")
+    parser.add_argument("--zimage_layers", type=int, default=4, help="zimage stage: main transformer layers "
+                        "(plus one noise-refiner and one context-refiner layer).")
+    parser.add_argument("--zimage_text_width", type=int, default=64, help="zimage stage: Qwen3 width.")
+    parser.add_argument("--zimage_text_layers", type=int, default=3,
+                        help="zimage stage: Qwen3 layers (the pipeline reads the penultimate one's output).")
+    parser.add_argument("--zimage_vae", default=str(HERE / "models" / "toy-sd" / "vae"),
+                        help="zimage stage: the (frozen) VAE folder, v4's by default.")
+    parser.add_argument("--zimage_ckpt_dir", default=str(HERE / "models" / "v5-checkpoint"),
+                        help="zimage stage: where its checkpoint (zimage.pt, resumable bit-exact) is written.")
+    parser.add_argument("--zimage_pipeline_dir", default=str(HERE / "models" / "toy-zimage"),
+                        help="export_zimage: the ZImagePipeline folder written.")
+    parser.add_argument("--git_commit_checkpoints", action="store_true",
+                        help="zimage stage: git-commit the checkpoint file each time it is written.")
     parser.add_argument("--clip_steps", type=int, default=2500)
     parser.add_argument("--clip_lr", type=float, default=1e-3)
     parser.add_argument("--clip_batch_size", type=int, default=64)
@@ -747,7 +995,11 @@ def main():
                         help="Weight of the judge's penalty on negative embedding components.")
     parser.add_argument("--clip_init_from", default=None,
                         help="clip stage: start from this exported toy CLIP folder instead of from scratch.")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     work_dir = Path(args.work_dir)
@@ -762,6 +1014,10 @@ def main():
         train_clip(args, work_dir)
     elif args.stage == "vae_decoder":
         train_vae_decoder(args, work_dir)
+    elif args.stage == "zimage":
+        train_zimage(args, work_dir)
+    elif args.stage == "export_zimage":
+        export_zimage(Path(args.zimage_ckpt_dir) / "zimage.pt", Path(args.zimage_vae), Path(args.zimage_pipeline_dir))
     else:
         if (work_dir / "unet.pt").exists():
             export_pipeline(args, work_dir)
