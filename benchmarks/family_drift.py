@@ -60,7 +60,7 @@ def reset_accelerate_state() -> None:
 
 
 def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], steps: int, learning_rate: str,
-          seed: int = 0, subject: Subject = Subject()) -> Path:
+          seed: int = 0, subject: Subject = Subject(), max_sequence_length: int | None = None) -> Path:
     if (output_dir / "pytorch_lora_weights.safetensors").is_file():
         return output_dir  # trained before with these settings
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline))
@@ -70,7 +70,7 @@ def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], ste
             subject.trigger, "--cat_alpha", cat_alpha,
             "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
             "--learning_rate", learning_rate, "--seed", str(seed), "--report_to", "none", "--max_sequence_length",
-            str(tiny_sequence_length(family)), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
+            str(max_sequence_length or tiny_sequence_length(family)), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
             *(["--train_text_encoder"] if text_encoder else []), *[f for f in extra if f != "--no_text_encoder"]]
     reset_accelerate_state()
     T.main(argv)
@@ -125,10 +125,12 @@ def lora_part(lora_dir: Path, component: str) -> dict:
 
 
 def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: int, learning_rate: str,
-            seed: int = 0, cat_alpha: str = "1", subject: Subject = Subject()) -> dict:
+            seed: int = 0, cat_alpha: str = "1", subject: Subject = Subject(),
+            max_sequence_length: int | None = None) -> dict:
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32))
+    max_sequence_length = max_sequence_length or tiny_sequence_length(family)
     family = T.model_family(Namespace(pretrained_model_name_or_path=pipeline, resolution=32,
-                                      max_sequence_length=tiny_sequence_length(family)))
+                                      max_sequence_length=max_sequence_length))
     repeats = 4
     batch = fixed_batch(len(PROMPTS) * repeats)
     prompts = [prompt.format(subject.class_word) for prompt in PROMPTS] * repeats
@@ -139,7 +141,8 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
     row = {"fit_base": subject_error(family, pipe, fit_batch, with_trigger),"family": family.label, "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
            "object_sensitivity": text_sensitivity(family, pipe, batch, prompts, other_object)}
     for alpha in ("0", cat_alpha):
-        out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate, seed, subject)
+        out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate, seed, subject,
+                    max_sequence_length)
         squared, relative = evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, prompts)
         alpha = "0" if alpha == "0" else "1"  # the row's names: LoRA (0) and CAT (1)
         row[f"drift_alpha{alpha}"] = squared.mean().item()
@@ -225,6 +228,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--instance_data_dir", type=Path, default=Subject.images, help="the subject's images")
     parser.add_argument("--class_word", default=Subject.class_word)
     parser.add_argument("--trigger_token", default=Subject.trigger)
+    parser.add_argument("--max_sequence_length", type=int, default=None,
+                        help="for the families that take it (default: the tiny pipelines' caption length)")
     parser.add_argument("--from_json", type=Path, nargs="+", default=None,
                         help="print the tables of rows saved before with --json (no training)")
     args = parser.parse_args(argv)
@@ -251,7 +256,7 @@ def main(argv=None) -> list[dict]:
                     setting = '-'.join(name.split()) or ("protocol-no-te" if args.no_text_encoder else "protocol")
                     folder = work / f"{key}-{setting}" / f"seed{seed}"
                     row = measure(key, pipeline, folder, extra, args.steps, args.learning_rate, seed, args.cat_alpha,
-                                  subject)
+                                  subject, args.max_sequence_length)
                     rows.append({**row, "setting": name or ("protocol, no text-encoder LoRA" if args.no_text_encoder
                                                             else "protocol"), "seed": seed})
     print_tables(rows)
