@@ -183,6 +183,16 @@ def load_ckpt(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
+def ema_updater(ema_params, params, ema_decay: float):
+    """train_loop's ``after_step``: EMA of ``params`` in ``ema_params``, with a decay warming up to ``ema_decay``."""
+    def update_ema(step):
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    return update_ema
+
+
 def train_loop(desc: str, ckpt_path: Path, modules: dict, opt, steps: int, seed: int, lr_at, loss_fn, *,
                ckpt_every: int, clip_grad_params=None, after_step=None, extra_state=None, on_checkpoint=None):
     """The training loop of every stage: resume, step, log, checkpoint.
@@ -452,10 +462,7 @@ def train_unet(args, work_dir: Path):
         words = F.binary_cross_entropy_with_logits(logits, present)
         return diffusion + args.word_loss_weight * words, {"diffusion": diffusion.item(), "words": words.item()}
 
-    def update_ema(step):
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+    update_ema = ema_updater(ema_params, params, args.ema_decay)
 
     def export(step):
         if args.export_every_ckpt:
@@ -707,10 +714,7 @@ def train_zimage(args, work_dir: Path):
         words = F.binary_cross_entropy_with_logits(logits, present)
         return flow + args.word_loss_weight * words, {"flow": flow.item(), "words": words.item()}
 
-    def update_ema(step):
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+    update_ema = ema_updater(ema_params, params, args.ema_decay)
 
     ckpt_path = Path(args.zimage_ckpt_dir) / "zimage.pt"
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
