@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--cat_prompts_alpha", type=float, default=DEFAULT_BANK_ALPHA,
                      help="Weight of the --cat_prompts term (with --cat_alpha auto, times each concept's multiplier).")
     cat.add_argument("--cat_prompts_latents", choices=["sample", "noise"], default="sample",
-                     help="The noisy input z' of the --cat_prompts term: 'sample', the training sample's own z_t at its "
-                          "t (the default); 'noise', pure noise at the schedule's last timestep (no image in it, so "
-                          "y' alone decides what the model draws).")
+                     help="The noisy input z' of the --cat_prompts term: 'sample', the training sample's own z_t at "
+                          "its t (the default); 'noise', pure noise at the schedule's last timestep (no image in it, "
+                          "so y' alone decides what the model draws).")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
@@ -3009,13 +3009,6 @@ def bank_noise_latents(family, batch, instance: dict, noise_scheduler) -> dict:
     return {**instance, **family.objective.pure_noise(instance["noisy"], generators, noise_scheduler)}
 
 
-def encode_frozen(encode_prompts, prompts: list[str]) -> dict:
-    """The conditioning of ``prompts`` without gradient, through text encoders that carry no adapter (so it is the
-    base model's)."""
-    with torch.no_grad():
-        return {name: None if value is None else value.detach() for name, value in encode_prompts(prompts).items()}
-
-
 def weighted_cat_term(adapted_pred, frozen_pred, weight: float, row_weights=None):
     """``weight * cat_loss(adapted_pred, frozen_pred)``; with ``row_weights`` (one per row, --cat_alpha auto: each
     row's concept multiplier) the same MSE with each row's part weighted by its own."""
@@ -3111,6 +3104,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
             backward(loss)  # frees the diffusion graph before the CAT passes build theirs
             cat_cond = encode_prompts(batch["cat_prompts"])
             adapted_pred = family.predict(denoiser, instance, cat_cond)
+            bank_cond = encode_prompts(bank_prompts) if use_bank else None  # for y''s frozen pass and its adapted one
             loss = torch.zeros((), device=model_pred.device)
         else:
             parts = adapted_pred.split(n)  # y, then y_swap and y' when they run
@@ -3121,9 +3115,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
         else:  # the conditioning of y (and y') the adapted pass used is the base model's
             frozen_cond = take_rows(cat_cond, 0, n)
             if use_bank:
-                bank_cond = encode_frozen(encode_prompts, bank_prompts) if lean else take_rows(
-                    cat_cond, len(cat_prompts) - n)
-                frozen_cond = join_rows(frozen_cond, bank_cond)
+                frozen_cond = join_rows(frozen_cond, bank_cond if lean else take_rows(cat_cond, len(cat_prompts) - n))
         frozen_pred = frozen_prediction(family, denoiser, join_rows(instance, bank_z) if use_bank else instance,
                                         frozen_cond)
         frozen_pred, bank_frozen = frozen_pred[:n], frozen_pred[n:]
@@ -3144,7 +3136,7 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
                 loss = torch.zeros((), device=model_pred.device)
         if use_bank:  # --cat_prompts: ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2; the budget counts its drift
             if lean:
-                bank_pred = family.predict(denoiser, bank_z, encode_prompts(bank_prompts))
+                bank_pred = family.predict(denoiser, bank_z, bank_cond)
             loss_bank = cat_loss(bank_pred, bank_frozen)
             weighted_bank = weighted_cat_term(bank_pred, bank_frozen, config.cat_bank_alpha, cat_weights)
             loss = loss + weighted_bank

@@ -40,7 +40,8 @@ PROMPTS = ["a photo of {}", "a {}"]  # y: the training caption without its trigg
 
 @dataclass(frozen=True)
 class Subject:
-    """What the adapters learn: the images, their class word and the trigger (caption "a photo of <trigger> <class>")."""
+    """What the adapters learn: the images, their class word and the trigger (caption "a photo of <trigger>
+    <class>")."""
 
     images: Path = ROOT / "examples" / "sks_teapot"
     class_word: str = "teapot"
@@ -70,7 +71,8 @@ def train(pipeline: str, output_dir: Path, cat_alpha: str, extra: list[str], ste
             subject.trigger, "--cat_alpha", cat_alpha,
             "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
             "--learning_rate", learning_rate, "--seed", str(seed), "--report_to", "none", "--max_sequence_length",
-            str(max_sequence_length or tiny_sequence_length(family)), "--checkpointing_steps", str(steps + 1), "--output_dir", str(output_dir),
+            str(max_sequence_length or tiny_sequence_length(family)), "--checkpointing_steps", str(steps + 1),
+            "--output_dir", str(output_dir),
             *(["--train_text_encoder"] if text_encoder else []), *[f for f in extra if f != "--no_text_encoder"]]
     reset_accelerate_state()
     T.main(argv)
@@ -138,7 +140,8 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
     other_object = [prompt.format("dog") for prompt in PROMPTS] * repeats
     pipe = family.load_pipeline()
     fit_batch = subject_batch(len(PROMPTS) * repeats, subject.images)
-    row = {"fit_base": subject_error(family, pipe, fit_batch, with_trigger),"family": family.label, "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
+    row = {"fit_base": subject_error(family, pipe, fit_batch, with_trigger), "family": family.label,
+           "trigger_sensitivity": text_sensitivity(family, pipe, batch, prompts, with_trigger),
            "object_sensitivity": text_sensitivity(family, pipe, batch, prompts, other_object)}
     for alpha in ("0", cat_alpha):
         out = train(pipeline, output_dir / f"alpha{alpha}", alpha, extra, steps, learning_rate, seed, subject,
@@ -148,11 +151,11 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
         row[f"drift_alpha{alpha}"] = squared.mean().item()
         row[f"relative_drift_alpha{alpha}"] = relative.mean().item()
         # The same change with the trigger: how much of what the adapter learned is specific to y_T.
-        squared, _ = evaluate_kps.prediction_drift(family, family.load_pipeline(), out, batch, with_trigger)
-        row[f"trigger_change_alpha{alpha}"] = squared.mean().item()
         pipe = family.load_pipeline()
-        pipe.load_lora_weights(out)
-        # The subject's side: the diffusion loss with the trigger on the training images, at fixed noise.
+        squared, _ = evaluate_kps.prediction_drift(family, pipe, out, batch, with_trigger)
+        row[f"trigger_change_alpha{alpha}"] = squared.mean().item()
+        # The subject's side (pipe holds the LoRA now): the diffusion loss with the trigger on the training images,
+        # at fixed noise.
         row[f"fit_alpha{alpha}"] = subject_error(family, pipe, fit_batch, with_trigger)
         trained = {name.split(".")[0] for name in load_file(out / "pytorch_lora_weights.safetensors")}
         if len(trained) > 1:  # which part of the adapter moves the trigger-less predictions
@@ -170,7 +173,8 @@ def measure(key: str, pipeline: str, output_dir: Path, extra: list[str], steps: 
 def print_tables(rows: list[dict]) -> None:
     """The rows as printed (markdown), and, where the subject fit was measured, what CAT's cut of the drift cost."""
     print("| family | setting | seed | trigger moves base pred | 'teapot'->'dog' moves base pred | drift LoRA | "
-          "drift CAT | LoRA / CAT | change with trigger LoRA / CAT | subject loss base / LoRA / CAT | LoRA: denoiser part / text-encoder part | "
+          "drift CAT | LoRA / CAT | change with trigger LoRA / CAT | subject loss base / LoRA / CAT | "
+          "LoRA: denoiser part / text-encoder part | "
           "CAT: denoiser part / text-encoder part |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
