@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel (one thread each)")
+    parser.add_argument("--save_images", action="store_true",
+                        help="also write every drawn image as a PNG: <output_dir>/images/<concept>/<base|with|"
+                             "without>/<caption index>_<image index>.png (for judge.py agree's labels)")
     return parser.parse_args(argv)
 
 
@@ -125,6 +128,8 @@ def main(argv=None):
             **(judge_rates(subject_judge.SUBJECTS[trigger], drawn["with"], drawn["without"])
                if trigger in subject_judge.SUBJECTS else {})}
         rows.append((concept, drawn))
+        if args.save_images:
+            save_images(drawn, out / "images" / concept["instance_data_dir"], args.num_images_per_prompt)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "binding.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()},
@@ -141,6 +146,17 @@ def main(argv=None):
               f"         | {r['cosine_lora_without_vs_base_same_seed']:.3f}                   | {judged}")
     write_grid(rows, out / "binding_grid.png")
     print(f"-> {out / 'binding.json'}, {out / 'binding_grid.png'}")
+
+
+def save_images(drawn: dict, folder: Path, per_caption: int):
+    """Each image of ``drawn`` ({kind: float NHWC in [0, 1]}, caption by caption) as <folder>/<kind>/<k>_<i>.png."""
+    from PIL import Image
+
+    for kind, images in drawn.items():
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            k, i = divmod(index, per_caption)
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(folder / kind / f"{k}_{i}.png")
 
 
 def write_grid(rows, path: Path, per_row: int = 8):

@@ -742,6 +742,67 @@ def write_calibration(out: Path, spec: CalibrationSet, result: dict, run: RunInf
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Agreement with a person: a model's own pictures, labelled by eye
+# ---------------------------------------------------------------------------------------------------------
+
+# A calibration on clean renderings says nothing about a model's uneven edges and smeared patterns. A person's
+# labels of generated images do: labels.json lists, per image file (relative to the file), the subject's trigger
+# and what the person saw (one of VERDICTS, or "unsure": kept in the file, left out of the agreement),
+# {"images": {"<path>": {"trigger": "sks", "person": "subject"}}}.
+PERSON_LABELS = (*VERDICTS, "unsure")
+
+
+def numbered_sheet(images: list[np.ndarray], per_row: int = 10, scale: int = 4) -> Image.Image:
+    """The images enlarged ``scale`` times in rows of ``per_row``, each with its index under it, for labelling."""
+    from PIL import ImageDraw
+
+    size = images[0].shape[0] * scale
+    cell_w, cell_h = size + 6, size + 16
+    rows = (len(images) + per_row - 1) // per_row
+    sheet = Image.new("RGB", (per_row * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for index, image in enumerate(images):
+        x, y = (index % per_row) * cell_w + 3, (index // per_row) * cell_h + 2
+        sheet.paste(Image.fromarray(np.kron(image, np.ones((scale, scale, 1), np.uint8))), (x, y))
+        draw.text((x + size // 2 - 6, y + size + 1), str(index), fill=(0, 0, 0))
+    return sheet
+
+
+def read_labels(path: Path) -> list[tuple[Path, str, str]]:
+    """(image path, trigger, person's verdict) of every entry of a labels file; SystemExit with one line naming the
+    file and the entry on anything malformed."""
+    try:
+        entries = json.loads(path.read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"judge.py: error: {path}: not a labels file ({error!r}); expected {{\"images\": {{path: "
+                 f"{{\"trigger\": ..., \"person\": ...}}}}}}")
+    rows = []
+    for name, entry in entries.items():
+        trigger, verdict = entry.get("trigger"), entry.get("person")
+        if trigger not in SUBJECTS or verdict not in PERSON_LABELS:
+            sys.exit(f"judge.py: error: {path}: {name}: trigger {trigger!r} / person {verdict!r}: the trigger must be "
+                     f"a toy-world subject and the label one of {', '.join(PERSON_LABELS)}")
+        rows.append((path.parent / name, trigger, verdict))
+    return rows
+
+
+def agreement(person: list[str], judged: list[str]) -> dict:
+    """Over the images the person was sure of: {person's verdict: {judge's verdict: count}}, the share where both
+    give the same verdict ("agree"), the share where both say subject or both say not ("agree_subject": what ID
+    rate depends on), and the rate of "subject" by each (what ID rate reads against what a person sees)."""
+    pairs = [(p, j) for p, j in zip(person, judged) if p != "unsure"]
+    matrix = {p: dict.fromkeys(VERDICTS, 0) for p in VERDICTS}
+    for p, j in pairs:
+        matrix[p][j] += 1
+    n = max(len(pairs), 1)
+    return {"n": len(pairs), "unsure": len(person) - len(pairs), "matrix": matrix,
+            "agree": sum(p == j for p, j in pairs) / n,
+            "agree_subject": sum((p == "subject") == (j == "subject") for p, j in pairs) / n,
+            "subject_rate_person": sum(p == "subject" for p, _ in pairs) / n,
+            "subject_rate_judge": sum(j == "subject" for _, j in pairs) / n}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
@@ -770,7 +831,38 @@ def main(argv=None) -> None:
     score = commands.add_parser("score", help="judge images for one subject")
     score.add_argument("--trigger", required=True, help=f"the subject's trigger: {', '.join(SUBJECTS)}")
     score.add_argument("images", type=Path, nargs="+")
+    sheet = commands.add_parser("sheet", help="a numbered sheet of images, for a person to label")
+    sheet.add_argument("--out", type=Path, required=True, help="the sheet's .png")
+    sheet.add_argument("images", type=Path, nargs="+")
+    agree = commands.add_parser("agree", help="how often the judge agrees with a person's labels (labels.json)")
+    agree.add_argument("--labels", type=Path, required=True)
+    agree.add_argument("--out", type=Path, default=None, help="also write the result as .json (path without suffix)")
     args = parser.parse_args(argv)
+    if args.command == "sheet":
+        numbered_sheet([read_image(path, 32) for path in args.images]).save(args.out)
+        print(f"-> {args.out}: {len(args.images)} images, numbered in the order given")
+        return
+    if args.command == "agree":
+        rows = read_labels(args.labels)
+        images = [read_image(path, 32) for path, _, _ in rows]
+        judgements = [judge(image, SUBJECTS[trigger]) for image, (_, trigger, _) in zip(images, rows)]
+        result = {"all": agreement([p for *_, p in rows], [j.verdict for j in judgements]),
+                  "by_subject": {t: agreement([p for _, tt, p in rows if tt == t],
+                                              [j.verdict for j, (_, tt, _) in zip(judgements, rows) if tt == t])
+                                 for t in dict.fromkeys(t for _, t, _ in rows)}}
+        for name, part in (("all", result["all"]), *result["by_subject"].items()):
+            print(f"{name}: {part['n']} images (+{part['unsure']} unsure), same verdict {part['agree']:.1%}, same "
+                  f"subject-or-not {part['agree_subject']:.1%}; subject rate person "
+                  f"{part['subject_rate_person']:.1%}, judge {part['subject_rate_judge']:.1%}")
+        print("person \\ judge: " + " | ".join(VERDICTS))
+        for person, counts in result["all"]["matrix"].items():
+            print(f"{person}: " + " | ".join(str(counts[v]) for v in VERDICTS))
+        if args.out:
+            result["images"] = {str(path.relative_to(args.labels.parent)): {"trigger": t, "person": p,
+                                **{k: v for k, v in asdict(j).items() if k != "placement"}}
+                                for (path, t, p), j in zip(rows, judgements)}
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.command == "calibrate":
         if args.per_category < 1:
             parser.error("--per_category must be at least 1")
