@@ -5,6 +5,7 @@ same test run with a judge that only looks at colors (the leniency the toy CLIP'
 """
 
 import csv
+import dataclasses
 import json
 import runpy
 import sys
@@ -82,6 +83,47 @@ def test_judgement_explains_itself_on_the_training_images_and_a_plain_circle():
     red = world.render(world.Scene("circle", "red", "large", "black", 0.5, 0.5))
     seen = judge.judge(red, judge.SUBJECTS["sks"])
     assert seen.verdict == "class-only" and seen.pattern_fit < 0.1 and 0 <= seen.score <= 1
+
+
+PEOPLE = REPO / "examples/toyworld/results/judge_people"
+
+
+def test_judge_agrees_with_a_person_on_a_model_s_own_pictures():
+    """The labelled pictures of the toy U-Net's LoRAs at 1,200 steps with the trigger (results/judge_people: 100
+    images, 5 subjects, labelled by eye at 8x): the judge finds at least 85% of those a person calls the subject
+    (measured: 52 of 61) and calls nothing else the subject (an unsure picture is left out). The judge before it
+    (commit 2d42552) fitted shape and pattern at one placement, with thresholds 0.8 / 0.75, and found 34 of the
+    61; this judge with only that placement and those thresholds put back finds 39 and fails the test."""
+    rows = [row for row in judge.read_labels(PEOPLE / "labels.json")
+            if row[0].parent.name == "with" and row[0].parents[2].name == "lora1200"]
+    assert len(rows) == 100
+    result = judge.judge_against_labels(rows, [judge.read_image(path, 32) for path, _, _ in rows], PEOPLE)
+    matrix = result["all"]["matrix"]
+    found, wrongly = matrix["subject"]["subject"], matrix["class-only"]["subject"] + matrix["other"]["subject"]
+    assert found >= 0.85 * sum(matrix["subject"].values()) and wrongly == 0, matrix
+
+
+def test_agree_recomputes_the_committed_agreement_of_a_folder(tmp_path):
+    """judge.py agree from a labels file: the committed agreement.json's judgements, recomputed from the images."""
+    committed = json.loads((PEOPLE / "agreement.json").read_text())
+    folder = "images/lora1200/phol_cross/with"
+    labels = {"images": {name: {"trigger": entry["trigger"], "person": entry["person"]}
+                         for name, entry in committed["images"].items() if name.startswith(f"{folder}/")}}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    (tmp_path / folder).parent.mkdir(parents=True)
+    (tmp_path / folder).symlink_to(PEOPLE / folder)
+    judge.main(["agree", "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "agreement")])
+    mine = json.loads((tmp_path / "agreement.json").read_text())
+    assert mine["by_folder"][folder] == committed["by_folder"][folder]
+    assert {k: v["verdict"] for k, v in mine["images"].items()} == {k: committed["images"][k]["verdict"]
+                                                                   for k in labels["images"]}
+
+
+def test_a_labels_file_with_a_bad_label_is_refused_in_one_line(tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"images": {"a.png": {"trigger": "sks", "person": "maybe"}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        judge.main(["agree", "--labels", str(tmp_path / "labels.json")])
+    assert str(exit_info.value).count("\n") == 0 and "a.png" in str(exit_info.value) and "maybe" in str(exit_info.value)
 
 
 def save(path: Path, image: np.ndarray) -> Path:
@@ -171,7 +213,7 @@ def test_evaluate_kps_reports_the_judge_beside_is_and_base_closeness_beside_kps(
         assert float(row["base_pixel_change"]) == pytest.approx(np.abs(a - b).mean() / 255)
     assert metrics["bad"]["base_pixel_change"] == pytest.approx(np.mean([float(r["base_pixel_change"]) for r in bad]))
     settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
-    assert settings["base_entry"] == "base" and settings["subject_judge_settings"]["pattern_fit"] == 0.75
+    assert settings["base_entry"] == "base" and settings["subject_judge_settings"] == dataclasses.asdict(judge.JudgeSettings())
 
 
 def test_judge_columns_are_absent_without_the_judge_or_without_a_base(toy_pairs, tiny_clip, tmp_path):
