@@ -97,13 +97,21 @@ def test_toyworld_dreambooth_lora_binds_the_trigger(tmp_path):
     from check_binding import main as check_binding
 
     check_binding(["--concept_names", "sks_circle", "--output_dir", str(tmp_path), "--jobs", "1",
-                   "--num_images_per_prompt", "2"])
+                   "--num_images_per_prompt", "2", "--save_images"])
     rates = json.loads((tmp_path / "binding.json").read_text())["concepts"]["sks_circle"]
     assert rates["subject_rate_lora_with_trigger"] >= 0.7, rates
     assert rates["subject_rate_lora_without_trigger"] <= 0.4, rates
     assert rates["subject_rate_base_without_trigger"] <= 0.2, rates
     # the subject judge's rates beside the toy CLIP's (what they are on v4 is in the toy README)
     assert 0 <= rates["judge_rate_lora_with_trigger"] <= 1 and 0 <= rates["judge_rate_lora_without_trigger"] <= 1
+    # --save_images: every drawn image, from which the judge's rate is recomputed (what judge.py agree labels are of)
+    import judge as subject_judge
+
+    saved = {kind: sorted((tmp_path / "images" / "sks_circle" / kind).glob("*.png")) for kind in ("base", "with", "without")}
+    assert [len(files) for files in saved.values()] == [10, 10, 10]  # 5 captions x 2 images
+    verdicts = [subject_judge.judge(subject_judge.read_image(f, 32), subject_judge.SUBJECTS["sks"]).verdict
+                for f in saved["with"]]
+    assert np.mean([v == "subject" for v in verdicts]) == pytest.approx(rates["judge_rate_lora_with_trigger"])
 
 
 def test_toyworld_raise_embedding_offsets_makes_a_random_clip_nonnegative():
