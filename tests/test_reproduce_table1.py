@@ -173,9 +173,27 @@ def subject_rates_by_hand(out):
     (["--concept_names", "nope"], "--concept_names: nope not in"),
     (["--concept_names", "sks_circle", "--sweep_concept", "ohwx_square"], "--sweep_concept: ohwx_square is not"),
     (["--concepts", "missing.json"], "--concepts: missing.json does not exist"),
+    (["--pretrained_model_name_or_path", "nowhere"], "--pretrained_model_name_or_path nowhere: not a pipeline folder"),
 ])
 def test_bad_concept_selection_fails_before_any_training(tmp_path, flags, message):
     result = run_script("--output_dir", str(tmp_path / "out"), *flags)
     assert result.returncode != 0
     assert re.search(re.escape(message), result.stderr), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # two 2-step trainings on the v5 model and their evaluation: about a minute
+def test_the_v5_transformer_is_a_choice_of_base_model(tmp_path):
+    """Table 1 on toy world v5 (a ZImagePipeline): the same script, the transformer's LoRA, the judge's columns."""
+    out = tmp_path / "table1"
+    result = run_script("--pretrained_model_name_or_path", str(ROOT / "examples/toyworld/models/toy-zimage"),
+                        "--output_dir", str(out), "--concept_names", "sks_circle", "--seeds", "0", "--methods", "lora",
+                        "cat", "--alphas", "--max_train_steps", "2", "--num_images_per_prompt", "1",
+                        "--num_inference_steps", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (out / "table1.md").read_text()
+    assert "base model toy-zimage (ZImagePipeline)" in table and "LoRA on the transformer" in table
+    rows = table_rows(table)
+    assert {"base", "lora", "cat"} <= set(rows) and "cat − lora" in rows
+    weights = out / "adapters" / "sks_circle" / "cat-seed0" / "pytorch_lora_weights.safetensors"
+    assert b"transformer." in weights.read_bytes()[:20000]

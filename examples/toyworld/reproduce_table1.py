@@ -217,6 +217,16 @@ def train_command(args, concept: dict, concepts_dir: Path, out: Path, seed: int,
     ]
 
 
+def pipeline_class(args) -> str:
+    """The base model's pipeline class, from its model_index.json (v4: StableDiffusionPipeline, v5: ZImagePipeline)."""
+    return json.loads((Path(args.pretrained_model_name_or_path) / "model_index.json").read_text())["_class_name"]
+
+
+def denoiser_name(args) -> str:
+    index = json.loads((Path(args.pretrained_model_name_or_path) / "model_index.json").read_text())
+    return "transformer" if "transformer" in index else "U-Net"
+
+
 def text_encoder_flags(args, extra: list[str]) -> list[str]:
     """--train_text_encoder when asked (not with textual inversion alone, which trains no LoRA layer); else, without
     new tokens, cached text embeddings. CatVersion trains inside the text encoder: neither."""
@@ -389,6 +399,9 @@ def main(argv=None) -> Path:
     concepts_dir = concepts_file.parent
     out = Path(args.output_dir)
 
+    if not (Path(args.pretrained_model_name_or_path) / "model_index.json").is_file():
+        raise SystemExit(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a pipeline folder "
+                         "(no model_index.json); the toy world's are models/toy-sd (v4) and models/toy-zimage (v5)")
     if args.cat_every and "cat" not in args.methods:
         raise SystemExit("--cat_every: the comparison is paired against the cat method; add cat to --methods")
     if any(n < 2 for n in args.cat_every):
@@ -580,8 +593,10 @@ def main(argv=None) -> Path:
                          + [paired_difference(leaks, "catversion_cat", "catversion", "subject_with_trigger",
                                               args.seeds)]) + " |"]
     table = out / "table1.md"
-    settings = (f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
-                f"rank {args.rank}, batch 1, LoRA on the U-Net{' and the text encoder' if args.train_text_encoder else ''}"
+    settings = (f"base model {Path(args.pretrained_model_name_or_path).name} ({pipeline_class(args)}); "
+                f"{len(concepts)} concepts x seeds {args.seeds}; {args.max_train_steps} steps, lr {args.learning_rate}, "
+                f"rank {args.rank}, batch 1, LoRA on the {denoiser_name(args)}"
+                f"{' and the text encoder' if args.train_text_encoder else ''}"
                 + (f" (catversion methods: {args.catversion_steps} steps, lr 1e-2)"
                    if any(m.startswith("catversion") for m in args.methods) else "") + "; "
                 f"evaluation: the unseen prompts of concepts/eval/ x "
