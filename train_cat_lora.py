@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -283,10 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "eps_lora(z_t, t, y')||^2, y' drawn per sample from the bank, on the sample's own z_t and t.")
     cat.add_argument("--cat_prompts_alpha", type=float, default=DEFAULT_BANK_ALPHA,
                      help="Weight of the --cat_prompts term (with --cat_alpha auto, times each concept's multiplier).")
-    cat.add_argument("--cat_prompts_latents", choices=["sample", "noise"], default="sample",
+    cat.add_argument("--cat_prompts_latents", choices=["sample", "noise", "base"], default="sample",
                      help="The noisy input z' of the --cat_prompts term: 'sample', the training sample's own z_t at "
                           "its t (the default); 'noise', pure noise at the schedule's last timestep (no image in it, "
-                          "so y' alone decides what the model draws).")
+                          "so y' alone decides what the model draws); 'base', the base model's own image of y' "
+                          "(--cat_prompts_base_images per prompt, generated once before training and kept in "
+                          "<output_dir>/cat_bank_base_images.pt, never as image files), noised at its own t'.")
+    cat.add_argument("--cat_prompts_base_images", type=int, default=2, metavar="N",
+                     help="With --cat_prompts_latents base: the base model's images per bank prompt.")
     cat.add_argument("--cat_mode", choices=["lean", "batched"], default="lean",
                      help="'lean': backward the diffusion term before the CAT passes (lower peak memory); "
                           "'batched': both adapted passes in one denoiser call. Same gradients.")
@@ -539,6 +544,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--cat_prompts_alpha must be >= 0, got {args.cat_prompts_alpha}")
     if args.cat_prompts_latents != "sample" and args.cat_prompts is None:
         raise InputError("--cat_prompts_latents sets the --cat_prompts term's input: give --cat_prompts FILE")
+    if args.cat_prompts_base_images < 1:
+        raise InputError(f"--cat_prompts_base_images {args.cat_prompts_base_images}: give at least 1")
     if args.resolution <= 0 or args.resolution % 8:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
@@ -1201,10 +1208,12 @@ class CATDataset:
     """
 
     def __init__(self, instance_examples, class_examples, resolution: int, center_crop: bool, random_flip: bool,
-                 seed: int = 0, latent_cache: dict | None = None, interpolation: str = "lanczos"):
+                 seed: int = 0, latent_cache: dict | None = None, interpolation: str = "lanczos",
+                 bank_base: dict | None = None):
         self.instance_examples, self.class_examples = instance_examples, class_examples or []
         self.resolution, self.seed, self.latent_cache = resolution, seed, latent_cache
         self.center_crop, self.random_flip, self.interpolation = center_crop, random_flip, interpolation
+        self.bank_base = bank_base  # --cat_prompts_latents base: bank prompt -> the base model's images of it
 
     def __len__(self):
         # As in DreamBooth: an epoch walks the longer of the instance and class sets.
@@ -1241,14 +1250,21 @@ class CATDataset:
         if example.bank_prompts:  # drawn after every other draw: the rest of the item is that of a run without a bank
             which = torch.randint(len(example.bank_prompts), (), generator=generator).item()
             item["bank_prompt"] = example.bank_prompts[which]
+            if self.bank_base:  # one of the base model's images of y', with its own noise seed (z', t')
+                images = self.bank_base[item["bank_prompt"]]
+                base = images[torch.randint(len(images), (), generator=generator).item()]
+                pixels, original_size, crop_top_left = self.pixels_or_latents(base, generator)
+                item.update(bank_pixel_values=pixels, bank_original_size=original_size,
+                            bank_crop_top_left=crop_top_left, bank_noise_seed=draw_seed(generator))
         return item
 
 
 def make_dataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed=0,
-                 latent_cache: dict | None = None, interpolation: str = "lanczos") -> CATDataset:
+                 latent_cache: dict | None = None, interpolation: str = "lanczos",
+                 bank_base: dict | None = None) -> CATDataset:
     """The training dataset (see ``CATDataset``)."""
     return CATDataset(instance_examples, class_examples, resolution, center_crop, random_flip, seed, latent_cache,
-                      interpolation)
+                      interpolation, bank_base)
 
 
 def collate_examples(items: list[dict]) -> dict:
@@ -1256,14 +1272,25 @@ def collate_examples(items: list[dict]) -> dict:
 
     ``prompts`` are the captions of every row (y_T, then the class prompt), ``cat_prompts`` the CAT prompts y
     of the instance rows, ``swap_prompts`` their captions with another concept's trigger (--cat_swap_alpha; else
-    empty), ``bank_prompts`` each instance row's prompt y' drawn from the --cat_prompts bank (else empty).
+    empty), ``bank_prompts`` each instance row's prompt y' drawn from the --cat_prompts bank (else empty), and with
+    --cat_prompts_latents base ``bank``: a batch of its own (pixels or cached latents, sizes, noise seeds) of the
+    base model's images of those y', one per instance row.
     """
     fields_ = ["pixel_values", "original_size", "crop_top_left", "prompt", "noise_seed"]
     rows = {name: [item[name] for item in items] for name in fields_}
     if "class_pixel_values" in items[0]:
         for name in fields_:
             rows[name] += [item[f"class_{name}"] for item in items]
+    bank = {}
+    if "bank_pixel_values" in items[0]:
+        bank = {"bank": {
+            "pixel_values": torch.stack([item["bank_pixel_values"] for item in items]).contiguous().float(),
+            "original_sizes": torch.tensor([item["bank_original_size"] for item in items], dtype=torch.int64),
+            "crops_top_left": torch.tensor([item["bank_crop_top_left"] for item in items], dtype=torch.int64),
+            "noise_seeds": torch.tensor([item["bank_noise_seed"] for item in items], dtype=torch.int64),
+            "num_instance": len(items)}}
     return {
+        **bank,
         "pixel_values": torch.stack(rows["pixel_values"]).contiguous().float(),
         "original_sizes": torch.tensor(rows["original_size"], dtype=torch.int64),
         "crops_top_left": torch.tensor(rows["crop_top_left"], dtype=torch.int64),
@@ -1299,6 +1326,44 @@ def prepare_class_examples(args: argparse.Namespace, family, accelerator, weight
     accelerator.wait_for_everyone()
     paths = list_images(class_dir)[: args.num_class_images]
     return [Example(path, args.class_prompt, args.class_prompt, str(path)) for path in paths]
+
+
+def prepare_bank_base_examples(args: argparse.Namespace, family, accelerator, weight_dtype,
+                               instance_examples: list[Example]) -> dict[str, list[Example]]:
+    """--cat_prompts_latents base: the base model's own images of every bank prompt (--cat_prompts_base_images
+    each), generated once by the main process and kept in <output_dir>/cat_bank_base_images.pt (a tensor file, not
+    image files; reused while the model, resolution, count, seed and prompts are the same: a resumed run draws the
+    same z'). Each prompt's images come from its own seed, so a prompt's images do not depend on the others."""
+    prompts = list(dict.fromkeys(p for e in instance_examples for p in e.bank_prompts))
+    seed = args.seed or 0
+    settings = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+                "resolution": args.resolution, "per_prompt": args.cat_prompts_base_images, "seed": seed}
+    cache_file = Path(args.output_dir) / "cat_bank_base_images.pt"
+
+    def cached() -> dict | None:
+        if not cache_file.is_file():
+            return None
+        saved = torch.load(cache_file, weights_only=True)
+        return saved["images"] if saved["settings"] == settings and set(prompts) <= set(saved["images"]) else None
+
+    if accelerator.is_main_process and cached() is None:
+        dtype = prior_generation_dtype(args.prior_generation_precision, weight_dtype)
+        pipeline = family.load_pipeline(dtype=dtype).to(accelerator.device)
+        pipeline.set_progress_bar_config(disable=True)
+        logger.info(f"Generating the base model's images of {len(prompts)} bank prompts for --cat_prompts_latents base")
+        images = {}
+        for prompt in tqdm(prompts, desc="bank base images"):
+            generator = torch.Generator(device="cpu").manual_seed(seed ^ zlib.crc32(prompt.encode()))
+            drawn = pipeline(prompt=prompt, num_images_per_prompt=args.cat_prompts_base_images,
+                             height=args.resolution, width=args.resolution, generator=generator).images
+            images[prompt] = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in drawn]))
+        del pipeline
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"settings": settings, "images": images}, cache_file)
+    accelerator.wait_for_everyone()
+    images = cached()
+    return {prompt: [Example(Image.fromarray(array.numpy()), prompt, prompt, f"cat-bank-base/{number}-{k}")
+                     for k, array in enumerate(images[prompt])] for number, prompt in enumerate(prompts)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -3029,7 +3094,8 @@ class StepConfig:
     weight_dtype: torch.dtype = torch.float32
     cat_swap_alpha: float = 0.0  # beta of the swapped-trigger term (runs with the CAT term only)
     cat_bank_alpha: float = 0.0  # weight of the --cat_prompts term (runs with the CAT term only)
-    cat_bank_latents: str = "sample"  # --cat_prompts_latents: z' is the sample's z_t, or pure noise at the last t
+    cat_bank_latents: str = "sample"  # --cat_prompts_latents: z' is the sample's z_t, pure noise at the last t, or
+    # the base model's image of y' at its own t' ("base": the batch's "bank")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, weight_dtype) -> "StepConfig":
@@ -3063,7 +3129,8 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     With ``config.cat_bank_alpha`` and the batch's ``bank_prompts`` (a trigger-less prompt y' per subject row, drawn
     from --cat_prompts), ``cat_bank_alpha * ||eps_frozen(z_t, t, y') - eps_lora(z_t, t, y')||^2`` joins the loss, on
     the row's own z_t and t (``config.cat_bank_latents`` "noise": on pure noise at the schedule's last timestep
-    instead, ``bank_noise_latents``): y' runs in the adapted CAT passes and in the frozen one (one denoiser call
+    instead, ``bank_noise_latents``; "base": on the base model's image of y' from the batch's ``bank``, noised at
+    its own t'): y' runs in the adapted CAT passes and in the frozen one (one denoiser call
     each). With ``cat_weights`` each row's bank term is weighted by its multiplier too, and ``drift`` is the mean of
     the row's drift on y and on y'.
     """
@@ -3080,6 +3147,9 @@ def training_step(batch, family, models: dict, encode_prompts, config: StepConfi
     bank_z = instance
     if use_bank and config.cat_bank_latents == "noise":
         bank_z = bank_noise_latents(family, batch, instance, models["noise_scheduler"])
+    elif use_bank and config.cat_bank_latents == "base":  # the base model's image of y', noised at its own t'
+        bank_z = {**instance, **family.noisy_latents(batch["bank"], models["vae"], models["noise_scheduler"],
+                                                     config.weight_dtype)}
     cat_z = join_rows(instance, instance) if use_swap else instance
     if use_bank:
         cat_z = join_rows(cat_z, bank_z)
@@ -4345,11 +4415,13 @@ def prepare_models(args: argparse.Namespace, family, accelerator, weight_dtype, 
     return models
 
 
-def make_dataloader(args: argparse.Namespace, family, models: dict, instance_examples, class_examples, seed: int):
+def make_dataloader(args: argparse.Namespace, family, models: dict, instance_examples, class_examples, seed: int,
+                    bank_base: dict | None = None):
     """Step 4: the dataloader (with its sampler) and, when asked, the cached prompt conditioning."""
     latent_cache = None
     if args.cache_latents:
-        latent_cache = encode_latent_cache(family, models["vae"], instance_examples + class_examples,
+        bank_examples = [example for images in (bank_base or {}).values() for example in images]
+        latent_cache = encode_latent_cache(family, models["vae"], instance_examples + class_examples + bank_examples,
                                            args.resolution, args.train_batch_size, args.image_interpolation_mode)
     cached_prompts = None
     if args.pre_compute_text_embeddings:
@@ -4367,7 +4439,7 @@ def make_dataloader(args: argparse.Namespace, family, models: dict, instance_exa
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     dataset = make_dataset(instance_examples * args.repeats, class_examples, args.resolution, args.center_crop,
-                           args.random_flip, seed, latent_cache, args.image_interpolation_mode)
+                           args.random_flip, seed, latent_cache, args.image_interpolation_mode, bank_base)
     sampler = EpochShuffleSampler(len(dataset), seed)
     # A private generator: creating a dataloader iterator draws a seed from it, which must not shift the global
     # random stream (a resumed run creates its iterator at another point).
@@ -4456,8 +4528,11 @@ def main(argv=None, on_log=None) -> list[Path]:
         class_examples = prepare_class_examples(args, family, accelerator, weight_dtype)
         if not class_examples:
             raise InputError(f"--class_data_dir {args.class_data_dir}: no class images")
+    bank_base = None
+    if args.cat_prompts and args.cat_prompts_latents == "base":
+        bank_base = prepare_bank_base_examples(args, family, accelerator, weight_dtype, instance_examples)
     dataloader, sampler, cached_prompts = make_dataloader(args, family, models, instance_examples, class_examples,
-                                                          seed)
+                                                          seed, bank_base)
     optimizer, lr_scheduler, max_train_steps = make_optimizer_and_schedule(args, family, accelerator, models,
                                                                            len(dataloader), adapters)
     for adapter in adapters:
@@ -4485,7 +4560,8 @@ def main(argv=None, on_log=None) -> list[Path]:
                 + (f", CAT passes every {args.cat_every} steps" if args.cat_every > 1 else "")
                 + (f", swapped-trigger term beta {args.cat_swap_alpha}" if args.cat_swap_alpha > 0 else "")
                 + (f", prompt bank {args.cat_prompts} weight {args.cat_prompts_alpha}"
-                   + (" on pure noise" if args.cat_prompts_latents == "noise" else "") if args.cat_prompts else "")
+                   + {"noise": " on pure noise", "base": " on the base model's images"}.get(args.cat_prompts_latents, "")
+                   if args.cat_prompts else "")
                 + f"), {max_train_steps} steps")
     first_step = resume_checkpoint(accelerator, args)
     if args.validation_kps and accelerator.is_main_process:

@@ -175,19 +175,41 @@ def test_lean_mode_runs_one_adapted_pass_at_a_time_with_a_bank(tiny_pipeline, tm
         handle.remove()
 
 
+def bank_step(batch, family, models, encode, lora, mode: str, latents: str) -> tuple[dict, dict]:
+    """One training step with CAT (alpha 1) and the bank (alpha 0.5) on ``latents``: its losses and LoRA gradients."""
+    models[family.denoiser].zero_grad()
+    config = T.StepConfig(cat_alpha=1.0, cat_mode=mode, cat_bank_alpha=0.5, cat_bank_latents=latents)
+    losses = T.training_step(batch, family, models, encode, config, lambda loss: loss.backward())
+    return losses, {name: p.grad.clone() for name, p in lora.items()}
+
+
+def check_bank_term_on(z_prime: dict, latents: str, batch, family, models, encode, lora) -> None:
+    """training_step's bank term with ``latents`` is alpha_bank * ||eps_frozen(z') - eps_lora(z')||^2 on y' and
+    ``z_prime``, by hand; it differs from the term on the sample's z_t; CAT's own term is untouched (its frozen rows
+    share a 4-row call with the bank rows: ulps, as in the test above); lean = batched."""
+    denoiser = models[family.denoiser]
+    with torch.no_grad():
+        with T.adapters_disabled(denoiser):
+            frozen = family.predict(denoiser, z_prime, encode(batch["bank_prompts"]))
+        by_hand = ((family.predict(denoiser, z_prime, encode(batch["bank_prompts"])) - frozen) ** 2).mean()
+    losses, grads = bank_step(batch, family, models, encode, lora, "lean", latents)
+    assert losses["bank"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
+    sample_losses, _ = bank_step(batch, family, models, encode, lora, "lean", "sample")
+    assert abs(sample_losses["bank"].item() - by_hand.item()) > 0.01 * by_hand.item()  # another input than z_t
+    assert losses["cat"].item() == pytest.approx(sample_losses["cat"].item(), rel=1e-5)
+    batched_losses, batched_grads = bank_step(batch, family, models, encode, lora, "batched", latents)
+    assert batched_losses["bank"].item() == pytest.approx(losses["bank"].item(), rel=1e-5)
+    for name in lora:
+        torch.testing.assert_close(batched_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+
+
 def test_noise_latents_put_the_bank_term_on_pure_noise_at_the_last_timestep(tiny_pipeline, tmp_path):
     """--cat_prompts_latents noise: the bank term is alpha_bank * ||eps_frozen(z', T, y') - eps_lora(z', T, y')||^2
     with z' = sqrt(1 - abar_T) * noise (SD's last timestep, no image), the noise drawn from each sample's own seed
     (salted); computed here by hand. CAT's own term keeps the sample's z_t; lean = batched."""
     family, models, batch, lora = step_setup(tiny_pipeline, tmp_path)
-    unet, scheduler = models["unet"], models["noise_scheduler"]
+    scheduler = models["noise_scheduler"]
     encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
-
-    def step(mode, latents="noise"):
-        unet.zero_grad()
-        config = T.StepConfig(cat_alpha=1.0, cat_mode=mode, cat_bank_alpha=0.5, cat_bank_latents=latents)
-        losses = T.training_step(batch, family, models, encode, config, lambda loss: loss.backward())
-        return losses, {name: p.grad.clone() for name, p in lora.items()}
 
     z = family.noisy_latents(batch, models["vae"], scheduler, torch.float32)
     last = scheduler.config.num_train_timesteps - 1
@@ -195,21 +217,96 @@ def test_noise_latents_put_the_bank_term_on_pure_noise_at_the_last_timestep(tiny
         int(seed) ^ T.BANK_NOISE_SALT)) for seed in batch["noise_seeds"]])
     z_noise = {**z, "noisy": (1 - scheduler.alphas_cumprod[last]) ** 0.5 * noise,
                "timesteps": torch.full((2,), last, dtype=torch.long)}
-    with torch.no_grad():
-        frozen = {}
-        with T.adapters_disabled(unet):
-            frozen = family.predict(unet, z_noise, encode(batch["bank_prompts"]))
-        by_hand = ((family.predict(unet, z_noise, encode(batch["bank_prompts"])) - frozen) ** 2).mean()
-    losses, grads = step("lean")
-    assert losses["bank"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand.item() > 0
-    sample_losses, _ = step("lean", latents="sample")
-    assert abs(sample_losses["bank"].item() - by_hand.item()) > 0.01 * by_hand.item()  # another input than z_t
-    # CAT's own term is untouched (its frozen rows share a 4-row call with other bank rows: ulps, as above)
-    assert losses["cat"].item() == pytest.approx(sample_losses["cat"].item(), rel=1e-5)
-    batched_losses, batched_grads = step("batched")
-    assert batched_losses["bank"].item() == pytest.approx(losses["bank"].item(), rel=1e-5)
-    for name in lora:
-        torch.testing.assert_close(batched_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+    check_bank_term_on(z_noise, "noise", batch, family, models, encode, lora)
+
+
+def base_images_of(prompts, per_prompt: int = 2) -> dict:
+    """Stand-ins for the base model's images of each prompt (--cat_prompts_latents base): flat colors, 32 px."""
+    return {prompt: [T.Example(Image.new("RGB", (32, 32), (40 * n, 200 - 30 * k, 90)), prompt, prompt,
+                               f"cat-bank-base/{n}-{k}") for k in range(per_prompt)]
+            for n, prompt in enumerate(prompts)}
+
+
+def test_base_latents_put_the_bank_term_on_the_base_model_s_image_of_y_prime(tiny_pipeline, tmp_path):
+    """--cat_prompts_latents base: each row's z' is one of the base model's images of its y', noised at its own t'
+    (the batch's "bank", drawn after every other draw of the sample); the term is alpha_bank * ||eps_frozen(z', t',
+    y') - eps_lora(z', t', y')||^2, computed here by hand; CAT's own term keeps z_t; lean = batched."""
+    family, models, batch, lora = step_setup(tiny_pipeline, tmp_path)
+    vae, scheduler = models["vae"], models["noise_scheduler"]
+    args = T.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--concepts_list",
+                         str(tmp_path / "concepts.json"), "--cat_prompts", str(tmp_path / "bank.txt")])  # step_setup's
+    concepts = T.load_concepts(args)
+    examples = T.with_prompt_bank(T.collect_instance_examples(args, concepts), T.load_prompt_bank(args.cat_prompts,
+                                                                                                   concepts))
+    bank_base = base_images_of(dict.fromkeys(p for e in examples for p in e.bank_prompts))
+    items = [T.make_dataset(examples, [], 32, True, False, seed=1, bank_base=bank_base)[k] for k in range(2)]
+    plain = [T.make_dataset(examples, [], 32, True, False, seed=1)[k] for k in range(2)]
+    for item, without in zip(items, plain):  # the base image and its seed are drawn last
+        assert {k: v for k, v in item.items() if not k.startswith("bank_") or k == "bank_prompt"}.keys() == \
+            without.keys()
+        assert item["bank_prompt"] == without["bank_prompt"] and torch.equal(item["pixel_values"], without["pixel_values"])
+    batch = T.collate_examples(items)
+    assert batch["bank"]["pixel_values"].shape == (2, 3, 32, 32) and batch["bank_prompts"] == [i["bank_prompt"]
+                                                                                              for i in items]
+    for row, item in enumerate(items):  # each row's image is one of its own prompt's
+        assert any(torch.equal(batch["bank"]["pixel_values"][row], T.augment(e.image, 32, True, False, None)[0])
+                   for e in bank_base[item["bank_prompt"]])
+    encode = T.PromptEncoder(family, {name: models[name] for name in family.text_encoders})
+
+    z_base = family.noisy_latents(batch["bank"], vae, scheduler, torch.float32)
+    z = family.noisy_latents(batch, vae, scheduler, torch.float32)
+    assert not torch.equal(z_base["timesteps"], z["timesteps"])  # its own t' (the seeds make them differ here)
+    check_bank_term_on(z_base, "base", batch, family, models, encode, lora)
+
+
+def test_base_images_are_generated_once_kept_in_the_output_dir_and_reused(tiny_pipeline, instance_dir, tmp_path):
+    """prepare_bank_base_examples: --cat_prompts_base_images images per prompt from the base pipeline, saved as a
+    tensor file (no image files), loaded again while the settings are the same, regenerated when they change."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "out"
+    flags = ["--pretrained_model_name_or_path", tiny_pipeline, "--instance_data_dir", str(instance_dir),
+             "--instance_prompt", "a photo of sks teapot", "--trigger_token", "sks", "--output_dir", str(out),
+             "--resolution", "32", "--seed", "0", "--cat_prompts_base_images", "2"]
+    family = T.model_family(argparse.Namespace(pretrained_model_name_or_path=tiny_pipeline, resolution=32,
+                                               max_sequence_length=sequence_length(tiny_pipeline)))
+    examples = [T.Example("unused.png", "a photo of sks teapot", "a photo of teapot", "0.png",
+                          bank_prompts=("a red square", "a yellow triangle"))]
+    accelerator = Accelerator(cpu=True)
+    first = T.prepare_bank_base_examples(T.parse_args(flags), family, accelerator, torch.float32, examples)
+    assert [len(images) for images in first.values()] == [2, 2] and set(first) == {"a red square", "a yellow triangle"}
+    assert [p.name for p in out.iterdir()] == ["cat_bank_base_images.pt"]
+    pixels = {prompt: [np.asarray(e.image) for e in images] for prompt, images in first.items()}
+    assert not np.array_equal(*pixels["a red square"])  # two draws, not one image twice
+    stamp = (out / "cat_bank_base_images.pt").stat().st_mtime_ns
+    again = T.prepare_bank_base_examples(T.parse_args(flags), family, accelerator, torch.float32, examples)
+    assert (out / "cat_bank_base_images.pt").stat().st_mtime_ns == stamp  # reused, not generated again
+    assert all(np.array_equal(np.asarray(e.image), p) for prompt in again for e, p in zip(again[prompt], pixels[prompt]))
+    one = T.prepare_bank_base_examples(T.parse_args([*flags, "--cat_prompts_base_images", "1"]), family, accelerator,
+                                       torch.float32, examples)
+    assert [len(images) for images in one.values()] == [1, 1]
+    # a prompt's images come from its own seed: the first image is the same whatever the count
+    assert all(np.array_equal(np.asarray(one[prompt][0].image), pixels[prompt][0]) for prompt in one)
+
+
+def test_base_latents_train_and_resume_bit_exact(tiny_pipeline, instance_dir, tmp_path, run_training):
+    """End to end with --cat_prompts_latents base: the term runs, and a run resumed from step 2 in a folder without
+    the base images' file (so generated again) ends with the same weights as the uninterrupted one."""
+    (tmp_path / "bank.txt").write_text(BANK)
+    logged = []
+    common = ("--cat_class_word", "teapot", "--cat_prompts", str(tmp_path / "bank.txt"), "--cat_prompts_latents",
+              "base", "--cat_prompts_base_images", "1", "--checkpointing_steps", "2", "--cache_latents")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "full", *common, steps=4),
+                 on_log=lambda values, step: logged.append(values))
+    assert all(values["loss/bank"] > 0 for values in logged[1:])
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "resumed", *common,
+                            "--resume_from_checkpoint", "latest", steps=4))
+    assert same_weights(tmp_path / "full", tmp_path / "resumed")
+    run_training(train_args(tiny_pipeline, instance_dir, tmp_path / "sample", *common[:4], "--checkpointing_steps",
+                            "2", "--cache_latents", steps=4))
+    assert not same_weights(tmp_path / "full", tmp_path / "sample")  # the base images did change the training
 
 
 def test_pure_noise_is_the_schedules_last_timestep_for_both_objectives(tiny_pipeline, tmp_path):
@@ -281,6 +378,18 @@ def test_the_bank_trains_on_every_family(family_pipeline, instance_dir, tmp_path
                             "--cat_prompts", str(tmp_path / "bank.txt"), steps=2),
                  on_log=lambda values, step: logged.append(values))
     assert logged[1]["loss/bank"] > 0  # step 1: the LoRA starts at zero, so every CAT term is 0
+
+
+@pytest.mark.parametrize("family_pipeline", families_slow_except("flux"), indirect=True)
+def test_base_latents_train_on_every_family(family_pipeline, instance_dir, tmp_path, run_training):
+    """The base model's images go through each family's own latents (packing, shifts, time ids) as the subject's."""
+    (tmp_path / "bank.txt").write_text("a red square\na yellow triangle\n")
+    logged = []
+    run_training(train_args(family_pipeline, instance_dir, tmp_path / "out", "--cat_class_word", "teapot",
+                            "--cat_prompts", str(tmp_path / "bank.txt"), "--cat_prompts_latents", "base",
+                            "--cat_prompts_base_images", "1", steps=2),
+                 on_log=lambda values, step: logged.append(values))
+    assert logged[1]["loss/bank"] > 0
 
 
 @pytest.mark.parametrize("bank, extra, message", [

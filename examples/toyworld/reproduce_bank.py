@@ -52,6 +52,9 @@ METHODS = {
     # the large bank on pure noise at the last timestep instead of the sample's z_t (--cat_prompts_latents noise)
     "bank_large_noise": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
                          "{class_word}", "--cat_prompts_latents", "noise"],
+    # the large bank on the base model's own images of each prompt, noised at their own t' (--cat_prompts_latents base)
+    "bank_large_base": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"), "--cat_class_word",
+                        "{class_word}", "--cat_prompts_latents", "base"],
     # the large bank at other weights (--cat_prompts_alpha; the default is 1)
     **{f"bank_large_alpha{alpha}": ["--cat_alpha", "1", "--cat_prompts", str(HERE / "cat_prompts_large.txt"),
                                     "--cat_class_word", "{class_word}", "--cat_prompts_alpha", alpha]
