@@ -354,13 +354,12 @@ def subject_fits(seen: Seen, renders: np.ndarray, subject_masks: np.ndarray, col
 PATTERN_ROUNDS = ((0.5, 2, (0.9, 0.95, 1.0, 1.05, 1.1)), (0.25, 1, (0.975, 1.0, 1.025)))
 
 
-def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSettings,
-                with_pattern: bool = True) -> tuple[float, float, tuple]:
+def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSettings) -> tuple[float, float, tuple]:
     """(shape fit, pattern fit, placement) of the subject's look on ``shape`` over the image's background.
 
     The shape is placed where its fit is largest; the pattern where its fit is largest within a pixel or two and
     a tenth of the size of that placement (PATTERN_ROUNDS). Searched at 2x supersampling, measured at the world's
-    4x; ``with_pattern=False`` skips the pattern (its fit is then 0)."""
+    4x."""
     size = seen.pixels.shape[0]
 
     def fits(placements, supersample=2):
@@ -370,8 +369,6 @@ def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSetting
     guess = first_guess(seen.foreground, shape) if seen.foreground.any() else (0.5, 0.5, 0.5)
     _, placement = best_placement(lambda p: fits(p)[0], guess, size)
     shape_value = float(fits(Placements.one(*placement), supersample=world.SUPERSAMPLE)[0][0])
-    if not with_pattern:
-        return shape_value, 0.0, placement
     _, pattern_placement = best_placement(lambda p: fits(p)[1], placement, size, PATTERN_ROUNDS)
     pattern_value = float(fits(Placements.one(*pattern_placement), supersample=world.SUPERSAMPLE)[1][0])
     return shape_value, pattern_value, placement
@@ -475,8 +472,22 @@ def diversity_features(image: np.ndarray, subject: Subject, settings: JudgeSetti
     """The judge's features of one image (7,): where the subject fits best (centre x, y and extent, as fractions of
     the image) and the background color (0..1): the factors the world varies between a subject's images."""
     seen = Seen.of(image, settings)
-    _, _, placement = subject_fit(seen, subject, subject.shape, settings, with_pattern=False)
-    return np.asarray([*placement, *(seen.background / 255.0)], dtype=np.float64)
+    return np.asarray([*joint_placement(seen, subject), *(seen.background / 255.0)], dtype=np.float64)
+
+
+def joint_placement(seen: Seen, subject: Subject, settings: JudgeSettings = JudgeSettings()) -> tuple:
+    """Where the subject's rendering fits best with shape and pattern at one placement (the largest product of the
+    two fits): the diversity features' definition, kept as it was when the committed diversities were measured (the
+    verdict now places the shape and the pattern apart, subject_fit)."""
+    size = seen.pixels.shape[0]
+
+    def product(placements):
+        renders = subject_renders(subject, subject.shape, placements, seen.background, size)
+        fits = subject_fits(seen, renders, shape_masks(subject.shape, placements, size), subject.colors(), settings)
+        return np.prod(fits, axis=0)
+
+    guess = first_guess(seen.foreground, subject.shape) if seen.foreground.any() else (0.5, 0.5, 0.5)
+    return best_placement(product, guess, size)[1]
 
 
 def mean_pairwise_distance(vectors) -> float:
