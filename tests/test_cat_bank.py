@@ -241,10 +241,11 @@ def test_base_latents_put_the_bank_term_on_the_base_model_s_image_of_y_prime(tin
     bank_base = base_images_of(dict.fromkeys(p for e in examples for p in e.bank_prompts))
     items = [T.make_dataset(examples, [], 32, True, False, seed=1, bank_base=bank_base)[k] for k in range(2)]
     plain = [T.make_dataset(examples, [], 32, True, False, seed=1)[k] for k in range(2)]
-    for item, without in zip(items, plain):  # the base image and its seed are drawn last
-        assert {k: v for k, v in item.items() if not k.startswith("bank_") or k == "bank_prompt"}.keys() == \
-            without.keys()
-        assert item["bank_prompt"] == without["bank_prompt"] and torch.equal(item["pixel_values"], without["pixel_values"])
+    for item, without in zip(items, plain):  # the base image and its seed are drawn last: the rest is unchanged
+        rest = {k: v for k, v in item.items()
+                if k != "pixel_values" and (k == "bank_prompt" or not k.startswith("bank_"))}
+        assert rest == {k: v for k, v in without.items() if k != "pixel_values"}
+        assert torch.equal(item["pixel_values"], without["pixel_values"])
     batch = T.collate_examples(items)
     assert batch["bank"]["pixel_values"].shape == (2, 3, 32, 32) and batch["bank_prompts"] == [i["bank_prompt"]
                                                                                               for i in items]
@@ -399,6 +400,8 @@ def test_base_latents_train_on_every_family(family_pipeline, instance_dir, tmp_p
     ("a photo of a {class}\n", [], "line 1 uses {class} but concept 'sks' has no class word"),
     ("a dog\n", ["--cat_alpha", "0"], "--cat_prompts adds to CAT's term: give --cat_alpha > 0"),
     ("a dog\n", ["--cat_prompts_alpha", "-1"], "--cat_prompts_alpha must be >= 0"),
+    ("a dog\n", ["--cat_prompts_latents", "base", "--cat_prompts_base_images", "0"],
+     "--cat_prompts_base_images 0: give at least 1"),
 ])
 def test_bad_bank_input_is_one_line_before_any_model_loads(tiny_pipeline, instance_dir, tmp_path, capsys, bank,
                                                             extra, message):

@@ -108,8 +108,8 @@ class Placements:
 @dataclass(frozen=True)
 class JudgeSettings:
     """The judge's tolerances (0-255 pixel units, pixels) and thresholds: chosen on calibration seed 0 and a
-    person's labels of the toy U-Net's sks and ohwx images; checked on calibration seed 1 and the labels of bnha,
-    phol and hok (results/judge_people/agreement.md)."""
+    person's labels of the toy U-Net's pictures (results/judge_people: chosen on sks and ohwx, the other three's
+    labels seen too, so not a clean hold-out); checked on calibration seed 1."""
 
     background_tolerance: int = 48  # as evaluate_kps.py's border segmenter: above noise, below any color's contrast
     speck: int = 4  # off-background regions smaller than this are noise, not the subject
@@ -354,6 +354,14 @@ def subject_fits(seen: Seen, renders: np.ndarray, subject_masks: np.ndarray, col
 PATTERN_ROUNDS = ((0.5, 2, (0.9, 0.95, 1.0, 1.05, 1.1)), (0.25, 1, (0.975, 1.0, 1.025)))
 
 
+def look_fits(seen: Seen, subject: Subject, shape: str, placements: Placements, settings: JudgeSettings,
+              supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(shape fit, pattern fit), each (n,), of the subject's look on ``shape`` at each of ``placements``."""
+    size = seen.pixels.shape[0]
+    renders = subject_renders(subject, shape, placements, seen.background, size, supersample)
+    return subject_fits(seen, renders, shape_masks(shape, placements, size), subject.colors(), settings)
+
+
 def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSettings) -> tuple[float, float, tuple]:
     """(shape fit, pattern fit, placement) of the subject's look on ``shape`` over the image's background.
 
@@ -363,8 +371,7 @@ def subject_fit(seen: Seen, subject: Subject, shape: str, settings: JudgeSetting
     size = seen.pixels.shape[0]
 
     def fits(placements, supersample=2):
-        renders = subject_renders(subject, shape, placements, seen.background, size, supersample)
-        return subject_fits(seen, renders, shape_masks(shape, placements, size), subject.colors(), settings)
+        return look_fits(seen, subject, shape, placements, settings, supersample)
 
     guess = first_guess(seen.foreground, shape) if seen.foreground.any() else (0.5, 0.5, 0.5)
     _, placement = best_placement(lambda p: fits(p)[0], guess, size)
@@ -479,15 +486,9 @@ def joint_placement(seen: Seen, subject: Subject, settings: JudgeSettings = Judg
     """Where the subject's rendering fits best with shape and pattern at one placement (the largest product of the
     two fits): the diversity features' definition, kept as it was when the committed diversities were measured (the
     verdict now places the shape and the pattern apart, subject_fit)."""
-    size = seen.pixels.shape[0]
-
-    def product(placements):
-        renders = subject_renders(subject, subject.shape, placements, seen.background, size)
-        fits = subject_fits(seen, renders, shape_masks(subject.shape, placements, size), subject.colors(), settings)
-        return np.prod(fits, axis=0)
-
     guess = first_guess(seen.foreground, subject.shape) if seen.foreground.any() else (0.5, 0.5, 0.5)
-    return best_placement(product, guess, size)[1]
+    return best_placement(lambda p: np.prod(look_fits(seen, subject, subject.shape, p, settings), axis=0), guess,
+                          seen.pixels.shape[0])[1]
 
 
 def mean_pairwise_distance(vectors) -> float:
